@@ -1,0 +1,72 @@
+"""Dispatch plan (which rows go to which worker) and combine (weighted scatter-add back).
+
+Shapes: T tokens, D hidden, E experts, K experts per token, W workers,
+A_w (token, expert) assignments for worker w, N_w distinct tokens sent to worker w.
+
+Each worker gets ONE message per layer: the distinct tokens routed to any of its experts, plus the list of
+(row, expert, weight) assignments. The worker returns, per distinct token, the weighted sum of its experts'
+outputs, so a token whose two experts live on the same worker travels once each way.
+
+Example (T=3, K=2, E=4, experts 0-1 on worker 0 and 2-3 on worker 1)::
+
+    ids = [[0, 2], [1, 0], [3, 2]]
+    worker 0: tokens [0, 1], assignments (row, expert) = (0, 0), (1, 0), (1, 1)
+    worker 1: tokens [0, 2], assignments (row, expert) = (0, 2), (1, 2), (1, 3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from router.gate import Routing
+
+
+@dataclass(frozen=True)
+class WorkerMessage:
+    """What one worker receives for one layer.
+
+    tokens  [N_w]  indices into the step's T tokens (sorted, distinct)
+    rows    [A_w]  index into ``tokens`` for each assignment
+    experts [A_w]  expert id of each assignment, sorted ascending
+    weights [A_w]  float32 routing weight of each assignment
+    """
+
+    worker: int
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+
+
+def plan(routing: Routing, worker_of_expert: torch.Tensor) -> list[WorkerMessage]:
+    """Group the step's assignments by worker; workers with nothing routed get no message.
+
+    routing.ids/weights [T, K]; worker_of_expert [E] int64.
+    """
+    T, K = routing.ids.shape
+    E = worker_of_expert.shape[0]
+    flat_e = routing.ids.reshape(-1)  # [T*K]
+    flat_t = torch.arange(T, device=flat_e.device).repeat_interleave(K)  # [T*K]
+    flat_w = routing.weights.reshape(-1)  # [T*K]
+    flat_worker = worker_of_expert.to(flat_e.device)[flat_e]  # [T*K]
+    order = torch.argsort(flat_worker * E + flat_e, stable=True)
+    sorted_worker = flat_worker[order]
+    workers, counts = torch.unique_consecutive(sorted_worker, return_counts=True)
+    messages = []
+    start = 0
+    for w, c in zip(workers.tolist(), counts.tolist(), strict=True):
+        seg = order[start : start + c]
+        start += c
+        tokens, rows = torch.unique(flat_t[seg], sorted=True, return_inverse=True)
+        messages.append(WorkerMessage(worker=w, tokens=tokens, rows=rows, experts=flat_e[seg], weights=flat_w[seg]))
+    return messages
+
+
+def combine(messages: list[WorkerMessage], partials: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Sum every worker's partial outputs [N_w, D] back into [T, D] (same dtype and shape as ``like``)."""
+    out = torch.zeros_like(like)
+    for m, p in zip(messages, partials, strict=True):
+        out.index_add_(0, m.tokens.to(out.device), p.to(device=out.device, dtype=out.dtype))
+    return out

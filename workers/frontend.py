@@ -1,0 +1,153 @@
+"""The frontend's model: embeddings, attention, norms, gates and lm_head, with the experts taken from outside.
+
+:class:`ModelRunner` runs one forward step over a batch of sequence chunks (decode tokens and prefill chunks mixed).
+Per layer it routes once, builds one message per worker that has rows, hands them to its
+:class:`~router.transport.ExpertClient` and combines the partial outputs. It never holds an expert weight.
+
+Shapes: T tokens in the step, D hidden, H/Hkv heads, Dh head dim, V vocabulary, R rows whose logits are wanted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cluster.checkpoint import LoadRole, load_tensors, parse_dtype
+from cluster.config import ModelConfig
+from cluster.placement import ExpertPlacement
+from router import dispatch
+from router.gate import ExpertLoad, route
+from router.transport import ExpertClient
+from workers.kv_cache import KVCache, SeqChunk, StepPlan, plan_step
+from workers.layers import Rope, apply_rope, attend_group, rms_norm, select_attention_backend
+
+
+class ModelRunner:
+    """Forward passes of the non-expert part of the model over a slot-based KV cache."""
+
+    def __init__(
+        self,
+        *,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        experts: ExpertClient,
+        placement: ExpertPlacement,
+        num_slots: int,
+        max_model_len: int,
+        attention_backend: str = "auto",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.experts = experts
+        self.placement = placement
+        self.dtype = weights["model.embed_tokens.weight"].dtype
+        self.backend = select_attention_backend(attention_backend, device=self.device, dtype=self.dtype)
+        w = {k: v.to(self.device) for k, v in weights.items()}
+        self.embed = w["model.embed_tokens.weight"]
+        self.final_norm = w["model.norm.weight"]
+        self.lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                {
+                    "ln1": w[p + "input_layernorm.weight"],
+                    "ln2": w[p + "post_attention_layernorm.weight"],
+                    "q": w[p + "self_attn.q_proj.weight"],
+                    "k": w[p + "self_attn.k_proj.weight"],
+                    "v": w[p + "self_attn.v_proj.weight"],
+                    "o": w[p + "self_attn.o_proj.weight"],
+                    "gate": w[p + "block_sparse_moe.gate.weight"],
+                }
+            )
+        self.worker_of_expert = [placement.worker_tensor(i).to(self.device) for i in range(config.num_layers)]
+        self.rope = Rope(config.head_dim, config.rope_theta, self.device)
+        self.scale = config.head_dim**-0.5
+        self.window = config.sliding_window
+        capacity = min(max_model_len, self.window) if self.window else max_model_len
+        self.kv = KVCache(
+            num_layers=config.num_layers,
+            num_slots=num_slots,
+            capacity=capacity,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.load = ExpertLoad(config.num_layers, config.num_experts)
+
+    @classmethod
+    def load_weights(
+        cls, folder: str | Path, config: ModelConfig, *, dtype: str | torch.dtype, progress: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The frontend's tensors only: never an expert weight."""
+        return load_tensors(
+            folder, config, role=LoadRole.frontend(), dtype=parse_dtype(dtype), progress=progress, label="frontend"
+        )
+
+    def nbytes(self) -> int:
+        tensors = [self.embed, self.final_norm] + [t for layer in self.layers for t in layer.values()]
+        if not self.config.tie_word_embeddings:
+            tensors.append(self.lm_head)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        chunks: list[SeqChunk],
+        logit_rows: torch.Tensor,
+        *,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """One step. token_ids [T] (chunks laid end to end) -> float32 logits [R, V] for ``logit_rows`` [R].
+
+        Writes this step's keys and values into the chunks' slots.
+        """
+        cfg = self.config
+        plan: StepPlan = plan_step(
+            chunks,
+            capacity=self.kv.capacity,
+            window=self.window,
+            device=self.device,
+            need_key_order=self.backend == "flash_attention_2",
+        )
+        T = token_ids.shape[0]
+        h = F.embedding(token_ids.to(self.device), self.embed)  # [T, D]
+        cos, sin = self.rope.cos_sin(plan.positions, self.dtype)
+        for i, lw in enumerate(self.layers):
+            x = rms_norm(h, lw["ln1"], cfg.rms_norm_eps)
+            q = apply_rope(F.linear(x, lw["q"]).view(T, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(F.linear(x, lw["k"]).view(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = F.linear(x, lw["v"]).view(T, cfg.num_kv_heads, cfg.head_dim)
+            attn = torch.empty(T, cfg.num_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+            for g in plan.groups:
+                out = attend_group(
+                    g,
+                    q,
+                    k,
+                    v,
+                    self.kv.k[i],
+                    self.kv.v[i],
+                    backend=self.backend,
+                    scale=self.scale,
+                    window=self.window,
+                )
+                attn[g.rows.reshape(-1)] = out.reshape(-1, cfg.num_heads, cfg.head_dim)
+            self.kv.write(i, plan, k, v)
+            h = h + F.linear(attn.view(T, cfg.q_size), lw["o"])
+
+            x = rms_norm(h, lw["ln2"], cfg.rms_norm_eps)
+            routing = route(x, lw["gate"], cfg.top_k)
+            self.load.add(i, routing.ids)
+            messages = dispatch.plan(routing, self.worker_of_expert[i])
+            partials = self.experts.run_layer(i, x, messages)
+            h = h + dispatch.combine(messages, partials, like=x)
+            if on_layer is not None:
+                on_layer(i)
+        h = rms_norm(h[logit_rows.to(self.device)], self.final_norm, cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
