@@ -9,6 +9,7 @@ Shapes: T tokens in the step, D hidden, H/Hkv heads, Dh head dim, V vocabulary, 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 
 from cluster.checkpoint import LoadRole, load_tensors, parse_dtype
 from cluster.config import ModelConfig
+from cluster.engine import EngineConfig, EngineCore, RequestOutput
 from cluster.placement import ExpertPlacement
+from cluster.sampling import SamplingParams
 from router import dispatch
 from router.gate import ExpertLoad, route
 from router.transport import ExpertClient
@@ -151,3 +154,102 @@ class ModelRunner:
                 on_layer(i)
         h = rms_norm(h[logit_rows.to(self.device)], self.final_norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()
+
+
+# ---------------------------------------------------------------------- the frontend process
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Frontend:
+    """What a frontend process holds: tokenizer, non-expert weights, KV cache and the engine.
+
+    ``experts`` is how the layers reach their experts: None loads every expert in this process (W = 0, the
+    reference path); otherwise an :class:`~router.transport.ExpertClient` over remote workers. Hosted as-is in
+    the caller's process, in a Ray actor, or in a Ray Serve replica.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        dtype: str = "float32",
+        engine: EngineConfig | None = None,
+        placement: ExpertPlacement | None = None,
+        experts: ExpertClient | None = None,
+        attention_backend: str = "auto",
+        device: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        from cluster.tokenizer import Tokenizer
+        from router.transport import LocalExperts
+        from workers.expert import ExpertShard
+
+        engine = engine or EngineConfig()
+        self.model = str(model)
+        self.device = device or default_device()
+        self.config = ModelConfig.from_dir(model)
+        self.tokenizer = Tokenizer.from_dir(model)
+        if placement is None:
+            placement = ExpertPlacement.contiguous(
+                num_layers=self.config.num_layers, num_experts=self.config.num_experts, num_workers=1
+            )
+        if experts is None:
+            shard = ExpertShard.load(
+                model,
+                self.config,
+                [(i, e) for i in range(self.config.num_layers) for e in range(self.config.num_experts)],
+                dtype=dtype,
+                device=self.device,
+                progress=progress,
+                label="experts (in-process)",
+            )
+            single = ExpertPlacement.contiguous(
+                num_layers=self.config.num_layers, num_experts=self.config.num_experts, num_workers=1
+            )
+            placement, experts = single, LocalExperts({0: shard})
+            self.local_expert_bytes = shard.nbytes()
+        else:
+            self.local_expert_bytes = 0
+        self.placement = placement
+        self.runner = ModelRunner(
+            config=self.config,
+            weights=ModelRunner.load_weights(model, self.config, dtype=dtype, progress=progress),
+            experts=experts,
+            placement=placement,
+            num_slots=engine.max_num_seqs,
+            max_model_len=engine.resolve_max_model_len(self.config.max_position_embeddings),
+            attention_backend=attention_backend,
+            device=self.device,
+        )
+        self.core = EngineCore(self.runner, self.tokenizer, engine)
+
+    # -- offline (synchronous) use --------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Run the prompts through the continuous-batching core until all finish; outputs in prompt order."""
+        ids = [f"offline-{uuid.uuid4().hex}" for _ in prompts]
+        for rid, p, sp in zip(ids, prompts, params, strict=True):
+            self.core.add_request(rid, p, sp)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.core.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in ids]
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        return self.core.logits(token_ids)
+
+    def info(self) -> dict:
+        return {
+            "model": self.model,
+            "device": self.device,
+            "attention_backend": self.runner.backend,
+            "frontend_bytes": self.runner.nbytes(),
+            "expert_bytes": self.local_expert_bytes,
+            "kv_cache_bytes": self.runner.kv.nbytes(),
+            "max_model_len": self.core.max_model_len,
+        }
+
+    def expert_load(self) -> list[list[int]]:
+        return self.runner.load.snapshot()

@@ -1,0 +1,164 @@
+"""The ``mixserve`` command: tiny-model, generate, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _opt_int(s: str) -> int | None:
+    return None if s.lower() in ("none", "null", "0") else int(s)
+
+
+def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiny-model", help="write a small random-weight checkpoint (Hugging Face layout + tokenizer)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--sliding-window", type=_opt_int, default=None, help="positions; omit or 'none' for full")
+    p.add_argument("--max-position-embeddings", type=int, default=4096)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--format", choices=["hf", "mistral"], default="hf", help="hf, or the original Mistral layout")
+    p.add_argument("--bench", action="store_true", help="the benchmark size (hidden 512, 4 layers, 8 experts)")
+
+
+def _tiny_model(a: argparse.Namespace) -> int:
+    import torch
+
+    from cluster.config import ConfigError
+    from cluster.tiny_model import BENCH_SPEC, TinyModelSpec, write_tiny_model
+
+    if a.bench:
+        spec = BENCH_SPEC
+    else:
+        spec = TinyModelSpec(
+            layers=a.layers,
+            hidden=a.hidden,
+            intermediate=a.intermediate,
+            heads=a.heads,
+            kv_heads=a.kv_heads,
+            head_dim=a.head_dim,
+            experts=a.experts,
+            top_k=a.top_k,
+            vocab=a.vocab,
+            sliding_window=a.sliding_window,
+            max_position_embeddings=a.max_position_embeddings,
+        )
+    try:
+        config = spec.config()
+    except ConfigError as e:
+        print(f"mixserve tiny-model: {e}", file=sys.stderr)
+        return 2
+    if config.vocab_size < 32000:
+        print("mixserve tiny-model: --vocab must be >= 32000 to hold the Mixtral tokenizer", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, a.dtype)
+    write_tiny_model(a.dir, spec, seed=a.seed, shards=a.shards, fmt=a.format, dtype=dtype)
+    n = config.non_expert_param_count() + config.num_layers * config.num_experts * config.expert_param_count()
+    print(f"wrote {a.format} checkpoint to {a.dir} ({n / 1e6:.1f}M parameters, {a.shards} shard(s))")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text for a prompt, streamed to the terminal")
+    p.add_argument("prompt")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the built-in tiny model)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--expert-workers", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Mistral instruct format")
+
+
+def _generate(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from cluster.engine import AsyncEngine
+    from cluster.errors import MixserveError
+    from cluster.sampling import SamplingParams
+    from cluster.tiny_model import default_model_dir
+    from workers.frontend import Frontend
+
+    model = str(a.model or default_model_dir())
+    try:
+        params = SamplingParams(
+            max_tokens=a.max_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            seed=a.seed,
+            stop=tuple(a.stop),
+        )
+    except ValueError as e:
+        print(f"mixserve generate: {e}", file=sys.stderr)
+        return 2
+    if a.expert_workers:
+        from cluster.llm import LLM
+
+        with LLM(model, expert_workers=a.expert_workers, dtype=a.dtype) as llm:
+            out = llm.generate([a.prompt], params)[0]
+            print(out.text)
+        return 0
+    frontend = Frontend(model=model, dtype=a.dtype)
+    tok = frontend.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt)
+    engine = AsyncEngine(frontend.core)
+
+    async def run() -> str | None:
+        stream = await engine.generate(ids, params)
+        reason = None
+        async for out in stream:
+            sys.stdout.write(out.delta_text)
+            sys.stdout.flush()
+            reason = out.finish_reason
+        sys.stdout.write("\n")
+        return reason
+
+    try:
+        reason = asyncio.run(run())
+    except MixserveError as e:
+        print(f"mixserve generate: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.shutdown()
+    print(f"[finish_reason={reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mixserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_tiny_model(sub)
+    _add_generate(sub)
+    try:
+        from cluster.serve.cli import add_serve_command
+    except ImportError:  # serving extras not importable: the offline commands still work
+        add_serve_command = None
+    if add_serve_command is not None:
+        add_serve_command(sub)
+    try:
+        from cluster.bench import add_bench_command
+    except ImportError:
+        add_bench_command = None
+    if add_bench_command is not None:
+        add_bench_command(sub)
+    a = parser.parse_args(argv)
+    return int(a.func(a)) if hasattr(a, "func") else {"tiny-model": _tiny_model, "generate": _generate}[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Tests for cluster.tokenizer, with sentencepiece and mistral-common as independent references."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import mistral_common
+import pytest
+import sentencepiece as spm
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from cluster.tokenizer import ChatFormatError, IncrementalDetokenizer, Tokenizer, default_model_file
+
+BUNDLED = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+BUNDLED_V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+REPLACEMENT = "\ufffd"
+
+TEXTS = [
+    "Hello world",
+    "  two leading spaces",
+    " one leading space",
+    " ",
+    "\n",
+    "trailing spaces   ",
+    "中文字符，你好世界。",
+    "emoji 😀🎉 and a parrot 🦜",
+    "rare CJK 龘𠀋 as byte fallback",
+    "mixed: naïve café — 東京 🚀\n\ttabs  and\r\nnewlines",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_dir(None)
+
+
+@pytest.fixture(scope="module")
+def sp() -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(BUNDLED))
+
+
+@pytest.fixture(scope="module")
+def mistral() -> MistralTokenizer:
+    return MistralTokenizer.v1()
+
+
+def byte_id(sp: spm.SentencePieceProcessor, value: int) -> int:
+    return sp.piece_to_id(f"<0x{value:02X}>")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_default_model_is_bundled_mixtral_tokenizer(tok: Tokenizer) -> None:
+    assert default_model_file() == BUNDLED
+    assert tok.path == BUNDLED
+    assert tok.vocab_size == 32000
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert "tokenizer.model.v1" in repr(tok)
+
+
+def test_from_dir_uses_folder_model(tmp_path: Path, sp: spm.SentencePieceProcessor) -> None:
+    shutil.copy(BUNDLED, tmp_path / "tokenizer.model")
+    loaded = Tokenizer.from_dir(tmp_path)
+    assert loaded.path == tmp_path / "tokenizer.model"
+    assert loaded.encode("Hello 中文", bos=False) == sp.encode("Hello 中文")
+    assert Tokenizer.from_dir(str(tmp_path)).path == tmp_path / "tokenizer.model"
+
+
+def test_from_dir_really_reads_the_folder_file(tmp_path: Path) -> None:
+    # A different model (v3, 32768 pieces) proves the folder's file wins over the bundled one.
+    shutil.copy(BUNDLED_V3, tmp_path / "tokenizer.model")
+    assert Tokenizer.from_dir(tmp_path).vocab_size == 32768
+
+
+def test_from_dir_without_model_falls_back_to_bundled(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert Tokenizer.from_dir(tmp_path).path == BUNDLED
+    assert Tokenizer.from_dir(None).path == BUNDLED
+
+
+def test_bad_paths(tmp_path: Path) -> None:
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        Tokenizer.from_dir(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer(tmp_path / "missing.model")
+
+
+def test_constructor_with_model_file(sp: spm.SentencePieceProcessor) -> None:
+    direct = Tokenizer(BUNDLED)
+    assert direct.path == BUNDLED
+    assert direct.vocab_size == sp.vocab_size()
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_matches_sentencepiece(tok: Tokenizer, sp: spm.SentencePieceProcessor, text: str) -> None:
+    plain = sp.encode(text)
+    assert tok.encode(text) == [1, *plain]
+    assert tok.encode(text, bos=False) == plain
+    assert tok.encode(text, bos=False, eos=True) == [*plain, 2]
+    assert tok.encode(text, bos=True, eos=True) == [1, *plain, 2]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_round_trip(tok: Tokenizer, sp: spm.SentencePieceProcessor, text: str) -> None:
+    ids = tok.encode(text, bos=True, eos=True)
+    assert tok.decode(ids) == sp.decode(ids) == text
+
+
+def test_decode_skips_control_tokens_and_strips_first_space(tok: Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+    hello, world = sp.piece_to_id("▁Hello"), sp.piece_to_id("▁world")
+    assert tok.decode([hello, world]) == "Hello world"
+    assert tok.decode([1, hello, 2, 1, world, 2]) == "Hello world"
+    assert tok.decode([world]) == "world"
+    assert tok.decode([]) == ""
+
+
+def test_decode_byte_fallback_and_invalid_utf8(tok: Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+    e4, b8, ad = (byte_id(sp, b) for b in (0xE4, 0xB8, 0xAD))
+    assert tok.decode([e4, b8, ad]) == "中"
+    assert tok.decode([e4, b8]) == REPLACEMENT * 2  # one U+FFFD per invalid byte
+    assert tok.decode([e4, b8, 2, ad]) == REPLACEMENT * 3  # a control token splits the byte run
+
+
+def test_decode_accepts_non_list_ints(tok: Tokenizer) -> None:
+    ids = tok.encode("Hello world", bos=False)
+    assert tok.decode(tuple(ids)) == tok.decode(iter(ids)) == "Hello world"
+
+
+def test_id_to_piece(tok: Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+    assert tok.id_to_piece(1) == "<s>"
+    assert tok.id_to_piece(2) == "</s>"
+    assert tok.id_to_piece(sp.piece_to_id("▁Hello")) == "▁Hello"
+    assert tok.id_to_piece(byte_id(sp, 0x0A)) == "<0x0A>"
+    assert tok.byte_value(byte_id(sp, 0x0A)) == 0x0A
+    assert tok.byte_value(sp.piece_to_id("▁Hello")) is None
+    with pytest.raises(IndexError):
+        tok.id_to_piece(tok.vocab_size)
+
+
+# --------------------------------------------------------------------------- chat format
+
+_MC_CLASSES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+CONVERSATIONS = {
+    "single_user": [{"role": "user", "content": "Hello"}],
+    "user_assistant_user": [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+    ],
+    "system_user": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi"},
+    ],
+    "system_multi_turn": [
+        {"role": "system", "content": "Answer in French.\nBe brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Bonjour !"},
+        {"role": "user", "content": "How are you?"},
+        {"role": "assistant", "content": "Bien, merci."},
+        {"role": "user", "content": "Bye"},
+    ],
+    "unicode_and_whitespace": [
+        {"role": "user", "content": "  leading and trailing  "},
+        {"role": "assistant", "content": " 中文 😀\nsecond line "},
+        {"role": "user", "content": "龘 🦜\n\n"},
+    ],
+    "empty_user_content": [{"role": "user", "content": ""}],
+    "extra_keys_ignored": [{"role": "user", "content": "Hi", "name": "bob"}],
+}
+
+
+def mistral_reference(mistral: MistralTokenizer, messages: list[dict]) -> list[int]:
+    request = ChatCompletionRequest(messages=[_MC_CLASSES[m["role"]](content=m["content"]) for m in messages])
+    return mistral.encode_chat_completion(request).tokens
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_encode_chat_matches_mistral_common(tok: Tokenizer, mistral: MistralTokenizer, name: str) -> None:
+    messages = CONVERSATIONS[name]
+    assert tok.encode_chat(messages) == mistral_reference(mistral, messages)
+
+
+def test_encode_chat_layout(tok: Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+    # Hand-built expectation, independent of mistral-common: each turn is tokenized on its own.
+    ids = tok.encode_chat(
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+        ]
+    )
+    expected = [1, *sp.encode("[INST] Hi [/INST]"), *sp.encode("Hello!"), 2, *sp.encode("[INST] Bye [/INST]")]
+    assert ids == expected
+    assert tok.decode(ids) == "[INST] Hi [/INST] Hello! [INST] Bye [/INST]"
+
+
+def test_encode_chat_system_prompt_goes_to_first_user_message(tok: Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+    ids = tok.encode_chat(
+        [
+            {"role": "system", "content": "SYS"},
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "two"},
+            {"role": "user", "content": "three"},
+        ]
+    )
+    expected = [
+        1,
+        *sp.encode("[INST] SYS\n\none [/INST]"),
+        *sp.encode("two"),
+        2,
+        *sp.encode("[INST] three [/INST]"),
+    ]
+    assert ids == expected
+
+
+def test_encode_chat_empty_system_prompt_is_ignored(tok: Tokenizer) -> None:
+    with_empty = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
+    assert tok.encode_chat(with_empty) == tok.encode_chat(with_empty[1:])
+
+
+_U = {"role": "user", "content": "u"}
+_A = {"role": "assistant", "content": "a"}
+_S = {"role": "system", "content": "s"}
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([], r"messages is empty"),
+        ([_U, _U], r"message 1: expected role 'assistant' but got 'user'"),
+        ([_A, _U], r"message 0: expected role 'user' but got 'assistant'"),
+        ([_S, _A, _U], r"message 1: expected role 'user' but got 'assistant'"),
+        ([_U, _A], r"message 1: the conversation must end with a user message"),
+        ([_U, _A, _U, _A, _A], r"message 4: expected role 'user' but got 'assistant'"),
+        ([_U, _S, _A, _U], r"message 1: a system message is only allowed as the first message"),
+        ([_S, _S, _U], r"message 1: a system message is only allowed as the first message"),
+        ([_S], r"no user message"),
+        ([{"role": "tool", "content": "x"}], r"message 0: unknown role 'tool'"),
+        ([_U, {"role": "bot", "content": "x"}], r"message 1: unknown role 'bot'"),
+        ([{"content": "x"}], r"message 0: unknown role None"),
+        ([{"role": "user", "content": None}], r"message 0: content must be a string, got NoneType"),
+        ([{"role": "user", "content": ["x"]}], r"message 0: content must be a string, got list"),
+        ([_U, {"role": "assistant", "content": ""}, _U], r"message 1: assistant message has empty content"),
+        ([_U, "not a mapping"], r"message 1: expected a mapping"),
+        ("user: hi", r"messages must be a list"),
+    ],
+)
+def test_encode_chat_errors(tok: Tokenizer, messages: list, match: str) -> None:
+    with pytest.raises(ChatFormatError, match=match):
+        tok.encode_chat(messages)
+    assert issubclass(ChatFormatError, ValueError)
+
+
+# --------------------------------------------------------------------------- incremental detokenizer
+
+
+def stream(tok: Tokenizer, ids: list[int]) -> tuple[list[str], str]:
+    """Feed ids one by one, checking at every step that the output so far is final."""
+    detok = IncrementalDetokenizer(tok)
+    deltas = []
+    for k, token_id in enumerate(ids, start=1):
+        deltas.append(detok.add(token_id))
+        # Nothing emitted may change later: it is a prefix of what decode gives right now.
+        assert tok.decode(ids[:k]).startswith(detok.text)
+    tail = detok.flush()
+    assert detok.token_ids == list(ids)
+    assert detok.text == "".join(deltas) + tail
+    return deltas, tail
+
+
+def check_stream(tok: Tokenizer, ids: list[int]) -> None:
+    deltas, tail = stream(tok, ids)
+    expected = tok.decode(ids)
+    assert "".join(deltas) + tail == expected, ids
+    pos = 0
+    for delta in [*deltas, tail]:
+        # each delta (U+FFFD included) sits exactly where decode(ids) has it
+        assert expected[pos : pos + len(delta)] == delta, ids
+        pos += len(delta)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_texts(tok: Tokenizer, text: str) -> None:
+    check_stream(tok, tok.encode(text, bos=False))
+    check_stream(tok, tok.encode(text, bos=True, eos=True))
+
+
+def test_stream_leading_space_is_dropped_like_decode(tok: Tokenizer) -> None:
+    ids = tok.encode("Hello world", bos=False)
+    deltas, tail = stream(tok, ids)
+    assert deltas == ["Hello", " world"]
+    assert tail == ""
+
+
+def test_stream_controls_in_the_middle(tok: Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+    hello, world, space = sp.piece_to_id("▁Hello"), sp.piece_to_id("▁world"), sp.piece_to_id("▁")
+    for ids in (
+        [1, hello, 2, world],
+        [2, 2, hello, 1, 1, world, 2],
+        [space, hello, 2, world],
+        [2, space, 2, hello],
+        [hello, 2, 2, 2, space, world],
+    ):
+        check_stream(tok, ids)
+    deltas, _ = stream(tok, [2, hello, 2, world])
+    assert deltas == ["", "Hello", "", " world"]
+
+
+def test_stream_multibyte_characters_wait_for_all_bytes(tok: Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+    e4, b8, ad = (byte_id(sp, b) for b in (0xE4, 0xB8, 0xAD))
+    a = sp.piece_to_id("▁a")
+    deltas, tail = stream(tok, [a, e4, b8, ad, a])
+    assert deltas == ["a", "", "", "中", " a"]
+    assert tail == ""
+    emoji = [byte_id(sp, b) for b in "🦜".encode()]
+    deltas, tail = stream(tok, emoji)
+    assert deltas == ["", "", "", "🦜"]
+    # incomplete at the end: flush renders it like decode does
+    deltas, tail = stream(tok, [a, e4, b8])
+    assert deltas == ["a", "", ""]
+    assert tail == REPLACEMENT * 2
+    # a sequence broken by a non-continuation byte is final at once
+    deltas, tail = stream(tok, [e4, byte_id(sp, 0x41), b8])
+    assert "".join(deltas) == REPLACEMENT + "A" + REPLACEMENT
+    assert tail == ""
+
+
+def _random_sequences(vocab_size: int) -> list[list[int]]:
+    rng = random.Random(20240601)
+    sequences = [[rng.randrange(vocab_size) for _ in range(rng.randint(1, 60))] for _ in range(150)]
+    # byte-heavy sequences: lots of byte-fallback pieces (valid and invalid UTF-8) mixed with controls,
+    # "▁"-pieces and ordinary words
+    specials = [0, 1, 2, 28705, 22557, 1526]  # <unk>, <s>, </s>, "▁", "▁Hello", "▁world"
+    leads = [0xC3, 0xE4, 0xF0, 0xE0, 0xED, 0xF4, 0xC0, 0xF8]
+    for _ in range(250):
+        seq = []
+        for _ in range(rng.randint(1, 40)):
+            r = rng.random()
+            if r < 0.35:
+                seq.append(3 + rng.choice(leads))
+            elif r < 0.75:
+                seq.append(3 + rng.randrange(0x80, 0xC0))  # continuation bytes
+            elif r < 0.85:
+                seq.append(3 + rng.randrange(256))
+            else:
+                seq.append(rng.choice(specials))
+        sequences.append(seq)
+    return sequences
+
+
+def test_stream_random_sequences(tok: Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+    assert [sp.is_byte(i) for i in (3, 258)] == [True, True] and sp.id_to_piece(3) == "<0x00>"
+    saw_replacement = 0
+    for ids in _random_sequences(tok.vocab_size):
+        assert tok.decode(ids) == sp.decode(ids)
+        check_stream(tok, ids)
+        saw_replacement += REPLACEMENT in tok.decode(ids)
+    assert saw_replacement > 100  # the test really exercises invalid UTF-8
+
+
+def test_stream_window_stays_small(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "Streaming 中文 and emoji 🦜😀 should stay cheap per token. " * 60
+    ids = tok.encode(text, bos=False)
+    assert len(ids) > 1000
+    sizes: list[int] = []
+    real_decode = tok.decode
+
+    def recording_decode(window: list[int]) -> str:
+        sizes.append(len(window))
+        return real_decode(window)
+
+    detok = IncrementalDetokenizer(tok)
+    monkeypatch.setattr(detok._tokenizer, "decode", recording_decode)
+    out = "".join(detok.add(i) for i in ids) + detok.flush()
+    monkeypatch.undo()
+    assert out == tok.decode(ids) == text
+    assert max(sizes) <= 10
+    assert len(sizes) <= 2 * len(ids) + 2
+
+
+def test_detokenizer_api(tok: Tokenizer) -> None:
+    prompt = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    detok = IncrementalDetokenizer(tok, prompt_ids=prompt)
+    assert detok.prompt_ids == prompt
+    assert detok.text == ""
+    assert detok.token_ids == []
+    ids = tok.encode("Hello there", bos=False)
+    for i in ids:
+        detok.add(i)
+    assert detok.text == "Hello there"  # the prompt is not part of the output
+    assert detok.token_ids == ids
+    assert detok.flush() == ""
+    assert detok.flush() == ""
+    with pytest.raises(RuntimeError, match="after flush"):
+        detok.add(ids[0])
+    with pytest.raises(IndexError):
+        IncrementalDetokenizer(tok).add(tok.vocab_size)
+    with pytest.raises(IndexError):
+        IncrementalDetokenizer(tok).add(-1)
