@@ -1,0 +1,77 @@
+"""Shared test helpers: checkpoints made by transformers itself, the independent reference."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def hf_mixtral(folder: Path, *, seed: int = 0, shard_size: str | None = None, v4_config: bool = False, **overrides):
+    """Make a random transformers ``MixtralForCausalLM``, save it with ``save_pretrained`` into ``folder`` (plus
+    the default tokenizer), and return the model in eval mode, float32."""
+    import shutil
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from cluster.tokenizer import default_model_file
+
+    kw = dict(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=None,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+    kw.update(overrides)
+    attn = kw.pop("attn_implementation")
+    config = MixtralConfig(**kw)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    # Non-trivial norms so a wrong norm weight would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    folder.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if shard_size:
+            model.save_pretrained(folder, max_shard_size=shard_size)
+        else:
+            model.save_pretrained(folder)
+    shutil.copyfile(default_model_file(), folder / "tokenizer.model")
+    if v4_config:
+        cfg = json.loads((folder / "config.json").read_text())
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg["transformers_version"] = "4.46.0"
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()

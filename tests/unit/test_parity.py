@@ -1,0 +1,100 @@
+"""W = 0 parity with transformers' MixtralForCausalLM on checkpoints transformers itself saves (float32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster import LLM, SamplingParams
+from cluster.checkpoint import load_tensors, LoadRole
+from cluster.config import ModelConfig
+from cluster.tiny_model import write_checkpoint
+from tests.helpers import hf_greedy, hf_logits, hf_mixtral
+
+CASES = {
+    "gqa-top2": dict(),
+    "sliding-window": dict(sliding_window=8),
+    "top1": dict(num_experts_per_tok=1),
+    "top3": dict(num_experts_per_tok=3, num_local_experts=6),
+    "sharded": dict(shard_size="300KB"),
+    "v4-config": dict(v4_config=True, rope_theta=10000.0),
+    "head-dim-set": dict(head_dim=32, num_attention_heads=4, num_key_value_heads=1),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    overrides = dict(CASES[request.param])
+    if "rope_theta" in overrides:
+        overrides["rope_parameters"] = {"rope_theta": overrides.pop("rope_theta"), "rope_type": "default"}
+    folder = tmp_path_factory.mktemp(request.param)
+    model = hf_mixtral(folder, seed=hash(request.param) % 1000, **overrides)
+    llm = LLM(folder, expert_workers=0, dtype="float32", progress=False, attention_backend="sdpa")
+    yield request.param, folder, model, llm
+    llm.shutdown()
+
+
+PROMPT = [1, 415, 2936, 9060, 285, 1142, 10575, 754, 272, 17898, 3914, 28723, 330, 1000]
+
+
+def test_logits_match_transformers(case):
+    name, _, model, llm = case
+    ids = PROMPT + list(range(2000, 2030))  # longer than the sliding window
+    ours = llm.logits(ids)
+    ref = hf_logits(model, ids)
+    assert ours.shape == ref.shape == (len(ids), 32000)
+    assert (ours - ref).abs().max().item() < 1e-4, name
+
+
+def test_greedy_generation_matches_transformers(case):
+    name, _, model, llm = case
+    ref = hf_greedy(model, PROMPT, 32)
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=32, temperature=0))[0]
+    assert out.token_ids == ref, name
+    assert out.prompt_token_ids == PROMPT
+    assert out.finish_reason == ("length" if 2 not in ref else "stop")
+
+
+def test_mixed_lengths_in_one_call_match_alone(case):
+    name, _, _, llm = case
+    prompts = [PROMPT[:3], PROMPT, PROMPT[:9] + [77] * 20]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (20, 7, 12)]
+    together = llm.generate(prompts, params)
+    for p, sp, out in zip(prompts, params, together, strict=True):
+        alone = llm.generate([p], sp)[0]
+        assert out.token_ids == alone.token_ids, name
+        assert len(out.token_ids) == sp.max_tokens
+
+
+def test_original_mistral_layout_matches_transformers(tmp_path):
+    model = hf_mixtral(tmp_path / "hf", seed=3, sliding_window=6)
+    config = ModelConfig.from_dir(tmp_path / "hf")
+    tensors = load_tensors(tmp_path / "hf", config, role=LoadRole.everything(config), progress=False)
+    write_checkpoint(tmp_path / "mistral", config, tensors, fmt="mistral", shards=2)
+    assert (tmp_path / "mistral" / "params.json").is_file()
+    assert not (tmp_path / "mistral" / "config.json").exists()
+    llm = LLM(tmp_path / "mistral", progress=False)
+    ids = PROMPT + list(range(500, 520))
+    assert (llm.logits(ids) - hf_logits(model, ids)).abs().max().item() < 1e-4
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=32, temperature=0))[0]
+    assert out.token_ids == hf_greedy(model, PROMPT, 32)
+
+
+def test_eager_backend_matches_sdpa(tmp_path):
+    model = hf_mixtral(tmp_path, seed=5, sliding_window=5)
+    eager = LLM(tmp_path, attention_backend="eager", progress=False)
+    ids = PROMPT + list(range(100, 110))
+    assert (eager.logits(ids) - hf_logits(model, ids)).abs().max().item() < 1e-4
+
+
+def test_text_prompts_and_chunked_prefill(tmp_path):
+    """A prompt longer than the step's token budget is prefilled in chunks and still matches transformers."""
+    model = hf_mixtral(tmp_path, seed=7, sliding_window=16)
+    llm = LLM(tmp_path, max_num_seqs=4, max_num_batched_tokens=8, progress=False)
+    prompt_text = "The quick brown fox jumps over the lazy dog. " * 3
+    ids = llm.tokenizer.encode(prompt_text)
+    assert len(ids) > 24
+    out = llm.generate(prompt_text, SamplingParams(max_tokens=20, temperature=0))[0]
+    assert out.prompt_token_ids == ids
+    assert out.token_ids == hf_greedy(model, ids, 20)
+    assert out.text == llm.tokenizer.decode(out.token_ids)
