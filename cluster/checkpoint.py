@@ -239,11 +239,18 @@ def _from_index(folder: Path, index: Path) -> CheckpointFiles:
             raise CheckpointError(f"{path}: shard named by the index for tensor {tensor!r} does not exist")
         names[tensor] = path
         stored_in.setdefault(path, set()).add(tensor)
+    actual = {path: set(_keys_of(path)) for path in stored_in}
     for path, listed in stored_in.items():
-        actual = set(_keys_of(path))
-        missing = listed - actual
+        missing = listed - actual[path]
         if missing:
             raise CheckpointError(f"{path}: tensor {sorted(missing)[0]!r} is named by the index but not in the file")
+    for path, listed in stored_in.items():
+        unlisted = actual[path] - listed
+        if unlisted:
+            # Strict coverage: a tensor the index does not map to this file would otherwise be skipped silently.
+            raise CheckpointError(
+                f"{path}: unexpected tensor {sorted(unlisted)[0]!r} (in the file but not mapped to it by {index.name})"
+            )
     return CheckpointFiles(folder, "hf", names)
 
 
@@ -252,7 +259,26 @@ def _keys_of(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except Exception as e:  # safetensors raises its own error types for a bad header
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(_unreadable(path, e)) from None
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Error text for a file safetensors refuses; names the first tensor cut off when the file is truncated."""
+    msg = f"{path}: not a readable safetensors file ({error})"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or 8 + n > size:
+                return msg
+            header = json.loads(fh.read(n))
+        ends = sorted((v["data_offsets"][1], k) for k, v in header.items() if k != "__metadata__")
+        cut = [k for end, k in ends if end > size - 8 - n]
+    except Exception:  # not even a parseable header: the file is all we can name
+        return msg
+    if cut:
+        msg += f"; tensor {cut[0]!r} lies past the end of the file (truncated, {size} bytes)"
+    return msg
 
 
 # ---------------------------------------------------------------------- loading
@@ -295,6 +321,14 @@ def load_tensors(
     ``model.layers.0.block_sparse_moe.experts.{0,1}.{w1,w2,w3}.weight``.
     """
     torch_dtype = parse_dtype(dtype)
+    outside = sorted(
+        (layer, e) for layer, e in role.experts if not (0 <= layer < config.num_layers and 0 <= e < config.num_experts)
+    )
+    if outside:
+        raise CheckpointError(
+            f"{folder}: role asks for (layer, expert) {outside[0]}, but the model has "
+            f"{config.num_layers} layers of {config.num_experts} experts"
+        )
     files = discover(folder)
     shapes = expected_shapes(config)
 
@@ -325,7 +359,7 @@ def load_tensors(
         try:
             handle = safe_open(str(path), framework="pt")
         except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            raise CheckpointError(_unreadable(path, e)) from None
         with handle as f:
             for stored in stored_names:
                 hf = wanted[stored][0]

@@ -72,6 +72,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
         """Build from a transformers ``MixtralConfig`` dict (v4 or v5 style)."""
+        _require_object(d, source)
         r = _Reader(d, source)
         model_type = d.get("model_type")
         if model_type is not None and model_type != "mixtral":
@@ -98,7 +99,8 @@ class ModelConfig:
             intermediate_size=r.int("intermediate_size"),
             num_layers=r.int("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=r.int("num_key_value_heads", default=heads),
+            # transformers treats a null num_key_value_heads as "same as num_attention_heads" (MHA).
+            num_kv_heads=r.int("num_key_value_heads", default=heads, allow_null_default=True),
             head_dim=head_dim,
             num_experts=r.int("num_local_experts"),
             top_k=r.int("num_experts_per_tok"),
@@ -115,6 +117,7 @@ class ModelConfig:
     @classmethod
     def from_mistral_params(cls, d: dict[str, Any], *, source: str = "params.json") -> ModelConfig:
         """Build from the original Mistral release's ``params.json``."""
+        _require_object(d, source)
         r = _Reader(d, source)
         moe = d.get("moe")
         if not isinstance(moe, dict):
@@ -211,6 +214,11 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------- helpers
+def _require_object(d: Any, source: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level, got {type(d).__name__}")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -266,6 +274,11 @@ class _Reader:
 def _hf_rope_theta(d: dict[str, Any], source: str) -> float:
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
+    # A legacy rope_scaling is checked even next to rope_parameters: a scaled RoPE is never silently ignored.
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        if kind != "default":
+            raise ConfigError(f"{source}: rope_scaling {kind!r} is not supported; only unscaled RoPE is")
     if params is not None:
         if not isinstance(params, dict):
             raise ConfigError(f"{source}: field 'rope_parameters' must be an object")
@@ -274,11 +287,9 @@ def _hf_rope_theta(d: dict[str, Any], source: str) -> float:
             raise ConfigError(
                 f"{source}: rope_parameters.rope_type {rope_type!r} (RoPE scaling) is not supported; only 'default' is"
             )
+        if "rope_theta" not in params and d.get("rope_theta") is not None:
+            return _Reader(d, source).float("rope_theta")
         return _Reader(params, f"{source} (rope_parameters)").float("rope_theta", default=1e6)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-        if kind != "default":
-            raise ConfigError(f"{source}: rope_scaling {kind!r} is not supported; only unscaled RoPE is")
     return _Reader(d, source).float("rope_theta", default=1e6)
 
 

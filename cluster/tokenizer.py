@@ -342,8 +342,8 @@ class IncrementalDetokenizer:
             self._prefix_len = len(decode(self._ids[self._prefix_offset : self._read_offset]))
         new_text = decode(self._ids[self._prefix_offset : end])
         if len(new_text) <= self._prefix_len:
-            # Only control tokens so far: keep the window so that a following "▁word" is decoded with
-            # the same leading-space handling as in the full decode.
+            # Nothing visible yet (control tokens, or the leading "▁" that decode drops): keep the window
+            # so that what follows gets the same leading-space handling as in the full decode.
             return ""
         delta = new_text[self._prefix_len :]
         self._prefix_offset, self._read_offset = self._read_offset, end

@@ -3,8 +3,8 @@
 The frontend only sees :class:`ExpertClient`: ``run_layer(layer, x, messages) -> partials``. Implementations:
 
 - :class:`LocalExperts`: in-process, no Ray (W = 0; the reference path).
-- ``RayExperts`` (``router.ray_transport``): one actor call per worker with rows, issued concurrently, over
-  ordinary object refs or Ray Direct Transport.
+- :class:`RayExperts`: one actor call per worker with rows, issued concurrently, over ordinary object refs.
+- :class:`RdtExperts` (``router.rdt``): the same over Ray Direct Transport (gloo on CPU, nccl on GPU).
 """
 
 from __future__ import annotations
@@ -31,3 +31,49 @@ class LocalExperts:
 
     def run_layer(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> list[torch.Tensor]:
         return [self.shards[m.worker].run(layer, x[m.tokens], m.rows, m.experts, m.weights) for m in messages]
+
+
+TRANSPORTS = ("object_ref", "gloo", "nccl")
+
+
+class RayExperts:
+    """One actor call per worker that has rows, all issued before any is awaited; tensors travel as object refs.
+
+    A worker that died or does not answer within ``timeout_s`` turns into :class:`ExpertWorkerError` naming it,
+    so the requests of that step fail fast instead of hanging.
+    """
+
+    def __init__(self, handles: list, *, timeout_s: float = 60.0) -> None:
+        self.handles = handles
+        self.timeout_s = timeout_s
+
+    def run_layer(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> list[torch.Tensor]:
+        refs = [self.handles[m.worker].run.remote(layer, x[m.tokens], m.rows, m.experts, m.weights) for m in messages]
+        return self._gather(refs, messages, layer)
+
+    def _gather(self, refs: list, messages: list[WorkerMessage], layer: int) -> list[torch.Tensor]:
+        import time
+
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        from cluster.errors import ExpertWorkerError
+
+        deadline = time.monotonic() + self.timeout_s
+        out = []
+        for ref, m in zip(refs, messages, strict=True):
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except GetTimeoutError:
+                for r in refs:
+                    ray.cancel(r)
+                raise ExpertWorkerError(
+                    f"expert worker {m.worker} did not answer layer {layer} within {self.timeout_s:.0f}s"
+                ) from None
+            except RayActorError as e:
+                raise ExpertWorkerError(
+                    f"expert worker {m.worker} is unavailable (it died or is restarting): {type(e).__name__}"
+                ) from None
+            except RayTaskError as e:
+                raise ExpertWorkerError(f"expert worker {m.worker} failed on layer {layer}: {e.cause!r}") from None
+        return out

@@ -84,3 +84,60 @@ class ExpertShard:
             y = F.linear(F.silu(gate) * up, self._w2[key])  # [c, D]
             out.index_add_(0, r, (y * w[:, None].to(y.device)).to(out.dtype))
         return out
+
+
+class ExpertWorker:
+    """Ray actor body: one worker's experts for every layer, loaded by the worker itself.
+
+    The constructor takes the checkpoint path and the worker's share, never weights, so Ray can restart a dead
+    worker and it reloads exactly its experts. Wrapped with ``ray.remote`` by :mod:`cluster.cluster`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        worker: int,
+        experts: list[tuple[int, int]],
+        dtype: str = "float32",
+        progress: bool = False,
+    ) -> None:
+        import os
+
+        import ray
+
+        from cluster.config import ModelConfig
+
+        ctx = ray.get_runtime_context()
+        self.worker = worker
+        self.gpu_ids = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
+        self.device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
+        self.node_id = ctx.get_node_id()
+        self.pid = os.getpid()
+        config = ModelConfig.from_dir(model)
+        self.shard = ExpertShard.load(
+            model, config, experts, dtype=dtype, device=self.device, progress=progress, label=f"worker {worker}"
+        )
+
+    def run(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
+        """One layer's message: x [N, D] -> weighted expert outputs [N, D] (see :meth:`ExpertShard.run`)."""
+        x = x.to(self.device)
+        return self.shard.run(layer, x, rows.to(self.device), experts.to(self.device), weights.to(self.device))
+
+    def echo(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
+        """Same payload in and out as :meth:`run`, no compute: the floor the dispatch benchmark compares with."""
+        return x
+
+    def info(self) -> dict:
+        return {
+            "worker": self.worker,
+            "experts": self.shard.experts,
+            "node_id": self.node_id,
+            "gpu_ids": self.gpu_ids,
+            "device": self.device,
+            "expert_bytes": self.shard.nbytes(),
+            "pid": self.pid,
+        }
+
+    def ping(self) -> bool:
+        return True

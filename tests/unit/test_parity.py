@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cluster import LLM, SamplingParams
-from cluster.checkpoint import load_tensors, LoadRole
+from cluster.checkpoint import LoadRole, load_tensors
 from cluster.config import ModelConfig
 from cluster.tiny_model import write_checkpoint
 from tests.helpers import hf_greedy, hf_logits, hf_mixtral

@@ -1,0 +1,298 @@
+"""Start the expert-sharded cluster on Ray: a placement group, W expert workers and (for the offline API) a
+frontend actor.
+
+Resources come only from Ray: each worker's bundle asks ``gpus_per_worker`` GPUs when the cluster has GPUs, and
+each actor uses whatever GPU Ray assigned it (never a hard-coded device id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.config import ModelConfig
+from cluster.engine import EngineConfig
+from cluster.placement import STRATEGIES, ExpertPlacement, PlacementError
+
+FRONTEND_BUNDLE = 0
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    gpus_per_worker: float
+    frontend_gpus: float
+    cpus_per_worker: float = 1.0
+
+
+def resolve_resources(expert_workers: int, gpus_per_worker: float | None) -> WorkerResources:
+    """GPUs per worker: as asked, or 1 when the cluster has a GPU for every worker, else 0 (CPU)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("GPU", 0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if total >= expert_workers else 0.0
+    if gpus_per_worker < 0:
+        raise PlacementError("gpus_per_worker must be >= 0")
+    if gpus_per_worker * expert_workers > total:
+        raise PlacementError(
+            f"{expert_workers} expert workers x {gpus_per_worker} GPUs need {gpus_per_worker * expert_workers:g} "
+            f"GPUs; the Ray cluster has {total:g}"
+        )
+    frontend = 1.0 if gpus_per_worker > 0 and total >= gpus_per_worker * expert_workers + 1 else 0.0
+    return WorkerResources(gpus_per_worker=gpus_per_worker, frontend_gpus=frontend)
+
+
+def start_workers(
+    *,
+    model: str,
+    config: ModelConfig,
+    placement: ExpertPlacement,
+    dtype: str,
+    resources: WorkerResources,
+    strategy: str = "PACK",
+    frontend_bundle: bool = True,
+    ready_timeout_s: float = 600.0,
+) -> tuple[Any, list]:
+    """Reserve a placement group and start one :class:`~workers.expert.ExpertWorker` per bundle.
+
+    Bundle 0 is the frontend's when ``frontend_bundle``; the workers take the next W bundles. Workers restart
+    forever (``max_restarts=-1``) and reload their experts; calls in flight when one dies fail (no retries).
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from workers.expert import ExpertWorker
+
+    if strategy not in STRATEGIES:
+        raise PlacementError(f"placement strategy {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
+    bundles = []
+    if frontend_bundle:
+        fb = {"CPU": 1.0}
+        if resources.frontend_gpus:
+            fb["GPU"] = resources.frontend_gpus
+        bundles.append(fb)
+    for _ in range(placement.num_workers):
+        b = {"CPU": resources.cpus_per_worker}
+        if resources.gpus_per_worker:
+            b["GPU"] = resources.gpus_per_worker
+        bundles.append(b)
+    pg = placement_group(bundles, strategy=strategy, name=f"mixserve-{time.time_ns()}")
+    try:
+        ray.get(pg.ready(), timeout=ready_timeout_s)
+    except Exception as e:
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"could not reserve {len(bundles)} bundles {bundles} with strategy {strategy} within "
+            f"{ready_timeout_s:.0f}s: {type(e).__name__}"
+        ) from None
+    offset = 1 if frontend_bundle else 0
+    actor_cls = ray.remote(ExpertWorker)
+    handles = []
+    for w in range(placement.num_workers):
+        handles.append(
+            actor_cls.options(
+                num_cpus=resources.cpus_per_worker,
+                num_gpus=resources.gpus_per_worker,
+                max_restarts=-1,
+                max_task_retries=0,
+                enable_tensor_transport=True,
+                name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=offset + w
+                ),
+            ).remote(model=model, worker=w, experts=placement.experts_of(w), dtype=dtype)
+        )
+    try:
+        ray.get([h.ping.remote() for h in handles], timeout=ready_timeout_s)
+    except Exception:
+        for h in handles:
+            ray.kill(h, no_restart=True)
+        remove_placement_group(pg)
+        raise
+    return pg, handles
+
+
+class FrontendActor:
+    """Ray actor body for the offline API's frontend: builds the expert client over the worker handles."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        dtype: str,
+        engine: EngineConfig,
+        placement: ExpertPlacement,
+        handles: list,
+        transport: str,
+        attention_backend: str,
+        timeout_s: float,
+    ) -> None:
+        from router.transport import RayExperts
+        from workers.frontend import Frontend
+
+        if transport == "object_ref":
+            experts: Any = RayExperts(handles, timeout_s=timeout_s)
+        else:
+            from router.rdt import RdtExperts
+
+            experts = RdtExperts(handles, backend=transport, timeout_s=timeout_s)
+        self.frontend = Frontend(
+            model=model,
+            dtype=dtype,
+            engine=engine,
+            placement=placement,
+            experts=experts,
+            attention_backend=attention_backend,
+            progress=False,
+        )
+        self._lock = threading.Lock()
+
+    def generate(self, prompts: list[list[int]], params: list) -> list:
+        with self._lock:
+            return self.frontend.generate(prompts, params)
+
+    def logits(self, token_ids: list[int]):
+        with self._lock:
+            return self.frontend.logits(token_ids)
+
+    def info(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            **self.frontend.info(),
+            "node_id": ctx.get_node_id(),
+            "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+        }
+
+    def expert_load(self) -> list[list[int]]:
+        return self.frontend.expert_load()
+
+    def ping(self) -> bool:
+        return True
+
+
+class ExpertCluster:
+    """A frontend actor plus its W expert workers, for the offline :class:`~cluster.llm.LLM` API."""
+
+    def __init__(self, *, pg: Any, workers: list, frontend: Any, placement: ExpertPlacement, owns_ray: bool) -> None:
+        self.pg = pg
+        self.workers = workers
+        self.frontend = frontend
+        self.expert_placement = placement
+        self.owns_ray = owns_ray
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        model: str,
+        expert_workers: int,
+        dtype: str = "float32",
+        engine: EngineConfig | None = None,
+        attention_backend: str = "auto",
+        address: str | None = None,
+        gpus_per_worker: float | None = None,
+        placement_strategy: str = "PACK",
+        transport: str = "object_ref",
+        expert_placement: Sequence[Sequence[int]] | None = None,
+        timeout_s: float = 60.0,
+        progress: bool = True,
+    ) -> ExpertCluster:
+        import ray
+
+        from router.transport import TRANSPORTS
+
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
+        owns_ray = False
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=progress)
+            owns_ray = address is None
+        config = ModelConfig.from_dir(model)
+        if expert_placement is None:
+            placement = ExpertPlacement.contiguous(
+                num_layers=config.num_layers, num_experts=config.num_experts, num_workers=expert_workers
+            )
+        else:
+            placement = ExpertPlacement.from_map(
+                expert_placement,
+                num_layers=config.num_layers,
+                num_experts=config.num_experts,
+                num_workers=expert_workers,
+            )
+        resources = resolve_resources(expert_workers, gpus_per_worker)
+        pg, workers = start_workers(
+            model=model,
+            config=config,
+            placement=placement,
+            dtype=dtype,
+            resources=resources,
+            strategy=placement_strategy,
+            frontend_bundle=True,
+        )
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        frontend = (
+            ray.remote(FrontendActor)
+            .options(
+                num_cpus=1,
+                num_gpus=resources.frontend_gpus,
+                max_concurrency=8,
+                enable_tensor_transport=True,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=FRONTEND_BUNDLE
+                ),
+            )
+            .remote(
+                model=model,
+                dtype=dtype,
+                engine=engine or EngineConfig(),
+                placement=placement,
+                handles=workers,
+                transport=transport,
+                attention_backend=attention_backend,
+                timeout_s=timeout_s,
+            )
+        )
+        try:
+            ray.get(frontend.ping.remote())
+        except Exception:
+            cls(pg=pg, workers=workers, frontend=None, placement=placement, owns_ray=owns_ray).shutdown()
+            raise
+        return cls(pg=pg, workers=workers, frontend=frontend, placement=placement, owns_ray=owns_ray)
+
+    def call(self, method: str, *args: Any) -> Any:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            return ray.get(getattr(self.frontend, method).remote(*args))
+        except RayTaskError as e:
+            cause = e.cause
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+
+    def placement(self) -> list[dict]:
+        import ray
+
+        return ray.get([w.info.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in [self.frontend, *self.workers]:
+            if actor is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+        with contextlib.suppress(Exception):
+            remove_placement_group(self.pg)
+        if self.owns_ray:
+            ray.shutdown()

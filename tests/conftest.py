@@ -1,0 +1,41 @@
+"""Shared fixtures. One local Ray instance serves every test that can share it (started on first use)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RAY_CPUS = 16  # logical CPUs: more actors than the 2 physical cores, as in CI
+RAY_GPUS = 4  # logical GPUs so placement across GPUs is testable on a CPU machine
+
+
+def ensure_local_ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=RAY_CPUS,
+            num_gpus=RAY_GPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    ray = ensure_local_ray()
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture()
+def ray_instance(ray_local):
+    """The shared instance, restarted if a test that needed its own cluster shut it down."""
+    return ensure_local_ray()
