@@ -64,9 +64,6 @@ def start_workers(
     """
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from workers.expert import ExpertWorker
 
     if strategy not in STRATEGIES:
         raise PlacementError(f"placement strategy {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
@@ -91,22 +88,12 @@ def start_workers(
             f"{ready_timeout_s:.0f}s: {type(e).__name__}"
         ) from None
     offset = 1 if frontend_bundle else 0
-    actor_cls = ray.remote(ExpertWorker)
-    handles = []
-    for w in range(placement.num_workers):
-        handles.append(
-            actor_cls.options(
-                num_cpus=resources.cpus_per_worker,
-                num_gpus=resources.gpus_per_worker,
-                max_restarts=-1,
-                max_task_retries=0,
-                enable_tensor_transport=True,
-                name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=offset + w
-                ),
-            ).remote(model=model, worker=w, experts=placement.experts_of(w), dtype=dtype)
+    handles = [
+        spawn_worker(
+            pg=pg, bundle=offset + w, model=model, worker=w, placement=placement, dtype=dtype, resources=resources
         )
+        for w in range(placement.num_workers)
+    ]
     try:
         ray.get([h.ping.remote() for h in handles], timeout=ready_timeout_s)
     except Exception:
@@ -115,6 +102,37 @@ def start_workers(
         remove_placement_group(pg)
         raise
     return pg, handles
+
+
+def spawn_worker(
+    *,
+    pg: Any,
+    bundle: int,
+    model: str,
+    worker: int,
+    placement: ExpertPlacement,
+    dtype: str,
+    resources: WorkerResources,
+) -> Any:
+    """One expert-worker actor in its placement-group bundle. It loads its own experts and restarts forever."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from workers.expert import ExpertWorker
+
+    return (
+        ray.remote(enable_tensor_transport=True)(ExpertWorker)
+        .options(
+            num_cpus=resources.cpus_per_worker,
+            num_gpus=resources.gpus_per_worker,
+            max_restarts=-1,
+            max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=bundle
+            ),
+        )
+        .remote(model=model, worker=worker, experts=placement.experts_of(worker), dtype=dtype)
+    )
 
 
 class FrontendActor:
@@ -176,16 +194,57 @@ class FrontendActor:
     def ping(self) -> bool:
         return True
 
+    # Ray Direct Transport hooks: the frontend's own tasks that hand tensors to and from the collective group.
+    def rdt_stage(self, key: int):
+        return self.frontend.runner.experts.stage(key)
+
+    def rdt_absorb(self, key: int, partial) -> bool:
+        return self.frontend.runner.experts.absorb(key, partial)
+
+
+def _wait_alive(actor: Any, timeout_s: float) -> str:
+    """Return alive, dead (gone for good) or unknown (still restarting when the time ran out)."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return "alive"
+        except ActorDiedError:
+            return "dead"
+        except (ActorUnavailableError, GetTimeoutError):
+            time.sleep(0.2)
+    return "unknown"
+
 
 class ExpertCluster:
-    """A frontend actor plus its W expert workers, for the offline :class:`~cluster.llm.LLM` API."""
+    """A frontend actor plus its W expert workers, for the offline :class:`~cluster.llm.LLM` API.
 
-    def __init__(self, *, pg: Any, workers: list, frontend: Any, placement: ExpertPlacement, owns_ray: bool) -> None:
+    Ray restarts a dead worker by itself (it reloads its experts). With an RDT transport Ray also stops both
+    ends of a failed transfer for good (the frontend included); :meth:`heal` then replaces whatever is gone in
+    the same placement-group bundles before the next call.
+    """
+
+    def __init__(
+        self,
+        *,
+        pg: Any,
+        workers: list,
+        placement: ExpertPlacement,
+        resources: WorkerResources,
+        owns_ray: bool,
+        frontend_kwargs: dict,
+    ) -> None:
         self.pg = pg
         self.workers = workers
-        self.frontend = frontend
         self.expert_placement = placement
+        self.resources = resources
         self.owns_ray = owns_ray
+        self.frontend_kwargs = frontend_kwargs
+        self.frontend: Any = None
+        self._suspect = False
 
     @classmethod
     def start(
@@ -236,48 +295,110 @@ class ExpertCluster:
             strategy=placement_strategy,
             frontend_bundle=True,
         )
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        frontend = (
-            ray.remote(FrontendActor)
-            .options(
-                num_cpus=1,
-                num_gpus=resources.frontend_gpus,
-                max_concurrency=8,
-                enable_tensor_transport=True,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=FRONTEND_BUNDLE
-                ),
-            )
-            .remote(
-                model=model,
-                dtype=dtype,
-                engine=engine or EngineConfig(),
-                placement=placement,
-                handles=workers,
-                transport=transport,
-                attention_backend=attention_backend,
-                timeout_s=timeout_s,
-            )
+        self = cls(
+            pg=pg,
+            workers=workers,
+            placement=placement,
+            resources=resources,
+            owns_ray=owns_ray,
+            frontend_kwargs={
+                "model": model,
+                "dtype": dtype,
+                "engine": engine or EngineConfig(),
+                "placement": placement,
+                "transport": transport,
+                "attention_backend": attention_backend,
+                "timeout_s": timeout_s,
+            },
         )
         try:
-            ray.get(frontend.ping.remote())
+            self._spawn_frontend()
         except Exception:
-            cls(pg=pg, workers=workers, frontend=None, placement=placement, owns_ray=owns_ray).shutdown()
+            self.shutdown()
             raise
-        return cls(pg=pg, workers=workers, frontend=frontend, placement=placement, owns_ray=owns_ray)
+        return self
+
+    def _spawn_frontend(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.frontend = (
+            ray.remote(enable_tensor_transport=True)(FrontendActor)
+            .options(
+                num_cpus=1,
+                num_gpus=self.resources.frontend_gpus,
+                max_concurrency=8,
+                max_restarts=-1,
+                max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=FRONTEND_BUNDLE
+                ),
+            )
+            .remote(handles=self.workers, **self.frontend_kwargs)
+        )
+        ray.get(self.frontend.ping.remote())
+
+    def heal(self, timeout_s: float = 30.0) -> list[str]:
+        """Replace actors that are gone for good and wait for restarting ones; returns what was replaced.
+
+        Over RDT, Ray stops both ends of a failed transfer and survivors of the broken collective group cannot
+        join a new one reliably, so every worker and the frontend are replaced (fresh processes, fresh group).
+        """
+        import ray
+
+        replaced = []
+        kw = self.frontend_kwargs
+        rdt = kw["transport"] != "object_ref"
+        for w, h in enumerate(self.workers):
+            if rdt:
+                ray.kill(h, no_restart=True)
+                state = "dead"
+            else:
+                state = _wait_alive(h, timeout_s)
+            if state == "dead":
+                self.workers[w] = spawn_worker(
+                    pg=self.pg,
+                    bundle=1 + w,
+                    model=kw["model"],
+                    worker=w,
+                    placement=self.expert_placement,
+                    dtype=kw["dtype"],
+                    resources=self.resources,
+                )
+                replaced.append(f"worker {w}")
+        frontend_state = "alive" if rdt else _wait_alive(self.frontend, timeout_s)
+        if replaced or frontend_state == "dead":
+            if frontend_state != "dead":
+                ray.kill(self.frontend, no_restart=True)
+            self._spawn_frontend()
+            replaced.append("frontend")
+        return replaced
 
     def call(self, method: str, *args: Any) -> Any:
         import ray
-        from ray.exceptions import RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
+        from cluster.errors import ExpertWorkerError
+
+        if self._suspect:
+            self._suspect = False
+            self.heal()
         try:
-            return ray.get(getattr(self.frontend, method).remote(*args))
+            result = ray.get(getattr(self.frontend, method).remote(*args))
+        except RayActorError as e:
+            self._suspect = True
+            raise ExpertWorkerError(
+                f"the frontend actor was lost ({type(e).__name__}): an expert worker died or a transfer to it failed, "
+                "and over RDT Ray stops both ends of a failed transfer. It is replaced before the next request."
+            ) from None
         except RayTaskError as e:
             cause = e.cause
             if isinstance(cause, Exception):
                 raise cause from None
             raise
+        if method == "generate" and any(o.finish_reason == "error" for o in result):
+            self._suspect = True
+        return result
 
     def placement(self) -> list[dict]:
         import ray

@@ -99,8 +99,8 @@ class ModelConfig:
             intermediate_size=r.int("intermediate_size"),
             num_layers=r.int("num_hidden_layers"),
             num_heads=heads,
-            # transformers treats a null num_key_value_heads as "same as num_attention_heads" (MHA).
-            num_kv_heads=r.int("num_key_value_heads", default=heads, allow_null_default=True),
+            # As transformers' MixtralConfig: 8 when absent, "same as num_attention_heads" (MHA) when null.
+            num_kv_heads=_hf_kv_heads(r, heads),
             head_dim=head_dim,
             num_experts=r.int("num_local_experts"),
             top_k=r.int("num_experts_per_tok"),
@@ -291,6 +291,12 @@ def _hf_rope_theta(d: dict[str, Any], source: str) -> float:
             return _Reader(d, source).float("rope_theta")
         return _Reader(params, f"{source} (rope_parameters)").float("rope_theta", default=1e6)
     return _Reader(d, source).float("rope_theta", default=1e6)
+
+
+def _hf_kv_heads(r: _Reader, heads: int) -> int:
+    if "num_key_value_heads" not in r.d:
+        return 8
+    return r.int("num_key_value_heads", default=heads, allow_null_default=True)
 
 
 def _eos_id(d: dict[str, Any], source: str) -> int:

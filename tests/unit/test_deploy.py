@@ -1,0 +1,545 @@
+"""Deployment files: deploy/serve_config.yaml, deploy/kuberay/rayservice.yaml, deploy/Dockerfile, .dockerignore.
+
+No Ray cluster, no Kubernetes, no Docker, and no import of the application code (cluster.serve): the Serve config is
+checked with Ray Serve's own schema (ServeDeploySchema, plus a strict unknown-key walk because that schema ignores
+extra keys for forward compatibility), and the RayService with a small OpenAPI v3 walker over KubeRay's CRD.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+from ray.serve.schema import ServeDeploySchema
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
+RAYSERVICE = REPO / "deploy" / "kuberay" / "rayservice.yaml"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+KUBERNETES_MD = REPO / "deploy" / "KUBERNETES.md"
+
+# The RayService CRD (KubeRay's config/crd/bases/ray.io_rayservices.yaml). First hit wins.
+CRD_CANDIDATES = [
+    os.environ.get("MIXSERVE_RAYSERVICE_CRD", ""),
+    str(REPO / "deploy" / "kuberay" / "crd" / "ray.io_rayservices.yaml"),
+    "/work/shared/reference/kuberay-ray.io_rayservices.yaml",
+]
+
+APP_NAME = "mixserve"
+IMPORT_PATH = "cluster.serve.app:build_app"
+GRPC_SERVICER = "cluster.serve.proto.mixserve_pb2_grpc.add_GenerationServicer_to_server"
+HTTP_PORT = 8000
+GRPC_PORT = 9000
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+# The arguments of cluster.serve.app:build_app (its pydantic model), with the values each may take.
+BUILD_APP_ARGS = {
+    "model": _opt(lambda v: isinstance(v, str) and v != ""),
+    "expert_workers": lambda v: _int(v) and v >= 1,
+    "gpus_per_worker": _opt(lambda v: _num(v) and v >= 0),
+    "placement_strategy": lambda v: v in {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"},
+    "dtype": lambda v: v in {"float32", "bfloat16", "float16"},
+    "max_num_seqs": lambda v: _int(v) and v >= 1,
+    "max_num_batched_tokens": lambda v: _int(v) and v >= 1,
+    "max_queued_requests": lambda v: _int(v) and v >= 0,
+    "max_model_len": _opt(lambda v: _int(v) and v >= 2),
+    "api_key": _opt(lambda v: isinstance(v, str)),
+    "served_model_name": lambda v: isinstance(v, str) and v != "",
+    "request_timeout_s": lambda v: _num(v) and v > 0,
+    "transport": lambda v: v in {"object_ref", "gloo", "nccl"},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loaders
+
+
+def load_serve_config() -> dict:
+    return yaml.safe_load(SERVE_CONFIG.read_text())
+
+
+def load_rayservice() -> dict:
+    docs = [d for d in yaml.safe_load_all(RAYSERVICE.read_text()) if d]
+    services = [d for d in docs if d.get("kind") == "RayService"]
+    assert len(services) == 1, f"{RAYSERVICE}: expected exactly one RayService document"
+    return services[0]
+
+
+def rayservice_serve_config(rs: dict) -> dict:
+    text = rs["spec"]["serveConfigV2"]
+    assert isinstance(text, str), "spec.serveConfigV2 must be a YAML string (a block scalar: `serveConfigV2: |`)"
+    return yaml.safe_load(text)
+
+
+def load_crd_schema(version: str = "v1") -> dict:
+    for candidate in CRD_CANDIDATES:
+        if candidate and Path(candidate).is_file():
+            crd = yaml.safe_load(Path(candidate).read_text())
+            break
+    else:
+        pytest.skip("RayService CRD not found; set MIXSERVE_RAYSERVICE_CRD to KubeRay's ray.io_rayservices.yaml")
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == "RayService"
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            assert v.get("served", False), f"RayService {version} is not served by this CRD"
+            return v["schema"]["openAPIV3Schema"]
+    raise AssertionError(f"RayService CRD has no version {version}")
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            word, _, rest = buf.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strict key check against Ray Serve's pydantic schema (ServeDeploySchema accepts and drops unknown keys)
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found += _models_in(arg)
+    return found
+
+
+def unknown_serve_keys(model: type[BaseModel], data: dict, path: str = "") -> list[str]:
+    fields = {}
+    for name, field in model.model_fields.items():
+        fields[name] = field
+        if field.alias:
+            fields[field.alias] = field
+    errors = []
+    for key, value in data.items():
+        where = f"{path}{key}"
+        if key not in fields:
+            errors.append(where)
+            continue
+        models = _models_in(fields[key].annotation)
+        if len(models) != 1:
+            continue  # a plain dict (e.g. `args`, `runtime_env`) or an ambiguous union: nothing to walk
+        if isinstance(value, dict):
+            errors += unknown_serve_keys(models[0], value, where + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    errors += unknown_serve_keys(models[0], item, f"{where}[{i}].")
+    return errors
+
+
+def validate_serve_config(cfg: dict) -> ServeDeploySchema:
+    schema = ServeDeploySchema.model_validate(cfg)
+    assert unknown_serve_keys(ServeDeploySchema, cfg) == [], "keys Ray Serve would silently ignore"
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenAPI v3 (structural CRD schema) walker
+
+
+SCALARS = {
+    "string": lambda v: isinstance(v, str),
+    "integer": _int,
+    "number": _num,
+    "boolean": lambda v: isinstance(v, bool),
+}
+
+
+def crd_errors(value, schema: dict, path: str = "") -> list[str]:
+    """Every key path in ``value`` must exist in ``schema``; types, enums, patterns and required keys must hold.
+
+    Honours ``x-kubernetes-preserve-unknown-fields`` (anything goes below, beyond the declared properties),
+    ``x-kubernetes-int-or-string`` and ``additionalProperties`` (maps such as rayStartParams, labels, resources).
+    """
+    where = path or "<root>"
+    preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
+    if schema.get("x-kubernetes-int-or-string"):
+        if not (isinstance(value, str) or _int(value)):
+            return [f"{where}: expected an integer or a string, got {type(value).__name__}"]
+        pattern = next((s.get("pattern") for s in [schema, *schema.get("anyOf", [])] if s.get("pattern")), None)
+        if isinstance(value, str) and pattern and not re.match(pattern, value):
+            return [f"{where}: {value!r} does not match {pattern}"]
+        return []
+    kind = schema.get("type")
+    if kind is None and preserve:
+        return []
+    errors: list[str] = []
+    if kind == "object":
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object, got {type(value).__name__}"]
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else key
+            if props is not None and key in props:
+                errors += crd_errors(item, props[key], sub)
+            elif isinstance(extra, dict):
+                errors += crd_errors(item, extra, sub)
+            elif preserve or extra is True:
+                continue
+            elif props is None and path == "metadata":
+                continue  # the root ObjectMeta: validated by the API server itself, not by the CRD schema
+            else:
+                errors.append(f"{sub}: not in the CRD schema (the API server would prune it)")
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}: required key {key!r} is missing")
+    elif kind == "array":
+        if not isinstance(value, list):
+            return [f"{where}: expected an array, got {type(value).__name__}"]
+        for i, item in enumerate(value):
+            errors += crd_errors(item, schema.get("items", {}), f"{path}[{i}]")
+    elif kind in SCALARS and not SCALARS[kind](value):
+        errors.append(f"{where}: expected {'an' if kind == 'integer' else 'a'} {kind}, got {value!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if kind == "string" and isinstance(value, str) and schema.get("pattern") and not re.match(schema["pattern"], value):
+        errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    return errors
+
+
+def key_paths(value, path: str = "") -> set[str]:
+    """All key paths of a document, list indices dropped: spec.rayClusterConfig.headGroupSpec.rayStartParams..."""
+    out: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            out.add(sub)
+            out |= key_paths(item, sub)
+    elif isinstance(value, list):
+        for item in value:
+            out |= key_paths(item, path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers for the Kubernetes objects
+
+
+def ray_container(pod_template: dict) -> dict:
+    # KubeRay treats the first container as the Ray container.
+    return pod_template["spec"]["containers"][0]
+
+
+def gpu_count(container: dict) -> float:
+    resources = container.get("resources", {})
+    limits = resources.get("limits", {})
+    requests = resources.get("requests", {})
+    if "nvidia.com/gpu" in requests or "nvidia.com/gpu" in limits:
+        # Kubernetes extended resources: requests (when given) must equal limits.
+        assert str(requests.get("nvidia.com/gpu", limits.get("nvidia.com/gpu"))) == str(limits.get("nvidia.com/gpu"))
+    return float(str(limits.get("nvidia.com/gpu", 0)))
+
+
+def app_of(cfg: dict) -> dict:
+    apps = {a["name"]: a for a in cfg["applications"]}
+    assert APP_NAME in apps
+    return apps[APP_NAME]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) serve_config.yaml
+
+
+def test_serve_config_validates_with_ray_serve_schema():
+    cfg = load_serve_config()
+    schema = validate_serve_config(cfg)
+    assert schema.proxy_location.value in {"EveryNode", "HeadOnly"}
+    assert schema.http_options.host == "127.0.0.1" and schema.http_options.port == HTTP_PORT
+    assert schema.grpc_options.port == GRPC_PORT
+    assert schema.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
+    assert [a.name for a in schema.applications] == [APP_NAME]
+    app = schema.applications[0]
+    assert app.route_prefix == "/" and app.import_path == IMPORT_PATH
+
+
+def test_serve_config_args_are_the_tiny_default():
+    args = load_serve_config()["applications"][0]["args"]
+    assert set(args) <= set(BUILD_APP_ARGS), f"unknown build_app args: {set(args) - set(BUILD_APP_ARGS)}"
+    bad = {k: v for k, v in args.items() if not BUILD_APP_ARGS[k](v)}
+    assert not bad, f"invalid build_app arg values: {bad}"
+    assert args["model"] is None  # null = the built-in tiny default model
+    assert args["expert_workers"] == 2 and args["dtype"] == "float32"
+    assert args["served_model_name"] == "mixserve-tiny"
+    assert args["gpus_per_worker"] is None  # auto: runs on a CPU-only machine
+
+
+def test_strict_key_walk_catches_typos():
+    cfg = load_serve_config()
+    cfg["grpc_options"] = dict(cfg["grpc_options"], grpc_servicer_function=["x.y"])
+    cfg["applications"] = [dict(cfg["applications"][0], import_pth="a.b:c")]
+    ServeDeploySchema.model_validate(cfg)  # Ray Serve itself accepts (and drops) both misspelt keys
+    assert unknown_serve_keys(ServeDeploySchema, cfg) == [
+        "grpc_options.grpc_servicer_function",
+        "applications[0].import_pth",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) the RayService's serveConfigV2 is the same application
+
+
+def test_rayservice_serve_config_validates_and_matches_serve_config():
+    local = load_serve_config()
+    k8s = rayservice_serve_config(load_rayservice())
+    validate_serve_config(k8s)
+
+    assert [a["name"] for a in k8s["applications"]] == [a["name"] for a in local["applications"]]
+    for name in (a["name"] for a in local["applications"]):
+        a = next(x for x in local["applications"] if x["name"] == name)
+        b = next(x for x in k8s["applications"] if x["name"] == name)
+        assert b["import_path"] == a["import_path"] == IMPORT_PATH
+        assert b["route_prefix"] == a["route_prefix"] == "/"
+        assert set(b.get("args", {})) == set(a.get("args", {})), "the two files must pass the same build_app args"
+        assert set(b) == set(a), "same application-level keys (runtime_env, deployments, ...)"
+
+    assert k8s["grpc_options"]["grpc_servicer_functions"] == local["grpc_options"]["grpc_servicer_functions"]
+    assert k8s["grpc_options"]["port"] == local["grpc_options"]["port"] == GRPC_PORT
+    assert k8s["http_options"]["port"] == local["http_options"]["port"] == HTTP_PORT
+    assert k8s["proxy_location"] == local["proxy_location"]
+    # Intentional difference: inside a pod the proxies must listen on all interfaces.
+    assert k8s["http_options"]["host"] == "0.0.0.0"
+
+
+def test_rayservice_args_are_mixtral_8x7b():
+    rs = load_rayservice()
+    args = app_of(rayservice_serve_config(rs))["args"]
+    bad = {k: v for k, v in args.items() if k not in BUILD_APP_ARGS or not BUILD_APP_ARGS[k](v)}
+    assert not bad, f"invalid build_app args: {bad}"
+    assert args["model"].startswith("/models/") and "Mixtral-8x7B-Instruct-v0.1" in args["model"]
+    assert args["dtype"] == "bfloat16" and args["expert_workers"] == 4 and args["gpus_per_worker"] == 1
+    assert 8 % args["expert_workers"] == 0, "Mixtral has 8 experts per layer"
+    assert args["served_model_name"] == "mixtral-8x7b-instruct"
+    assert args["max_num_batched_tokens"] >= args["max_num_seqs"]  # EngineConfig's own rule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) the RayService against the CRD
+
+
+def test_rayservice_keys_exist_in_crd():
+    rs = load_rayservice()
+    schema = load_crd_schema(rs["apiVersion"].split("/", 1)[1])
+    assert rs["apiVersion"] == "ray.io/v1" and rs["kind"] == "RayService"
+    errors = crd_errors(rs, schema)
+    assert errors == [], "\n".join(errors)
+    # The paths this deployment relies on are there (and therefore were checked above).
+    paths = key_paths(rs)
+    for needed in [
+        "spec.serveConfigV2",
+        "spec.upgradeStrategy.type",
+        "spec.rayClusterConfig.rayVersion",
+        "spec.rayClusterConfig.headGroupSpec.rayStartParams.num-cpus",
+        "spec.rayClusterConfig.headGroupSpec.template.spec.containers.ports.containerPort",
+        "spec.rayClusterConfig.workerGroupSpecs.groupName",
+        "spec.rayClusterConfig.workerGroupSpecs.template.spec.containers.resources.limits.nvidia.com/gpu",
+        "spec.rayClusterConfig.workerGroupSpecs.template.spec.volumes.persistentVolumeClaim.claimName",
+    ]:
+        assert needed in paths, needed
+
+
+def test_crd_walker_rejects_bad_keys_and_types():
+    schema = load_crd_schema()
+    rs = load_rayservice()
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
+    bad = {
+        **rs,
+        "spec": {
+            **rs["spec"],
+            "serveConfig": "typo",  # v1alpha1-era name, not in v1
+            "rayClusterConfig": {
+                **rs["spec"]["rayClusterConfig"],
+                "headGroupSpec": {**head, "rayStartParams": {"num-cpus": 0}},  # must be a string
+            },
+        },
+    }
+    errors = crd_errors(bad, schema)
+    assert any(e.startswith("spec.serveConfig:") for e in errors)
+    assert any(e.startswith("spec.rayClusterConfig.headGroupSpec.rayStartParams.num-cpus:") for e in errors)
+    quantity = {"type": "object", "additionalProperties": {"x-kubernetes-int-or-string": True, "pattern": r"^[0-9]+$"}}
+    assert crd_errors({"cpu": "4x"}, quantity) and not crd_errors({"cpu": "4", "nvidia.com/gpu": 5}, quantity)
+
+
+def test_crd_walker_preserve_unknown_fields():
+    # Some CRDs (and KubeRay with trimmed pod templates) mark the pod template as preserve-unknown-fields.
+    schema = {
+        "type": "object",
+        "properties": {
+            "template": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "partial": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {"replicas": {"type": "integer"}},
+            },
+            "closed": {"type": "object", "properties": {"a": {"type": "string"}}},
+        },
+    }
+    ok = {"template": {"spec": {"containers": [{"name": "x"}]}}, "partial": {"replicas": 1, "anything": {}}}
+    assert crd_errors(ok, schema) == []
+    assert crd_errors({"partial": {"replicas": "1"}}, schema) == ["partial.replicas: expected an integer, got '1'"]
+    assert crd_errors({"closed": {"b": 1}}, schema) == [
+        "closed.b: not in the CRD schema (the API server would prune it)"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (d) cluster shape: no work on the head, enough GPUs, ports, weights volume, image
+
+
+def test_head_does_no_work_and_workers_have_the_gpus():
+    rs = load_rayservice()
+    cluster = rs["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert gpu_count(ray_container(head["template"])) == 0
+
+    args = app_of(rayservice_serve_config(rs))["args"]
+    groups = cluster["workerGroupSpecs"]
+    assert groups and all(gpu_count(ray_container(g["template"])) > 0 for g in groups)
+    total = sum(g.get("replicas", g.get("minReplicas", 0)) * gpu_count(ray_container(g["template"])) for g in groups)
+    for g in groups:
+        assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
+        assert "num-gpus" not in g.get("rayStartParams", {}), "let KubeRay derive num-gpus from the GPU limit"
+    # One frontend GPU plus the expert workers' GPUs.
+    assert total >= args["expert_workers"] + 1
+    assert total >= args["expert_workers"] * args["gpus_per_worker"] + 1
+
+
+def test_head_ports_and_services():
+    rs = load_rayservice()
+    serve_cfg = rayservice_serve_config(rs)
+    head = ray_container(rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"])
+    ports = {p.get("name"): p["containerPort"] for p in head["ports"]}
+    # KubeRay builds <name>-serve-svc from the head container port named "serve" (and only from that port).
+    assert ports["serve"] == serve_cfg["http_options"]["port"] == HTTP_PORT
+    assert GRPC_PORT in ports.values() and serve_cfg["grpc_options"]["port"] == GRPC_PORT
+    assert ports.get("dashboard") == 8265 and ports.get("gcs-server") == 6379
+    for name in ports:
+        assert name and len(name) <= 15 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name), name
+    assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"].get("dashboard-host") == "0.0.0.0"
+    custom = rs["spec"].get("serveService")
+    if custom:  # KubeRay keeps only the "serve" port of a custom serve Service
+        assert {p.get("name") for p in custom["spec"]["ports"]} <= {"serve"}
+
+
+def test_weights_volume_and_image():
+    rs = load_rayservice()
+    cluster = rs["spec"]["rayClusterConfig"]
+    model = app_of(rayservice_serve_config(rs))["args"]["model"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        container = ray_container(template)
+        assert container["image"] == "mixserve:0.1.0"
+        mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/models"]
+        assert len(mounts) == 1 and mounts[0].get("readOnly") is True
+        claim = volumes[mounts[0]["name"]]["persistentVolumeClaim"]
+        assert claim["claimName"] == "mixtral-weights"
+        assert model.startswith(mounts[0]["mountPath"] + "/")
+
+
+def test_ray_version_matches_the_image():
+    rs = load_rayservice()
+    base = next(
+        args
+        for word, args in dockerfile_instructions(DOCKERFILE.read_text())
+        if word == "ARG" and args.startswith("BASE_IMAGE=")
+    )
+    tag = base.split("=", 1)[1].split(":", 1)[1]
+    assert tag.startswith(rs["spec"]["rayClusterConfig"]["rayVersion"] + "-py")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (e) Dockerfile and .dockerignore
+
+
+def test_dockerfile():
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    words = [w for w, _ in instructions]
+    assert "FROM" in words
+    args = dict(a.split("=", 1) if "=" in a else (a, "") for w, a in instructions if w == "ARG")
+    base = args["BASE_IMAGE"]
+    repo, _, tag = base.partition(":")
+    assert repo == "rayproject/ray"
+    assert re.fullmatch(r"\d+\.\d+\.\d+-py3\d+-(gpu|cpu|cu\d+)", tag), tag
+    assert "INSTALL_FLASH_ATTN" in args
+
+    exposed = {int(p.split("/")[0]) for w, a in instructions if w == "EXPOSE" for p in a.split()}
+    assert {HTTP_PORT, GRPC_PORT} <= exposed
+
+    runs = " ; ".join(a for w, a in instructions if w == "RUN")
+    assert re.search(r"pip install --no-cache-dir \.(\s|;|$)", runs), "installs the package itself"
+    assert "--no-build-isolation" in runs and ".[gpu]" in runs  # the optional flash-attn extra
+    assert "pip install -e" not in runs
+
+    cmd = next(a for w, a in reversed(instructions) if w == "CMD")
+    assert yaml.safe_load(cmd) == ["mixserve", "serve", "--host", "0.0.0.0"]  # exec form (a JSON list)
+    copies = " ".join(a for w, a in instructions if w in {"COPY", "ADD"})
+    assert ".safetensors" not in copies and "/models" not in copies, "no weights in the image"
+    for word, rest in instructions:
+        if word in {"COPY", "ADD"}:
+            assert shlex.split(rest)[-1].startswith("/home/ray"), rest
+
+
+def test_dockerignore():
+    patterns = {
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    }
+    for needed in [".git", ".venv", "**/__pycache__", ".pytest_cache", ".ruff_cache"]:
+        assert needed in patterns, needed
+    assert not any(p.startswith("cluster") or p.startswith("deploy") for p in patterns)
+
+
+def test_kubernetes_doc_names_match_the_manifests():
+    text = KUBERNETES_MD.read_text()
+    rs = load_rayservice()
+    name = rs["metadata"]["name"]
+    assert f"{name}-serve-svc" in text and f"{name}-head-svc" in text
+    assert "mixtral-weights" in text and "deploy/kuberay/rayservice.yaml" in text
+    assert "docker build -f deploy/Dockerfile" in text
+
+
+def test_model_lookup_sees_through_optional_list_and_dict():
+    fields = ServeDeploySchema.model_fields
+    assert _models_in(fields["http_options"].annotation) == [fields["http_options"].annotation]
+    assert len(_models_in(fields["controller_options"].annotation)) == 1  # Optional[ControllerOptions]
+    assert [m.__name__ for m in _models_in(fields["applications"].annotation)] == ["ServeApplicationSchema"]
+    app_fields = _models_in(fields["applications"].annotation)[0].model_fields
+    assert _models_in(app_fields["args"].annotation) == [] and _models_in(types.NoneType) == []
