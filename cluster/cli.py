@@ -144,12 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny_model(sub)
     _add_generate(sub)
-    try:
-        from cluster.serve.cli import add_serve_command
-    except ImportError:  # serving extras not importable: the offline commands still work
-        add_serve_command = None
-    if add_serve_command is not None:
-        add_serve_command(sub)
+    from cluster.serve.cli import add_serve_command
+
+    add_serve_command(sub)
     try:
         from cluster.bench import add_bench_command
     except ImportError:

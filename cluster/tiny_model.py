@@ -147,7 +147,11 @@ def default_model_dir() -> Path:
     root = Path(os.environ.get("MIXSERVE_CACHE", Path.home() / ".cache" / "mixserve"))
     folder = root / "tiny-default-v1"
     if not (folder / "config.json").is_file():
-        tmp = root / f".tiny-default-v1.tmp-{os.getpid()}"
+        # Several processes may race here (ingress and frontend replicas): write aside, then rename atomically.
+        tmp = root / f".tiny-default-v1.tmp-{os.getpid()}-{id(folder)}"
         write_tiny_model(tmp)
-        tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won; its copy is identical (same seed)
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -1,0 +1,1 @@
+"""Ray Serve application: OpenAI-compatible HTTP, gRPC, health and metrics in front of the sharded engine."""
