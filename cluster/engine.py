@@ -166,10 +166,12 @@ class EngineCore:
         with self._lock:
             if request_id in self._by_id:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            if len(self._waiting) >= self.config.max_queued_requests:
+            # Requests that a free slot will take at the next step are not waiting for a slot: only the rest count.
+            queued = len(self._waiting) - self.runner.kv.free_slots
+            if queued >= self.config.max_queued_requests:
                 self.counters["rejected_overload"] += 1
                 raise EngineOverloadedError(
-                    f"the server is overloaded: {len(self._waiting)} requests are already waiting; retry later"
+                    f"the server is overloaded: {queued} requests are already waiting for a slot; retry later"
                 )
             seq = _Seq(request_id, list(prompt_token_ids), params, self.tokenizer, time.monotonic())
             self._waiting.append(seq)
@@ -267,11 +269,11 @@ class EngineCore:
                 seqs.append(seq)
                 budget -= n
         while budget > 0 and self.runner.kv.free_slots > 0:
-            with self._lock:
+            with self._lock:  # pop and allocate together, so add_request's free-slot count stays consistent
                 if not self._waiting:
                     break
                 seq = self._waiting.popleft()
-            seq.slot = self.runner.kv.allocate()
+                seq.slot = self.runner.kv.allocate()
             self._running.append(seq)
             n = min(len(seq.prompt), budget)
             chunks.append(SeqChunk(slot=seq.slot, start=0, n=n))
@@ -427,12 +429,15 @@ class AsyncEngine:
                 outputs = self.core.step()
             except Exception as e:  # defensive: the scheduler itself failed; fail everything in flight
                 outputs = self.core._fail_running(e)
-            for out in outputs:
-                entry = self._queues.get(out.request_id)
-                if entry is not None:
-                    loop, q = entry
-                    with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
-                        loop.call_soon_threadsafe(q.put_nowait, out)
+            self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            entry = self._queues.get(out.request_id)
+            if entry is not None:
+                loop, q = entry
+                with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
+                    loop.call_soon_threadsafe(q.put_nowait, out)
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -444,36 +449,57 @@ class AsyncEngine:
         if self._stop:
             raise EngineStoppedError("the engine has been shut down")
         rid = request_id or uuid.uuid4().hex
+        if rid in self._queues:  # still streamed to someone: a second queue under the same id would steal it
+            raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = (asyncio.get_running_loop(), q)
+        entry = (asyncio.get_running_loop(), q)
+        self._queues[rid] = entry
         try:
             self.core.add_request(rid, prompt_token_ids, params)
         except BaseException:
-            self._queues.pop(rid, None)
+            self._release_queue(rid, entry)
             raise
         self._wake.set()
-        return self._stream(rid, q)
+        return self._stream(rid, entry)
 
-    async def _stream(self, rid: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _stream(
+        self, rid: str, entry: tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+    ) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
-                out: RequestOutput = await q.get()
+                out: RequestOutput = await entry[1].get()
                 if out.finished:
                     finished = True
                 yield out
                 if finished:
                     return
         finally:
-            self._queues.pop(rid, None)
+            self._release_queue(rid, entry)
             if not finished:
                 self.abort(rid)
+
+    def _release_queue(self, rid: str, entry: tuple[asyncio.AbstractEventLoop, asyncio.Queue]) -> None:
+        # Only our own entry: the id may already belong to a newer request.
+        if self._queues.get(rid) is entry:
+            self._queues.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
         self._wake.set()
 
     def shutdown(self) -> None:
+        """Stop the engine thread and end every stream still open (finish_reason "abort", EngineStoppedError)."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        if self._thread.is_alive():  # a step is still running: leave the core alone
+            return
+        # Nothing steps the core any more: finish what is in flight so that no consumer waits forever.
+        for rid in list(self._queues):
+            self.core.abort(rid)
+        outputs = self.core._apply_aborts()
+        for out in outputs:
+            out.error = "the engine has been shut down"
+            out.error_type = EngineStoppedError.__name__
+        self._deliver(outputs)

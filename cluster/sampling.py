@@ -74,8 +74,9 @@ class SamplingParams:
             raise SamplingParamsError("top_p", f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (0, -1)):
             raise SamplingParamsError("top_k", f"top_k must be -1, 0 (all tokens) or >= 1, got {self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise SamplingParamsError("seed", f"seed must be an integer, got {self.seed!r}")
+        # torch.Generator.manual_seed takes [-2**63, 2**64); outside it add_request would fail with a bare ValueError.
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise SamplingParamsError("seed", f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError("ignore_eos", "ignore_eos must be true or false")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):

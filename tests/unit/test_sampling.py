@@ -1,0 +1,260 @@
+"""SamplingParams validation and the per-request sampler, checked against an independent reference.
+
+The reference distributions are computed here in plain Python floats (math.exp), not with torch, so a wrong
+temperature, a top-k/top-p off by one or a renormalisation bug in ``RequestSampler`` shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from cluster.sampling import MAX_LOGPROBS, RequestSampler, SamplingParams, SamplingParamsError, logprobs_of
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def ref_probs(logits: list[float], *, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0) -> list[float]:
+    """The target distribution, vLLM/OpenAI semantics: temperature, then top-k, then the top-p nucleus
+    (the smallest set of most likely tokens whose probability reaches top_p), renormalised."""
+    scaled = [x / temperature for x in logits]
+    order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    keep = order if top_k in (0, -1) else order[:top_k]
+    m = max(scaled[i] for i in keep)
+    weights = {i: math.exp(scaled[i] - m) for i in keep}
+    total = sum(weights.values())
+    probs = {i: w / total for i, w in weights.items()}
+    if top_p < 1.0:
+        nucleus, mass = [], 0.0
+        for i in keep:  # keep is sorted by probability, descending
+            nucleus.append(i)
+            mass += probs[i]
+            if mass >= top_p:
+                break
+        total = sum(probs[i] for i in nucleus)
+        probs = {i: probs[i] / total for i in nucleus}
+    return [probs.get(i, 0.0) for i in range(len(logits))]
+
+
+def draw(params: SamplingParams, logits: list[float], n: int) -> list[int]:
+    sampler = RequestSampler(params)
+    row = torch.tensor(logits, dtype=torch.float32)
+    return [sampler.sample(row) for _ in range(n)]
+
+
+def chi_square(counts: Counter, probs: list[float], n: int) -> tuple[float, int]:
+    """Pearson statistic over the tokens with non-zero reference probability, and its degrees of freedom."""
+    support = [i for i, p in enumerate(probs) if p > 0]
+    stat = sum((counts.get(i, 0) - n * probs[i]) ** 2 / (n * probs[i]) for i in support)
+    return stat, len(support) - 1
+
+
+# 99.9% quantiles of the chi-square distribution, by degrees of freedom.
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 9: 27.88}
+
+LOGITS = [2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, -2.0]  # token 0 best, then 6, 1, 2, 3, 4, 5, 7
+N_DRAWS = 6000
+
+
+def check_distribution(params: SamplingParams, logits: list[float], expected: list[float]) -> Counter:
+    picks = draw(params, logits, N_DRAWS)
+    counts = Counter(picks)
+    support = {i for i, p in enumerate(expected) if p > 0}
+    assert set(counts) <= support, f"sampled outside the allowed set {sorted(support)}: {sorted(set(counts))}"
+    freq = [counts.get(i, 0) / N_DRAWS for i in range(len(logits))]
+    assert max(abs(f - p) for f, p in zip(freq, expected, strict=True)) < 0.03, (freq, expected)
+    stat, df = chi_square(counts, expected, N_DRAWS)
+    if df > 0:
+        assert stat < CHI2_999[df], f"chi-square {stat:.1f} with {df} dof: {freq} vs {expected}"
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_reference_itself():
+    # The reference is what the tests rely on: pin it on hand-computed cases.
+    p = ref_probs([math.log(0.4), math.log(0.3), math.log(0.2), math.log(0.1)], top_p=0.65)
+    assert p == pytest.approx([0.4 / 0.7, 0.3 / 0.7, 0.0, 0.0])
+    p = ref_probs([math.log(0.4), math.log(0.3), math.log(0.2), math.log(0.1)], top_p=0.75)
+    assert p == pytest.approx([0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0.0])
+    p = ref_probs([0.0, 1.0, 2.0], top_k=2, temperature=0.5)
+    assert p == pytest.approx([0.0, 1 / (1 + math.e**2), math.e**2 / (1 + math.e**2)])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_temperature_distribution_matches_softmax(temperature):
+    check_distribution(
+        SamplingParams(temperature=temperature, seed=11), LOGITS, ref_probs(LOGITS, temperature=temperature)
+    )
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5])
+def test_top_k_restricts_support_to_k_best(top_k):
+    expected = ref_probs(LOGITS, temperature=0.8, top_k=top_k)
+    counts = check_distribution(SamplingParams(temperature=0.8, top_k=top_k, seed=5), LOGITS, expected)
+    best = sorted(range(len(LOGITS)), key=lambda i: -LOGITS[i])[:top_k]
+    assert set(counts) == set(best)  # every one of the k best is reachable, nothing else is
+
+
+@pytest.mark.parametrize(
+    ("top_p", "nucleus"),
+    [(0.35, {0}), (0.5, {0, 1}), (0.65, {0, 1}), (0.75, {0, 1, 2}), (0.95, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3, 4})],
+)
+def test_top_p_keeps_exactly_the_nucleus(top_p, nucleus):
+    probs = [0.4, 0.3, 0.2, 0.08, 0.02]
+    logits = [math.log(p) for p in probs]
+    expected = ref_probs(logits, top_p=top_p)
+    assert {i for i, p in enumerate(expected) if p > 0} == nucleus
+    counts = check_distribution(SamplingParams(temperature=1.0, top_p=top_p, seed=3), logits, expected)
+    assert set(counts) == nucleus
+
+
+def test_top_p_reached_exactly_stops_the_nucleus():
+    # Four equally likely tokens (0.25 each, exact in float): top_p 0.5 is reached by two of them, so exactly
+    # two are kept (a strict comparison would keep a third); top_p 0.75 keeps three.
+    for top_p, size in ((0.25, 1), (0.5, 2), (0.75, 3), (1.0, 4)):
+        picks = draw(SamplingParams(temperature=1.0, top_p=top_p, seed=4), [0.0, 0.0, 0.0, 0.0], 2000)
+        counts = Counter(picks)
+        assert len(counts) == size, (top_p, counts)
+        assert max(abs(n / 2000 - 1 / size) for n in counts.values()) < 0.05
+
+
+def test_top_p_applies_after_temperature_and_top_k():
+    # Temperature 0.5 sharpens [0.4, 0.3, 0.2, 0.08, 0.02] to about [0.53, 0.30, 0.13, 0.02, 0.001]; with top_k=3
+    # and top_p=0.8 the nucleus of the renormalised top 3 is {0, 1}.
+    logits = [math.log(p) for p in (0.4, 0.3, 0.2, 0.08, 0.02)]
+    expected = ref_probs(logits, temperature=0.5, top_k=3, top_p=0.8)
+    assert [i for i, p in enumerate(expected) if p > 0] == [0, 1]
+    check_distribution(SamplingParams(temperature=0.5, top_k=3, top_p=0.8, seed=9), logits, expected)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(50, 1000, generator=g) * 3
+    greedy = RequestSampler(SamplingParams(temperature=0))
+    top1 = RequestSampler(SamplingParams(temperature=1.5, top_k=1, seed=1))
+    tiny_p = RequestSampler(SamplingParams(temperature=1.5, top_p=1e-6, seed=2))
+    for row in rows:
+        best = int(row.argmax())
+        assert greedy.sample(row) == best
+        assert top1.sample(row) == best
+        assert tiny_p.sample(row) == best
+
+
+def test_temperature_zero_is_greedy():
+    assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(temperature=0.0).greedy
+    assert not SamplingParams(temperature=1e-3).greedy
+    sampler = RequestSampler(SamplingParams(temperature=0, seed=7))
+    assert sampler.generator is None
+    assert sampler.sample(torch.tensor([0.1, 3.0, 2.9])) == 1
+
+
+def test_seeded_sampler_is_reproducible_and_seeds_differ():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(40, 500, generator=g)
+
+    def run(seed):
+        s = RequestSampler(SamplingParams(temperature=1.0, top_p=0.95, top_k=100, seed=seed))
+        return [s.sample(r) for r in rows]
+
+    assert run(1234) == run(1234)
+    assert run(1234) != run(1235)
+    # Without a seed every sampler draws its own fresh seed.
+    a = RequestSampler(SamplingParams(temperature=1.0))
+    b = RequestSampler(SamplingParams(temperature=1.0))
+    assert a.seed != b.seed
+    # A seed at the edges of the accepted range works.
+    for seed in (-(2**63), 2**64 - 1, 0):
+        RequestSampler(SamplingParams(temperature=1.0, seed=seed)).sample(rows[0])
+
+
+def test_seeded_sampler_does_not_depend_on_global_rng():
+    row = torch.randn(300, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    a = draw(SamplingParams(temperature=1.0, seed=77), row.tolist(), 30)
+    torch.manual_seed(999)
+    torch.rand(1000)
+    b = draw(SamplingParams(temperature=1.0, seed=77), row.tolist(), 30)
+    assert a == b
+
+
+def test_logprobs_of_matches_log_softmax():
+    row = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 2
+    ref = [x - math.log(sum(math.exp(y) for y in row.tolist())) for x in row.tolist()]
+    lp = logprobs_of(row, 17, 5)
+    assert lp.token_id == 17
+    assert lp.logprob == pytest.approx(ref[17], abs=1e-4)
+    best = sorted(range(1000), key=lambda i: -ref[i])[:5]
+    assert [t for t, _ in lp.top] == best
+    assert [v for _, v in lp.top] == pytest.approx([ref[i] for i in best], abs=1e-4)
+    assert logprobs_of(row, 3, 0).top == ()
+    assert len(logprobs_of(row, 3, MAX_LOGPROBS).top) == MAX_LOGPROBS
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+BAD_PARAMS = [
+    ("max_tokens", 0),
+    ("max_tokens", -1),
+    ("max_tokens", 2.0),
+    ("max_tokens", True),
+    ("max_tokens", None),
+    ("temperature", -0.1),
+    ("temperature", 100.5),
+    ("temperature", float("nan")),
+    ("temperature", float("inf")),
+    ("temperature", True),
+    ("temperature", "1"),
+    ("top_p", 0),
+    ("top_p", 0.0),
+    ("top_p", -0.5),
+    ("top_p", 1.01),
+    ("top_p", float("nan")),
+    ("top_p", False),
+    ("top_k", -2),
+    ("top_k", 1.5),
+    ("top_k", True),
+    ("seed", 1.0),
+    ("seed", "3"),
+    ("seed", True),
+    ("seed", 2**64),
+    ("seed", -(2**63) - 1),
+    ("logprobs", 21),
+    ("logprobs", -1),
+    ("logprobs", True),
+    ("logprobs", 1.0),
+    ("ignore_eos", 1),
+    ("ignore_eos", "yes"),
+    ("stop", [""]),
+    ("stop", ["a", 3]),
+    ("stop", 3),
+    ("stop_token_ids", [-1]),
+    ("stop_token_ids", [1.0]),
+    ("stop_token_ids", [True]),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_PARAMS, ids=[f"{f}={v!r}" for f, v in BAD_PARAMS])
+def test_out_of_range_params_name_the_field(field, value):
+    with pytest.raises(SamplingParamsError) as err:
+        SamplingParams(**{field: value})
+    assert err.value.param == field
+    assert isinstance(err.value, ValueError)
+    assert field in str(err.value)
+
+
+def test_valid_params_and_normalisation():
+    p = SamplingParams(
+        max_tokens=1, temperature=100, top_p=1, top_k=0, seed=-5, stop="END", stop_token_ids=[5, 6], logprobs=20
+    )
+    assert p.stop == ("END",)
+    assert p.stop_token_ids == (5, 6)
+    assert SamplingParams(stop=["a", "bc"]).stop == ("a", "bc")
+    assert SamplingParams(stop=None).stop == ()
+    assert SamplingParams(top_k=-1, top_p=1e-9, logprobs=0, temperature=0).logprobs == 0
+    hash(SamplingParams(stop=["x"], stop_token_ids=[1]))  # frozen and hashable after normalisation
