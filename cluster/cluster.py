@@ -56,6 +56,7 @@ def start_workers(
     strategy: str = "PACK",
     frontend_bundle: bool = True,
     ready_timeout_s: float = 600.0,
+    name_prefix: str | None = None,
 ) -> tuple[Any, list]:
     """Reserve a placement group and start one :class:`~workers.expert.ExpertWorker` per bundle.
 
@@ -90,7 +91,14 @@ def start_workers(
     offset = 1 if frontend_bundle else 0
     handles = [
         spawn_worker(
-            pg=pg, bundle=offset + w, model=model, worker=w, placement=placement, dtype=dtype, resources=resources
+            pg=pg,
+            bundle=offset + w,
+            model=model,
+            worker=w,
+            placement=placement,
+            dtype=dtype,
+            resources=resources,
+            name=f"{name_prefix}{w}" if name_prefix else None,
         )
         for w in range(placement.num_workers)
     ]
@@ -113,6 +121,7 @@ def spawn_worker(
     placement: ExpertPlacement,
     dtype: str,
     resources: WorkerResources,
+    name: str | None = None,
 ) -> Any:
     """One expert-worker actor in its placement-group bundle. It loads its own experts and restarts forever."""
     import ray
@@ -127,6 +136,7 @@ def spawn_worker(
             num_gpus=resources.gpus_per_worker,
             max_restarts=-1,
             max_task_retries=0,
+            name=name,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=bundle
             ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -72,6 +73,8 @@ class FrontendServer:
                 resources=resources,
                 strategy=a.placement_strategy,
                 frontend_bundle=False,
+                # Named so operators (and tests) can find them: mixserve-expert-<replica>-<worker>.
+                name_prefix=f"mixserve-expert-{uuid.uuid4().hex[:8]}-",
             )
             experts = RayExperts(self.workers, timeout_s=min(60.0, a.request_timeout_s))
         self.frontend = Frontend(

@@ -79,6 +79,10 @@ class ServeError(Exception):
         }
 
 
+class GrpcStatusError(RuntimeError):
+    """Raised by a streaming gRPC method after it set the status code on the context."""
+
+
 def error_response(e: ServeError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -652,11 +656,10 @@ class Ingress:
                         )
                     )
                 yield reply
-        except ServeError as e:
-            self._grpc_fail(grpc_context, e, "grpc_generate_stream")
-            return
-        except InvalidRequestError as e:
-            self._grpc_fail(grpc_context, ServeError(400, str(e), param=e.param), "grpc_generate_stream")
-            return
+        except (ServeError, InvalidRequestError) as e:
+            err = e if isinstance(e, ServeError) else ServeError(400, str(e), param=e.param)
+            self._grpc_fail(grpc_context, err, "grpc_generate_stream")
+            # A streaming method reports its status by raising after setting the code (Ray Serve keeps the code).
+            raise GrpcStatusError(err.message) from None
         self._count("grpc_generate_stream", 200)
         self.metrics.e2e.observe(time.monotonic() - t0)

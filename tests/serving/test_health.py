@@ -1,0 +1,43 @@
+"""/health follows the expert workers: 503 while one is down, 200 once Ray has restarted it."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.serving.conftest import API_KEY
+
+pytestmark = [pytest.mark.ray, pytest.mark.serving]
+
+
+def test_health_turns_503_when_a_worker_dies_and_200_when_back(served):
+    import ray
+
+    base, _, _ = served
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mixserve-expert-")]
+    assert len(names) == 2, names
+    victim = ray.get_actor(names[1]["name"], namespace=names[1]["namespace"])
+    ray.kill(victim, no_restart=False)
+    saw_503 = False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{base}/health", timeout=30)
+        if r.status_code == 503:
+            saw_503 = True
+            assert r.json()["status"] in ("degraded", "unavailable")
+        elif saw_503 and r.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert saw_503, "/health never reported the dead worker"
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    # and the service works again
+    r = httpx.post(
+        f"{base}/v1/completions",
+        json={"prompt": "back", "max_tokens": 4},
+        headers={"authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text

@@ -1,0 +1,201 @@
+"""The OpenAI API over real HTTP, with the `openai` client and raw httpx: same tokens as LLM.generate."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from cluster import SamplingParams
+from tests.serving.conftest import API_KEY, MODEL_NAME
+
+pytestmark = [pytest.mark.ray, pytest.mark.serving]
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    base, _, _ = served
+    c = OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    yield c
+    c.close()
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+
+
+def test_completion_matches_llm(client, reference_llm):
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20, temperature=0)
+    ref = reference_llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0))[0]
+    assert r.choices[0].text == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_completion_matches_llm(client, reference_llm):
+    prompt = "Once upon a time"
+    stream = client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    ref = reference_llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0]
+    assert text == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+    assert chunks[-1].choices == []
+
+
+def test_chat_matches_llm(client, reference_llm):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+    ]
+    ids = reference_llm.tokenizer.encode_chat(messages)
+    ref = reference_llm.generate([ids], SamplingParams(max_tokens=16, temperature=0))[0]
+    r = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.prompt_tokens == len(ids)
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0, stream=True
+    )
+    parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(parts) == ref.text
+
+
+def test_n_seed_logprobs_and_stop(client, reference_llm):
+    r = client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=8, temperature=0.9, n=3, seed=7)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    again = client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=8, temperature=0.9, n=3, seed=7)
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+    r = client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 5 and len(lp.token_logprobs) == 5
+    assert all(len(top) == 3 for top in lp.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert chosen == pytest.approx(max(top.values()), abs=1e-6)
+    full = client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=12, temperature=0).choices[0].text
+    stop = full[3:6]
+    r = client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    r = client.completions.create(
+        model=MODEL_NAME, prompt="Hi", max_tokens=4, temperature=0, extra_body={"top_k": 1, "ignore_eos": True}
+    )
+    assert r.usage.completion_tokens == 4
+
+
+def _post(base, path, body, *, key=API_KEY, raw=None):
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    content = raw if raw is not None else json.dumps(body)
+    return httpx.post(f"{base}{path}", content=content, headers=headers, timeout=60)
+
+
+LONG_PROMPT = "hello " * 4100
+
+BAD_INPUTS = [
+    ("malformed json", "/v1/completions", None, "{not json", None, 400, "not valid JSON"),
+    ("body not an object", "/v1/completions", None, "[1, 2]", None, 400, "JSON object"),
+    ("wrong type", "/v1/completions", {"prompt": "x", "max_tokens": "ten"}, None, None, 400, "max_tokens"),
+    ("missing prompt", "/v1/completions", {"max_tokens": 4}, None, None, 400, "prompt"),
+    ("empty prompt", "/v1/completions", {"prompt": ""}, None, None, 400, "empty"),
+    ("negative max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": -1}, None, None, 400, "max_tokens"),
+    ("temperature < 0", "/v1/completions", {"prompt": "x", "temperature": -0.5}, None, None, 400, "temperature"),
+    ("top_p zero", "/v1/completions", {"prompt": "x", "top_p": 0}, None, None, 400, "top_p"),
+    ("top_p above one", "/v1/completions", {"prompt": "x", "top_p": 1.5}, None, None, 400, "top_p"),
+    ("n too large", "/v1/completions", {"prompt": "x", "n": 100}, None, None, 400, "n must be"),
+    ("prompt too long", "/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 4}, None, None, 400, "context"),
+    ("prompt+max_tokens too long", "/v1/completions", {"prompt": "x", "max_tokens": 5000}, None, None, 400, "4096"),
+    ("unknown model", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, None, None, 404, "does not exist"),
+    ("missing API key", "/v1/completions", {"prompt": "x"}, None, "none", 401, "missing API key"),
+    ("wrong API key", "/v1/completions", {"prompt": "x"}, None, "wrong", 401, "invalid API key"),
+    ("chat bad role order", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, None, None,
+     400, "message"),
+    ("chat empty messages", "/v1/chat/completions", {"messages": []}, None, None, 400, "messages"),
+    ("chat unknown role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None, None,
+     400, "role"),
+    ("tools unsupported", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, None, None, 400, "tools"),
+    ("unknown path", "/v1/nothing", {}, None, None, 404, ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "body", "raw", "key", "status", "needle"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_inputs(served, name, path, body, raw, key, status, needle):
+    base, _, _ = served
+    key = {None: API_KEY, "none": None, "wrong": "nope"}[key]
+    r = _post(base, path, body, key=key, raw=raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert needle.lower() in err["message"].lower()
+    assert "Traceback" not in r.text
+
+
+def test_health_and_metrics(served):
+    base, _, _ = served
+    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+    _post(base, "/v1/completions", {"prompt": "metrics", "max_tokens": 3})
+    text = httpx.get(f"{base}/metrics").text
+    for name in (
+        "mixserve_requests_total",
+        "mixserve_time_to_first_token_seconds_bucket",
+        "mixserve_inter_token_latency_seconds_bucket",
+        "mixserve_running_requests",
+        "mixserve_waiting_requests",
+        "mixserve_generation_tokens_total",
+        'mixserve_routed_tokens_total{expert="7",layer="1"}',
+    ):
+        assert name in text, name
+    assert 'mixserve_requests_total{endpoint="completions",status="200"}' in text
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_disconnect_mid_stream_frees_the_slot(served):
+    base, _, _ = served
+    body = {"prompt": "a long story", "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # held, so the connection stays open while we look at the server
+        events = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
+        assert len(events) >= 3
+        assert _metric(base, "mixserve_running_requests") == 1
+        before = _metric(base, "mixserve_generation_tokens_total")
+        time.sleep(0.5)
+        assert _metric(base, "mixserve_generation_tokens_total") > before  # still generating
+    # The client is gone: the request is aborted and its slot freed long before 3000 tokens could finish.
+    deadline = time.monotonic() + 15
+    while _metric(base, "mixserve_running_requests") != 0:
+        assert time.monotonic() < deadline, "the request kept running after the client disconnected"
+        time.sleep(0.2)
+    stopped_at = _metric(base, "mixserve_generation_tokens_total")
+    time.sleep(0.5)
+    assert _metric(base, "mixserve_generation_tokens_total") == stopped_at
