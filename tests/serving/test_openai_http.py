@@ -89,7 +89,7 @@ def test_n_seed_logprobs_and_stop(client, reference_llm):
     assert len(lp.tokens) == 5 and len(lp.token_logprobs) == 5
     assert all(len(top) == 3 for top in lp.top_logprobs)
     # greedy: the chosen token is the most likely one
-    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+    for _tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert chosen == pytest.approx(max(top.values()), abs=1e-6)
     full = client.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=12, temperature=0).choices[0].text
     stop = full[3:6]
@@ -128,13 +128,34 @@ BAD_INPUTS = [
     ("unknown model", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, None, None, 404, "does not exist"),
     ("missing API key", "/v1/completions", {"prompt": "x"}, None, "none", 401, "missing API key"),
     ("wrong API key", "/v1/completions", {"prompt": "x"}, None, "wrong", 401, "invalid API key"),
-    ("chat bad role order", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, None, None,
-     400, "message"),
+    (
+        "chat bad role order",
+        "/v1/chat/completions",
+        {"messages": [{"role": "assistant", "content": "x"}]},
+        None,
+        None,
+        400,
+        "message",
+    ),
     ("chat empty messages", "/v1/chat/completions", {"messages": []}, None, None, 400, "messages"),
-    ("chat unknown role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, None, None,
-     400, "role"),
-    ("tools unsupported", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, None, None, 400, "tools"),
+    (
+        "chat unknown role",
+        "/v1/chat/completions",
+        {"messages": [{"role": "robot", "content": "x"}]},
+        None,
+        None,
+        400,
+        "role",
+    ),
+    (
+        "tools unsupported",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        None,
+        None,
+        400,
+        "tools",
+    ),
     ("unknown path", "/v1/nothing", {}, None, None, 404, ""),
 ]
 
