@@ -226,12 +226,27 @@ class Frontend:
 
     # -- offline (synchronous) use --------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        """Run the prompts through the continuous-batching core until all finish; outputs in prompt order."""
+        """Run the prompts through the continuous-batching core until all finish; outputs in prompt order.
+
+        Every prompt is validated first (a bad one fails the call before anything runs); prompts are then fed
+        to the engine as its queue has room, so any number of prompts can be given at once.
+        """
+        from cluster.errors import EngineOverloadedError
+
+        for p, sp in zip(prompts, params, strict=True):
+            self.core.validate(p, sp)
         ids = [f"offline-{uuid.uuid4().hex}" for _ in prompts]
-        for rid, p, sp in zip(ids, prompts, params, strict=True):
-            self.core.add_request(rid, p, sp)
+        pending = list(zip(ids, prompts, params, strict=True))
+        pending.reverse()
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
+            while pending:
+                rid, p, sp = pending[-1]
+                try:
+                    self.core.add_request(rid, p, sp)
+                except EngineOverloadedError:
+                    break
+                pending.pop()
             for out in self.core.step():
                 if out.finished:
                     final[out.request_id] = out

@@ -26,7 +26,6 @@ class AppArgs(BaseModel):
     api_key: str | None = Field(None, description="when set, /v1 requests need 'Authorization: Bearer <key>'")
     served_model_name: str = Field("mixserve-tiny", min_length=1)
     request_timeout_s: float = Field(300.0, gt=0)
-    transport: Literal["object_ref", "gloo", "nccl"] = "object_ref"
     attention_backend: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
     @field_validator("placement_strategy", mode="before")

@@ -66,7 +66,6 @@ BUILD_APP_ARGS = {
     "api_key": _opt(lambda v: isinstance(v, str)),
     "served_model_name": lambda v: isinstance(v, str) and v != "",
     "request_timeout_s": lambda v: _num(v) and v > 0,
-    "transport": lambda v: v in {"object_ref", "gloo", "nccl"},
 }
 
 
