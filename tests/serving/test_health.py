@@ -41,3 +41,41 @@ def test_health_turns_503_when_a_worker_dies_and_200_when_back(served):
         timeout=60,
     )
     assert r.status_code == 200, r.text
+
+
+def test_request_in_flight_when_a_worker_dies_gets_503_fast(served):
+    import threading
+
+    import ray
+
+    base, _, _ = served
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mixserve-expert-")]
+    victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    result: dict = {}
+
+    def long_request():
+        t0 = time.monotonic()
+        result["response"] = httpx.post(
+            f"{base}/v1/completions",
+            json={"prompt": "long", "max_tokens": 3000, "ignore_eos": True, "temperature": 0},
+            headers={"authorization": f"Bearer {API_KEY}"},
+            timeout=60,
+        )
+        result["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(1.0)
+    killed = time.monotonic()
+    ray.kill(victim, no_restart=False)
+    t.join(timeout=40)
+    assert not t.is_alive(), "the request hung after its worker died"
+    r = result["response"]
+    assert r.status_code == 503, r.text
+    assert "expert worker" in r.json()["error"]["message"]
+    assert time.monotonic() - killed < 20
+    # wait until healthy again so later tests see a working app
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base}/health", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
