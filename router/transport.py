@@ -35,6 +35,28 @@ class LocalExperts:
 
 TRANSPORTS = ("object_ref", "gloo", "nccl")
 
+# Tensors cross object refs as NumPy arrays: pickling a torch tensor costs ~100 us, a NumPy array ~1 us, and Ray
+# passes NumPy buffers out of band. NumPy has no bfloat16, so those travel as int16 bit patterns.
+_BITCAST = {torch.bfloat16: torch.int16}
+
+
+def to_wire(t: torch.Tensor) -> tuple:
+    """A CPU tensor as (numpy array, dtype name) for an object ref."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype in _BITCAST:
+        return t.contiguous().view(_BITCAST[t.dtype]).numpy(), str(t.dtype)
+    return t.contiguous().numpy(), ""
+
+
+def from_wire(w: tuple, device: torch.device | str = "cpu") -> torch.Tensor:
+    arr, bitcast = w
+    t = torch.from_numpy(arr)
+    if bitcast:
+        t = t.view(getattr(torch, bitcast.removeprefix("torch.")))
+    return t.to(device) if str(device) != "cpu" else t
+
 
 class RayExperts:
     """One actor call per worker that has rows, all issued before any is awaited; tensors travel as object refs.

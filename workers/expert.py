@@ -124,6 +124,18 @@ class ExpertWorker:
         x = x.to(self.device)
         return self.shard.run(layer, x, rows.to(self.device), experts.to(self.device), weights.to(self.device))
 
+    def run_wire(self, layer: int, x: tuple, rows: tuple, experts: tuple, weights: tuple) -> tuple:
+        """:meth:`run` with NumPy-wrapped tensors (see :func:`router.transport.to_wire`), the object-ref path."""
+        from router.transport import from_wire, to_wire
+
+        d = self.device
+        out = self.shard.run(layer, from_wire(x, d), from_wire(rows, d), from_wire(experts, d), from_wire(weights, d))
+        return to_wire(out)
+
+    def echo_wire(self, layer: int, x: tuple, rows: tuple, experts: tuple, weights: tuple) -> tuple:
+        """Same payload in and out as :meth:`run_wire`, no compute: the dispatch benchmark's floor."""
+        return x
+
     def echo(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
         """Same payload in and out as :meth:`run`, no compute: the floor the dispatch benchmark compares with."""
         return x
