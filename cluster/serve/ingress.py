@@ -594,70 +594,60 @@ class Ingress:
             for lp in lps
         ]
 
+    async def _grpc_outputs(self, request: Any, grpc_context: Any, t0: float):
+        """Validate, submit, and stream (ids, request id, output) for one gRPC request."""
+        ids, params = self._grpc_request(request, grpc_context)
+        rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        choices = [_Choice(0, ids, rid, await self.start(ids, params, rid))]
+        async for _, out in self.merged(choices, t0):
+            yield ids, rid, out
+
+    @staticmethod
+    def _grpc_error(e: Exception) -> ServeError:
+        return e if isinstance(e, ServeError) else ServeError(400, str(e), param=getattr(e, "param", None))
+
+    def _grpc_reply(self, ids: list[int], rid: str, out: RequestOutput, *, whole: bool, first: bool) -> Any:
+        """Generate: the whole result; GenerateStream: this step's delta (usage on the last reply)."""
+        from cluster.serve.proto import mixserve_pb2 as pb
+
+        reply = pb.GenerateReply(
+            request_id=rid,
+            text=out.text if whole else out.delta_text,
+            token_ids=out.token_ids if whole else out.new_token_ids,
+            finish_reason=out.finish_reason or "",
+            logprobs=self._grpc_logprobs(out.logprobs if whole else out.new_logprobs),
+            prompt_token_ids=ids if (whole or first) else [],
+        )
+        if out.finished:
+            n = len(out.token_ids)
+            reply.usage.CopyFrom(pb.Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n))
+        return reply
+
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC method name
         from cluster.serve.proto import mixserve_pb2 as pb
 
         t0 = time.monotonic()
+        reply = pb.GenerateReply()
         try:
-            ids, params = self._grpc_request(request, grpc_context)
-            rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
-            choices = [_Choice(0, ids, rid, await self.start(ids, params, rid))]
-            final = None
-            async for _, out in self.merged(choices, t0):
+            async for ids, rid, out in self._grpc_outputs(request, grpc_context, t0):
                 if out.finished:
-                    final = out
-        except ServeError as e:
-            self._grpc_fail(grpc_context, e, "grpc_generate")
-            return pb.GenerateReply()
-        except InvalidRequestError as e:
-            self._grpc_fail(grpc_context, ServeError(400, str(e), param=e.param), "grpc_generate")
+                    reply = self._grpc_reply(ids, rid, out, whole=True, first=True)
+        except (ServeError, InvalidRequestError) as e:
+            self._grpc_fail(grpc_context, self._grpc_error(e), "grpc_generate")
             return pb.GenerateReply()
         self._count("grpc_generate", 200)
         self.metrics.e2e.observe(time.monotonic() - t0)
-        return pb.GenerateReply(
-            request_id=rid,
-            text=final.text,
-            token_ids=final.token_ids,
-            finish_reason=final.finish_reason,
-            usage=pb.Usage(
-                prompt_tokens=len(ids),
-                completion_tokens=len(final.token_ids),
-                total_tokens=len(ids) + len(final.token_ids),
-            ),
-            logprobs=self._grpc_logprobs(final.logprobs),
-            prompt_token_ids=ids,
-        )
+        return reply
 
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
-        from cluster.serve.proto import mixserve_pb2 as pb
-
         t0 = time.monotonic()
         try:
-            ids, params = self._grpc_request(request, grpc_context)
-            rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
-            choices = [_Choice(0, ids, rid, await self.start(ids, params, rid))]
             first = True
-            async for _, out in self.merged(choices, t0):
-                reply = pb.GenerateReply(
-                    request_id=rid,
-                    text=out.delta_text,
-                    token_ids=out.new_token_ids,
-                    finish_reason=out.finish_reason or "",
-                    logprobs=self._grpc_logprobs(out.new_logprobs),
-                    prompt_token_ids=ids if first else [],
-                )
+            async for ids, rid, out in self._grpc_outputs(request, grpc_context, t0):
+                yield self._grpc_reply(ids, rid, out, whole=False, first=first)
                 first = False
-                if out.finished:
-                    reply.usage.CopyFrom(
-                        pb.Usage(
-                            prompt_tokens=len(ids),
-                            completion_tokens=len(out.token_ids),
-                            total_tokens=len(ids) + len(out.token_ids),
-                        )
-                    )
-                yield reply
         except (ServeError, InvalidRequestError) as e:
-            err = e if isinstance(e, ServeError) else ServeError(400, str(e), param=e.param)
+            err = self._grpc_error(e)
             self._grpc_fail(grpc_context, err, "grpc_generate_stream")
             # A streaming method reports its status by raising after setting the code (Ray Serve keeps the code).
             raise GrpcStatusError(err.message) from None
