@@ -147,12 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.serve.cli import add_serve_command
 
     add_serve_command(sub)
-    try:
-        from cluster.bench import add_bench_command
-    except ImportError:
-        add_bench_command = None
-    if add_bench_command is not None:
-        add_bench_command(sub)
+    from cluster.bench import add_bench_command
+
+    add_bench_command(sub)
     a = parser.parse_args(argv)
     return int(a.func(a)) if hasattr(a, "func") else {"tiny-model": _tiny_model, "generate": _generate}[a.command](a)
 

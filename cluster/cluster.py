@@ -55,7 +55,8 @@ def start_workers(
     resources: WorkerResources,
     strategy: str = "PACK",
     frontend_bundle: bool = True,
-    ready_timeout_s: float = 600.0,
+    ready_timeout_s: float = 120.0,
+    load_timeout_s: float = 1800.0,
     name_prefix: str | None = None,
 ) -> tuple[Any, list]:
     """Reserve a placement group and start one :class:`~workers.expert.ExpertWorker` per bundle.
@@ -79,14 +80,27 @@ def start_workers(
         if resources.gpus_per_worker:
             b["GPU"] = resources.gpus_per_worker
         bundles.append(b)
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0.0) + v
+    total = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if total.get(k, 0.0) < v}
+    if short:
+        have = {k: total.get(k, 0.0) for k in short}
+        raise PlacementError(
+            f"the Ray cluster can never hold {len(bundles)} bundles {bundles}: needs {short}, has {have}"
+        )
     pg = placement_group(bundles, strategy=strategy, name=f"mixserve-{time.time_ns()}")
     try:
         ray.get(pg.ready(), timeout=ready_timeout_s)
     except Exception as e:
         remove_placement_group(pg)
+        free = ray.available_resources()
         raise PlacementError(
             f"could not reserve {len(bundles)} bundles {bundles} with strategy {strategy} within "
-            f"{ready_timeout_s:.0f}s: {type(e).__name__}"
+            f"{ready_timeout_s:.0f}s ({type(e).__name__}); free now: "
+            f"{ {k: free.get(k, 0.0) for k in need} } - other actors hold the rest"
         ) from None
     offset = 1 if frontend_bundle else 0
     handles = [
@@ -103,7 +117,7 @@ def start_workers(
         for w in range(placement.num_workers)
     ]
     try:
-        ray.get([h.ping.remote() for h in handles], timeout=ready_timeout_s)
+        ray.get([h.ping.remote() for h in handles], timeout=load_timeout_s)  # workers load their experts
     except Exception:
         for h in handles:
             ray.kill(h, no_restart=True)
@@ -281,7 +295,8 @@ class ExpertCluster:
             raise ValueError(f"transport {transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
         owns_ray = False
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=progress)
+            # No address: a new local instance (not whatever `ray start` cluster happens to run here).
+            ray.init(address=address or "local", log_to_driver=progress)
             owns_ray = address is None
         config = ModelConfig.from_dir(model)
         if expert_placement is None:

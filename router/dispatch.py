@@ -68,5 +68,6 @@ def combine(messages: list[WorkerMessage], partials: list[torch.Tensor], like: t
     """Sum every worker's partial outputs [N_w, D] back into [T, D] (same dtype and shape as ``like``)."""
     out = torch.zeros_like(like)
     for m, p in zip(messages, partials, strict=True):
-        out.index_add_(0, m.tokens.to(out.device), p.to(device=out.device, dtype=out.dtype))
+        # tokens of one message are distinct: accumulate-put (index_add_ stalls under CPU contention)
+        out.index_put_((m.tokens.to(out.device),), p.to(device=out.device, dtype=out.dtype), accumulate=True)
     return out

@@ -18,6 +18,7 @@ def ensure_local_ray():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new instance even if a `ray start` cluster runs on this machine
             num_cpus=RAY_CPUS,
             num_gpus=RAY_GPUS,
             include_dashboard=False,

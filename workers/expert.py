@@ -82,7 +82,9 @@ class ExpertShard:
             start += c
             gate, up = F.linear(x[r], self._w13[key]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self._w2[key])  # [c, D]
-            out.index_add_(0, r, (y * w[:, None].to(y.device)).to(out.dtype))
+            # rows of one expert are distinct, so accumulate-put is exact; index_add_ stalls in an OpenMP region
+            # when the cores are busy (measured: 5 us idle, 28 ms contended)
+            out.index_put_((r,), (y * w[:, None].to(y.device)).to(out.dtype), accumulate=True)
         return out
 
 

@@ -60,9 +60,14 @@ class ModelRunner:
                 {
                     "ln1": w[p + "input_layernorm.weight"],
                     "ln2": w[p + "post_attention_layernorm.weight"],
-                    "q": w[p + "self_attn.q_proj.weight"],
-                    "k": w[p + "self_attn.k_proj.weight"],
-                    "v": w[p + "self_attn.v_proj.weight"],
+                    # q, k and v in one [q_size + 2 * kv_size, D] matrix: one matmul per layer instead of three
+                    "qkv": torch.cat(
+                        (
+                            w[p + "self_attn.q_proj.weight"],
+                            w[p + "self_attn.k_proj.weight"],
+                            w[p + "self_attn.v_proj.weight"],
+                        )
+                    ),
                     "o": w[p + "self_attn.o_proj.weight"],
                     "gate": w[p + "block_sparse_moe.gate.weight"],
                 }
@@ -124,9 +129,10 @@ class ModelRunner:
         cos, sin = self.rope.cos_sin(plan.positions, self.dtype)
         for i, lw in enumerate(self.layers):
             x = rms_norm(h, lw["ln1"], cfg.rms_norm_eps)
-            q = apply_rope(F.linear(x, lw["q"]).view(T, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(F.linear(x, lw["k"]).view(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = F.linear(x, lw["v"]).view(T, cfg.num_kv_heads, cfg.head_dim)
+            q, k, v = F.linear(x, lw["qkv"]).split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+            q = apply_rope(q.reshape(T, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.reshape(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
             attn = torch.empty(T, cfg.num_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
             for g in plan.groups:
                 out = attend_group(

@@ -76,20 +76,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def end_probes() -> dict[str, Any]:
-    return {"load_avg_end": load_avg(), "contention_probe_us_end": contention_probe_us()}
-
-
-def contention_probe_us(iters: int = 300) -> float:
-    """Mean microseconds of a small multi-threaded torch op (an in-place add of 64k floats).
-
-    A few microseconds on an idle machine; far more when other processes hold the cores, because every parallel
-    region then waits for a descheduled thread. Recorded at the start and end of each run to flag noisy timings.
-    """
-    import torch
-
-    a, b = torch.zeros(65536), torch.ones(65536)
-    return statistics.fmean(time_calls(lambda: a.add_(b), iters, warmup=20)) * 1e6
+def end_probes(progress: Progress | None = None) -> dict[str, Any]:
+    """Load and contention at the end, plus the worst probe taken at each progress line during the run."""
+    out: dict[str, Any] = {"load_avg_end": load_avg(), "contention_probe_us_end": contention_probe_us()}
+    if progress is not None and progress.probes:
+        out["contention_probe_us_p90_max_during"] = max(progress.probes)
+    return out
 
 
 def load_avg() -> list[float] | None:
@@ -98,6 +90,19 @@ def load_avg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def contention_probe_us(iters: int = 300) -> dict[str, float]:
+    """p50 and p90 microseconds of a small multi-threaded torch op (an in-place add of 64k floats).
+
+    A few microseconds on an idle machine; milliseconds when other processes hold the cores, because each parallel
+    region then waits for a descheduled thread. Recorded at the start and end of each run to flag noisy timings.
+    """
+    import torch
+
+    a, b = torch.zeros(65536), torch.ones(65536)
+    t = time_calls(lambda: a.add_(b), iters, warmup=20)
+    return {"p50": percentile(t, 50) * 1e6, "p90": percentile(t, 90) * 1e6}
 
 
 def _version(dist: str) -> str | None:
@@ -142,14 +147,16 @@ def resolve_model(model: str | Path | None, default: Callable[[], Path] = bench_
 
 # ---------------------------------------------------------------------- progress and timing
 class Progress:
-    """``[bench NAME  12.3s] message`` lines on stderr."""
+    """``[bench NAME  12.3s] message`` lines on stderr; each line also takes a short contention probe."""
 
     def __init__(self, name: str, *, quiet: bool = False) -> None:
         self.name = name
         self.quiet = quiet
         self.t0 = time.monotonic()
+        self.probes: list[float] = []
 
     def __call__(self, message: str) -> None:
+        self.probes.append(contention_probe_us(50)["p90"])
         if not self.quiet:
             print(f"[bench {self.name} {time.monotonic() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
@@ -227,7 +234,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str |
     cells = [[fmt(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     lines = [title] if title else []
-    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     lines.append("  ".join("-" * w for w in widths))
     for raw, r in zip(rows, cells, strict=True):
         just = [c.ljust(w) if isinstance(v, str) else c.rjust(w) for v, c, w in zip(raw, r, widths, strict=True)]
@@ -266,12 +273,32 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+CONTENDED_US = 100.0
+
+
+def contention_warning(machine: dict) -> str | None:
+    """A warning when the contention probe says other processes held the cores during the run."""
+    probes = [machine.get(k) for k in ("contention_probe_us_start", "contention_probe_us_end")]
+    worst = max([p["p90"] for p in probes if p] + [machine.get("contention_probe_us_p90_max_during") or 0.0])
+    if worst < CONTENDED_US:
+        return None
+    return (
+        f"WARNING: the CPU was contended (probe p90 {worst:.0f} us, idle ~5 us; load {machine.get('load_avg_end')}): "
+        "other processes held the cores and these timings are unreliable; rerun on a quiet machine."
+    )
+
+
 def finish(payload: dict, out: str | Path | None, tables: Sequence[str]) -> Path:
     """Print the tables and the goals, write the JSON, say where."""
+    warning = contention_warning(payload["machine"])
+    if warning:
+        payload["warning"] = warning
     for t in tables:
         print(t)
         print()
     print(goals_table(payload["goals"]))
+    if warning:
+        print(f"\n{warning}")
     path = write_json(out or default_out(payload["benchmark"]), payload)
     print(f"\nwrote {path}")
     return path

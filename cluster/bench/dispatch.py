@@ -90,11 +90,18 @@ def _time_shard_runs(worker: Any, jobs: list[tuple], iters: int, warmup: int) ->
 
 
 class _EchoHandle:
-    """An expert-worker handle whose ``run`` is the worker's ``echo``: the client code stays exactly the same."""
+    """An expert-worker handle whose ``run*`` methods are the worker's ``echo*`` ones (``run`` -> ``echo``,
+    ``run_wire`` -> ``echo_wire``): the client code stays exactly the same, only the compute is left out."""
 
     def __init__(self, handle: Any) -> None:
-        self.run = handle.echo
-        self.ping = handle.ping
+        self._handle = handle
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_handle":  # not set yet (never pickled, but keep getattr from recursing)
+            raise AttributeError(name)
+        if name.startswith("run"):
+            return getattr(self._handle, "echo" + name[3:])
+        return getattr(self._handle, name)
 
 
 class BenchFrontend:
@@ -178,23 +185,23 @@ def measure_compute(handles: list, cases: list[Case], iters: int, warmup: int) -
     }
 
 
-def bench_transport(handles: list, transport: str, cases: list[Case], s: DispatchBenchSettings) -> dict[str, Any]:
+def start_bench_frontend(handles: list, transport: str) -> Any:
     import ray
 
     actor_cls = ray.remote(enable_tensor_transport=True)(BenchFrontend)
-    actor = actor_cls.options(num_cpus=1, max_concurrency=8).remote(handles, transport)
-    try:
-        times = ray.get(actor.measure.remote(cases, s.iters, s.warmup))
-        threads = ray.get(actor.threads.remote())
-    finally:
-        with contextlib.suppress(Exception):
-            ray.kill(actor, no_restart=True)
+    return actor_cls.options(num_cpus=1, max_concurrency=8).remote(handles, transport)
+
+
+def bench_transport(actor: Any, cases: list[Case], s: DispatchBenchSettings) -> dict[str, Any]:
+    import ray
+
+    times = ray.get(actor.measure.remote(cases, s.iters, s.warmup))
     return {
         "run_layer_s": _median_mean(times["run"]),
         "run_layer_min_s": statistics.fmean(min(v) for v in times["run"]),
         "echo_s": _median_mean(times["echo"]),
         "echo_min_s": statistics.fmean(min(v) for v in times["echo"]),
-        "frontend_threads": threads,
+        "frontend_threads": ray.get(actor.threads.remote()),
     }
 
 
@@ -234,16 +241,24 @@ def bench_workers(n_workers: int, s: DispatchBenchSettings, progress: common.Pro
     )
     rows = []
     try:
+        cases = {t: make_cases(s.model, placement, t, s.seed) for t in s.tokens}
+        compute = {}
         for t in s.tokens:
-            cases = make_cases(s.model, placement, t, s.seed)
             progress(f"W={n_workers} T={t}: compute inside the workers")
-            compute = measure_compute(handles, cases, s.iters, s.warmup)
-            payload = payload_bytes(cases[0])
-            for transport in s.transports:
-                progress(f"W={n_workers} T={t}: {transport} run_layer and echo")
-                timing = bench_transport(handles, transport, cases, s)
-                row = {"workers": n_workers, "tokens": t, "transport": transport, **compute, **timing}
-                rows.append(derive({**row, "payload_layer0": payload}))
+            compute[t] = measure_compute(handles, cases[t], s.iters, s.warmup)
+        # object_ref first: once workers joined an RDT group they cannot join another one reliably, so one
+        # frontend per transport serves every T.
+        for transport in sorted(s.transports, key=TRANSPORTS.index):
+            actor = start_bench_frontend(handles, transport)
+            try:
+                for t in s.tokens:
+                    progress(f"W={n_workers} T={t}: {transport} run_layer and echo")
+                    timing = bench_transport(actor, cases[t], s)
+                    row = {"workers": n_workers, "tokens": t, "transport": transport, **compute[t], **timing}
+                    rows.append(derive({**row, "payload_layer0": payload_bytes(cases[t][0])}))
+            finally:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
     finally:
         for h in handles:
             with contextlib.suppress(Exception):
@@ -322,7 +337,7 @@ def run_dispatch_bench(s: DispatchBenchSettings, *, out: str | None = None, quie
     finally:
         if started:
             ray.shutdown()
-    machine.update(common.end_probes())
+    machine.update(common.end_probes(progress))
     payload = common.report(
         "dispatch",
         settings=asdict(s),

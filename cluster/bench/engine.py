@@ -47,10 +47,10 @@ class EngineBenchSettings:
     hf_experts_implementation: str | None = None
 
 
-def random_prompts(count: int, lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
-    """``count`` prompts of random token ids in [3, vocab) (no BOS/EOS/UNK), with the given lengths."""
+def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    """One prompt per length, of random token ids in [3, vocab) (no UNK/BOS/EOS)."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(lengths[i])] for i in range(count)]
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
 def mixed_workload(
@@ -60,7 +60,7 @@ def mixed_workload(
     rng = random.Random(seed)
     lengths = [rng.randint(*prompt_len) for _ in range(count)]
     budgets = [rng.randint(*max_tokens) for _ in range(count)]
-    return list(zip(random_prompts(count, lengths, vocab, seed + 1), budgets, strict=True))
+    return list(zip(random_prompts(lengths, vocab, seed + 1), budgets, strict=True))
 
 
 # ---------------------------------------------------------------------- our engine
@@ -272,6 +272,7 @@ def measure_floor(fw: FloorWeights, batch: int, experts_per_layer: float, top_k:
         "experts_per_layer": experts_per_layer,
         "rows_per_expert": rows,
         "weight_bytes": floor_bytes(fw, experts_per_layer),
+        "weight_gb_per_s": floor_bytes(fw, experts_per_layer) / seconds / 1e9,
         "best_pass_s": {str(k): v for k, v in best.items()},
     }
 
@@ -297,7 +298,7 @@ def bench_fixed(
     s: EngineBenchSettings, frontend: Any, hf: Any, fw: FloorWeights, batch: int, progress: common.Progress
 ) -> dict[str, Any]:
     vocab = frontend.config.vocab_size
-    prompts = random_prompts(batch, [s.prompt_len] * batch, vocab, s.seed + batch)
+    prompts = random_prompts([s.prompt_len] * batch, vocab, s.seed + batch)
     progress(f"(a) batch {batch}: warm-up, counting experts hit per layer per decode step")
     hits = count_experts(frontend, prompts, s.new_tokens)
     hf_generate(hf, prompts, min(4, s.new_tokens))
@@ -347,12 +348,84 @@ def side_summary(
 
 
 # ---------------------------------------------------------------------- (b) mixed workload
-def bench_mixed(s: EngineBenchSettings, frontend: Any, hf: Any, progress: common.Progress) -> dict[str, Any]:
+class StepRecorder:
+    """Wraps ``ModelRunner.forward`` (as an instance attribute): tokens, chunks and seconds of every forward."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.inner = runner.forward
+        self.steps: list[tuple[int, int, float]] = []
+
+    def __call__(self, token_ids: torch.Tensor, chunks: list, logit_rows: torch.Tensor, **kw: Any) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.inner(token_ids, chunks, logit_rows, **kw)
+        self.steps.append((int(token_ids.shape[0]), len(chunks), time.perf_counter() - t0))
+        return out
+
+
+def drive_recorded(frontend: Any, work: list[tuple[list[int], int]]) -> tuple[dict, StepRecorder, ExpertCounter]:
+    """:func:`drive` with the forward passes recorded and experts counted in full-batch decode steps."""
+    runner = frontend.runner
+    rec = StepRecorder(runner)
+    counter = ExpertCounter(runner.experts, runner.kv.num_slots)
+    runner.forward, runner.experts = rec, counter
+    try:
+        return drive(frontend.core, work), rec, counter
+    finally:
+        del runner.forward
+        runner.experts = counter.inner
+
+
+BUCKETS = ((1, 8), (9, 16), (17, 24), (25, 32), (33, 1 << 30))
+
+
+def step_breakdown(steps: list[tuple[int, int, float]]) -> dict[str, Any]:
+    """Forward time split into steps with a prefill chunk and decode-only steps; decode medians by batch size."""
+    decode = [(n, t) for n, c, t in steps if n == c]
+    prefill = [t for n, c, t in steps if n != c]
+    by_batch = {}
+    for lo, hi in BUCKETS:
+        ts = [t for n, t in decode if lo <= n <= hi]
+        if ts:
+            by_batch[f"{lo}-{hi}" if hi < 1 << 30 else f">={lo}"] = {
+                "steps": len(ts),
+                "ms_p50": statistics.median(ts) * 1e3,
+            }
+    return {
+        "prefill_steps": len(prefill),
+        "prefill_s": sum(prefill),
+        "decode_steps": len(decode),
+        "decode_s": sum(t for _, t in decode),
+        "decode_step_ms_by_batch": by_batch,
+    }
+
+
+def full_batch_floor(
+    s: EngineBenchSettings, fw: FloorWeights, rec: StepRecorder, counter: ExpertCounter, top_k: int
+) -> dict[str, Any] | None:
+    """Decode steps at the full batch (max_num_seqs) against their floor, when the workload reached that batch."""
+    full = [t for n, c, t in rec.steps if n == c == s.max_num_seqs]
+    if not full or not counter.hits:
+        return None
+    floor = measure_floor(fw, s.max_num_seqs, statistics.fmean(counter.hits), top_k, s.floor_iters)
+    step = statistics.median(full)
+    return {
+        "batch": s.max_num_seqs,
+        "steps": len(full),
+        "forward_ms_p50": step * 1e3,
+        **floor,
+        "step_over_floor": step / floor["floor_s"],
+    }
+
+
+def bench_mixed(
+    s: EngineBenchSettings, frontend: Any, hf: Any, fw: FloorWeights, progress: common.Progress
+) -> dict[str, Any]:
     vocab = frontend.config.vocab_size
     work = mixed_workload(s.mixed_requests, s.mixed_prompt_len, s.mixed_max_tokens, vocab, s.seed)
     useful = sum(n for _, n in work)
     progress(f"(b) mixed: ours, {len(work)} requests at once (continuous batching), {useful} output tokens")
-    ours = drive(frontend.core, work)
+    ours, rec, counter = drive_recorded(frontend, work)
     got = sum(len(t) for t in ours["tokens"])
     hf_total, hf_generated = 0.0, 0
     batches = [work[i : i + s.hf_batch] for i in range(0, len(work), s.hf_batch)]
@@ -362,6 +435,7 @@ def bench_mixed(s: EngineBenchSettings, frontend: Any, hf: Any, progress: common
         run = hf_generate(hf, [p for p, _ in batch], longest)
         hf_total += run["total_s"]
         hf_generated += len(batch) * longest
+    progress("(b) mixed: floor of our full-batch decode steps")
     ours_tps, hf_tps = got / ours["total_s"], useful / hf_total
     return {
         "requests": len(work),
@@ -372,6 +446,8 @@ def bench_mixed(s: EngineBenchSettings, frontend: Any, hf: Any, progress: common
             "output_tokens": got,
             "tokens_per_s": ours_tps,
             "steps": len(ours["step_s"]),
+            **step_breakdown(rec.steps),
+            "full_batch_decode": full_batch_floor(s, fw, rec, counter, frontend.config.top_k),
         },
         "transformers": {
             "total_s": hf_total,
@@ -407,7 +483,9 @@ METHOD = {
         "continuous-batching core (max_num_seqs, max_num_batched_tokens as in settings), ignore_eos. Transformers: "
         "static batches in submission order, left padding with attention_mask and pad_token_id 0; each batch runs "
         "to its longest max_tokens (min_new_tokens = max_new_tokens) and only each row's own max_tokens count as "
-        "useful tokens."
+        "useful tokens. Our forward passes are recorded (ModelRunner.forward wrapped): steps with a prefill chunk vs "
+        "decode-only steps, decode-step medians by batch size, and the full-batch (max_num_seqs) decode steps "
+        "against their own floor (experts hit counted in those steps)."
     ),
 }
 
@@ -487,7 +565,22 @@ def tables(fixed: list[dict[str, Any]], mixed: dict[str, Any] | None) -> list[st
                 title=f"(b) mixed workload: {mixed['requests']} requests",
             )
         )
+        out.append(mixed_breakdown_table(mixed["ours"]))
     return out
+
+
+def mixed_breakdown_table(ours: dict[str, Any]) -> str:
+    rows: list[tuple] = [("with a prefill chunk", ours["prefill_steps"], ours["prefill_s"], None, None)]
+    for name, b in ours["decode_step_ms_by_batch"].items():
+        rows.append((f"decode, batch {name}", b["steps"], None, b["ms_p50"], None))
+    full = ours.get("full_batch_decode")
+    if full:
+        rows.append(
+            (f"decode, batch {full['batch']} floor", None, None, full["floor_s"] * 1e3, full["step_over_floor"])
+        )
+    return common.table(
+        ["our forward passes", "steps", "total s", "ms p50", "step/floor"], rows, title="(b) where our time went"
+    )
 
 
 def run_engine_bench(s: EngineBenchSettings, *, out: str | None = None, quiet: bool = False) -> dict:
@@ -498,10 +591,9 @@ def run_engine_bench(s: EngineBenchSettings, *, out: str | None = None, quiet: b
     hf = load_hf(s)
     fw = FloorWeights.load(s.model)
     fixed = [bench_fixed(s, frontend, hf, fw, b, progress) for b in s.batch_sizes]
-    del fw
-    mixed = None if s.skip_mixed else bench_mixed(s, frontend, hf, progress)
+    mixed = None if s.skip_mixed else bench_mixed(s, frontend, hf, fw, progress)
     settings = {**asdict(s), "transformers": hf_settings(hf), "ours_attention_backend": frontend.runner.backend}
-    machine.update(common.end_probes())
+    machine.update(common.end_probes(progress))
     payload = common.report(
         "engine",
         settings=settings,

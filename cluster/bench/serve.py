@@ -322,10 +322,11 @@ def goals_of(levels: list[dict], baseline: dict | None, s: ServeBenchSettings) -
     return out
 
 
-def table_of(levels: list[dict], baseline: dict | None) -> str:
-    rows = [("sharded", *_cells(lv)) for lv in levels]
+def table_of(levels: list[dict], baseline: dict | None, s: ServeBenchSettings) -> str:
+    name = "target" if s.url else f"W={s.expert_workers}"
+    rows = [(name, *_cells(lv)) for lv in levels]
     if baseline:
-        rows.append(("W=0", *_cells(baseline)))
+        rows.append(("baseline" if s.url else "W=0", *_cells(baseline)))
     return common.table(
         ["server", "conc", "reqs", "err", "tokens/s", "ttft p50", "ttft p99", "itl p50", "itl p99", "tpot"],
         rows,
@@ -377,7 +378,7 @@ def run_serve_bench(s: ServeBenchSettings, *, out: str | None = None, quiet: boo
 
         s = ServeBenchSettings(**{**asdict(s), "model": str(default_model_dir())})
     levels, baseline, where = measure(s, progress)
-    machine.update(common.end_probes())
+    machine.update(common.end_probes(progress))
     payload = common.report(
         "serve",
         settings={**asdict(s), "api_key": "***" if s.api_key else None, **where},
@@ -386,7 +387,7 @@ def run_serve_bench(s: ServeBenchSettings, *, out: str | None = None, quiet: boo
         goals=goals_of(levels, baseline, s),
         machine=machine,
     )
-    common.finish(payload, out, [table_of(levels, baseline)])
+    common.finish(payload, out, [table_of(levels, baseline, s)])
     return payload
 
 

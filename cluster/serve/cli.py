@@ -71,7 +71,7 @@ def serve_main(a: argparse.Namespace) -> int:
         ray.init(address=a.address)
     else:
         # Logical CPUs for the actors (ingress, frontend, W workers) even on a 2-core machine.
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4 + a.expert_workers), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 + a.expert_workers), include_dashboard=False)
     serve.start(
         http_options={"host": a.host, "port": a.http_port},
         grpc_options={"port": a.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},

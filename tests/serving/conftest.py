@@ -39,6 +39,7 @@ def served(tmp_path_factory):
     args = {
         "model": str(folder),
         "expert_workers": 2,
+        "gpus_per_worker": 0,  # CPU actors: the logical GPUs stay free for the placement tests
         "api_key": API_KEY,
         "served_model_name": MODEL_NAME,
         "max_num_seqs": 8,

@@ -70,19 +70,6 @@ def test_dispatch_bench(tiny, tmp_path, ray_instance):
         assert {"run_layer_s", "compute_sum_s", "echo_s", "overhead_s", "run_over_compute_plus_echo"} <= set(r)
 
 
-@pytest.mark.ray
-def test_serve_bench(tiny, tmp_path, ray_instance):
-    argv = ["serve", "--model", str(tiny), "--expert-workers", "1", "--concurrency", "1,2", "--max-tokens", "3"]
-    argv += ["--requests-per-level", "2", "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--skip-baseline"]
-    report = run_bench(argv, tmp_path / "serve.json")
-    levels = report["results"]["levels"]
-    assert [lv["concurrency"] for lv in levels] == [1, 2]
-    for lv in levels:
-        assert lv["errors"] == 0 and lv["output_tokens"] == 3 * lv["requests"]
-        assert {"ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tokens_per_s"} <= set(lv)
-    assert report["results"]["baseline_w0"] is None
-
-
 def test_serve_goals_compare_with_the_w0_baseline():
     from cluster.bench.serve import ServeBenchSettings, goals_of
 
