@@ -72,6 +72,10 @@ def serve_main(a: argparse.Namespace) -> int:
     else:
         # Logical CPUs for the actors (ingress, frontend, W workers) even on a 2-core machine.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 + a.expert_workers), include_dashboard=False)
+    # Ctrl-C / SIGTERM from here on: finish the step in progress, then shut down cleanly.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(
         http_options={"host": a.host, "port": a.http_port},
         grpc_options={"port": a.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
@@ -88,9 +92,6 @@ def serve_main(a: argparse.Namespace) -> int:
     print(f"  OpenAI HTTP API: http://{host}:{a.http_port}/v1   (health: /health, metrics: /metrics)")
     print(f"  gRPC:            {host}:{a.grpc_port}   (service mixserve.v1.Generation)")
     print("Ctrl-C stops.", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     print("stopping ...", flush=True)
     serve.shutdown()

@@ -97,8 +97,14 @@ def test_serve_main_job_http_grpc_and_clean_stop(tmp_path):
             reply = pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(prompt="Hi", max_tokens=4, temperature=0))
         assert list(reply.token_ids) and reply.finish_reason == "length"
         assert (tmp_path / "cache" / "tiny-default-v1" / "config.json").is_file()
+        seen = ""
+        while "Ctrl-C stops." not in seen:  # the URLs are printed once the deployment is up
+            line = proc.stdout.readline()
+            assert line, "mixserve serve exited early"
+            seen += line
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=90)
+        output = seen + output
         assert proc.returncode == 0, output
         assert f"http://127.0.0.1:{http_port}/v1" in output and f"127.0.0.1:{grpc_port}" in output
     finally:
