@@ -13,7 +13,7 @@ Example: capacity 4, L = 6 -> indices 0..3 hold positions 4, 5, 2, 3.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -88,6 +88,11 @@ class StepPlan:
     groups            attention groups: all single-token (decode) sequences together, each longer chunk alone
     write_rows        None (write every token) or the rows to write when a chunk is longer than the rolling
                       buffer: only its last ``capacity`` tokens, so no two writes hit the same index
+    views             decode tokens attended AFTER the step's write, straight from a view of their slot:
+                      (row, slot, entries). Used for large decode batches, where gathering every slot's cache
+                      into one padded batch costs more than a loop of small attention calls. One new token at
+                      position L sees exactly the first min(L + 1, capacity) entries (with a window, the
+                      buffer holds exactly the window), so no mask is needed.
     """
 
     positions: torch.Tensor
@@ -95,6 +100,7 @@ class StepPlan:
     token_index: torch.Tensor
     groups: list[AttentionGroup]
     write_rows: torch.Tensor | None = None
+    views: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def plan_step(
@@ -104,6 +110,7 @@ def plan_step(
     window: int | None,
     device: torch.device | str = "cpu",
     need_key_order: bool = False,
+    view_threshold: int | None = None,
 ) -> StepPlan:
     """Lay out a step: chunks in order form the flat token axis (T = sum of n).
 
@@ -124,6 +131,12 @@ def plan_step(
         offsets.append(row)
         row += c.n
     decode = [i for i, c in enumerate(chunks) if c.n == 1]
+    views: list[tuple[int, int, int]] = []
+    if decode and view_threshold is not None:
+        cached = min(max(chunks[i].start for i in decode), capacity)
+        if len(decode) * cached >= view_threshold:
+            views = [(offsets[i], chunks[i].slot, min(chunks[i].start + 1, capacity)) for i in decode]
+            decode = []
     if decode:
         groups.append(
             _group(
@@ -147,6 +160,7 @@ def plan_step(
         token_index=(pos_t % capacity).to(device),
         groups=groups,
         write_rows=None if all(keep) else torch.tensor(keep).nonzero().reshape(-1).to(device),
+        views=views,
     )
 
 

@@ -97,3 +97,17 @@ def test_text_prompts_and_chunked_prefill(tmp_path):
     assert out.prompt_token_ids == ids
     assert out.token_ids == hf_greedy(model, ids, 20)
     assert out.text == llm.tokenizer.decode(out.token_ids)
+
+
+def test_large_decode_batches_attend_in_place(tmp_path, monkeypatch):
+    """The in-place decode path (used for large batches) gives transformers' tokens, with and without a window."""
+    import workers.frontend as frontend
+
+    monkeypatch.setattr(frontend, "DECODE_VIEW_THRESHOLD", 1)
+    for window in (None, 6):
+        model = hf_mixtral(tmp_path / str(window), seed=9, sliding_window=window)
+        llm = LLM(tmp_path / str(window), progress=False)
+        prompts = [PROMPT, PROMPT[:4], PROMPT[:9]]
+        outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
+        for p, o in zip(prompts, outs, strict=True):
+            assert o.token_ids == hf_greedy(model, p, 20)
