@@ -159,6 +159,44 @@ def spawn_worker(
     )
 
 
+def launch_workers(
+    *,
+    model: str,
+    expert_workers: int,
+    dtype: str,
+    gpus_per_worker: float | None,
+    strategy: str,
+    expert_placement: Sequence[Sequence[int]] | None = None,
+    frontend_bundle: bool,
+    name_prefix: str | None = None,
+) -> tuple[ExpertPlacement, WorkerResources, Any, list]:
+    """Plan the placement (contiguous unless a map is given), size the resources and start the workers."""
+    config = ModelConfig.from_dir(model)
+    if expert_placement is None:
+        placement = ExpertPlacement.contiguous(
+            num_layers=config.num_layers, num_experts=config.num_experts, num_workers=expert_workers
+        )
+    else:
+        placement = ExpertPlacement.from_map(
+            expert_placement,
+            num_layers=config.num_layers,
+            num_experts=config.num_experts,
+            num_workers=expert_workers,
+        )
+    resources = resolve_resources(expert_workers, gpus_per_worker)
+    pg, workers = start_workers(
+        model=model,
+        config=config,
+        placement=placement,
+        dtype=dtype,
+        resources=resources,
+        strategy=strategy,
+        frontend_bundle=frontend_bundle,
+        name_prefix=name_prefix,
+    )
+    return placement, resources, pg, workers
+
+
 class FrontendActor:
     """Ray actor body for the offline API's frontend: builds the expert client over the worker handles."""
 
@@ -298,26 +336,13 @@ class ExpertCluster:
             # No address: a new local instance (not whatever `ray start` cluster happens to run here).
             ray.init(address=address or "local", log_to_driver=progress)
             owns_ray = address is None
-        config = ModelConfig.from_dir(model)
-        if expert_placement is None:
-            placement = ExpertPlacement.contiguous(
-                num_layers=config.num_layers, num_experts=config.num_experts, num_workers=expert_workers
-            )
-        else:
-            placement = ExpertPlacement.from_map(
-                expert_placement,
-                num_layers=config.num_layers,
-                num_experts=config.num_experts,
-                num_workers=expert_workers,
-            )
-        resources = resolve_resources(expert_workers, gpus_per_worker)
-        pg, workers = start_workers(
+        placement, resources, pg, workers = launch_workers(
             model=model,
-            config=config,
-            placement=placement,
+            expert_workers=expert_workers,
             dtype=dtype,
-            resources=resources,
+            gpus_per_worker=gpus_per_worker,
             strategy=placement_strategy,
+            expert_placement=expert_placement,
             frontend_bundle=True,
         )
         self = cls(

@@ -211,11 +211,7 @@ class Frontend:
         self.device = device or default_device()
         self.config = ModelConfig.from_dir(model)
         self.tokenizer = Tokenizer.from_dir(model)
-        if placement is None:
-            placement = ExpertPlacement.contiguous(
-                num_layers=self.config.num_layers, num_experts=self.config.num_experts, num_workers=1
-            )
-        if experts is None:
+        if experts is None:  # W = 0: every expert in this process, served as one local "worker"
             shard = ExpertShard.load(
                 model,
                 self.config,
@@ -225,13 +221,14 @@ class Frontend:
                 progress=progress,
                 label="experts (in-process)",
             )
-            single = ExpertPlacement.contiguous(
-                num_layers=self.config.num_layers, num_experts=self.config.num_experts, num_workers=1
-            )
-            placement, experts = single, LocalExperts({0: shard})
+            placement, experts = None, LocalExperts({0: shard})
             self.local_expert_bytes = shard.nbytes()
         else:
             self.local_expert_bytes = 0
+        if placement is None:
+            placement = ExpertPlacement.contiguous(
+                num_layers=self.config.num_layers, num_experts=self.config.num_experts, num_workers=1
+            )
         self.placement = placement
         self.runner = ModelRunner(
             config=self.config,

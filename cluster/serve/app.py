@@ -25,20 +25,14 @@ def parse_args(args: dict[str, Any] | None) -> AppArgs:
 
 
 def _frontend_gpus(a: AppArgs) -> float:
-    """The frontend gets a GPU when the workers use GPUs and the cluster has one more."""
-    if a.expert_workers == 0:
-        import ray
-
-        if a.gpus_per_worker is not None:
-            return 1.0 if a.gpus_per_worker > 0 else 0.0
-        return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    if a.gpus_per_worker == 0:
-        return 0.0
+    """The frontend gets a GPU when the workers use GPUs (or there are none) and the cluster has one to spare."""
     import ray
 
-    if not ray.is_initialized():
-        return 1.0 if a.gpus_per_worker else 0.0
-    total = ray.cluster_resources().get("GPU", 0)
+    if a.gpus_per_worker == 0:
+        return 0.0
+    total = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0.0
+    if a.expert_workers == 0:
+        return 1.0 if total >= 1 else 0.0
     per = a.gpus_per_worker if a.gpus_per_worker is not None else (1.0 if total >= a.expert_workers else 0.0)
     return 1.0 if per > 0 and total >= per * a.expert_workers + 1 else 0.0
 

@@ -45,32 +45,24 @@ class FrontendServer:
     ``generate`` as an async stream (first item ``{"accepted": True}`` or ``{"error": ...}``, then outputs)."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from cluster.config import ModelConfig
-        from cluster.placement import ExpertPlacement
         from workers.frontend import Frontend
 
         a = AppArgs(**args)
         self.args = a
         model = a.resolved_model()
-        config = ModelConfig.from_dir(model)
         self.pg = None
         self.workers: list = []
         experts = None
         placement = None
         if a.expert_workers > 0:
-            from cluster.cluster import resolve_resources, start_workers
+            from cluster.cluster import launch_workers
             from router.transport import RayExperts
 
-            placement = ExpertPlacement.contiguous(
-                num_layers=config.num_layers, num_experts=config.num_experts, num_workers=a.expert_workers
-            )
-            resources = resolve_resources(a.expert_workers, a.gpus_per_worker)
-            self.pg, self.workers = start_workers(
+            placement, _, self.pg, self.workers = launch_workers(
                 model=model,
-                config=config,
-                placement=placement,
+                expert_workers=a.expert_workers,
                 dtype=a.dtype,
-                resources=resources,
+                gpus_per_worker=a.gpus_per_worker,
                 strategy=a.placement_strategy,
                 frontend_bundle=False,
                 # Named so operators (and tests) can find them: mixserve-expert-<replica>-<worker>.

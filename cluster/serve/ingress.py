@@ -532,10 +532,13 @@ class Ingress:
     @app.get("/metrics")
     async def metrics_text(self) -> Response:
         snapshot = None
-        with contextlib.suppress(Exception):
+        try:
             snapshot = await asyncio.wait_for(self.frontend.stats.remote(), timeout=10)
             h = await asyncio.wait_for(self.frontend.health.remote(timeout_s=1.0), timeout=10)
             snapshot["workers_up"] = sum(1 for w in h["workers"] if w["ok"])
+        except Exception as e:  # the request metrics still render; frontend gauges are left out this scrape
+            log.warning("metrics: frontend snapshot unavailable (%s); exporting ingress metrics only", e)
+            snapshot = None
         return Response(self.metrics.render(snapshot), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- gRPC (through Ray Serve's gRPC proxy; method names match service mixserve.v1.Generation) -------------
