@@ -1,8 +1,26 @@
-"""mixserve: expert-sharded serving of Mixtral-architecture MoE models on Ray."""
+"""mixserve: expert-sharded serving of Mixtral-architecture MoE models on Ray.
 
-from cluster.engine import RequestOutput
-from cluster.llm import LLM
-from cluster.sampling import SamplingParams
+The public names load lazily, so ``import cluster.errors`` or ``import cluster.config`` pulls in neither torch's
+model code, the engine nor Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.engine import RequestOutput
+    from cluster.llm import LLM
+    from cluster.sampling import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
+
+_LAZY = {"LLM": "cluster.llm", "RequestOutput": "cluster.engine", "SamplingParams": "cluster.sampling"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cluster' has no attribute {name!r}")

@@ -31,13 +31,10 @@ import torch
 from safetensors import safe_open
 
 from cluster.config import ModelConfig
+from cluster.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded as asked; the message names the file and tensor."""
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

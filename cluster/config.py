@@ -19,14 +19,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
+from cluster.errors import ConfigError
+
 CheckpointFormat = Literal["hf", "mistral"]
 
 # Mixtral-8x7B's own context length; the original params.json does not state one.
 MISTRAL_DEFAULT_MAX_POSITIONS = 32768
-
-
-class ConfigError(ValueError):
-    """A model or engine configuration value is missing, of the wrong type or inconsistent."""
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.errors import PlacementError
+
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-class PlacementError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cluster.errors import SamplingParamsError
+
 MAX_LOGPROBS = 20
-
-
-class SamplingParamsError(ValueError):
-    """A sampling parameter is out of range; ``param`` names it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -56,32 +50,30 @@ class SamplingParams:
         if stop is None:
             stop = ()
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
-            raise SamplingParamsError("stop", "stop must be a string or a list of strings")
+            raise SamplingParamsError(param="stop", message="stop must be a string or a list of strings")
         if any(s == "" for s in stop):
-            raise SamplingParamsError("stop", "stop strings must not be empty")
+            raise SamplingParamsError(param="stop", message="stop strings must not be empty")
         object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids if self.stop_token_ids is not None else ()
         if not all(_is_int(i) and i >= 0 for i in ids):
-            raise SamplingParamsError("stop_token_ids", "stop_token_ids must be non-negative integers")
+            raise SamplingParamsError(param="stop_token_ids", message="stop_token_ids must be non-negative integers")
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise SamplingParamsError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise SamplingParamsError(param="max_tokens", message=f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_num(self.temperature) or not 0 <= self.temperature <= 100:
-            raise SamplingParamsError(
-                "temperature", f"temperature must be a number in [0, 100], got {self.temperature!r}"
+            raise SamplingParamsError(param="temperature", message=f"temperature must be a number in [0, 100], got {self.temperature!r}"
             )
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise SamplingParamsError("top_p", f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            raise SamplingParamsError(param="top_p", message=f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (0, -1)):
-            raise SamplingParamsError("top_k", f"top_k must be -1, 0 (all tokens) or >= 1, got {self.top_k!r}")
+            raise SamplingParamsError(param="top_k", message=f"top_k must be -1, 0 (all tokens) or >= 1, got {self.top_k!r}")
         # torch.Generator.manual_seed takes [-2**63, 2**64); outside it add_request would fail with a bare ValueError.
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
-            raise SamplingParamsError("seed", f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+            raise SamplingParamsError(param="seed", message=f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
-            raise SamplingParamsError("ignore_eos", "ignore_eos must be true or false")
+            raise SamplingParamsError(param="ignore_eos", message="ignore_eos must be true or false")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise SamplingParamsError(
-                "logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            raise SamplingParamsError(param="logprobs", message=f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
 
     @property

@@ -19,6 +19,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from cluster.errors import ChatFormatError
+
 __all__ = [
     "ChatFormatError",
     "IncrementalDetokenizer",
@@ -33,10 +35,6 @@ _BUNDLED_PACKAGE = "mistral_common"
 _BUNDLED_RESOURCE = ("data", "tokenizer.model.v1")
 
 _ROLES = ("system", "user", "assistant")
-
-
-class ChatFormatError(ValueError):
-    """A conversation cannot be rendered in the Mistral v1 instruct format."""
 
 
 def default_model_file() -> Path:

@@ -7,13 +7,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cluster.errors import AppArgsError
 from cluster.serve.args import AppArgs
 
 GRPC_SERVICER = "cluster.serve.proto.mixserve_pb2_grpc.add_GenerationServicer_to_server"
-
-
-class AppArgsError(ValueError):
-    pass
 
 
 def parse_args(args: dict[str, Any] | None) -> AppArgs:
