@@ -59,21 +59,29 @@ class SamplingParams:
             raise SamplingParamsError(param="stop_token_ids", message="stop_token_ids must be non-negative integers")
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise SamplingParamsError(param="max_tokens", message=f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise SamplingParamsError(
+                param="max_tokens", message=f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"
+            )
         if not _is_num(self.temperature) or not 0 <= self.temperature <= 100:
-            raise SamplingParamsError(param="temperature", message=f"temperature must be a number in [0, 100], got {self.temperature!r}"
+            raise SamplingParamsError(
+                param="temperature", message=f"temperature must be a number in [0, 100], got {self.temperature!r}"
             )
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise SamplingParamsError(param="top_p", message=f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k not in (0, -1)):
-            raise SamplingParamsError(param="top_k", message=f"top_k must be -1, 0 (all tokens) or >= 1, got {self.top_k!r}")
+            raise SamplingParamsError(
+                param="top_k", message=f"top_k must be -1, 0 (all tokens) or >= 1, got {self.top_k!r}"
+            )
         # torch.Generator.manual_seed takes [-2**63, 2**64); outside it add_request would fail with a bare ValueError.
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
-            raise SamplingParamsError(param="seed", message=f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+            raise SamplingParamsError(
+                param="seed", message=f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}"
+            )
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError(param="ignore_eos", message="ignore_eos must be true or false")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise SamplingParamsError(param="logprobs", message=f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            raise SamplingParamsError(
+                param="logprobs", message=f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
 
     @property
