@@ -1,5 +1,6 @@
 # Two commands do all setup:  `make serve` (install + serve the built-in tiny model over HTTP and gRPC)
-# and `make test` (install + lint + the whole test suite). TORCH pins the CPU build; GPU users pass their own.
+# and `make test` (install + lint + the whole test suite). Lint is ruff and pyright (config in pyproject.toml).
+# TORCH pins the CPU build; GPU users pass their own.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
@@ -22,6 +23,7 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
