@@ -1,6 +1,6 @@
 # Two commands do all setup:  `make serve` (install + serve the built-in tiny model over HTTP and gRPC)
-# and `make test` (install + lint + the whole test suite). Lint is ruff and pyright (config in pyproject.toml).
-# TORCH pins the CPU build; GPU users pass their own.
+# and `make test` (install + lint + the whole test suite). Lint is ruff, pyright and the import-linter contracts,
+# all configured in pyproject.toml. TORCH pins the CPU build; GPU users pass their own.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
@@ -24,6 +24,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
