@@ -7,6 +7,7 @@ part of the system runs end to end on a CPU with nothing downloaded.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +143,6 @@ def write_tiny_model(
 
 def default_model_dir() -> Path:
     """The built-in default model, made once into a cache folder (``$MIXSERVE_CACHE`` or ~/.cache/mixserve)."""
-    import os
-
     root = Path(os.environ.get("MIXSERVE_CACHE", Path.home() / ".cache" / "mixserve"))
     folder = root / "tiny-default-v1"
     if not (folder / "config.json").is_file():
