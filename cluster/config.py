@@ -12,12 +12,13 @@ Both become one frozen :class:`ModelConfig`. Every value is type-checked and cro
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from cluster.errors import ConfigError
 
@@ -227,44 +228,65 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-_MISSING = object()
-
-
 class _Reader:
-    """Typed field access with errors that name the file and field."""
+    """Typed field access with errors that name the file and field.
+
+    ``default=None`` (the default) makes a field required; ``optional=True`` makes a missing or null field None.
+    """
 
     def __init__(self, d: dict[str, Any], source: str) -> None:
         self.d = d
         self.source = source
 
-    def _get(self, name: str, default: Any, optional: bool) -> Any:
+    def _get(self, name: str, default: object, optional: builtins.bool) -> object:
         if name not in self.d:
             if optional:
                 return None
-            if default is _MISSING:
+            if default is None:
                 raise ConfigError(f"{self.source}: required field {name!r} is missing")
             return default
         return self.d[name]
 
+    @overload
     def int(
-        self, name: str, *, default: Any = _MISSING, optional: bool = False, allow_null_default: bool = False
-    ) -> Any:
+        self,
+        name: str,
+        *,
+        default: builtins.int | None = None,
+        optional: Literal[False] = False,
+        allow_null_default: builtins.bool = False,
+    ) -> builtins.int: ...
+
+    @overload
+    def int(self, name: str, *, optional: Literal[True]) -> builtins.int | None: ...
+
+    def int(
+        self,
+        name: str,
+        *,
+        default: builtins.int | None = None,
+        optional: builtins.bool = False,
+        allow_null_default: builtins.bool = False,
+    ) -> builtins.int | None:
         v = self._get(name, default, optional)
-        if v is None and (optional or allow_null_default):
-            return None if optional else default
-        if isinstance(v, bool) or not isinstance(v, int):
+        if v is None:
+            if optional:
+                return None
+            if allow_null_default and default is not None:
+                return default
+        if isinstance(v, builtins.bool) or not isinstance(v, builtins.int):
             raise ConfigError(f"{self.source}: field {name!r} must be an integer, got {v!r}")
         return v
 
-    def float(self, name: str, *, default: Any = _MISSING) -> float:
+    def float(self, name: str, *, default: builtins.float | None = None) -> builtins.float:
         v = self._get(name, default, False)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, builtins.bool) or not isinstance(v, (builtins.int, builtins.float)) or not math.isfinite(v):
             raise ConfigError(f"{self.source}: field {name!r} must be a finite number, got {v!r}")
-        return float(v)
+        return builtins.float(v)
 
-    def bool(self, name: str, *, default: Any = _MISSING) -> bool:
+    def bool(self, name: str, *, default: builtins.bool | None = None) -> builtins.bool:
         v = self._get(name, default, False)
-        if not isinstance(v, bool):
+        if not isinstance(v, builtins.bool):
             raise ConfigError(f"{self.source}: field {name!r} must be true or false, got {v!r}")
         return v
 

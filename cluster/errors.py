@@ -26,6 +26,7 @@ reported as an internal error with a request id (the traceback goes to the serve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -44,7 +45,7 @@ class MixserveError(Exception):
         self.message = message
         self.param = param
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Callable[..., MixserveError], tuple[Any, ...]]:
         # Errors cross Ray (actor replies, Serve streams): keep the keyword-only ``param`` and any extra fields.
         extra = {k: v for k, v in self.__dict__.items() if k not in ("message", "param")}
         return (_rebuild, (type(self), self.message, self.param, extra))

@@ -63,7 +63,7 @@ BENCH_SPEC = TinyModelSpec(layers=4, hidden=512, intermediate=1792, heads=8, kv_
 def random_weights(config: ModelConfig, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random float32 tensors under Hugging Face names; linear weights N(0, 0.02), norms near 1."""
     g = torch.Generator().manual_seed(seed)
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, shape in expected_shapes(config).items():
         if len(shape) == 1:
             out[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
@@ -92,7 +92,7 @@ def write_checkpoint(
     tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
     shutil.copyfile(tokenizer or default_model_file(), folder / "tokenizer.model")
     if fmt == "mistral":
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
             if name.endswith("self_attn.q_proj.weight"):
                 t = unpermute_rotary(t, config.num_heads).contiguous()
@@ -116,7 +116,7 @@ def write_checkpoint(
         return folder
     names = list(tensors)
     per = -(-len(names) // shards)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i in range(shards):
         fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: tensors[n] for n in names[i * per : (i + 1) * per]}
