@@ -10,24 +10,27 @@ from cluster.config import ModelConfig
 from cluster.tiny_model import write_checkpoint
 from tests.helpers import hf_greedy, hf_logits, hf_mixtral
 
+# name -> (weights seed, MixtralConfig overrides). Fixed seeds, so a failing case is rebuilt identically on a rerun
+# (``hash(name)`` is salted per process and would not be).
 CASES = {
-    "gqa-top2": dict(),
-    "sliding-window": dict(sliding_window=8),
-    "top1": dict(num_experts_per_tok=1),
-    "top3": dict(num_experts_per_tok=3, num_local_experts=6),
-    "sharded": dict(shard_size="300KB"),
-    "v4-config": dict(v4_config=True, rope_theta=10000.0),
-    "head-dim-set": dict(head_dim=32, num_attention_heads=4, num_key_value_heads=1),
+    "gqa-top2": (101, dict()),
+    "sliding-window": (102, dict(sliding_window=8)),
+    "top1": (103, dict(num_experts_per_tok=1)),
+    "top3": (104, dict(num_experts_per_tok=3, num_local_experts=6)),
+    "sharded": (105, dict(shard_size="300KB")),
+    "v4-config": (106, dict(v4_config=True, rope_theta=10000.0)),
+    "head-dim-set": (107, dict(head_dim=32, num_attention_heads=4, num_key_value_heads=1)),
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
-    overrides = dict(CASES[request.param])
+    seed, overrides = CASES[request.param]
+    overrides = dict(overrides)
     if "rope_theta" in overrides:
         overrides["rope_parameters"] = {"rope_theta": overrides.pop("rope_theta"), "rope_type": "default"}
     folder = tmp_path_factory.mktemp(request.param)
-    model = hf_mixtral(folder, seed=hash(request.param) % 1000, **overrides)
+    model = hf_mixtral(folder, seed=seed, **overrides)
     llm = LLM(folder, expert_workers=0, dtype="float32", progress=False, attention_backend="sdpa")
     yield request.param, folder, model, llm
     llm.shutdown()
