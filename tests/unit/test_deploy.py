@@ -1,8 +1,10 @@
 """Deployment files: deploy/serve_config.yaml, deploy/kuberay/rayservice.yaml, deploy/Dockerfile, .dockerignore.
 
-No Ray cluster, no Kubernetes, no Docker, and no import of the application code (cluster.serve): the Serve config is
-checked with Ray Serve's own schema (ServeDeploySchema, plus a strict unknown-key walk because that schema ignores
-extra keys for forward compatibility), and the RayService with a small OpenAPI v3 walker over KubeRay's CRD.
+No Ray cluster, no Kubernetes and no Docker: the Serve config is checked with Ray Serve's own schema
+(ServeDeploySchema, plus a strict unknown-key walk because that schema ignores extra keys for forward compatibility),
+the application ``args`` with the application's own parser (``cluster.serve.app.parse_args``, the single source of
+their names and limits: nothing is re-declared here), and the RayService with a small OpenAPI v3 walker over KubeRay's
+CRD.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 from ray.serve.schema import ServeDeploySchema
+
+from cluster.errors import AppArgsError
+from cluster.serve.app import parse_args
+from cluster.serve.args import AppArgs
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
@@ -40,33 +46,12 @@ HTTP_PORT = 8000
 GRPC_PORT = 9000
 
 
-def _opt(check):
-    return lambda v: v is None or check(v)
-
-
 def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _num(v) -> bool:
     return (isinstance(v, (int, float))) and not isinstance(v, bool)
-
-
-# The arguments of cluster.serve.app:build_app (its pydantic model), with the values each may take.
-BUILD_APP_ARGS = {
-    "model": _opt(lambda v: isinstance(v, str) and v != ""),
-    "expert_workers": lambda v: _int(v) and v >= 1,
-    "gpus_per_worker": _opt(lambda v: _num(v) and v >= 0),
-    "placement_strategy": lambda v: v in {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"},
-    "dtype": lambda v: v in {"float32", "bfloat16", "float16"},
-    "max_num_seqs": lambda v: _int(v) and v >= 1,
-    "max_num_batched_tokens": lambda v: _int(v) and v >= 1,
-    "max_queued_requests": lambda v: _int(v) and v >= 0,
-    "max_model_len": _opt(lambda v: _int(v) and v >= 2),
-    "api_key": _opt(lambda v: isinstance(v, str)),
-    "served_model_name": lambda v: isinstance(v, str) and v != "",
-    "request_timeout_s": lambda v: _num(v) and v > 0,
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,6 +258,11 @@ def app_of(cfg: dict) -> dict:
     return apps[APP_NAME]
 
 
+def app_args(cfg: dict) -> AppArgs:
+    """The application's ``args``, parsed exactly as ``build_app`` parses them (AppArgsError names a bad field)."""
+    return parse_args(app_of(cfg)["args"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (a) serve_config.yaml
 
@@ -290,14 +280,23 @@ def test_serve_config_validates_with_ray_serve_schema():
 
 
 def test_serve_config_args_are_the_tiny_default():
-    args = load_serve_config()["applications"][0]["args"]
-    assert set(args) <= set(BUILD_APP_ARGS), f"unknown build_app args: {set(args) - set(BUILD_APP_ARGS)}"
-    bad = {k: v for k, v in args.items() if not BUILD_APP_ARGS[k](v)}
-    assert not bad, f"invalid build_app arg values: {bad}"
-    assert args["model"] is None  # null = the built-in tiny default model
-    assert args["expert_workers"] == 2 and args["dtype"] == "float32"
-    assert args["served_model_name"] == "mixserve-tiny"
-    assert args["gpus_per_worker"] is None  # auto: runs on a CPU-only machine
+    a = app_args(load_serve_config())
+    assert a.model is None  # null = the built-in tiny default model
+    assert a.expert_workers == 2 and a.dtype == "float32"
+    assert a.served_model_name == "mixserve-tiny"
+    assert a.gpus_per_worker is None  # auto: runs on a CPU-only machine
+    assert a.placement_strategy == "PACK"
+    assert (a.max_num_seqs, a.max_num_batched_tokens, a.max_queued_requests) == (16, 512, 256)
+    assert a.max_model_len is None and a.api_key is None and a.request_timeout_s == 120.0
+
+
+def test_args_check_is_the_application_parser():
+    # The checks above go through parse_args, so a misspelt or out-of-range arg in either file fails them.
+    args = dict(app_of(load_serve_config())["args"])
+    with pytest.raises(AppArgsError, match="expert_worker"):
+        parse_args({**args, "expert_worker": 2})
+    with pytest.raises(AppArgsError, match="max_num_seqs"):
+        parse_args({**args, "max_num_seqs": 0})
 
 
 def test_strict_key_walk_catches_typos():
@@ -338,15 +337,12 @@ def test_rayservice_serve_config_validates_and_matches_serve_config():
 
 
 def test_rayservice_args_are_mixtral_8x7b():
-    rs = load_rayservice()
-    args = app_of(rayservice_serve_config(rs))["args"]
-    bad = {k: v for k, v in args.items() if k not in BUILD_APP_ARGS or not BUILD_APP_ARGS[k](v)}
-    assert not bad, f"invalid build_app args: {bad}"
-    assert args["model"].startswith("/models/") and "Mixtral-8x7B-Instruct-v0.1" in args["model"]
-    assert args["dtype"] == "bfloat16" and args["expert_workers"] == 4 and args["gpus_per_worker"] == 1
-    assert 8 % args["expert_workers"] == 0, "Mixtral has 8 experts per layer"
-    assert args["served_model_name"] == "mixtral-8x7b-instruct"
-    assert args["max_num_batched_tokens"] >= args["max_num_seqs"]  # EngineConfig's own rule
+    a = app_args(rayservice_serve_config(load_rayservice()))
+    assert a.model == "/models/Mixtral-8x7B-Instruct-v0.1"
+    assert a.dtype == "bfloat16" and a.expert_workers == 4 and a.gpus_per_worker == 1
+    assert 8 % a.expert_workers == 0, "Mixtral has 8 experts per layer"
+    assert a.served_model_name == "mixtral-8x7b-instruct"
+    assert (a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len) == (32, 2048, 8192)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,7 +425,7 @@ def test_head_does_no_work_and_workers_have_the_gpus():
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert gpu_count(ray_container(head["template"])) == 0
 
-    args = app_of(rayservice_serve_config(rs))["args"]
+    args = app_args(rayservice_serve_config(rs))
     groups = cluster["workerGroupSpecs"]
     assert groups and all(gpu_count(ray_container(g["template"])) > 0 for g in groups)
     total = sum(g.get("replicas", g.get("minReplicas", 0)) * gpu_count(ray_container(g["template"])) for g in groups)
@@ -437,8 +433,9 @@ def test_head_does_no_work_and_workers_have_the_gpus():
         assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
         assert "num-gpus" not in g.get("rayStartParams", {}), "let KubeRay derive num-gpus from the GPU limit"
     # One frontend GPU plus the expert workers' GPUs.
-    assert total >= args["expert_workers"] + 1
-    assert total >= args["expert_workers"] * args["gpus_per_worker"] + 1
+    assert args.gpus_per_worker is not None, "the production file pins gpus_per_worker"
+    assert total >= args.expert_workers + 1
+    assert total >= args.expert_workers * args.gpus_per_worker + 1
 
 
 def test_head_ports_and_services():
@@ -461,7 +458,8 @@ def test_head_ports_and_services():
 def test_weights_volume_and_image():
     rs = load_rayservice()
     cluster = rs["spec"]["rayClusterConfig"]
-    model = app_of(rayservice_serve_config(rs))["args"]["model"]
+    model = app_args(rayservice_serve_config(rs)).model
+    assert model is not None
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for template in templates:
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
