@@ -162,7 +162,6 @@ def test_head_dim_not_hidden_over_heads(tmp_path):
 def test_frontend_role(hf_dir):
     got = load(hf_dir, role=LoadRole.frontend())
     assert set(got) == NON_EXPERT_NAMES
-    assert not any("experts" in k for k in got)
     assert_same(got, {k: REF[k] for k in NON_EXPERT_NAMES})
 
 
@@ -173,7 +172,7 @@ def test_expert_shard_role(hf_dir):
         for i, e in ((0, 1), (1, 3))
         for w in ("w1", "w2", "w3")
     }
-    assert len(want) == 6
+    assert want <= EXPERT_NAMES  # real tensor names of this config, not a typo that would load nothing
     assert_same(got, {k: REF[k] for k in want})
 
 

@@ -256,9 +256,9 @@ _S = {"role": "system", "content": "s"}
     ],
 )
 def test_encode_chat_errors(tok: Tokenizer, messages: list, match: str) -> None:
-    with pytest.raises(ChatFormatError, match=match):
+    with pytest.raises(ChatFormatError, match=match) as err:
         tok.encode_chat(messages)
-    assert issubclass(ChatFormatError, ValueError)
+    assert err.value.param == "messages"  # the request field the serving edge reports
 
 
 # --------------------------------------------------------------------------- incremental detokenizer
