@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
+
+import torch
+
+from cluster.bench import add_bench_command
+from cluster.builder import ClusterConfig, build_frontend
+from cluster.config import ConfigError
+from cluster.engine import AsyncEngine
+from cluster.errors import MixserveError
+from cluster.llm import LLM
+from cluster.options import add_options, options_from
+from cluster.sampling import SamplingParams
+from cluster.serve.cli import add_serve_command
+from cluster.tiny_model import BENCH_SPEC, TinyModelSpec, default_model_dir, write_tiny_model
+from cluster.tokenizer import Tokenizer
+
+# Config fields that are not command-line flags here: the model is its own flag, a placement map is no flag.
+_NOT_FLAGS = ("model", "expert_placement")
 
 
 def _opt_int(s: str) -> int | None:
@@ -33,11 +51,6 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _tiny_model(a: argparse.Namespace) -> int:
-    import torch
-
-    from cluster.config import ConfigError
-    from cluster.tiny_model import BENCH_SPEC, TinyModelSpec, write_tiny_model
-
     if a.bench:
         spec = BENCH_SPEC
     else:
@@ -79,22 +92,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[])
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--expert-workers", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Mistral instruct format")
+    add_options(p, ClusterConfig, skip=_NOT_FLAGS)
 
 
 def _generate(a: argparse.Namespace) -> int:
-    import asyncio
-
-    from cluster.engine import AsyncEngine
-    from cluster.errors import MixserveError
-    from cluster.sampling import SamplingParams
-    from cluster.tiny_model import default_model_dir
-    from workers.frontend import Frontend
-
-    model = str(a.model or default_model_dir())
     try:
+        config = ClusterConfig.create(model=str(a.model or default_model_dir()), **options_from(a, ClusterConfig, skip=_NOT_FLAGS))
         params = SamplingParams(
             max_tokens=a.max_tokens,
             temperature=a.temperature,
@@ -103,19 +107,18 @@ def _generate(a: argparse.Namespace) -> int:
             seed=a.seed,
             stop=tuple(a.stop),
         )
-    except ValueError as e:
+    except MixserveError as e:
         print(f"mixserve generate: {e}", file=sys.stderr)
         return 2
-    if a.expert_workers:
-        from cluster.llm import LLM
-
-        with LLM(model, expert_workers=a.expert_workers, dtype=a.dtype) as llm:
-            out = llm.generate([a.prompt], params)[0]
+    if config.expert_workers:  # sharded: the offline API over Ray, printed when done
+        with LLM(config.model, **options_from(a, ClusterConfig, skip=_NOT_FLAGS)) as llm:
+            ids = _prompt_ids(llm.tokenizer, a)
+            out = llm.generate([ids], params)[0]
             print(out.text)
+        print(f"[finish_reason={out.finish_reason}]", file=sys.stderr)
         return 0
-    frontend = Frontend(model=model, dtype=a.dtype)
-    tok = frontend.tokenizer
-    ids = tok.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt)
+    frontend = build_frontend(config)
+    ids = _prompt_ids(frontend.tokenizer, a)
     engine = AsyncEngine(frontend.core)
 
     async def run() -> str | None:
@@ -139,16 +142,16 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_ids(tok: Tokenizer, a: argparse.Namespace) -> list[int]:
+    return tok.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mixserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny_model(sub)
     _add_generate(sub)
-    from cluster.serve.cli import add_serve_command
-
     add_serve_command(sub)
-    from cluster.bench import add_bench_command
-
     add_bench_command(sub)
     a = parser.parse_args(argv)
     return int(a.func(a)) if hasattr(a, "func") else {"tiny-model": _tiny_model, "generate": _generate}[a.command](a)

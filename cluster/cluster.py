@@ -1,5 +1,5 @@
-"""Start the expert-sharded cluster on Ray: a placement group, W expert workers and (for the offline API) a
-frontend actor.
+"""The expert-sharded cluster on Ray: a placement group, W expert workers, the expert client that reaches them,
+and (for the offline API) a frontend actor.
 
 Resources come only from Ray: each worker's bundle asks ``gpus_per_worker`` GPUs when the cluster has GPUs, and
 each actor uses whatever GPU Ray assigned it (never a hard-coded device id).
@@ -10,76 +10,39 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from cluster.config import ModelConfig
-from cluster.engine import EngineConfig
-from cluster.placement import STRATEGIES, ExpertPlacement, PlacementError
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.builder import ClusterConfig, build_frontend
+from cluster.engine import RequestOutput
+from cluster.errors import ExpertWorkerError, PlacementError
+from cluster.placement import ExpertPlacement, WorkerResources, resolve_resources
+from cluster.sampling import SamplingParams
+from router.client import ExpertClient
+from router.object_ref import RayExperts
+from router.rdt import RdtExperts
+from workers.expert_worker import ExpertWorker
 
 FRONTEND_BUNDLE = 0
 
 
-@dataclass(frozen=True)
-class WorkerResources:
-    gpus_per_worker: float
-    frontend_gpus: float
-    cpus_per_worker: float = 1.0
+def cluster_resources(config: ClusterConfig) -> WorkerResources:
+    return resolve_resources(
+        expert_workers=config.expert_workers,
+        gpus_per_worker=config.gpus_per_worker,
+        total_gpus=float(ray.cluster_resources().get("GPU", 0)),
+    )
 
 
-def resolve_resources(expert_workers: int, gpus_per_worker: float | None) -> WorkerResources:
-    """GPUs per worker: as asked, or 1 when the cluster has a GPU for every worker, else 0 (CPU)."""
-    import ray
-
-    total = float(ray.cluster_resources().get("GPU", 0))
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if total >= expert_workers else 0.0
-    if gpus_per_worker < 0:
-        raise PlacementError("gpus_per_worker must be >= 0")
-    if gpus_per_worker * expert_workers > total:
-        raise PlacementError(
-            f"{expert_workers} expert workers x {gpus_per_worker} GPUs need {gpus_per_worker * expert_workers:g} "
-            f"GPUs; the Ray cluster has {total:g}"
-        )
-    frontend = 1.0 if gpus_per_worker > 0 and total >= gpus_per_worker * expert_workers + 1 else 0.0
-    return WorkerResources(gpus_per_worker=gpus_per_worker, frontend_gpus=frontend)
-
-
-def start_workers(
-    *,
-    model: str,
-    config: ModelConfig,
-    placement: ExpertPlacement,
-    dtype: str,
-    resources: WorkerResources,
-    strategy: str = "PACK",
-    frontend_bundle: bool = True,
-    ready_timeout_s: float = 120.0,
-    load_timeout_s: float = 1800.0,
-    name_prefix: str | None = None,
-) -> tuple[Any, list]:
-    """Reserve a placement group and start one :class:`~workers.expert.ExpertWorker` per bundle.
-
-    Bundle 0 is the frontend's when ``frontend_bundle``; the workers take the next W bundles. Workers restart
-    forever (``max_restarts=-1``) and reload their experts; calls in flight when one dies fail (no retries).
-    """
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    if strategy not in STRATEGIES:
-        raise PlacementError(f"placement strategy {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
-    bundles = []
-    if frontend_bundle:
-        fb = {"CPU": 1.0}
-        if resources.frontend_gpus:
-            fb["GPU"] = resources.frontend_gpus
-        bundles.append(fb)
-    for _ in range(placement.num_workers):
-        b = {"CPU": resources.cpus_per_worker}
-        if resources.gpus_per_worker:
-            b["GPU"] = resources.gpus_per_worker
-        bundles.append(b)
+def reserve(bundles: list[dict[str, float]], *, strategy: str, timeout_s: float = 120.0) -> PlacementGroup:
+    """A ready placement group; fails at once when the cluster can never hold the bundles, after ``timeout_s``
+    (saying what is free) when it is busy."""
     need: dict[str, float] = {}
     for b in bundles:
         for k, v in b.items():
@@ -93,56 +56,30 @@ def start_workers(
         )
     pg = placement_group(bundles, strategy=strategy, name=f"mixserve-{time.time_ns()}")
     try:
-        ray.get(pg.ready(), timeout=ready_timeout_s)
+        ray.get(pg.ready(), timeout=timeout_s)
     except Exception as e:
         remove_placement_group(pg)
         free = ray.available_resources()
         raise PlacementError(
             f"could not reserve {len(bundles)} bundles {bundles} with strategy {strategy} within "
-            f"{ready_timeout_s:.0f}s ({type(e).__name__}); free now: "
+            f"{timeout_s:.0f}s ({type(e).__name__}); free now: "
             f"{ {k: free.get(k, 0.0) for k in need} } - other actors hold the rest"
         ) from None
-    offset = 1 if frontend_bundle else 0
-    handles = [
-        spawn_worker(
-            pg=pg,
-            bundle=offset + w,
-            model=model,
-            worker=w,
-            placement=placement,
-            dtype=dtype,
-            resources=resources,
-            name=f"{name_prefix}{w}" if name_prefix else None,
-        )
-        for w in range(placement.num_workers)
-    ]
-    try:
-        ray.get([h.ping.remote() for h in handles], timeout=load_timeout_s)  # workers load their experts
-    except Exception:
-        for h in handles:
-            ray.kill(h, no_restart=True)
-        remove_placement_group(pg)
-        raise
-    return pg, handles
+    return pg
 
 
 def spawn_worker(
     *,
-    pg: Any,
+    pg: PlacementGroup,
     bundle: int,
-    model: str,
+    config: ClusterConfig,
     worker: int,
     placement: ExpertPlacement,
-    dtype: str,
     resources: WorkerResources,
     name: str | None = None,
 ) -> Any:
-    """One expert-worker actor in its placement-group bundle. It loads its own experts and restarts forever."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from workers.expert import ExpertWorker
-
+    """One expert-worker actor in its placement-group bundle. It loads its own experts and restarts forever
+    (``max_restarts=-1``); calls in flight when it dies fail (no retries)."""
     return (
         ray.remote(enable_tensor_transport=True)(ExpertWorker)
         .options(
@@ -155,94 +92,76 @@ def spawn_worker(
                 placement_group=pg, placement_group_bundle_index=bundle
             ),
         )
-        .remote(model=model, worker=worker, experts=placement.experts_of(worker), dtype=dtype)
+        .remote(model=config.model, worker=worker, experts=placement.experts_of(worker), dtype=config.dtype)
     )
 
 
 def launch_workers(
+    config: ClusterConfig,
     *,
-    model: str,
-    expert_workers: int,
-    dtype: str,
-    gpus_per_worker: float | None,
-    strategy: str,
-    expert_placement: Sequence[Sequence[int]] | None = None,
+    placement: ExpertPlacement,
     frontend_bundle: bool,
     name_prefix: str | None = None,
-) -> tuple[ExpertPlacement, WorkerResources, Any, list]:
-    """Plan the placement (contiguous unless a map is given), size the resources and start the workers."""
-    config = ModelConfig.from_dir(model)
-    if expert_placement is None:
-        placement = ExpertPlacement.contiguous(
-            num_layers=config.num_layers, num_experts=config.num_experts, num_workers=expert_workers
+    load_timeout_s: float = 1800.0,
+) -> tuple[WorkerResources, PlacementGroup, list]:
+    """Reserve the placement group and start one worker per bundle; returns once every worker has its experts.
+
+    Bundle 0 is the frontend's when ``frontend_bundle``; the workers take the next W bundles.
+    """
+    resources = cluster_resources(config)
+    bundles = []
+    if frontend_bundle:
+        bundles.append({"CPU": 1.0, **({"GPU": resources.frontend_gpus} if resources.frontend_gpus else {})})
+    for _ in range(placement.num_workers):
+        gpu = {"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}
+        bundles.append({"CPU": resources.cpus_per_worker, **gpu})
+    pg = reserve(bundles, strategy=config.placement_strategy)
+    offset = 1 if frontend_bundle else 0
+    handles = [
+        spawn_worker(
+            pg=pg,
+            bundle=offset + w,
+            config=config,
+            worker=w,
+            placement=placement,
+            resources=resources,
+            name=f"{name_prefix}{w}" if name_prefix else None,
         )
-    else:
-        placement = ExpertPlacement.from_map(
-            expert_placement,
-            num_layers=config.num_layers,
-            num_experts=config.num_experts,
-            num_workers=expert_workers,
-        )
-    resources = resolve_resources(expert_workers, gpus_per_worker)
-    pg, workers = start_workers(
-        model=model,
-        config=config,
-        placement=placement,
-        dtype=dtype,
-        resources=resources,
-        strategy=strategy,
-        frontend_bundle=frontend_bundle,
-        name_prefix=name_prefix,
-    )
-    return placement, resources, pg, workers
+        for w in range(placement.num_workers)
+    ]
+    try:
+        ray.get([h.ping.remote() for h in handles], timeout=load_timeout_s)  # workers load their experts
+    except Exception:
+        for h in handles:
+            ray.kill(h, no_restart=True)
+        remove_placement_group(pg)
+        raise
+    return resources, pg, handles
+
+
+def expert_client(config: ClusterConfig, placement: ExpertPlacement, handles: Sequence[Any]) -> ExpertClient:
+    """The client for ``config.transport``; RDT clients must live in an actor with rdt_stage / rdt_absorb."""
+    if config.transport == "object_ref":
+        return RayExperts(placement, handles, timeout_s=config.worker_timeout_s)
+    return RdtExperts(placement, handles, backend=config.transport, timeout_s=config.worker_timeout_s)
 
 
 class FrontendActor:
-    """Ray actor body for the offline API's frontend: builds the expert client over the worker handles."""
+    """Ray actor body for the offline API's frontend: the built frontend with an expert client over the workers."""
 
-    def __init__(
-        self,
-        *,
-        model: str,
-        dtype: str,
-        engine: EngineConfig,
-        placement: ExpertPlacement,
-        handles: list,
-        transport: str,
-        attention_backend: str,
-        timeout_s: float,
-    ) -> None:
-        from router.transport import RayExperts
-        from workers.frontend import Frontend
-
-        if transport == "object_ref":
-            experts: Any = RayExperts(handles, timeout_s=timeout_s)
-        else:
-            from router.rdt import RdtExperts
-
-            experts = RdtExperts(handles, backend=transport, timeout_s=timeout_s)
-        self.frontend = Frontend(
-            model=model,
-            dtype=dtype,
-            engine=engine,
-            placement=placement,
-            experts=experts,
-            attention_backend=attention_backend,
-            progress=False,
-        )
+    def __init__(self, *, config: ClusterConfig, placement: ExpertPlacement, handles: list) -> None:
+        self.frontend = build_frontend(config, experts=expert_client(config, placement, handles), progress=False)
         self._lock = threading.Lock()
 
-    def generate(self, prompts: list[list[int]], params: list) -> list:
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         with self._lock:
-            return self.frontend.generate(prompts, params)
+            return self.frontend.core.generate(prompts, params)
 
-    def logits(self, token_ids: list[int]):
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
         with self._lock:
-            return self.frontend.logits(token_ids)
+            return self.frontend.core.logits(token_ids)
 
     def info(self) -> dict:
-        import ray
-
         ctx = ray.get_runtime_context()
         return {
             **self.frontend.info(),
@@ -257,18 +176,20 @@ class FrontendActor:
         return True
 
     # Ray Direct Transport hooks: the frontend's own tasks that hand tensors to and from the collective group.
-    def rdt_stage(self, key: int):
-        return self.frontend.runner.experts.stage(key)
+    def rdt_stage(self, key: int) -> torch.Tensor:
+        return self._rdt().stage(key)
 
-    def rdt_absorb(self, key: int, partial) -> bool:
-        return self.frontend.runner.experts.absorb(key, partial)
+    def rdt_absorb(self, key: int, partial: torch.Tensor) -> bool:
+        return self._rdt().absorb(key, partial)
+
+    def _rdt(self) -> RdtExperts:
+        experts = self.frontend.experts
+        assert isinstance(experts, RdtExperts), "RDT hooks are called only when the transport is gloo or nccl"
+        return experts
 
 
 def _wait_alive(actor: Any, timeout_s: float) -> str:
     """Return alive, dead (gone for good) or unknown (still restarting when the time ran out)."""
-    import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -292,75 +213,34 @@ class ExpertCluster:
     def __init__(
         self,
         *,
-        pg: Any,
-        workers: list,
+        config: ClusterConfig,
         placement: ExpertPlacement,
         resources: WorkerResources,
+        pg: PlacementGroup,
+        workers: list,
         owns_ray: bool,
-        frontend_kwargs: dict,
     ) -> None:
-        self.pg = pg
-        self.workers = workers
+        self.config = config
         self.expert_placement = placement
         self.resources = resources
+        self.pg = pg
+        self.workers = workers
         self.owns_ray = owns_ray
-        self.frontend_kwargs = frontend_kwargs
         self.frontend: Any = None
         self._suspect = False
 
     @classmethod
     def start(
-        cls,
-        *,
-        model: str,
-        expert_workers: int,
-        dtype: str = "float32",
-        engine: EngineConfig | None = None,
-        attention_backend: str = "auto",
-        address: str | None = None,
-        gpus_per_worker: float | None = None,
-        placement_strategy: str = "PACK",
-        transport: str = "object_ref",
-        expert_placement: Sequence[Sequence[int]] | None = None,
-        timeout_s: float = 60.0,
-        progress: bool = True,
+        cls, config: ClusterConfig, placement: ExpertPlacement, *, address: str | None = None, progress: bool = True
     ) -> ExpertCluster:
-        import ray
-
-        from router.transport import TRANSPORTS
-
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport {transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
+        """Join ``address``, or use the Ray this process already started, or start a new local one (owned)."""
         owns_ray = False
         if not ray.is_initialized():
             # No address: a new local instance (not whatever `ray start` cluster happens to run here).
             ray.init(address=address or "local", log_to_driver=progress)
             owns_ray = address is None
-        placement, resources, pg, workers = launch_workers(
-            model=model,
-            expert_workers=expert_workers,
-            dtype=dtype,
-            gpus_per_worker=gpus_per_worker,
-            strategy=placement_strategy,
-            expert_placement=expert_placement,
-            frontend_bundle=True,
-        )
-        self = cls(
-            pg=pg,
-            workers=workers,
-            placement=placement,
-            resources=resources,
-            owns_ray=owns_ray,
-            frontend_kwargs={
-                "model": model,
-                "dtype": dtype,
-                "engine": engine or EngineConfig(),
-                "placement": placement,
-                "transport": transport,
-                "attention_backend": attention_backend,
-                "timeout_s": timeout_s,
-            },
-        )
+        resources, pg, workers = launch_workers(config, placement=placement, frontend_bundle=True)
+        self = cls(config=config, placement=placement, resources=resources, pg=pg, workers=workers, owns_ray=owns_ray)
         try:
             self._spawn_frontend()
         except Exception:
@@ -369,9 +249,6 @@ class ExpertCluster:
         return self
 
     def _spawn_frontend(self) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.frontend = (
             ray.remote(enable_tensor_transport=True)(FrontendActor)
             .options(
@@ -384,7 +261,7 @@ class ExpertCluster:
                     placement_group=self.pg, placement_group_bundle_index=FRONTEND_BUNDLE
                 ),
             )
-            .remote(handles=self.workers, **self.frontend_kwargs)
+            .remote(config=self.config, placement=self.expert_placement, handles=self.workers)
         )
         ray.get(self.frontend.ping.remote())
 
@@ -394,11 +271,8 @@ class ExpertCluster:
         Over RDT, Ray stops both ends of a failed transfer and survivors of the broken collective group cannot
         join a new one reliably, so every worker and the frontend are replaced (fresh processes, fresh group).
         """
-        import ray
-
         replaced = []
-        kw = self.frontend_kwargs
-        rdt = kw["transport"] != "object_ref"
+        rdt = self.config.transport != "object_ref"
         for w, h in enumerate(self.workers):
             if rdt:
                 ray.kill(h, no_restart=True)
@@ -409,10 +283,9 @@ class ExpertCluster:
                 self.workers[w] = spawn_worker(
                     pg=self.pg,
                     bundle=1 + w,
-                    model=kw["model"],
+                    config=self.config,
                     worker=w,
                     placement=self.expert_placement,
-                    dtype=kw["dtype"],
                     resources=self.resources,
                 )
                 replaced.append(f"worker {w}")
@@ -424,17 +297,14 @@ class ExpertCluster:
             replaced.append("frontend")
         return replaced
 
-    def call(self, method: str, *args: Any) -> Any:
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        from cluster.errors import ExpertWorkerError
-
+    def _call(self, submit: Callable[[Any], Any]) -> Any:
+        """``submit(frontend_actor)`` returns an object ref; its result, with actor loss turned into
+        :class:`ExpertWorkerError` and the frontend's own exceptions re-raised as they are."""
         if self._suspect:
             self._suspect = False
             self.heal()
         try:
-            result = ray.get(getattr(self.frontend, method).remote(*args))
+            return ray.get(submit(self.frontend))
         except RayActorError as e:
             self._suspect = True
             raise ExpertWorkerError(
@@ -446,19 +316,26 @@ class ExpertCluster:
             if isinstance(cause, Exception):
                 raise cause from None
             raise
-        if method == "generate" and any(o.finish_reason == "error" for o in result):
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        outs = self._call(lambda fe: fe.generate.remote(prompts, params))
+        if any(o.finish_reason == "error" for o in outs):
             self._suspect = True
-        return result
+        return outs
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        return self._call(lambda fe: fe.logits.remote(token_ids))
+
+    def frontend_info(self) -> dict:
+        return self._call(lambda fe: fe.info.remote())
+
+    def expert_load(self) -> list[list[int]]:
+        return self._call(lambda fe: fe.expert_load.remote())
 
     def placement(self) -> list[dict]:
-        import ray
-
         return ray.get([w.info.remote() for w in self.workers])
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         for actor in [self.frontend, *self.workers]:
             if actor is not None:
                 with contextlib.suppress(Exception):

@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
-from cluster.engine import EngineConfig, RequestOutput
+from cluster.builder import ClusterConfig, Frontend, build_frontend
+from cluster.config import ModelConfig
+from cluster.engine import RequestOutput
 from cluster.errors import InvalidRequestError
 from cluster.sampling import SamplingParams
+from cluster.tokenizer import Tokenizer
 
 PromptLike = str | Sequence[str] | Sequence[Sequence[int]]
 
@@ -18,71 +21,27 @@ PromptLike = str | Sequence[str] | Sequence[Sequence[int]]
 class LLM:
     """A Mixtral-architecture model ready to generate.
 
-    ``expert_workers=0`` runs everything in this process (the reference path). ``expert_workers=W >= 1`` starts
-    W expert-worker actors and a frontend actor on Ray (an already-initialised Ray, ``address=``, or a new local
-    one) and routes every layer's tokens between them.
+    ``options`` are the fields of :class:`~cluster.builder.ClusterConfig` (dtype, expert_workers, transport,
+    engine limits, placement, ...); an unknown or invalid one is a ``SetupError`` naming it.
+    ``expert_workers=0`` (the default) runs everything in this process, the reference path;
+    ``expert_workers=W >= 1`` starts W expert-worker actors and a frontend actor on Ray (an already-initialised
+    Ray, ``address=``, or a new local one) and routes every layer's tokens between them.
     """
 
     def __init__(
-        self,
-        model: str | Path,
-        *,
-        expert_workers: int = 0,
-        dtype: str = "float32",
-        max_num_seqs: int = 16,
-        max_num_batched_tokens: int = 512,
-        max_queued_requests: int = 256,
-        max_model_len: int | None = None,
-        attention_backend: str = "auto",
-        device: str | None = None,
-        address: str | None = None,
-        gpus_per_worker: float | None = None,
-        placement_strategy: str = "PACK",
-        transport: str = "object_ref",
-        expert_placement: Sequence[Sequence[int]] | None = None,
-        progress: bool = True,
+        self, model: str | Path, *, address: str | None = None, progress: bool = True, **options: Any
     ) -> None:
-        from cluster.tokenizer import Tokenizer
-
-        if isinstance(expert_workers, bool) or not isinstance(expert_workers, int) or expert_workers < 0:
-            raise ValueError(f"expert_workers must be an integer >= 0, got {expert_workers!r}")
-        self.model = str(model)
-        self.expert_workers = expert_workers
-        self.engine_config = EngineConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_queued_requests=max_queued_requests,
-            max_model_len=max_model_len,
-        )
-        self.tokenizer = Tokenizer.from_dir(self.model)
+        self.config = ClusterConfig.create(model=str(model), **options)
+        self.tokenizer = Tokenizer.from_dir(self.config.model)
+        self._frontend: Frontend | None = None
         self._cluster = None
-        if expert_workers == 0:
-            from workers.frontend import Frontend
-
-            self._frontend: Any = Frontend(
-                model=self.model,
-                dtype=dtype,
-                engine=self.engine_config,
-                attention_backend=attention_backend,
-                device=device,
-                progress=progress,
-            )
+        if self.config.expert_workers == 0:
+            self._frontend = build_frontend(self.config, progress=progress)
         else:
-            from cluster.cluster import ExpertCluster
+            from cluster.cluster import ExpertCluster  # imports Ray: only for a sharded model
 
-            self._cluster = ExpertCluster.start(
-                model=self.model,
-                expert_workers=expert_workers,
-                dtype=dtype,
-                engine=self.engine_config,
-                attention_backend=attention_backend,
-                address=address,
-                gpus_per_worker=gpus_per_worker,
-                placement_strategy=placement_strategy,
-                transport=transport,
-                expert_placement=expert_placement,
-                progress=progress,
-            )
+            placement = self.config.placement(ModelConfig.from_dir(self.config.model))
+            self._cluster = ExpertCluster.start(self.config, placement, address=address, progress=progress)
 
     # ------------------------------------------------------------------ API
     def _encode(self, prompts: PromptLike) -> list[list[int]]:
@@ -92,9 +51,9 @@ class LLM:
         if not items:
             raise InvalidRequestError("no prompts given", param="prompts")
         if all(isinstance(p, str) for p in items):
-            return [self.tokenizer.encode(p) for p in items]
+            return [self.tokenizer.encode(p) for p in items if isinstance(p, str)]
         if all(isinstance(p, (list, tuple)) for p in items):
-            return [list(p) for p in items]
+            return [[int(t) for t in p] for p in items]
         raise InvalidRequestError("prompts must be a string, a list of strings or a list of token-id lists")
 
     def generate(
@@ -102,7 +61,10 @@ class LLM:
         prompts: PromptLike,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One finished :class:`RequestOutput` per prompt, in order. Prompts are batched continuously."""
+        """One finished :class:`RequestOutput` per prompt, in order. Prompts are batched continuously.
+
+        A request that fails in a step raises its error (``ExpertWorkerError`` when a worker was lost).
+        """
         ids = self._encode(prompts)
         if sampling_params is None:
             params = [SamplingParams()] * len(ids)
@@ -112,44 +74,51 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(ids):
                 raise InvalidRequestError(f"{len(params)} sampling params for {len(ids)} prompts")
-        outs = self._call("generate", ids, params)
+        if self._cluster is not None:
+            outs = self._cluster.generate(ids, params)
+        else:
+            outs = self._local().core.generate(ids, params)
         for o in outs:
-            if o.finish_reason == "error":
-                from cluster.errors import ExpertWorkerError
-
-                raise ExpertWorkerError(f"request {o.request_id} failed: {o.error}")
+            if o.error is not None:
+                raise o.error
         return outs
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence float32 logits, shape [len(token_ids), vocab]."""
-        return self._call("logits", list(token_ids))
+        if self._cluster is not None:
+            return self._cluster.logits(list(token_ids))
+        return self._local().core.logits(list(token_ids))
 
     def placement(self) -> list[dict]:
         """Per worker: its experts, node id, GPU ids and bytes of expert weights it holds."""
-        if self._cluster is None:
-            info = self._frontend.info()
-            return [
-                {
-                    "worker": "in-process",
-                    "experts": "all",
-                    "node_id": None,
-                    "gpu_ids": [],
-                    "expert_bytes": info["expert_bytes"],
-                }
-            ]
-        return self._cluster.placement()
+        if self._cluster is not None:
+            return self._cluster.placement()
+        info = self._local().info()
+        return [
+            {
+                "worker": "in-process",
+                "experts": "all",
+                "node_id": None,
+                "gpu_ids": [],
+                "expert_bytes": info["expert_bytes"],
+            }
+        ]
 
     def frontend_info(self) -> dict:
-        return self._call("info")
+        if self._cluster is not None:
+            return self._cluster.frontend_info()
+        return self._local().info()
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed so far, [layer][expert]."""
-        return self._call("expert_load")
+        if self._cluster is not None:
+            return self._cluster.expert_load()
+        return self._local().expert_load()
 
-    def _call(self, method: str, *args: Any) -> Any:
-        if self._cluster is None:
-            return getattr(self._frontend, method)(*args)
-        return self._cluster.call(method, *args)
+    def _local(self) -> Frontend:
+        if self._frontend is None:
+            raise RuntimeError("this LLM has been shut down")
+        return self._frontend
 
     def shutdown(self) -> None:
         if self._cluster is not None:

@@ -89,6 +89,37 @@ class ExpertPlacement:
         return torch.tensor(self.mapping[layer], dtype=torch.int64)
 
 
-def single_worker(*, num_layers: int, num_experts: int) -> ExpertPlacement:
-    """Every expert in one place: the in-process (W = 0) reference path."""
-    return ExpertPlacement.contiguous(num_layers=num_layers, num_experts=num_experts, num_workers=1)
+@dataclass(frozen=True)
+class WorkerResources:
+    """What each actor asks Ray for."""
+
+    gpus_per_worker: float
+    frontend_gpus: float
+    cpus_per_worker: float = 1.0
+
+
+def resolve_resources(*, expert_workers: int, gpus_per_worker: float | None, total_gpus: float) -> WorkerResources:
+    """GPUs per worker and for the frontend, given the GPUs the Ray cluster has.
+
+    Workers: ``gpus_per_worker`` as asked, or (None) 1 each when the cluster has a GPU for every worker, else 0.
+    Frontend: none when the user asked for CPU workers (``gpus_per_worker=0``); with no workers (W = 0) one GPU
+    when the cluster has any; otherwise one when a GPU is left over after the workers'.
+    Example: 5 GPUs, W = 4 -> 1 GPU per worker and 1 for the frontend; 4 GPUs, W = 4 -> the frontend runs on CPU.
+    """
+    per = gpus_per_worker
+    if per is None:
+        per = 1.0 if expert_workers and total_gpus >= expert_workers else 0.0
+    if per < 0:
+        raise PlacementError("gpus_per_worker must be >= 0")
+    if per * expert_workers > total_gpus:
+        raise PlacementError(
+            f"{expert_workers} expert workers x {per:g} GPUs need {per * expert_workers:g} GPUs; "
+            f"the Ray cluster has {total_gpus:g}"
+        )
+    if gpus_per_worker == 0:
+        frontend = 0.0
+    elif expert_workers == 0:
+        frontend = 1.0 if total_gpus >= 1 else 0.0
+    else:
+        frontend = 1.0 if per > 0 and total_gpus >= per * expert_workers + 1 else 0.0
+    return WorkerResources(gpus_per_worker=per, frontend_gpus=frontend)

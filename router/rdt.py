@@ -17,20 +17,33 @@ import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
+import ray
 import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.experimental.collective import create_collective_group, destroy_collective_group, get_collective_groups
 
 from cluster.errors import ExpertWorkerError
+from cluster.placement import ExpertPlacement
+from router.client import ExpertClient
 from router.dispatch import WorkerMessage
 
 BACKENDS = {"gloo": "torch_gloo", "nccl": "nccl"}
 
 
-class RdtExperts:
-    def __init__(self, handles: list, *, backend: str = "gloo", timeout_s: float = 60.0) -> None:
+class RdtExperts(ExpertClient):
+    """The frontend actor that owns this client must expose ``rdt_stage(key)`` and ``rdt_absorb(key, partial)``
+    methods that call :meth:`stage` and :meth:`absorb` (see ``cluster.cluster.FrontendActor``)."""
+
+    def __init__(
+        self, placement: ExpertPlacement, handles: Sequence[Any], *, backend: str = "gloo", timeout_s: float = 60.0
+    ) -> None:
+        super().__init__(placement)
         if backend not in BACKENDS:
             raise ValueError(f"RDT backend {backend!r} is unknown; use gloo or nccl")
-        self.handles = handles
+        self.handles = list(handles)
         self.backend = backend
         self.timeout_s = timeout_s
         self._group = None
@@ -39,7 +52,7 @@ class RdtExperts:
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
-    # -- called on the frontend actor through its own handle (see workers.frontend's RDT hooks) --------------
+    # -- called on the frontend actor through its own handle (its rdt_stage / rdt_absorb methods) -------------
     def stage(self, key: int) -> torch.Tensor:
         return self._staged.pop(key)
 
@@ -48,21 +61,16 @@ class RdtExperts:
         return True
 
     # -- the ExpertClient interface ----------------------------------------------------------------------------
-    def _me(self):
-        import ray
-
+    def _me(self) -> Any:
         return ray.get_runtime_context().current_actor
 
     def _ensure_group(self) -> None:
-        import ray
-        from ray.experimental.collective import create_collective_group, destroy_collective_group
-
         with self._lock:
             if self._group is not None:
                 return
             # A restarted worker must be up before it can join; its old group (if any) is gone with it.
             ray.get([h.ping.remote() for h in self.handles], timeout=self.timeout_s)
-            for g in ray.experimental.collective.get_collective_groups([self._me()]):
+            for g in get_collective_groups([self._me()]):
                 with contextlib.suppress(Exception):
                     destroy_collective_group(g)
             self._group = create_collective_group([self._me(), *self.handles], backend=BACKENDS[self.backend])
@@ -73,10 +81,7 @@ class RdtExperts:
         self._staged.clear()
         self._received.clear()
 
-    def run_layer(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> list[torch.Tensor]:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
+    def exchange(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> list[torch.Tensor]:
         try:
             self._ensure_group()
         except Exception as e:

@@ -1,4 +1,5 @@
-"""Expert math (:class:`ExpertShard`) and the Ray actor that serves it (:class:`ExpertWorker`).
+"""Expert math: a set of SwiGLU experts and how one message of routed rows runs through them. No Ray here;
+the actor that serves a shard is :class:`workers.expert_worker.ExpertWorker`.
 
 Shapes: N distinct tokens in a message, A (token, expert) assignments, D hidden, F intermediate.
 """
@@ -86,72 +87,3 @@ class ExpertShard:
             # when the cores are busy (measured: 5 us idle, 28 ms contended)
             out.index_put_((r,), (y * w[:, None].to(y.device)).to(out.dtype), accumulate=True)
         return out
-
-
-class ExpertWorker:
-    """Ray actor body: one worker's experts for every layer, loaded by the worker itself.
-
-    The constructor takes the checkpoint path and the worker's share, never weights, so Ray can restart a dead
-    worker and it reloads exactly its experts. Wrapped with ``ray.remote`` by :mod:`cluster.cluster`.
-    """
-
-    def __init__(
-        self,
-        *,
-        model: str,
-        worker: int,
-        experts: list[tuple[int, int]],
-        dtype: str = "float32",
-        progress: bool = False,
-    ) -> None:
-        import os
-
-        import ray
-
-        from cluster.config import ModelConfig
-
-        ctx = ray.get_runtime_context()
-        self.worker = worker
-        self.gpu_ids = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
-        self.device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
-        self.node_id = ctx.get_node_id()
-        self.pid = os.getpid()
-        config = ModelConfig.from_dir(model)
-        self.shard = ExpertShard.load(
-            model, config, experts, dtype=dtype, device=self.device, progress=progress, label=f"worker {worker}"
-        )
-
-    def run(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
-        """One layer's message: x [N, D] -> weighted expert outputs [N, D] (see :meth:`ExpertShard.run`)."""
-        x = x.to(self.device)
-        return self.shard.run(layer, x, rows.to(self.device), experts.to(self.device), weights.to(self.device))
-
-    def run_wire(self, layer: int, x: tuple, rows: tuple, experts: tuple, weights: tuple) -> tuple:
-        """:meth:`run` with NumPy-wrapped tensors (see :func:`router.transport.to_wire`), the object-ref path."""
-        from router.transport import from_wire, to_wire
-
-        d = self.device
-        out = self.shard.run(layer, from_wire(x, d), from_wire(rows, d), from_wire(experts, d), from_wire(weights, d))
-        return to_wire(out)
-
-    def echo_wire(self, layer: int, x: tuple, rows: tuple, experts: tuple, weights: tuple) -> tuple:
-        """Same payload in and out as :meth:`run_wire`, no compute: the dispatch benchmark's floor."""
-        return x
-
-    def echo(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
-        """Same payload in and out as :meth:`run`, no compute: the floor the dispatch benchmark compares with."""
-        return x
-
-    def info(self) -> dict:
-        return {
-            "worker": self.worker,
-            "experts": self.shard.experts,
-            "node_id": self.node_id,
-            "gpu_ids": self.gpu_ids,
-            "device": self.device,
-            "expert_bytes": self.shard.nbytes(),
-            "pid": self.pid,
-        }
-
-    def ping(self) -> bool:
-        return True

@@ -1,14 +1,17 @@
-"""Slot-based KV cache with an optional sliding-window rolling buffer, and the per-step attention plan.
+"""Slot-based KV cache with an optional sliding-window rolling buffer, and the per-step attention layout.
 
-Every sequence owns one slot. A slot stores ``capacity`` positions per layer: the full context when the model has
-no sliding window, or exactly ``sliding_window`` positions when it has one. Position ``p`` lives at index
-``p % capacity``, so with a window the buffer rolls and memory stays fixed however long the sequence gets.
+The scheduler hands each sequence a slot (``cluster.engine``); this module only stores tensors by slot. A slot
+stores ``capacity`` positions per layer: the full context when the model has no sliding window, or exactly
+``sliding_window`` positions when it has one. Position ``p`` lives at index ``p % capacity``, so with a window the
+buffer rolls and memory stays fixed however long the sequence gets.
 
 Which absolute position sits at buffer index ``r`` once ``L`` tokens are cached::
 
     p(r) = (L - 1) - ((L - 1 - r) mod capacity)      valid when r < L
 
 Example: capacity 4, L = 6 -> indices 0..3 hold positions 4, 5, 2, 3.
+
+Shapes: T tokens in the step, Hkv KV heads, Dh head dim, B sequences in a group, n new tokens per sequence.
 """
 
 from __future__ import annotations
@@ -17,11 +20,80 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.layers import AttentionGroup
+from cluster.step import SeqChunk
+
+
+@dataclass
+class AttentionGroup:
+    """Queries of one or more sequences attended together, with keys = cached keys ++ this step's keys.
+
+    rows      [B, n]   indices into the step's flat token axis (queries of each sequence, n per sequence)
+    slots     [B]      KV-cache slot of each sequence
+    cached    int      how many cache entries to read per sequence (max over the group)
+    mask      [B, 1, n, cached + n] bool, True where a query may see a key (causal, sliding window, validity)
+    key_order [B, cached + n] or None: key indices sorted by position (flash-attention needs keys in order)
+    """
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    cached: int
+    mask: torch.Tensor
+    key_order: torch.Tensor | None = None
+
+
+@dataclass
+class StepPlan:
+    """Everything about a step's layout that is the same for every layer, computed once.
+
+    positions    [T]  absolute position of each new token
+    token_slots  [T]  slot of each new token
+    token_index  [T]  cache index of each new token (position % capacity)
+    groups            attention groups: all single-token (decode) sequences together, each longer chunk alone
+    write_rows        None (write every token) or the rows to write when a chunk is longer than the rolling
+                      buffer: only its last ``capacity`` tokens, so no two writes hit the same index
+    views             decode tokens attended AFTER the step's write, straight from their slot:
+                      (row, slot, entries). Used for large decode batches, where gathering every slot's cache
+                      into one padded batch costs more than a loop of small attention calls. One new token at
+                      position L sees exactly the first min(L + 1, capacity) entries (with a window, the
+                      buffer holds exactly the window), so no mask is needed.
+    """
+
+    positions: torch.Tensor
+    token_slots: torch.Tensor
+    token_index: torch.Tensor
+    groups: list[AttentionGroup]
+    write_rows: torch.Tensor | None = None
+    views: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class LayerKV:
+    """One layer's K and V buffers [slots, capacity, Hkv, Dh], and the only ways the model touches them."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k = k
+        self.v = v
+
+    def write(self, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store this step's keys/values k, v [T, Hkv, Dh] (rows ``plan.write_rows`` only, when set)."""
+        if plan.write_rows is None:
+            self.k[plan.token_slots, plan.token_index] = k
+            self.v[plan.token_slots, plan.token_index] = v
+        else:
+            rows = plan.write_rows
+            self.k[plan.token_slots[rows], plan.token_index[rows]] = k[rows]
+            self.v[plan.token_slots[rows], plan.token_index[rows]] = v[rows]
+
+    def gather(self, slots: torch.Tensor, entries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``entries`` cache entries of each slot: k, v [B, entries, Hkv, Dh] (copies)."""
+        return self.k[slots, :entries], self.v[slots, :entries]
+
+    def slot(self, slot: int, entries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one slot's first ``entries`` entries, heads first: k, v [Hkv, entries, Dh] (no copy)."""
+        return self.k[slot, :entries].transpose(0, 1), self.v[slot, :entries].transpose(0, 1)
 
 
 class KVCache:
-    """K and V buffers, one pair per layer, each [slots, capacity, Hkv, Dh]."""
+    """K and V buffers of every layer, each [slots, capacity, Hkv, Dh]."""
 
     def __init__(
         self,
@@ -37,74 +109,17 @@ class KVCache:
         self.num_slots = num_slots
         self.capacity = capacity
         shape = (num_slots, capacity, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._free = list(range(num_slots - 1, -1, -1))
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("no free KV-cache slot")
-        return self._free.pop()
-
-    def release(self, slot: int) -> None:
-        if slot in self._free or not 0 <= slot < self.num_slots:
-            raise RuntimeError(f"KV-cache slot {slot} released twice or unknown")
-        self._free.append(slot)
+        self.layers = [
+            LayerKV(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def write(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store this step's keys/values: rows ``plan.write_rows`` of k, v [T, Hkv, Dh] at their (slot, index)."""
-        if plan.write_rows is None:
-            self.k[layer][plan.token_slots, plan.token_index] = k
-            self.v[layer][plan.token_slots, plan.token_index] = v
-        else:
-            rows = plan.write_rows
-            self.k[layer][plan.token_slots[rows], plan.token_index[rows]] = k[rows]
-            self.v[layer][plan.token_slots[rows], plan.token_index[rows]] = v[rows]
-
-
-@dataclass(frozen=True)
-class SeqChunk:
-    """One sequence's share of a step: ``n`` new tokens at positions ``start .. start + n - 1``."""
-
-    slot: int
-    start: int
-    n: int
-
-
-@dataclass
-class StepPlan:
-    """Everything about a step's layout that is the same for every layer, computed once.
-
-    positions    [T]  absolute position of each new token
-    token_slots  [T]  slot of each new token
-    token_index  [T]  cache index of each new token (position % capacity)
-    groups            attention groups: all single-token (decode) sequences together, each longer chunk alone
-    write_rows        None (write every token) or the rows to write when a chunk is longer than the rolling
-                      buffer: only its last ``capacity`` tokens, so no two writes hit the same index
-    views             decode tokens attended AFTER the step's write, straight from a view of their slot:
-                      (row, slot, entries). Used for large decode batches, where gathering every slot's cache
-                      into one padded batch costs more than a loop of small attention calls. One new token at
-                      position L sees exactly the first min(L + 1, capacity) entries (with a window, the
-                      buffer holds exactly the window), so no mask is needed.
-    """
-
-    positions: torch.Tensor
-    token_slots: torch.Tensor
-    token_index: torch.Tensor
-    groups: list[AttentionGroup]
-    write_rows: torch.Tensor | None = None
-    views: list[tuple[int, int, int]] = field(default_factory=list)
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v))
 
 
 def plan_step(
-    chunks: list[SeqChunk],
+    chunks: tuple[SeqChunk, ...] | list[SeqChunk],
     *,
     capacity: int,
     window: int | None,
@@ -114,8 +129,10 @@ def plan_step(
 ) -> StepPlan:
     """Lay out a step: chunks in order form the flat token axis (T = sum of n).
 
-    Example: chunks [SeqChunk(slot=0, start=5, n=1), SeqChunk(slot=1, start=0, n=3)] give positions
-    [5, 0, 1, 2], one decode group (row 0, reading 5 cached keys) and one prefill group (rows 1..3, none cached).
+    ``view_threshold``: decode batches whose sequences x cached entries reach it attend in place (``views``);
+    None never does. Example: chunks [SeqChunk(slot=0, start=5, n=1), SeqChunk(slot=1, start=0, n=3)] give
+    positions [5, 0, 1, 2], one decode group (row 0, reading 5 cached keys) and one prefill group (rows 1..3,
+    none cached).
     """
     positions, slots, keep = [], [], []
     for c in chunks:

@@ -1,32 +1,27 @@
-"""Arguments of the Serve application (``build_app(args)``), validated so a bad deploy names the bad field."""
+"""Arguments of the Serve application (``build_app(args)``): the builder's :class:`~cluster.builder.ClusterConfig`
+plus what only serving needs, validated so a bad deploy names the bad field."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cluster.placement import STRATEGIES
+from cluster.builder import ClusterConfig
+from cluster.errors import AppArgsError
+from cluster.tiny_model import default_model_dir
+
+SERVING_FIELDS = ("api_key", "served_model_name", "request_timeout_s")
 
 
-class AppArgs(BaseModel):
+class AppArgs(ClusterConfig):
     """What ``serve run`` / ``serve deploy`` pass as ``args`` (and ``mixserve serve`` builds from its flags)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str | None = Field(None, description="checkpoint folder; None serves the built-in tiny model")
-    expert_workers: int = Field(2, ge=0, description="expert-worker actors; 0 runs experts inside the frontend")
-    gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has enough GPUs, else 0")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_num_seqs: int = Field(16, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=1)
-    max_queued_requests: int = Field(256, ge=1)
-    max_model_len: int | None = Field(None, ge=2)
+    model: str | None = Field(None, description="checkpoint folder; None serves the built-in tiny model")  # type: ignore[assignment]
+    expert_workers: int = Field(2, ge=0, description="expert-worker actors; 0 runs every expert in the frontend")
     api_key: str | None = Field(None, description="when set, /v1 requests need 'Authorization: Bearer <key>'")
-    served_model_name: str = Field("mixserve-tiny", min_length=1)
-    request_timeout_s: float = Field(300.0, gt=0)
-    attention_backend: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    served_model_name: str = Field("mixserve-tiny", min_length=1, description="the model name clients use")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request that does not finish in time gets 408")
 
     @field_validator("placement_strategy", mode="before")
     @classmethod
@@ -34,14 +29,26 @@ class AppArgs(BaseModel):
         return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _check(self) -> AppArgs:
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
-        if self.placement_strategy not in STRATEGIES:  # pragma: no cover - Literal already checks
-            raise ValueError(f"placement_strategy must be one of {STRATEGIES}")
+    def _object_refs_only(self) -> AppArgs:
+        if self.transport != "object_ref":
+            raise ValueError(
+                "the Serve application moves tokens over object refs; RDT transports (gloo, nccl) are available "
+                "in the offline LLM API"
+            )
         return self
 
     def resolved_model(self) -> str:
-        from cluster.tiny_model import default_model_dir
-
         return self.model or str(default_model_dir())
+
+    def cluster_config(self) -> ClusterConfig:
+        """The builder's config: these arguments without the serving-only ones, the model folder resolved."""
+        fields = {n: getattr(self, n) for n in ClusterConfig.model_fields if n != "model"}
+        return ClusterConfig(model=self.resolved_model(), **fields)
+
+
+def parse_args(args: dict[str, Any] | None) -> AppArgs:
+    try:
+        return AppArgs(**(args or {}))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in e.errors())
+        raise AppArgsError(f"invalid mixserve application arguments: {problems}") from None

@@ -9,63 +9,42 @@ import sys
 import threading
 from pathlib import Path
 
+import ray
+from ray import serve
+
+from cluster.config import ModelConfig
+from cluster.errors import MixserveError
+from cluster.options import add_options, options_from
+from cluster.serve.app import GRPC_SERVICER, build_app
+from cluster.serve.args import AppArgs, parse_args
+from cluster.tiny_model import default_model_dir
+
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API and gRPC (default: built-in tiny model)")
-    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the built-in tiny model)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
-    p.add_argument("--expert-workers", type=int, default=2)
-    p.add_argument("--gpus-per-worker", type=float, default=None)
-    p.add_argument("--placement-strategy", default="PACK")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-queued-requests", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--api-key", default=os.environ.get("MIXSERVE_API_KEY"), help="or MIXSERVE_API_KEY")
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--address", default=None, help="Ray address to join (default: start a local Ray)")
-    p.set_defaults(func=serve_main)
+    add_options(p, AppArgs, skip=("expert_placement",))
+    # Defaults that depend on the environment or on other flags (resolved in serve_main).
+    p.set_defaults(api_key=os.environ.get("MIXSERVE_API_KEY"), served_model_name=None, func=serve_main)
 
 
 def serve_main(a: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
-
-    from cluster.serve.app import GRPC_SERVICER, AppArgsError, build_app, parse_args
-
-    args = {
-        "model": str(a.model) if a.model else None,
-        "expert_workers": a.expert_workers,
-        "gpus_per_worker": a.gpus_per_worker,
-        "placement_strategy": a.placement_strategy,
-        "dtype": a.dtype,
-        "max_num_seqs": a.max_num_seqs,
-        "max_num_batched_tokens": a.max_num_batched_tokens,
-        "max_queued_requests": a.max_queued_requests,
-        "max_model_len": a.max_model_len,
-        "api_key": a.api_key,
-        "request_timeout_s": a.request_timeout_s,
-    }
-    if a.served_model_name:
-        args["served_model_name"] = a.served_model_name
-    elif a.model:
-        args["served_model_name"] = a.model.resolve().name
+    args = options_from(a, AppArgs, skip=("expert_placement",))
+    if a.served_model_name is None:
+        args.pop("served_model_name")
+        if a.model:
+            args["served_model_name"] = Path(a.model).resolve().name
     try:
         parsed = parse_args(args)
         if parsed.model:
-            from cluster.config import ModelConfig
-
             ModelConfig.from_dir(parsed.model)  # fail here, with a clear message, not inside a replica
-    except (AppArgsError, ValueError) as e:
+    except MixserveError as e:
         print(f"mixserve serve: {e}", file=sys.stderr)
         return 2
     if parsed.model is None:
-        from cluster.tiny_model import default_model_dir
-
         print(f"mixserve serve: no --model given; serving the built-in tiny model ({default_model_dir()})")
     if a.address:
         ray.init(address=a.address)

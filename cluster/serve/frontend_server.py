@@ -1,4 +1,10 @@
-"""The frontend as a Ray Serve deployment: it owns its expert workers and runs the continuous-batching engine."""
+"""The frontend as a Ray Serve deployment: it owns its expert workers and runs the continuous-batching engine.
+
+Stream contract of :meth:`FrontendServer.generate` (what the ingress consumes): the first item is ``"accepted"``
+or the :class:`~cluster.errors.MixserveError` that refused the request; then :class:`~cluster.engine.RequestOutput`
+items until one is finished. A finished output with ``finish_reason == "error"`` carries its error
+(``ExpertWorkerError`` when a worker failed, ``InternalError`` when the step failed otherwise).
+"""
 
 from __future__ import annotations
 
@@ -9,90 +15,67 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.engine import AsyncEngine, EngineConfig
-from cluster.errors import MixserveError
+import ray
+from ray.util.placement_group import remove_placement_group
+
+from cluster.builder import build_frontend
+from cluster.cluster import expert_client, launch_workers
+from cluster.config import ModelConfig
+from cluster.engine import AsyncEngine, RequestOutput
+from cluster.errors import InternalError, MixserveError
 from cluster.sampling import SamplingParams
 from cluster.serve.args import AppArgs
 
 log = logging.getLogger("mixserve")
 
-
-def error_item(e: BaseException) -> dict:
-    """What travels back over the handle instead of an exception: type, message, status, gRPC code, param."""
-    if isinstance(e, MixserveError):
-        return {
-            "error": {
-                "type": type(e).__name__,
-                "message": str(e),
-                "http_status": e.http_status,
-                "grpc_code": e.grpc_code,
-                "param": getattr(e, "param", None),
-            }
-        }
-    return {
-        "error": {
-            "type": type(e).__name__,
-            "message": f"internal error: {type(e).__name__}",
-            "http_status": 500,
-            "grpc_code": "INTERNAL",
-            "param": None,
-        }
-    }
+ACCEPTED = "accepted"
 
 
 class FrontendServer:
     """Deployment body. Starts W expert workers in a placement group, loads the non-expert weights, and serves
-    ``generate`` as an async stream (first item ``{"accepted": True}`` or ``{"error": ...}``, then outputs)."""
+    ``generate`` as an async stream (see the module docstring)."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from workers.frontend import Frontend
-
-        a = AppArgs(**args)
-        self.args = a
-        model = a.resolved_model()
+        self.args = AppArgs(**args)
+        config = self.args.cluster_config()
         self.pg = None
         self.workers: list = []
         experts = None
-        placement = None
-        if a.expert_workers > 0:
-            from cluster.cluster import launch_workers
-            from router.transport import RayExperts
-
-            placement, _, self.pg, self.workers = launch_workers(
-                model=model,
-                expert_workers=a.expert_workers,
-                dtype=a.dtype,
-                gpus_per_worker=a.gpus_per_worker,
-                strategy=a.placement_strategy,
+        if config.expert_workers > 0:
+            placement = config.placement(ModelConfig.from_dir(config.model))
+            _, self.pg, self.workers = launch_workers(
+                config,
+                placement=placement,
                 frontend_bundle=False,
                 # Named so operators (and tests) can find them: mixserve-expert-<replica>-<worker>.
                 name_prefix=f"mixserve-expert-{uuid.uuid4().hex[:8]}-",
             )
-            experts = RayExperts(self.workers, timeout_s=min(60.0, a.request_timeout_s))
-        self.frontend = Frontend(
-            model=model,
-            dtype=a.dtype,
-            engine=EngineConfig(
-                max_num_seqs=a.max_num_seqs,
-                max_num_batched_tokens=a.max_num_batched_tokens,
-                max_queued_requests=a.max_queued_requests,
-                max_model_len=a.max_model_len,
-            ),
-            placement=placement,
-            experts=experts,
-            attention_backend=a.attention_backend,
-            progress=True,
-        )
+            experts = expert_client(
+                config.model_copy(
+                    update={"worker_timeout_s": min(config.worker_timeout_s, self.args.request_timeout_s)}
+                ),
+                placement,
+                self.workers,
+            )
+        self.frontend = build_frontend(config, experts=experts, progress=True)
         self.engine = AsyncEngine(self.frontend.core)
-        log.info("mixserve frontend ready: %s, %d expert workers", model, a.expert_workers)
+        log.info("mixserve frontend ready: %s, %d expert workers", config.model, config.expert_workers)
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator:
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[str | MixserveError | RequestOutput]:
         try:
             stream = await self.engine.generate(prompt_token_ids, params, request_id)
-        except Exception as e:
-            yield error_item(e)
+        except MixserveError as e:
+            yield e
             return
-        yield {"accepted": True}
+        except Exception:
+            log.exception("request %s could not be queued", request_id)
+            yield InternalError(
+                f"internal error queueing request {request_id}; see the server log", request_id=request_id
+            )
+            return
+        yield ACCEPTED
         async for out in stream:
             yield out
 
@@ -122,17 +105,14 @@ class FrontendServer:
     def model_info(self) -> dict:
         return {
             "max_model_len": self.frontend.core.max_model_len,
-            "vocab_size": self.frontend.config.vocab_size,
-            "model_path": self.frontend.model,
+            "vocab_size": self.frontend.model_config.vocab_size,
+            "model_path": self.frontend.config.model,
         }
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.engine.shutdown()
         with contextlib.suppress(Exception):
-            import ray
-            from ray.util.placement_group import remove_placement_group
-
             for h in self.workers:
                 ray.kill(h, no_restart=True)
             if self.pg is not None:

@@ -104,9 +104,9 @@ def test_text_prompts_and_chunked_prefill(tmp_path):
 
 def test_large_decode_batches_attend_in_place(tmp_path, monkeypatch):
     """The in-place decode path (used for large batches) gives transformers' tokens, with and without a window."""
-    import workers.frontend as frontend
+    import workers.runner as runner
 
-    monkeypatch.setattr(frontend, "DECODE_VIEW_THRESHOLD", 1)
+    monkeypatch.setattr(runner, "DECODE_VIEW_THRESHOLD", 1)
     for window in (None, 6):
         model = hf_mixtral(tmp_path / str(window), seed=9, sliding_window=window)
         llm = LLM(tmp_path / str(window), progress=False)

@@ -1,0 +1,307 @@
+"""The synchronous engine: scheduler + executor + sampling + detokenizing, one step at a time.
+
+``add_request`` / ``abort`` / ``step``. Requests join between steps and leave as soon as they finish, so a long
+request never holds up a short one. The executor is anything that follows ``cluster.step.Executor``: the model
+runner in production, a fake in the scheduler's tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+
+import torch
+
+from cluster.engine.config import EngineConfig
+from cluster.engine.request import Request, RequestOutput
+from cluster.engine.scheduler import Scheduler
+from cluster.errors import (
+    EngineOverloadedError,
+    InternalError,
+    InvalidRequestError,
+    MixserveError,
+    PromptTooLongError,
+)
+from cluster.sampling import SamplingParams, TokenLogprob, logprobs_of
+from cluster.step import Executor, SeqChunk, StepBatch
+from cluster.tokenizer import Tokenizer
+
+log = logging.getLogger("mixserve")
+
+
+class EngineCore:
+    """Not thread-safe except ``add_request`` / ``abort`` intake."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        *,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_id: int,
+    ) -> None:
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos = eos_token_id
+        self.scheduler = Scheduler(config, executor.num_slots)
+        self.observers: list[Callable[[str, float], None]] = []
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------------ intake (any thread)
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens} ({total} in all)",
+                param="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises at once for a bad request or a full queue."""
+        self.validate(prompt_token_ids, params)
+        self.scheduler.add(Request(request_id, list(prompt_token_ids), params, self.tokenizer, time.monotonic()))
+        self.counters["requests_added"] += 1
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its slot is freed before the next step runs."""
+        self.scheduler.abort(request_id)
+
+    # ------------------------------------------------------------------ state
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def free_slots(self) -> int:
+        return self.scheduler.slots.free
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "rejected_overload": self.scheduler.rejected_overload,
+            **self.counters,
+        }
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        outputs = self.finish_aborted()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        tokens: list[int] = []
+        logit_rows: list[int] = []
+        sampled: list[Request] = []
+        for req, chunk in scheduled:
+            tokens.extend(req.all_tokens[chunk.start : chunk.start + chunk.n])
+            if chunk.start + chunk.n == len(req.all_tokens):  # the chunk reaches the newest token: sample
+                logit_rows.append(len(tokens) - 1)
+                sampled.append(req)
+        batch = StepBatch(
+            token_ids=torch.tensor(tokens, dtype=torch.int64),
+            chunks=tuple(chunk for _, chunk in scheduled),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.int64),
+        )
+        try:
+            logits = self.executor.execute(batch)
+        except Exception as e:  # a failed step fails every request in it; the engine itself carries on
+            return outputs + self.fail_running(e)
+        for req, chunk in scheduled:
+            req.computed = chunk.start + chunk.n
+        now = time.monotonic()
+        greedy = [i for i, r in enumerate(sampled) if r.params.greedy]
+        picked: dict[int, int] = {}
+        if greedy:
+            for i, t in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist(), strict=True):
+                picked[i] = t
+        for i, req in enumerate(sampled):
+            tok = picked[i] if i in picked else req.sampler.sample(logits[i])
+            n_top = req.params.logprobs
+            lp = logprobs_of(logits[i], tok, n_top) if n_top is not None else None
+            outputs.append(self._append_token(req, tok, lp, now))
+        return outputs
+
+    def finish_aborted(self) -> list[RequestOutput]:
+        outs = []
+        for req in self.scheduler.take_aborted():
+            req.finish_reason = "abort"
+            self.counters["finished_abort"] += 1
+            outs.append(self._finish(req))
+        return outs
+
+    def _append_token(self, req: Request, tok: int, lp: TokenLogprob | None, now: float) -> RequestOutput:
+        if req.first_token is None:
+            req.first_token = now
+            self._observe("ttft", now - req.arrival)
+        else:
+            self._observe("itl", now - (req.last_token or now))
+        req.last_token = now
+        req.output.append(tok)
+        if lp is not None and req.logprobs is not None:
+            req.logprobs.append(lp)
+        self.counters["generation_tokens"] += 1
+        if len(req.output) == 1:
+            self.counters["prompt_tokens"] += len(req.prompt)
+        p = req.params
+        stopped_by_token = (tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids
+        if not stopped_by_token:
+            req.text += req.detok.add(tok)
+        if stopped_by_token or self._cut_stop_string(req):
+            req.finish_reason = "stop"
+        elif len(req.output) >= p.max_tokens:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            if req.finish_reason != "stop" or stopped_by_token:
+                req.text += req.detok.flush()
+                if req.finish_reason == "length" and self._cut_stop_string(req):
+                    req.finish_reason = "stop"
+            self.counters[f"finished_{req.finish_reason}"] += 1
+            return self._finish(req, new=[tok], new_lp=[lp] if lp else None)
+        # Hold back characters that could still turn into a stop string.
+        upto = len(req.text) - max(req.max_stop - 1, 0)
+        delta = ""
+        if upto > req.emitted:
+            delta = req.text[req.emitted : upto]
+            req.emitted = upto
+        return self._output(req, [tok], delta, [lp] if lp else None)
+
+    def _cut_stop_string(self, req: Request) -> bool:
+        if not req.params.stop:
+            return False
+        search_from = max(0, req.emitted - req.max_stop)
+        hits = [i for s in req.params.stop if (i := req.text.find(s, search_from)) >= 0]
+        if not hits:
+            return False
+        req.text = req.text[: min(hits)]
+        return True
+
+    def _finish(
+        self, req: Request, *, new: list[int] | None = None, new_lp: list[TokenLogprob] | None = None
+    ) -> RequestOutput:
+        self.scheduler.finish(req)
+        delta = req.text[req.emitted :]
+        req.emitted = len(req.text)
+        out = self._output(req, new or [], delta, new_lp)
+        out.finished = True
+        out.finish_reason = req.finish_reason
+        return out
+
+    def fail_running(self, error: Exception) -> list[RequestOutput]:
+        """End every running request with ``error``: a :class:`MixserveError` as it is (a worker failure), anything
+        else as an :class:`InternalError` per request (a bug: logged here with its traceback)."""
+        running = list(self.scheduler.running)
+        if not isinstance(error, MixserveError):
+            log.error("step failed for requests %s", [r.request_id for r in running], exc_info=error)
+        outs = []
+        for req in running:
+            req.finish_reason = "error"
+            self.counters["finished_error"] += 1
+            out = self._finish(req)
+            out.error = (
+                error
+                if isinstance(error, MixserveError)
+                else InternalError(
+                    f"internal error in a model step ({type(error).__name__}); see the server log for request "
+                    f"{req.request_id}",
+                    request_id=req.request_id,
+                )
+            )
+            outs.append(out)
+        return outs
+
+    def _output(self, req: Request, new: list[int], delta: str, new_lp: list[TokenLogprob] | None) -> RequestOutput:
+        metrics = {"arrival": req.arrival}
+        if req.first_token is not None:
+            metrics["ttft"] = req.first_token - req.arrival
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt,
+            token_ids=list(req.output),
+            text=req.text[: req.emitted],
+            new_token_ids=new,
+            delta_text=delta,
+            finished=False,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            new_logprobs=new_lp,
+            metrics=metrics,
+        )
+
+    def _observe(self, name: str, value: float) -> None:
+        for obs in self.observers:
+            with contextlib.suppress(Exception):
+                obs(name, value)
+
+    # ------------------------------------------------------------------ offline use
+    def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RequestOutput]:
+        """Run the prompts until all finish; outputs in prompt order.
+
+        Every prompt is validated first (a bad one fails the call before anything runs); prompts are then fed to
+        the scheduler as its queue has room, so any number of prompts can be given at once.
+        """
+        for p, sp in zip(prompts, params, strict=True):
+            self.validate(p, sp)
+        ids = [f"offline-{uuid.uuid4().hex}" for _ in prompts]
+        pending = list(zip(ids, prompts, params, strict=True))
+        pending.reverse()
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            while pending:
+                rid, p, sp = pending[-1]
+                try:
+                    self.add_request(rid, p, sp)
+                except EngineOverloadedError:
+                    break
+                pending.pop()
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in ids]
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Full-sequence float32 logits [len, V], prefilled in chunks on a free slot. Call only when idle."""
+        if not token_ids:
+            raise InvalidRequestError("token_ids is empty", param="token_ids")
+        if len(token_ids) > self.max_model_len:
+            raise PromptTooLongError(
+                f"{len(token_ids)} tokens exceed this model's maximum context length of {self.max_model_len}",
+                param="token_ids",
+            )
+        slots = self.scheduler.slots
+        if slots.free == 0:
+            raise EngineOverloadedError("no free KV-cache slot for a logits request")
+        slot = slots.allocate()
+        try:
+            parts = []
+            step = self.config.max_num_batched_tokens
+            for start in range(0, len(token_ids), step):
+                piece = token_ids[start : start + step]
+                batch = StepBatch(
+                    token_ids=torch.tensor(piece, dtype=torch.int64),
+                    chunks=(SeqChunk(slot=slot, start=start, n=len(piece)),),
+                    logit_rows=torch.arange(len(piece)),
+                )
+                parts.append(self.executor.execute(batch))
+            return torch.cat(parts)
+        finally:
+            slots.release(slot)

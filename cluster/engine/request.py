@@ -1,0 +1,66 @@
+"""A request's state inside the engine (:class:`Request`) and what the engine reports of it (:class:`RequestOutput`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cluster.errors import MixserveError
+from cluster.sampling import RequestSampler, SamplingParams, TokenLogprob
+from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: cumulative ``token_ids``/``text`` and what this step added.
+
+    ``error`` is set when ``finish_reason == "error"``: an ``ExpertWorkerError`` when a worker failed,
+    an ``InternalError`` (carrying the request id) when the step failed for any other reason.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    delta_text: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    new_logprobs: list[TokenLogprob] | None = None
+    error: MixserveError | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Request:
+    """One request as the scheduler and the engine core see it."""
+
+    def __init__(
+        self, request_id: str, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, arrival: float
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.sampler = RequestSampler(params)
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.output: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.computed = 0  # tokens already in the KV cache
+        self.slot: int | None = None
+        self.text = ""  # generated text, stop strings cut off
+        self.emitted = 0  # characters of ``text`` already handed out
+        self.finish_reason: FinishReason | None = None
+        self.arrival = arrival
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.max_stop = max((len(s) for s in params.stop), default=0)
+
+    @property
+    def all_tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)

@@ -1,0 +1,85 @@
+"""Command-line flags generated from a config class, so every option is declared once.
+
+:func:`add_options` turns the fields of a pydantic model or a dataclass into ``--flag`` arguments (type, default,
+choices and help taken from the field); :func:`options_from` reads them back as keyword arguments for that class.
+Supported field types: int, float, str, bool, Literal choices, Path, and any of them ``| None`` (the flag then also
+takes ``none``). Fields of other types are left off the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+
+def _fields(cls: type) -> list[tuple[str, Any, Any, str]]:
+    """(name, annotation, default, help) of each field."""
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        out = []
+        for name, f in cls.model_fields.items():
+            default = f.default if f.default is not PydanticUndefined else None
+            out.append((name, f.annotation, default, f.description or ""))
+        return out
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append((f.name, hints[f.name], default, f.metadata.get("help", "")))
+    return out
+
+
+def _parser_of(annotation: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None, bool]:
+    """(argparse type, choices, optional) for an annotation; type None means not on the command line."""
+    optional = False
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        optional = True
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            return None, None, optional
+        annotation = rest[0]
+    if typing.get_origin(annotation) is Literal:
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices, optional
+    if annotation in (int, float, str, bool, Path):
+        return annotation, None, optional
+    return None, None, optional
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = ()) -> None:
+    """One ``--field-name`` flag per supported field of ``cls`` (``skip`` leaves fields out)."""
+    skipped = set(skip)
+    for name, annotation, default, help_text in _fields(cls):
+        kind, choices, optional = _parser_of(annotation)
+        if name in skipped or kind is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        shown = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        convert = kind
+        if optional:
+
+            def convert(s: str, _kind: Callable[[str], Any] = kind) -> Any:
+                return None if s.lower() in ("none", "null") else _kind(s)
+
+        parser.add_argument(flag, type=convert, choices=choices, default=default, help=shown, dest=name)
+
+
+def options_from(ns: argparse.Namespace, cls: type, *, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """The values of ``cls``'s flags from a parsed namespace."""
+    skipped = set(skip)
+    return {
+        name: getattr(ns, name)
+        for name, annotation, _, _ in _fields(cls)
+        if name not in skipped and _parser_of(annotation)[0] is not None and hasattr(ns, name)
+    }

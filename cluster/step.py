@@ -1,0 +1,57 @@
+"""The contract between the scheduler and whatever runs the model: a typed step batch and the executor protocol.
+
+The scheduler (``cluster.engine``) decides which sequences run, which of their tokens and in which KV-cache slots;
+an :class:`Executor` (``workers.runner.ModelRunner``, or a fake in the scheduler's tests) runs that batch and
+returns the logits of the rows that are sampled. Neither side imports the other.
+
+Shapes: T tokens in the step, R rows whose logits are wanted, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's share of a step: ``n`` new tokens at positions ``start .. start + n - 1`` in KV slot ``slot``."""
+
+    slot: int
+    start: int
+    n: int
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step: the chunks laid end to end form the flat token axis.
+
+    token_ids   [T]  the new tokens of every chunk, in chunk order
+    chunks           one per scheduled sequence
+    logit_rows  [R]  rows of the token axis whose next-token logits are wanted (the last token of each chunk
+                     that reaches its sequence's newest token)
+
+    Example: a decode of slot 0 at position 5 and a 3-token prefill of slot 1 ->
+    token_ids [t5, p0, p1, p2], chunks [SeqChunk(0, 5, 1), SeqChunk(1, 0, 3)], logit_rows [0, 3].
+    """
+
+    token_ids: torch.Tensor
+    chunks: tuple[SeqChunk, ...]
+    logit_rows: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+class Executor(Protocol):
+    """Runs step batches over ``num_slots`` KV-cache slots that the scheduler hands out."""
+
+    @property
+    def num_slots(self) -> int: ...
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        """Write the batch's keys/values into its slots; return float32 logits [R, V] for ``batch.logit_rows``."""
+        ...

@@ -1,0 +1,54 @@
+"""Expert transport over ordinary Ray actor calls (object refs): the general fallback.
+
+Per layer, one ``ExpertWorker.run`` call per worker that has rows, all issued before any is awaited. What travels:
+the worker's rows of x [N_w, D] in the model dtype (bf16/fp16 as 2 bytes per value) plus the assignment tensors
+(rows, experts [A_w] int64, weights [A_w] float32), as torch tensors that Ray pickles into the call; the reply is
+the worker's partial output [N_w, D] in the model dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from cluster.errors import ExpertWorkerError, InternalError
+from cluster.placement import ExpertPlacement
+from router.client import ExpertClient
+from router.dispatch import WorkerMessage
+
+
+class RayExperts(ExpertClient):
+    """A worker that died or does not answer within ``timeout_s`` becomes :class:`ExpertWorkerError` naming it, so
+    the requests of that step fail fast instead of hanging; an exception raised by a live worker's code is an
+    :class:`InternalError`."""
+
+    def __init__(self, placement: ExpertPlacement, handles: Sequence[Any], *, timeout_s: float = 60.0) -> None:
+        super().__init__(placement)
+        self.handles = list(handles)
+        self.timeout_s = timeout_s
+
+    def exchange(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> list[torch.Tensor]:
+        refs = [self.handles[m.worker].run.remote(layer, x[m.tokens], m.rows, m.experts, m.weights) for m in messages]
+        deadline = time.monotonic() + self.timeout_s
+        out = []
+        for ref, m in zip(refs, messages, strict=True):
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except GetTimeoutError:
+                for r in refs:
+                    ray.cancel(r)
+                raise ExpertWorkerError(
+                    f"expert worker {m.worker} did not answer layer {layer} within {self.timeout_s:.0f}s"
+                ) from None
+            except RayActorError as e:
+                raise ExpertWorkerError(
+                    f"expert worker {m.worker} is unavailable (it died or is restarting): {type(e).__name__}"
+                ) from None
+            except RayTaskError as e:  # the worker is alive but its code raised: a bug, not an outage
+                raise InternalError(f"expert worker {m.worker} failed on layer {layer}: {e.cause!r}") from None
+        return out

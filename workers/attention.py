@@ -1,0 +1,131 @@
+"""GQA attention over the KV cache, with the backend chosen in one place.
+
+:func:`select_attention_backend` picks sdpa, eager or flash_attention_2; :class:`Attention` runs every path of a
+step through that backend: groups of queries attended with their cached keys gathered (prefill, chunked prefill,
+small decode batches), the step's keys and values written to the cache, then large decode batches attended on
+their cache slots in place.
+
+Shapes: T tokens in the step (flat, all sequences), H query heads, Hkv KV heads, Dh head dim,
+B sequences in a group, n queries per sequence, L keys seen by a query.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from workers.kv_cache import AttentionGroup, LayerKV, StepPlan
+
+ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2")
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def select_attention_backend(requested: str, *, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Pick the attention backend actually used.
+
+    ``auto``: flash_attention_2 when flash-attn imports and the model runs on CUDA in fp16/bf16, else sdpa.
+    Asking for flash_attention_2 where it cannot run is an error rather than a silent fallback.
+    """
+    dev = torch.device(device)
+    flash_ok = flash_attn_available() and dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {requested!r} is unknown; use auto, {', '.join(ATTENTION_BACKENDS)}")
+    if requested == "flash_attention_2" and not flash_ok:
+        why = (
+            "flash-attn is not installed"
+            if not flash_attn_available()
+            else f"it needs a CUDA device and float16/bfloat16 (got {dev.type}, {dtype})"
+        )
+        raise ValueError(f"attention backend 'flash_attention_2' cannot be used: {why}")
+    return requested
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, H, n, Dh], k/v [B, Hkv, L, Dh], mask [B, 1, n, L] or None (every key visible) -> [B, H, n, Dh]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+_KERNELS = {"sdpa": _sdpa, "eager": _eager}
+
+
+class Attention:
+    """Attention of one step for one layer: q [T, H, Dh], this step's k/v [T, Hkv, Dh] -> [T, H, Dh]."""
+
+    def __init__(self, *, backend: str, num_heads: int, head_dim: int, window: int | None) -> None:
+        self.backend = backend
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.window = window
+
+    @property
+    def attends_in_place(self) -> bool:
+        """Whether large decode batches may attend on their slots in place (``StepPlan.views``)."""
+        return self.backend != "flash_attention_2"
+
+    def __call__(self, plan: StepPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        T, H, Dh = q.shape
+        out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
+        for g in plan.groups:  # read the cache before this step's keys are written
+            out[g.rows.reshape(-1)] = self._group(g, q, k, v, kv).reshape(-1, H, Dh)
+        kv.write(plan, k, v)
+        if plan.views:
+            kernel = _KERNELS[self.backend]
+            for row, slot, n in plan.views:  # one new token at a slot sees exactly its first n entries: no mask
+                ks, vs = kv.slot(slot, n)  # [Hkv, n, Dh]
+                o = kernel(q[row].view(1, H, 1, Dh), ks.unsqueeze(0), vs.unsqueeze(0), None, self.scale)
+                out[row] = o.view(H, Dh)
+        return out
+
+    def _group(self, g: AttentionGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        """The group's queries with keys = its cached keys ++ this step's keys -> [B, n, H, Dh]."""
+        qg, kg, vg = q[g.rows], k[g.rows], v[g.rows]  # [B, n, H|Hkv, Dh]
+        if g.cached:
+            kc, vc = kv.gather(g.slots, g.cached)  # [B, cached, Hkv, Dh]
+            kg = torch.cat((kc, kg), dim=1)
+            vg = torch.cat((vc, vg), dim=1)
+        if self.backend == "flash_attention_2":
+            return self._flash(g, qg, kg, vg)
+        out = _KERNELS[self.backend](qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), g.mask, self.scale)
+        return out.transpose(1, 2)
+
+    def _flash(
+        self, g: AttentionGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover - needs CUDA and flash-attn
+        from flash_attn import flash_attn_func  # optional dependency: only importable where it was built
+
+        outs = []
+        for b in range(q.shape[0]):
+            valid = g.mask[b, 0].any(dim=0)  # keys some query of this sequence may see: contiguous positions
+            order = g.key_order[b] if g.key_order is not None else torch.arange(k.shape[1], device=k.device)
+            order = order[valid[order]]
+            kb, vb = k[b, order][None], v[b, order][None]
+            outs.append(
+                flash_attn_func(
+                    q[b][None],
+                    kb,
+                    vb,
+                    softmax_scale=self.scale,
+                    causal=True,
+                    window_size=(self.window - 1, 0) if self.window else (-1, -1),
+                )[0]
+            )
+        return torch.stack(outs)

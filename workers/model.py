@@ -1,0 +1,211 @@
+"""The Mixtral model as modules, with the experts handed in from outside.
+
+    MixtralModel
+      embed_tokens                      [V, D]
+      layers[i]: DecoderLayer
+        input_layernorm                 RMSNorm
+        self_attn: SelfAttention        fused qkv_proj [(H + 2 Hkv) Dh, D], o_proj [D, H Dh], RoPE, Attention
+        post_attention_layernorm        RMSNorm
+        block_sparse_moe: MoEBlock      gate [E, D] (top-k in float32); experts = an ExpertClient, not weights
+      norm                              RMSNorm
+      lm_head                           [V, D] (the embedding when tied)
+
+:meth:`MixtralModel.load_weights` owns the mapping from checkpoint tensor names to these modules and is strict:
+every non-expert tensor is used, every parameter is filled. The model never holds an expert weight.
+
+Shapes: T tokens in the step, D hidden, H/Hkv heads, Dh head dim, E experts, V vocabulary, R rows whose logits
+are wanted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.checkpoint import LoadRole, load_tensors, parse_dtype
+from cluster.config import ModelConfig
+from cluster.errors import CheckpointError
+from router.client import ExpertClient
+from router.gate import ExpertLoad, route
+from workers.attention import Attention
+from workers.kv_cache import KVCache, LayerKV, StepPlan
+from workers.layers import Rope, apply_rope, rms_norm
+
+
+def _param(*shape: int) -> nn.Parameter:
+    """A placeholder until :meth:`MixtralModel.load_weights` assigns the checkpoint tensor (no memory)."""
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = _param(dim)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SelfAttention(nn.Module):
+    """GQA self-attention: q, k and v in one matmul, RoPE on q and k, attention over the KV cache, o_proj."""
+
+    def __init__(self, config: ModelConfig, attention: Attention) -> None:
+        super().__init__()
+        self.config = config
+        self.qkv_proj = _param(config.q_size + 2 * config.kv_size, config.hidden_size)
+        self.o_proj = _param(config.hidden_size, config.q_size)
+        self.attention = attention
+
+    def forward(
+        self, x: torch.Tensor, plan: StepPlan, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV
+    ) -> torch.Tensor:
+        """x [T, D] -> [T, D]; writes this step's keys and values into ``kv``."""
+        c = self.config
+        T = x.shape[0]
+        q, k, v = F.linear(x, self.qkv_proj).split((c.q_size, c.kv_size, c.kv_size), dim=-1)
+        q = apply_rope(q.reshape(T, c.num_heads, c.head_dim), cos, sin)  # [T, H, Dh]
+        k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), cos, sin)  # [T, Hkv, Dh]
+        v = v.reshape(T, c.num_kv_heads, c.head_dim)
+        out = self.attention(plan, q, k, v, kv)  # [T, H, Dh]
+        return F.linear(out.reshape(T, c.q_size), self.o_proj)
+
+
+class MoEBlock(nn.Module):
+    """Mixtral's sparse MoE: route each token to its top-k experts, which the expert client runs wherever they
+    live, and sum their weighted outputs."""
+
+    def __init__(self, config: ModelConfig, layer: int, experts: ExpertClient, load: ExpertLoad) -> None:
+        super().__init__()
+        self.gate = _param(config.num_experts, config.hidden_size)
+        self.top_k = config.top_k
+        self.layer = layer
+        self.experts = experts
+        self.load = load
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] (normalised) -> [T, D]."""
+        routing = route(x, self.gate, self.top_k)  # ids, weights [T, K]
+        self.load.add(self.layer, routing.ids)
+        return self.experts.forward(self.layer, x, routing)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer: int, attention: Attention, experts: ExpertClient, load: ExpertLoad
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SelfAttention(config, attention)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.block_sparse_moe = MoEBlock(config, layer, experts, load)
+
+    def forward(
+        self, h: torch.Tensor, plan: StepPlan, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), plan, cos, sin, kv)
+        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+
+
+class MixtralModel(nn.Module):
+    """Everything of Mixtral but the experts' weights. Build it, then :meth:`load_weights` (or use :meth:`load`)."""
+
+    def __init__(self, config: ModelConfig, *, experts: ExpertClient, attention: Attention) -> None:
+        super().__init__()
+        self.config = config
+        self.experts = experts
+        self.attention = attention
+        self.expert_load = ExpertLoad(config.num_layers, config.num_experts)
+        self.embed_tokens = _param(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, attention, experts, self.expert_load) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
+        self.rope = Rope(config.head_dim, config.rope_theta)
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        config: ModelConfig,
+        *,
+        experts: ExpertClient,
+        attention: Attention,
+        dtype: str | torch.dtype,
+        device: torch.device | str = "cpu",
+        progress: bool = True,
+    ) -> MixtralModel:
+        """Read the non-expert tensors of the checkpoint (never an expert weight) into a new model on ``device``."""
+        tensors = load_tensors(
+            folder, config, role=LoadRole.frontend(), dtype=parse_dtype(dtype), progress=progress, label="frontend"
+        )
+        model = cls(config, experts=experts, attention=attention)
+        model.load_weights(tensors, device=device)
+        return model
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu") -> None:
+        """Fill every parameter from Hugging Face tensor names (``cluster.checkpoint`` maps the original Mistral
+        names to these). Every tensor given must be used and every parameter filled, with the right shape."""
+        c = self.config
+        names = {
+            "model.embed_tokens.weight": "embed_tokens",
+            "model.norm.weight": "norm.weight",
+        }
+        if self.lm_head is not None:
+            names["lm_head.weight"] = "lm_head"
+        fused: dict[str, tuple[str, ...]] = {}
+        for i in range(c.num_layers):
+            p, m = f"model.layers.{i}.", f"layers.{i}."
+            names[p + "input_layernorm.weight"] = m + "input_layernorm.weight"
+            names[p + "post_attention_layernorm.weight"] = m + "post_attention_layernorm.weight"
+            names[p + "self_attn.o_proj.weight"] = m + "self_attn.o_proj"
+            names[p + "block_sparse_moe.gate.weight"] = m + "block_sparse_moe.gate"
+            # q, k and v in one [q_size + 2 * kv_size, D] matrix: one matmul per layer instead of three
+            fused[m + "self_attn.qkv_proj"] = tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv")
+        used = set(names) | {n for parts in fused.values() for n in parts}
+        unexpected = sorted(set(tensors) - used)
+        if unexpected:
+            raise CheckpointError(f"tensor {unexpected[0]!r} is not a non-expert tensor of this model")
+        missing = sorted(used - set(tensors))
+        if missing:
+            raise CheckpointError(f"tensor {missing[0]!r} is missing from the checkpoint")
+        for src, dst in names.items():
+            self._assign(dst, tensors[src], device)
+        for dst, parts in fused.items():
+            self._assign(dst, torch.cat([tensors[n] for n in parts]), device)
+        self.rope = Rope(c.head_dim, c.rope_theta, device)
+
+    def _assign(self, name: str, tensor: torch.Tensor, device: torch.device | str) -> None:
+        owner, _, attr = name.rpartition(".")
+        module = self.get_submodule(owner) if owner else self
+        old = getattr(module, attr)
+        if tuple(old.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"tensor for {name} has shape {tuple(tensor.shape)}; expected {tuple(old.shape)}")
+        setattr(module, attr, nn.Parameter(tensor.to(device), requires_grad=False))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, plan: StepPlan, kv: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+        """token_ids [T] laid out by ``plan`` -> float32 logits [R, V] of ``logit_rows`` [R]."""
+        h = F.embedding(token_ids.to(self.device), self.embed_tokens)  # [T, D]
+        cos, sin = self.rope.cos_sin(plan.positions, self.dtype)
+        for layer, layer_kv in zip(self.layers, kv.layers, strict=True):
+            h = layer(h, plan, cos, sin, layer_kv)
+        h = self.norm(h[logit_rows.to(self.device)])
+        lm_head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(h, lm_head).float()
