@@ -1,18 +1,47 @@
-"""OpenAI-compatible request models and the translation to our SamplingParams.
+"""The OpenAI-compatible API as pydantic models: requests (with the translation to our SamplingParams) and
+responses (completions, chat, their streamed chunks, logprobs, usage, models, errors).
 
-Validation errors become HTTP 400 in the OpenAI error shape with ``param`` naming the field.
+Request problems raise :class:`~cluster.errors.InvalidRequestError` with ``param`` naming the field (HTTP 400).
+The routes declare these models, so ``/openapi.json`` documents every body they take and return.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from cluster.errors import InvalidRequestError
 from cluster.sampling import SamplingParams, SamplingParamsError
 
 Number = StrictInt | float
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_body(raw: bytes, model: type[RequestT]) -> RequestT:
+    """The JSON request body as ``model``; InvalidRequestError names the first bad field."""
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+
+
+def validation_error(errors: Any) -> InvalidRequestError:
+    """The first of pydantic's / FastAPI's validation errors, with ``param`` the field's dotted path."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError("the request body is not valid JSON")
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    msg = first.get("msg", "invalid request")
+    return InvalidRequestError(f"{param}: {msg}" if param else str(msg), param=param)
 
 
 class StreamOptions(BaseModel):
@@ -57,7 +86,7 @@ class _Common(BaseModel):
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=-1 if self.top_k is None else self.top_k,
                 seed=self.seed,
-                stop=self.stop or (),
+                stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
@@ -138,3 +167,171 @@ class ChatCompletionRequest(_Common):
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+# ---------------------------------------------------------------------------------------------------- responses
+FinishReason = Literal["stop", "length", "abort"]
+
+
+def finish_reason(reason: str | None) -> FinishReason | None:
+    """An output's finish reason as clients see it: never "error" (an output that failed is raised instead)."""
+    return cast("FinishReason | None", reason)
+
+
+def _omit_none() -> Any:
+    """A field left out of the JSON when None (stream deltas and usage are absent, not null, as OpenAI sends)."""
+    return Field(None, exclude_if=lambda v: v is None)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions logprobs: one entry per generated token; ``text_offset`` counts characters."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed completion; the last one (with ``stream_options.include_usage``) has no
+    choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = _omit_none()
+
+
+class ChatTopLogprob(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="the token's text as UTF-8 bytes")
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatDelta(BaseModel):
+    """What a streamed chat chunk adds: the role on the first chunk, then content; empty on the finishing chunk."""
+
+    role: Literal["assistant"] | None = _omit_none()
+    content: str | None = _omit_none()
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = _omit_none()
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mixserve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int = Field(description="the HTTP status")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class WorkerHealth(BaseModel):
+    worker: int
+    ok: bool
+    error: str | None = _omit_none()
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"]
+    workers: list[WorkerHealth] | None = _omit_none()
+    error: str | None = _omit_none()
+
+
+def json_response(body: BaseModel, status_code: int = 200) -> Response:
+    """A response model as JSON (serialized once, by pydantic)."""
+    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
