@@ -6,8 +6,14 @@ token counts and routed tokens per (layer, expert) come from the frontend at scr
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger("mixserve")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -74,6 +80,23 @@ class ServeMetrics:
         self.frontend = _FrontendCollector()
         self.registry.register(self.frontend)
 
+    def count(self, endpoint: str, status: int) -> None:
+        """One finished request of ``endpoint`` with the HTTP status it got (gRPC: the status it maps to)."""
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
     def render(self, snapshot: dict | None) -> bytes:
         self.frontend.snapshot = snapshot
         return generate_latest(self.registry)
+
+
+async def frontend_snapshot(frontend: Any) -> dict | None:
+    """The frontend's engine counters, expert load and workers up; None (logged) when it does not answer, so the
+    request metrics still render."""
+    try:
+        snapshot = await asyncio.wait_for(frontend.stats.remote(), timeout=10)
+        health = await asyncio.wait_for(frontend.health.remote(timeout_s=1.0), timeout=10)
+    except Exception as e:
+        log.warning("metrics: frontend snapshot unavailable (%s); exporting ingress metrics only", e)
+        return None
+    snapshot["workers_up"] = sum(1 for w in health["workers"] if w["ok"])
+    return snapshot

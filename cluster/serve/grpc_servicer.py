@@ -1,0 +1,138 @@
+"""Service ``mixserve.v1.Generation`` (cluster/serve/proto/mixserve.proto): Generate and GenerateStream.
+
+Ray Serve's gRPC proxy calls the ingress methods of the same names, which delegate here. A failure sets the
+gRPC status from :mod:`cluster.serve.errors` (GenerateStream then raises :class:`GrpcStatusError`, which is how
+a streaming method reports its status through Ray Serve).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from cluster.engine import RequestOutput
+from cluster.errors import InvalidRequestError
+from cluster.sampling import SamplingParams, TokenLogprob
+from cluster.serve.auth import check_api_key, check_model
+from cluster.serve.context import ServeContext
+from cluster.serve.errors import GrpcStatusError, api_error, new_request_id, set_grpc_status
+from cluster.serve.logprobs import piece_text
+from cluster.serve.proto import mixserve_pb2 as pb
+from cluster.serve.streams import Choice
+
+GENERATE = "grpc_generate"
+GENERATE_STREAM = "grpc_generate_stream"
+
+
+def _authorization(grpc_context: Any) -> str | None:
+    metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+    return metadata.get("authorization")
+
+
+def prompt_and_params(ctx: ServeContext, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+    """The prompt ids (from exactly one of prompt, prompt_token_ids, messages) and the sampling parameters;
+    InvalidRequestError (or a subclass) names the bad field."""
+    given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
+    if sum(given) != 1:
+        raise InvalidRequestError("give exactly one of prompt, prompt_token_ids or messages", param="prompt")
+    if request.prompt:
+        ids = ctx.tokenizer.encode(request.prompt)
+    elif request.prompt_token_ids:
+        ids = list(request.prompt_token_ids)
+    else:
+        ids = ctx.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
+    params = SamplingParams(
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else 16,
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k if request.HasField("top_k") else -1,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop),
+        stop_token_ids=tuple(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
+    )
+    return ids, params
+
+
+async def _outputs(
+    ctx: ServeContext, request: pb.GenerateRequest, grpc_context: Any, rid: str, t0: float
+) -> AsyncIterator[tuple[list[int], RequestOutput]]:
+    """Check, submit, and stream (prompt ids, output) for one request."""
+    check_api_key(ctx.args.api_key, _authorization(grpc_context))
+    check_model(ctx.model_name, request.model or None)
+    ids, params = prompt_and_params(ctx, request)
+    choices = [Choice(0, ids, rid, await ctx.frontend.submit(ids, params, rid))]
+    async for _, out in ctx.frontend.merged(choices, t0):
+        yield ids, out
+
+
+def _logprobs(ctx: ServeContext, lps: Sequence[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    if not lps:
+        return []
+    tok = ctx.tokenizer
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            token=piece_text(tok, lp.token_id),
+            logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=i, token=piece_text(tok, i), logprob=v) for i, v in lp.top],
+        )
+        for lp in lps
+    ]
+
+
+def _reply(
+    ctx: ServeContext, ids: list[int], rid: str, out: RequestOutput, *, whole: bool, first: bool
+) -> pb.GenerateReply:
+    """Generate: the whole result; GenerateStream: this step's delta (usage on the last reply)."""
+    reply = pb.GenerateReply(
+        request_id=rid,
+        text=out.text if whole else out.delta_text,
+        token_ids=out.token_ids if whole else out.new_token_ids,
+        finish_reason=out.finish_reason or "",
+        logprobs=_logprobs(ctx, out.logprobs if whole else out.new_logprobs),
+        prompt_token_ids=ids if (whole or first) else [],
+    )
+    if out.finished:
+        n = len(out.token_ids)
+        reply.usage.CopyFrom(pb.Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n))
+    return reply
+
+
+async def generate(ctx: ServeContext, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateReply:
+    t0 = time.monotonic()
+    rid = request.request_id or new_request_id("grpc")
+    reply = pb.GenerateReply()
+    try:
+        async for ids, out in _outputs(ctx, request, grpc_context, rid, t0):
+            if out.finished:
+                reply = _reply(ctx, ids, rid, out, whole=True, first=True)
+    except Exception as e:
+        err = api_error(e, request_id=rid)
+        ctx.metrics.count(GENERATE, err.status)
+        set_grpc_status(grpc_context, err)
+        return pb.GenerateReply()
+    ctx.metrics.count(GENERATE, 200)
+    ctx.metrics.e2e.observe(time.monotonic() - t0)
+    return reply
+
+
+async def generate_stream(
+    ctx: ServeContext, request: pb.GenerateRequest, grpc_context: Any = None
+) -> AsyncIterator[pb.GenerateReply]:
+    t0 = time.monotonic()
+    rid = request.request_id or new_request_id("grpc")
+    try:
+        first = True
+        async for ids, out in _outputs(ctx, request, grpc_context, rid, t0):
+            yield _reply(ctx, ids, rid, out, whole=False, first=first)
+            first = False
+    except Exception as e:
+        err = api_error(e, request_id=rid)
+        ctx.metrics.count(GENERATE_STREAM, err.status)
+        set_grpc_status(grpc_context, err)
+        raise GrpcStatusError(err.message) from None
+    ctx.metrics.count(GENERATE_STREAM, 200)
+    ctx.metrics.e2e.observe(time.monotonic() - t0)
