@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving.conftest import API_KEY
+from tests.serving.conftest import API_KEY, metric, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 
@@ -54,28 +54,22 @@ def test_request_in_flight_when_a_worker_dies_gets_503_fast(served):
     result: dict = {}
 
     def long_request():
-        t0 = time.monotonic()
         result["response"] = httpx.post(
             f"{base}/v1/completions",
             json={"prompt": "long", "max_tokens": 3000, "ignore_eos": True, "temperature": 0},
             headers={"authorization": f"Bearer {API_KEY}"},
             timeout=60,
         )
-        result["elapsed"] = time.monotonic() - t0
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(1.0)
-    killed = time.monotonic()
+    wait_until(lambda: metric(base, "mixserve_running_requests") == 1, "the long request never started")
     ray.kill(victim, no_restart=False)
-    t.join(timeout=40)
-    assert not t.is_alive(), "the request hung after its worker died"
+    t.join(timeout=20)  # the bound: it fails within 20 s of its worker's death, it never hangs
+    assert not t.is_alive(), "the request did not fail within 20 s of its worker's death"
     r = result["response"]
     assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "service_unavailable"
     assert "expert worker" in r.json()["error"]["message"]
-    assert time.monotonic() - killed < 20
-    # wait until healthy again so later tests see a working app
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{base}/health", timeout=30).status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    # healthy again, so that later tests see a working app
+    wait_until(lambda: httpx.get(f"{base}/health", timeout=30).status_code == 200, "never healthy again", 60, 0.2)

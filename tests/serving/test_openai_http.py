@@ -9,7 +9,15 @@ import httpx
 import pytest
 
 from cluster import SamplingParams
-from tests.serving.conftest import API_KEY, MODEL_NAME
+from cluster.serve.protocol import (
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    CompletionResponse,
+    CompletionStreamResponse,
+    ErrorResponse,
+    ModelList,
+)
+from tests.serving.conftest import API_KEY, MODEL_NAME, metric, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 
@@ -192,13 +200,6 @@ def test_health_and_metrics(served):
     assert 'mixserve_requests_total{endpoint="completions",status="200"}' in text
 
 
-def _metric(base: str, name: str) -> float:
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def test_disconnect_mid_stream_frees_the_slot(served):
     base, _, _ = served
     body = {"prompt": "a long story", "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -208,15 +209,97 @@ def test_disconnect_mid_stream_frees_the_slot(served):
         lines = r.iter_lines()  # held, so the connection stays open while we look at the server
         events = [line for line in (next(lines) for _ in range(6)) if line.startswith("data: ")]
         assert len(events) >= 3
-        assert _metric(base, "mixserve_running_requests") == 1
-        before = _metric(base, "mixserve_generation_tokens_total")
-        time.sleep(0.5)
-        assert _metric(base, "mixserve_generation_tokens_total") > before  # still generating
+        assert metric(base, "mixserve_running_requests") == 1
+        before = metric(base, "mixserve_generation_tokens_total")
+        wait_until(
+            lambda: metric(base, "mixserve_generation_tokens_total") > before,
+            "the request stopped generating while its client was still connected",
+        )
     # The client is gone: the request is aborted and its slot freed long before 3000 tokens could finish.
-    deadline = time.monotonic() + 15
-    while _metric(base, "mixserve_running_requests") != 0:
-        assert time.monotonic() < deadline, "the request kept running after the client disconnected"
-        time.sleep(0.2)
-    stopped_at = _metric(base, "mixserve_generation_tokens_total")
-    time.sleep(0.5)
-    assert _metric(base, "mixserve_generation_tokens_total") == stopped_at
+    wait_until(
+        lambda: metric(base, "mixserve_running_requests") == 0,
+        "the request kept running after the client disconnected",
+        timeout_s=15,
+    )
+    stopped_at = metric(base, "mixserve_generation_tokens_total")
+    time.sleep(0.5)  # nothing runs any more: the count stays where it stopped
+    assert metric(base, "mixserve_generation_tokens_total") == stopped_at
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def _schema_ref(content: dict, media_type: str) -> str:
+    return content[media_type]["schema"]["$ref"].rsplit("/", 1)[-1]
+
+
+def test_openapi_documents_requests_responses_stream_chunks_and_errors(served):
+    base, _, _ = served
+    spec = httpx.get(f"{base}/openapi.json", timeout=30).json()
+    schemas = spec["components"]["schemas"]
+    for name in (
+        "CompletionRequest",
+        "ChatCompletionRequest",
+        "CompletionResponse",
+        "CompletionChoice",
+        "CompletionLogprobs",
+        "CompletionStreamResponse",
+        "ChatCompletionResponse",
+        "ChatMessage",
+        "ChatLogprobs",
+        "ChatCompletionStreamResponse",
+        "ChatDelta",
+        "Usage",
+        "ModelList",
+        "ModelCard",
+        "ErrorResponse",
+        "HealthResponse",
+    ):
+        assert name in schemas, name
+    for ref in _refs(spec):  # every reference resolves
+        assert ref.rsplit("/", 1)[-1] in schemas, ref
+    for path, request, response, chunk in (
+        ("/v1/completions", "CompletionRequest", "CompletionResponse", "CompletionStreamResponse"),
+        ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletionResponse", "ChatCompletionStreamResponse"),
+    ):
+        op = spec["paths"][path]["post"]
+        assert _schema_ref(op["requestBody"]["content"], "application/json") == request
+        assert _schema_ref(op["responses"]["200"]["content"], "application/json") == response
+        assert _schema_ref(op["responses"]["200"]["content"], "text/event-stream") == chunk
+        for status in ("400", "401", "404", "408", "500", "503"):
+            assert _schema_ref(op["responses"][status]["content"], "application/json") == "ErrorResponse"
+    models = spec["paths"]["/v1/models"]["get"]["responses"]
+    assert _schema_ref(models["200"]["content"], "application/json") == "ModelList"
+
+
+def test_responses_are_what_the_schemas_say(served):
+    """What the routes send parses strictly as the documented models (no field missing, none extra)."""
+    base, _, _ = served
+    headers = {"authorization": f"Bearer {API_KEY}"}
+
+    def strict(model, data):
+        assert set(data) <= set(model.model_fields), set(data) - set(model.model_fields)
+        return model.model_validate(data)
+
+    strict(ModelList, httpx.get(f"{base}/v1/models", headers=headers, timeout=30).json())
+    body = {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "logprobs": 2}
+    strict(CompletionResponse, _post(base, "/v1/completions", body).json())
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 1}
+    strict(ChatCompletionResponse, _post(base, "/v1/chat/completions", chat).json())
+    strict(ErrorResponse, _post(base, "/v1/completions", {"prompt": ""}).json())
+    for path, payload, model in (
+        ("/v1/completions", body, CompletionStreamResponse),
+        ("/v1/chat/completions", chat, ChatCompletionStreamResponse),
+    ):
+        payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        r = _post(base, path, payload)
+        events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [strict(model, json.loads(e)) for e in events[:-1]]
+        assert chunks[-1].usage is not None and chunks[-1].choices == []
+        assert all(c.usage is None for c in chunks[:-1])
