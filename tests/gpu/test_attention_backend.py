@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-try:
-    from workers.attention import select_attention_backend
-except ImportError:  # before the workers split, the selection lived in workers.layers
-    from workers.layers import select_attention_backend
+from workers.attention import select_attention_backend
 
 pytestmark = pytest.mark.gpu
 
