@@ -98,7 +98,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _generate(a: argparse.Namespace) -> int:
     try:
-        config = ClusterConfig.create(model=str(a.model or default_model_dir()), **options_from(a, ClusterConfig, skip=_NOT_FLAGS))
+        config = ClusterConfig.create(
+            model=str(a.model or default_model_dir()), **options_from(a, ClusterConfig, skip=_NOT_FLAGS)
+        )
         params = SamplingParams(
             max_tokens=a.max_tokens,
             temperature=a.temperature,

@@ -86,7 +86,7 @@ class Scheduler:
         """Requests aborted since the last call, out of every queue with their slots freed."""
         with self._lock:
             ids, self._aborts = self._aborts, []
-            reqs = [r for r in (self._by_id.get(i) for i in ids) if r is not None]
+            reqs = [r for r in (self._by_id.get(i) for i in dict.fromkeys(ids)) if r is not None]  # once each
             for req in reqs:
                 if req in self.waiting:
                     self.waiting.remove(req)

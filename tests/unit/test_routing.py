@@ -8,8 +8,6 @@ import torch
 from cluster.placement import ExpertPlacement, PlacementError
 from router.dispatch import combine, plan
 from router.gate import ExpertLoad, Routing, route
-from workers.kv_cache import SeqChunk, plan_step
-from workers.layers import select_attention_backend
 
 
 def test_route_matches_the_definition():
@@ -93,37 +91,3 @@ def test_explicit_placement_is_validated(mapping, workers, needle):
 def test_too_many_workers():
     with pytest.raises(PlacementError, match="at most one per expert"):
         ExpertPlacement.contiguous(num_layers=1, num_experts=4, num_workers=5)
-
-
-def test_attention_backend_selection(monkeypatch):
-    import workers.layers as layers
-
-    assert select_attention_backend("auto", device="cpu", dtype=torch.float32) == "sdpa"
-    assert select_attention_backend("eager", device="cpu", dtype=torch.float32) == "eager"
-    with pytest.raises(ValueError, match="not installed|CUDA"):
-        select_attention_backend("flash_attention_2", device="cpu", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="unknown"):
-        select_attention_backend("xformers", device="cpu", dtype=torch.float32)
-    monkeypatch.setattr(layers, "flash_attn_available", lambda: True)
-    assert select_attention_backend("auto", device="cuda", dtype=torch.bfloat16) == "flash_attention_2"
-    assert select_attention_backend("auto", device="cuda", dtype=torch.float16) == "flash_attention_2"
-    assert select_attention_backend("auto", device="cuda", dtype=torch.float32) == "sdpa"
-    assert select_attention_backend("auto", device="cpu", dtype=torch.bfloat16) == "sdpa"
-    with pytest.raises(ValueError, match="float16/bfloat16"):
-        select_attention_backend("flash_attention_2", device="cuda", dtype=torch.float32)
-
-
-def test_rolling_buffer_layout_and_masks():
-    # capacity 4 (= sliding window 4), 6 tokens cached, one new token at position 6
-    p = plan_step([SeqChunk(slot=1, start=6, n=1)], capacity=4, window=4)
-    assert p.token_index.tolist() == [6 % 4]
-    (g,) = p.groups
-    assert g.cached == 4
-    # cache indices 0..3 hold positions 4, 5, 2, 3; the query at 6 sees 3, 4, 5 and itself (window 4)
-    assert g.mask[0, 0, 0].tolist() == [True, True, False, True, True]
-
-
-def test_chunk_longer_than_the_buffer_writes_only_its_tail():
-    p = plan_step([SeqChunk(slot=0, start=0, n=7)], capacity=5, window=5)
-    assert p.write_rows.tolist() == [2, 3, 4, 5, 6]
-    assert p.token_index[p.write_rows].tolist() == [2, 3, 4, 0, 1]
