@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from cluster.errors import InvalidRequestError
-from cluster.sampling import SamplingParams, SamplingParamsError
+from cluster.sampling import SamplingParams
 
 Number = StrictInt | float
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -79,20 +79,17 @@ class _Common(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         max_tokens = self.max_tokens if self.max_tokens is not None else max_tokens_default
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=-1 if self.top_k is None else self.top_k,
-                seed=self.seed,
-                stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
-                stop_token_ids=tuple(self.stop_token_ids or ()),
-                ignore_eos=self.ignore_eos,
-                logprobs=logprobs,
-            )
-        except SamplingParamsError as e:
-            raise InvalidRequestError(str(e), param=e.param) from None
+        return SamplingParams(  # SamplingParamsError (a 400 naming the parameter) when one is out of range
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            seed=self.seed,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
 
 
 class CompletionRequest(_Common):

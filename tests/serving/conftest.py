@@ -8,7 +8,10 @@ import time
 
 import httpx
 import pytest
+from ray import serve
 
+from cluster import LLM
+from cluster.serve.app import GRPC_SERVICER, build_app
 from tests.conftest import ensure_local_ray
 from tests.helpers import hf_mixtral
 
@@ -54,10 +57,6 @@ def wait_until(condition, message: str, timeout_s: float = 30, interval_s: float
 @pytest.fixture(scope="session")
 def serve_instance():
     """(http base URL, gRPC target) of Ray Serve on the shared local Ray instance."""
-    from ray import serve
-
-    from cluster.serve.app import GRPC_SERVICER
-
     ensure_local_ray()
     http_port, grpc_port = free_port(), free_port()
     serve.start(
@@ -71,10 +70,6 @@ def serve_instance():
 @pytest.fixture(scope="session")
 def served(serve_instance, tmp_path_factory):
     """(base_url, grpc_target, model_dir) of a running app: 2 expert workers, API key, 4096-token context."""
-    from ray import serve
-
-    from cluster.serve.app import build_app
-
     folder = tmp_path_factory.mktemp("served")
     hf_mixtral(folder, seed=21, num_local_experts=8, max_position_embeddings=4096, sliding_window=64)
     base, grpc_target = serve_instance
@@ -96,8 +91,6 @@ def served(serve_instance, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_llm(served):
-    from cluster import LLM
-
     _, _, folder = served
     llm = LLM(folder, progress=False)
     yield llm

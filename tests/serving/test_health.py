@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
 import pytest
+import ray
 
 from tests.serving.conftest import API_KEY, metric, wait_until
 
@@ -13,8 +15,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.serving]
 
 
 def test_health_turns_503_when_a_worker_dies_and_200_when_back(served):
-    import ray
-
     base, _, _ = served
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mixserve-expert-")]
@@ -44,10 +44,6 @@ def test_health_turns_503_when_a_worker_dies_and_200_when_back(served):
 
 
 def test_request_in_flight_when_a_worker_dies_gets_503_fast(served):
-    import threading
-
-    import ray
-
     base, _, _ = served
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mixserve-expert-")]
     victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])

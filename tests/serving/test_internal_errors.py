@@ -16,12 +16,14 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from ray import serve
 
+from cluster.serve.ingress import Ingress
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
 from tests.helpers import hf_mixtral
 from tests.serving.conftest import wait_healthy
-from tests.serving.faulty_frontend import POISON_TOKEN
+from tests.serving.faulty_frontend import POISON_TOKEN, FaultyFrontendServer
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 
@@ -34,11 +36,6 @@ ENGINE_ID = re.compile(r"cmpl-[0-9a-f]{32}-0")
 @pytest.fixture(scope="module")
 def faulty(serve_instance, tmp_path_factory):
     """(base URL, gRPC channel) of the faulty application."""
-    from ray import serve
-
-    from cluster.serve.ingress import Ingress
-    from tests.serving.faulty_frontend import FaultyFrontendServer
-
     folder = tmp_path_factory.mktemp("faulty")
     hf_mixtral(folder, seed=3)
     args = {"model": str(folder), "expert_workers": 0, "served_model_name": "faulty", "max_num_seqs": 4}

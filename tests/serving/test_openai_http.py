@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+from openai import OpenAI
 
 from cluster import SamplingParams
 from cluster.serve.protocol import (
@@ -24,8 +25,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.serving]
 
 @pytest.fixture(scope="module")
 def client(served):
-    from openai import OpenAI
-
     base, _, _ = served
     c = OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     yield c
