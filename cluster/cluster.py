@@ -81,7 +81,8 @@ def spawn_worker(
     """One expert-worker actor in its placement-group bundle. It loads its own experts and restarts forever
     (``max_restarts=-1``); calls in flight when it dies fail (no retries)."""
     return (
-        ray.remote(enable_tensor_transport=True)(ExpertWorker)
+        # ray.remote's typed overloads predate enable_tensor_transport (RDT); the call is what Ray documents.
+        ray.remote(enable_tensor_transport=True)(ExpertWorker)  # pyright: ignore[reportCallIssue]
         .options(
             num_cpus=resources.cpus_per_worker,
             num_gpus=resources.gpus_per_worker,
@@ -250,7 +251,7 @@ class ExpertCluster:
 
     def _spawn_frontend(self) -> None:
         self.frontend = (
-            ray.remote(enable_tensor_transport=True)(FrontendActor)
+            ray.remote(enable_tensor_transport=True)(FrontendActor)  # pyright: ignore[reportCallIssue]
             .options(
                 num_cpus=1,
                 num_gpus=self.resources.frontend_gpus,

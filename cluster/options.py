@@ -54,6 +54,15 @@ def _parser_of(annotation: Any) -> tuple[Callable[[str], Any] | None, list[Any] 
     return None, None, optional
 
 
+def _or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``kind``, except that ``none`` / ``null`` give None."""
+
+    def convert(s: str) -> Any:
+        return None if s.lower() in ("none", "null") else kind(s)
+
+    return convert
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = ()) -> None:
     """One ``--field-name`` flag per supported field of ``cls`` (``skip`` leaves fields out)."""
     skipped = set(skip)
@@ -66,12 +75,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[st
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
-        convert = kind
-        if optional:
-
-            def convert(s: str, _kind: Callable[[str], Any] = kind) -> Any:
-                return None if s.lower() in ("none", "null") else _kind(s)
-
+        convert = _or_none(kind) if optional else kind
         parser.add_argument(flag, type=convert, choices=choices, default=default, help=shown, dest=name)
 
 

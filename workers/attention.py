@@ -110,7 +110,8 @@ class Attention:
     def _flash(
         self, g: AttentionGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:  # pragma: no cover - needs CUDA and flash-attn
-        from flash_attn import flash_attn_func  # optional dependency: only importable where it was built
+        # optional dependency (the gpu extra): only importable where it was built
+        from flash_attn import flash_attn_func  # pyright: ignore[reportMissingImports]
 
         outs = []
         for b in range(q.shape[0]):
