@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from cluster.builder import ClusterConfig
 from cluster.errors import AppArgsError
@@ -28,14 +28,15 @@ class AppArgs(ClusterConfig):
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
 
-    @model_validator(mode="after")
-    def _object_refs_only(self) -> AppArgs:
-        if self.transport != "object_ref":
+    @field_validator("transport")
+    @classmethod
+    def _object_refs_only(cls, v: str) -> str:
+        if v != "object_ref":
             raise ValueError(
                 "the Serve application moves tokens over object refs; RDT transports (gloo, nccl) are available "
                 "in the offline LLM API"
             )
-        return self
+        return v
 
     def resolved_model(self) -> str:
         return self.model or str(default_model_dir())

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.serve.app import AppArgsError, parse_args
+from cluster import LLM, SamplingParams
+from cluster.errors import AppArgsError
+from cluster.serve.args import parse_args
+from cluster.tiny_model import TinyModelSpec, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,9 +41,6 @@ def test_bad_args_name_the_field(args, needle):
 
 
 def test_offline_generate_takes_more_prompts_than_the_queue(tmp_path):
-    from cluster import LLM, SamplingParams
-    from cluster.tiny_model import TinyModelSpec, write_tiny_model
-
     folder = write_tiny_model(tmp_path, TinyModelSpec(hidden=32, intermediate=64, layers=1, experts=4))
     llm = LLM(folder, max_num_seqs=2, max_num_batched_tokens=16, max_queued_requests=1, progress=False)
     outs = llm.generate([[1, 5 + i] for i in range(7)], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
