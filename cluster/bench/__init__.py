@@ -1,21 +1,21 @@
 """``mixserve bench``: engine, dispatch, serve and memory benchmarks (not part of the test suite).
 
 Each subcommand prints a table, shows progress on stderr and writes a JSON report (``--out``, default
-``bench-results/<name>-<timestamp>.json``) with the machine, versions, settings, method, results and goals.
+``bench-results/<name>-<timestamp>.json``) with the machine, versions, settings, method, results and goals
+(``cluster.bench.harness``).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from cluster.bench import dispatch, engine, memory, serve
+from cluster.bench.harness import add_command
+
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and its subcommands on the ``mixserve`` parser."""
-    from cluster.bench import dispatch, engine, memory, serve
-
     p = sub.add_parser("bench", help="benchmarks: engine, dispatch, serve, memory")
     bench_sub = p.add_subparsers(dest="bench", required=True)
-    engine.add_parser(bench_sub)
-    dispatch.add_parser(bench_sub)
-    serve.add_parser(bench_sub)
-    memory.add_parser(bench_sub)
+    for name, module in (("engine", engine), ("dispatch", dispatch), ("serve", serve), ("memory", memory)):
+        add_command(bench_sub, name, module.Options, module.run)

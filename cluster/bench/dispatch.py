@@ -1,380 +1,160 @@
-"""``mixserve bench dispatch``: the cost of one layer's all-to-all on the sharded path against its floor.
+"""``mixserve bench dispatch``: one layer's all-to-all on the sharded path against its floor.
 
-For each W (expert workers), transport (object_ref, gloo) and T (tokens in the step), one layer's
-``experts.run_layer(layer, x, messages)`` is timed from inside a small frontend-like actor, beside
+For each W (expert workers) and transport, a real ``ExpertCluster`` (placement group, W ``ExpertWorker`` actors, the
+``FrontendActor`` with the client ``expert_client`` builds for that transport) is started; inside the frontend actor
+(``__ray_call__``), per T tokens and per layer: hidden states x [T, D] (random, through the layer's own
+post-attention RMSNorm) routed by the layer's own gate (``router.gate.route``), then, interleaved:
 
-- compute: the same ``ExpertShard.run`` calls, timed inside each worker process on its own shard (no transport);
-- echo floor: the same round trip to the same actors with the same payloads through the same client code, but
-  calling ``ExpertWorker.echo`` (returns x, no compute) instead of ``run``.
+- forward: ``experts.forward(layer, x, routing)`` (dispatch plan, exchange with the workers' ``run``, combine);
+- echo floor: the same call on the same client with its handles' ``run`` swapped for ``ExpertWorker.echo`` (the
+  same payload back, no compute; over RDT through the same stage/absorb path);
+- compute: each worker's message through ``ExpertWorker.run`` timed inside that worker process (no transport), one
+  worker at a time. compute_sum adds the workers (the critical path when there are fewer free cores than workers),
+  compute_max takes the slowest (perfect parallelism: the strict variant).
 
-dispatch overhead = run_layer - compute; ratios overhead / echo and run_layer / (compute + echo).
+Times per layer call: median over iterations, mean over layers. overhead = forward - compute_sum. The goal is
+forward / (compute_sum + echo), worst case over W and T per transport.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
 
-from cluster.bench import common
-
-TRANSPORTS = ("object_ref", "gloo")
-
-
-@dataclass(frozen=True)
-class DispatchBenchSettings:
-    model: str
-    workers: list[int] = field(default_factory=lambda: [1, 2, 4])
-    transports: list[str] = field(default_factory=lambda: list(TRANSPORTS))
-    tokens: list[int] = field(default_factory=lambda: [8, 64])
-    iters: int = 30
-    warmup: int = 5
-    seed: int = 0
+from cluster.bench import harness as h
+from cluster.bench.harness import Common, opt
+from cluster.builder import ClusterConfig
+from cluster.cluster import ExpertCluster, FrontendActor
+from cluster.config import ModelConfig
+from router import dispatch
+from router.client import TRANSPORTS
+from router.gate import route
+from router.object_ref import RayExperts
+from router.rdt import RdtExperts
+from workers.expert_worker import ExpertWorker
 
 
-# ---------------------------------------------------------------------- cases (no Ray)
-@dataclass(frozen=True)
-class Case:
-    """One layer's input: normalised hidden states x [T, D] and the messages its real gate routes them into."""
+@dataclass
+class Options(Common):
+    """one layer's all-to-all against the echo floor, per W, transport and T"""
 
-    layer: int
-    x: torch.Tensor
-    messages: list
-
-
-def make_cases(model: str, placement: Any, tokens: int, seed: int) -> list[Case]:
-    """One case per layer: random hidden states, routed by that layer's checkpoint gate, planned over ``placement``."""
-    from cluster.checkpoint import LoadRole, load_tensors
-    from cluster.config import ModelConfig
-    from router import dispatch
-    from router.gate import route
-    from workers.layers import rms_norm
-
-    cfg = ModelConfig.from_dir(model)
-    t = load_tensors(model, cfg, role=LoadRole.frontend(), dtype=torch.float32, progress=False)
-    g = torch.Generator().manual_seed(seed + tokens)
-    cases = []
-    for layer in range(cfg.num_layers):
-        p = f"model.layers.{layer}."
-        x = rms_norm(torch.randn(tokens, cfg.hidden_size, generator=g), t[p + "post_attention_layernorm.weight"], 1e-5)
-        routing = route(x, t[p + "block_sparse_moe.gate.weight"], cfg.top_k)
-        cases.append(Case(layer, x, dispatch.plan(routing, placement.worker_tensor(layer))))
-    return cases
+    cluster_flags = ("dtype", "device", "gpus_per_worker", "placement_strategy", "worker_timeout_s")
+    workers: str = opt("1,2,4", "expert-worker counts W, comma-separated")
+    transports: str = opt("object_ref,gloo", f"transports, comma-separated ({', '.join(TRANSPORTS)})")
+    tokens: str = opt("8,64", "tokens per step T, comma-separated")
+    iters: int = opt(30, "timed calls per layer")
+    warmup: int = opt(5, "untimed calls per layer first (the first creates the RDT group)")
+    seed: int = opt(0, "seed of the hidden states")
 
 
-def payload_bytes(case: Case) -> dict[str, int]:
-    """Bytes one layer sends (rows of x plus rows/experts/weights) and receives (one partial per message)."""
-
-    def nb(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
-
-    d, es = case.x.shape[1], case.x.element_size()
-    sent = sum(len(m.tokens) * d * es + nb(m.rows) + nb(m.experts) + nb(m.weights) for m in case.messages)
-    received = sum(len(m.tokens) * d * es for m in case.messages)
-    return {"sent": sent, "received": received, "messages": len(case.messages)}
-
-
-# ---------------------------------------------------------------------- inside the actors
-def _time_shard_runs(worker: Any, jobs: list[tuple], iters: int, warmup: int) -> list[list[float]]:
-    """Runs inside an ExpertWorker (via ``__ray_call__``): seconds of ``worker.shard.run`` for each job."""
-    out = []
-    with torch.inference_mode():
-        for job in jobs:
-            out.append(common.time_calls(lambda job=job: worker.shard.run(*job), iters, warmup=warmup))
-    return out
-
-
-class _EchoHandle:
-    """An expert-worker handle whose ``run*`` methods are the worker's ``echo*`` ones (``run`` -> ``echo``,
-    ``run_wire`` -> ``echo_wire``): the client code stays exactly the same, only the compute is left out."""
+class Echo:
+    """An expert-worker handle whose ``run`` is the worker's ``echo``."""
 
     def __init__(self, handle: Any) -> None:
-        self._handle = handle
+        self.handle = handle
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "_handle":  # not set yet (never pickled, but keep getattr from recursing)
-            raise AttributeError(name)
-        if name.startswith("run"):
-            return getattr(self._handle, "echo" + name[3:])
-        return getattr(self._handle, name)
+    @property
+    def run(self) -> Any:
+        return self.handle.echo
 
 
-class BenchFrontend:
-    """A frontend-like actor (same resources as the real one: 1 CPU) that hosts an expert client and times it.
-
-    For RDT it has the ``rdt_stage``/``rdt_absorb`` hooks RdtExperts calls on its own actor, like FrontendActor.
-    """
-
-    def __init__(self, handles: list, transport: str, timeout_s: float = 60.0) -> None:
-        from router.transport import RayExperts
-
-        self.transport = transport
-        self.real = list(handles)
-        self.echo = [_EchoHandle(h) for h in handles]
-        if transport == "object_ref":
-            self.experts: Any = RayExperts(self.real, timeout_s=timeout_s)
-        else:
-            from router.rdt import RdtExperts
-
-            self.experts = RdtExperts(self.real, backend=transport, timeout_s=timeout_s)
-
-    def rdt_stage(self, key: int):
-        return self.experts.stage(key)
-
-    def rdt_absorb(self, key: int, partial) -> bool:
-        return self.experts.absorb(key, partial)
-
-    def _call(self, case: Case, echo: bool) -> float:
-        self.experts.handles = self.echo if echo else self.real
-        try:
-            t0 = time.perf_counter()
-            self.experts.run_layer(case.layer, case.x, case.messages)
-            return time.perf_counter() - t0
-        finally:
-            self.experts.handles = self.real
-
-    def measure(self, cases: list[Case], iters: int, warmup: int) -> dict[str, list[list[float]]]:
-        """Per case: seconds of ``iters`` run_layer calls and of ``iters`` echo round trips, interleaved."""
-        for _ in range(warmup):  # the first run also creates the RDT collective group
-            for c in cases:
-                self._call(c, echo=False)
-                self._call(c, echo=True)
-        run = [[] for _ in cases]
-        echo = [[] for _ in cases]
-        for _ in range(iters):
-            for i, c in enumerate(cases):
-                run[i].append(self._call(c, echo=False))
-                echo[i].append(self._call(c, echo=True))
-        return {"run": run, "echo": echo}
-
-    def threads(self) -> int:
-        return torch.get_num_threads()
+def time_runs(worker: ExpertWorker, jobs: list[tuple], iters: int, warmup: int) -> list[list[float]]:
+    """Inside an expert worker (``__ray_call__``): seconds of its ``run`` for each job."""
+    with torch.inference_mode():
+        return [h.time_calls(lambda j=j: worker.run(*j), iters, warmup=warmup) for j in jobs]
 
 
-# ---------------------------------------------------------------------- driver side
-def _median_mean(per_case: list[list[float]]) -> float:
-    """Mean over cases (layers) of each case's median seconds."""
-    return statistics.fmean(statistics.median(v) for v in per_case)
-
-
-def measure_compute(handles: list, cases: list[Case], iters: int, warmup: int) -> dict[str, float]:
-    """Each message's ``ExpertShard.run`` timed inside its own worker, one worker at a time (no contention)."""
-    import ray
-
-    per_case_workers: list[list[float]] = [[] for _ in cases]
-    for w, h in enumerate(handles):
-        jobs, where = [], []
-        for i, c in enumerate(cases):
-            for m in c.messages:
-                if m.worker == w:
-                    jobs.append((c.layer, c.x[m.tokens], m.rows, m.experts, m.weights))
-                    where.append(i)
-        if not jobs:
-            continue
-        times = ray.get(h.__ray_call__.remote(_time_shard_runs, jobs, iters, warmup))
-        for i, t in zip(where, times, strict=True):
-            per_case_workers[i].append(statistics.median(t))
-    return {
-        "compute_sum_s": statistics.fmean(sum(v) for v in per_case_workers),
-        "compute_max_s": statistics.fmean(max(v) for v in per_case_workers),
-    }
-
-
-def start_bench_frontend(handles: list, transport: str) -> Any:
-    import ray
-
-    actor_cls = ray.remote(enable_tensor_transport=True)(BenchFrontend)
-    return actor_cls.options(num_cpus=1, max_concurrency=8).remote(handles, transport)
-
-
-def bench_transport(actor: Any, cases: list[Case], s: DispatchBenchSettings) -> dict[str, Any]:
-    import ray
-
-    times = ray.get(actor.measure.remote(cases, s.iters, s.warmup))
-    return {
-        "run_layer_s": _median_mean(times["run"]),
-        "run_layer_min_s": statistics.fmean(min(v) for v in times["run"]),
-        "echo_s": _median_mean(times["echo"]),
-        "echo_min_s": statistics.fmean(min(v) for v in times["echo"]),
-        "frontend_threads": ray.get(actor.threads.remote()),
-    }
-
-
-def derive(row: dict[str, Any]) -> dict[str, Any]:
-    """Overhead and the ratios against the floor (serial compute, and the strict variant with parallel compute)."""
-    run, echo, csum, cmax = row["run_layer_s"], row["echo_s"], row["compute_sum_s"], row["compute_max_s"]
-    overhead = run - csum
-    return {
-        **row,
-        "overhead_s": overhead,
-        "overhead_over_echo": common.ratio(overhead, echo),
-        "run_over_compute_plus_echo": common.ratio(run, csum + echo),
-        "run_over_parallel_compute_plus_echo": common.ratio(run, cmax + echo),
-    }
-
-
-def bench_workers(n_workers: int, s: DispatchBenchSettings, progress: common.Progress) -> list[dict[str, Any]]:
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    from cluster.cluster import WorkerResources, start_workers
-    from cluster.config import ModelConfig
-    from cluster.placement import ExpertPlacement
-
-    cfg = ModelConfig.from_dir(s.model)
-    placement = ExpertPlacement.contiguous(
-        num_layers=cfg.num_layers, num_experts=cfg.num_experts, num_workers=n_workers
-    )
-    progress(f"W={n_workers}: starting expert workers")
-    pg, handles = start_workers(
-        model=s.model,
-        config=cfg,
-        placement=placement,
-        dtype="float32",
-        resources=WorkerResources(gpus_per_worker=0.0, frontend_gpus=0.0),
-        frontend_bundle=False,
-    )
+def measure(actor: FrontendActor, tokens: list[int], iters: int, warmup: int, seed: int) -> list[dict[str, Any]]:
+    """Inside the frontend actor (``__ray_call__``): one row per T (see the module docstring)."""
+    model, client = actor.frontend.model, actor.frontend.experts
+    assert isinstance(client, (RayExperts, RdtExperts))
+    real = list(client.handles)
+    echo = [Echo(x) for x in real]
     rows = []
-    try:
-        cases = {t: make_cases(s.model, placement, t, s.seed) for t in s.tokens}
-        compute = {}
-        for t in s.tokens:
-            progress(f"W={n_workers} T={t}: compute inside the workers")
-            compute[t] = measure_compute(handles, cases[t], s.iters, s.warmup)
-        # object_ref first: once workers joined an RDT group they cannot join another one reliably, so one
-        # frontend per transport serves every T.
-        for transport in sorted(s.transports, key=TRANSPORTS.index):
-            actor = start_bench_frontend(handles, transport)
-            try:
-                for t in s.tokens:
-                    progress(f"W={n_workers} T={t}: {transport} run_layer and echo")
-                    timing = bench_transport(actor, cases[t], s)
-                    row = {"workers": n_workers, "tokens": t, "transport": transport, **compute[t], **timing}
-                    rows.append(derive({**row, "payload_layer0": payload_bytes(cases[t][0])}))
-            finally:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor, no_restart=True)
-    finally:
-        for h in handles:
-            with contextlib.suppress(Exception):
-                ray.kill(h, no_restart=True)
-        with contextlib.suppress(Exception):
-            remove_placement_group(pg)
+    for t in tokens:
+        g = torch.Generator().manual_seed(seed + t)
+        cases = []
+        with torch.inference_mode():
+            for i, layer in enumerate(model.layers):
+                x = torch.randn(t, model.config.hidden_size, generator=g).to(model.device, model.dtype)
+                x = layer.post_attention_layernorm(x)
+                cases.append((i, x, route(x, layer.block_sparse_moe.gate, layer.block_sparse_moe.top_k)))
+        seconds: dict[str, list[list[float]]] = {"forward": [[] for _ in cases], "echo": [[] for _ in cases]}
+        for it in range(warmup + iters):
+            for i, case in enumerate(cases):
+                for kind, handles in (("forward", real), ("echo", echo)):
+                    client.handles = handles
+                    t0 = time.perf_counter()
+                    client.forward(*case)
+                    if it >= warmup:
+                        seconds[kind][i].append(time.perf_counter() - t0)
+        client.handles = real
+        per_layer: list[list[float]] = [[] for _ in cases]  # median compute seconds of each worker with rows
+        for w, handle in enumerate(real):
+            jobs, where = [], []
+            for i, (layer, x, routing) in enumerate(cases):
+                for m in dispatch.plan(routing, client.placement.worker_tensor(layer)):
+                    if m.worker == w:
+                        jobs.append((layer, x[m.tokens], m.rows, m.experts, m.weights))
+                        where.append(i)
+            for i, ts in zip(where, ray.get(handle.__ray_call__.remote(time_runs, jobs, iters, warmup)), strict=True):
+                per_layer[i].append(statistics.median(ts))
+        fwd, back = (statistics.fmean(statistics.median(v) for v in seconds[k]) for k in ("forward", "echo"))
+        csum, cmax = statistics.fmean(sum(v) for v in per_layer), statistics.fmean(max(v) for v in per_layer)
+        messages = dispatch.plan(cases[0][2], client.placement.worker_tensor(0))
+        rows.append(
+            {
+                "tokens": t,
+                "forward_s": fwd,
+                "echo_s": back,
+                "compute_sum_s": csum,
+                "compute_max_s": cmax,
+                "overhead_s": fwd - csum,
+                "overhead_over_echo": h.ratio(fwd - csum, back),
+                "forward_over_compute_plus_echo": h.ratio(fwd, csum + back),
+                "strict": h.ratio(fwd, cmax + back),  # with perfectly parallel workers
+                "layer0_messages": len(messages),
+                "layer0_bytes_each_way": sum(len(m.tokens) * x.shape[1] * x.element_size() for m in messages),
+                "frontend_threads": torch.get_num_threads(),
+            }
+        )
     return rows
 
 
-METHOD = (
-    "All times are per layer call, median over iterations, averaged over the model's layers (each layer has its "
-    "own routing from its checkpoint gate over random normalised hidden states x [T, D]). run_layer: "
-    "experts.run_layer(layer, x, messages) timed inside a 1-CPU frontend-like actor hosting the real client "
-    "(router.transport.RayExperts for object_ref; router.rdt.RdtExperts for gloo, with the same rdt_stage/"
-    "rdt_absorb hooks as FrontendActor). echo floor: the same client code, the same actors and payloads, with "
-    "each worker's run replaced by ExpertWorker.echo (for gloo, through the same stage/absorb RDT path with "
-    "tensor_transport). compute: each message's ExpertShard.run timed inside its own worker process (same shard, "
-    "same threads, no transport), one worker at a time; compute_sum adds the workers (what the in-process path "
-    "does; on a machine with fewer free cores than workers it is the critical path), compute_max takes the "
-    "slowest worker (perfect parallelism, the strict variant). overhead = run_layer - compute_sum. The goal uses "
-    "run_layer / (compute_sum + echo), worst case over W and T per transport."
-)
-
-
-def goals_of(rows: list[dict[str, Any]], transports: list[str]) -> list[dict]:
-    out = []
-    for tr in transports:
-        mine = [r for r in rows if r["transport"] == tr]
-        if not mine:
-            continue
-        worst = max(mine, key=lambda r: r["run_over_compute_plus_echo"])
+def run(o: Options, cluster: dict[str, Any]) -> dict:
+    transports = [t.strip() for t in o.transports.split(",") if t.strip()]
+    if not transports or set(transports) - set(TRANSPORTS):
+        raise SystemExit(f"mixserve bench dispatch: --transports takes {', '.join(TRANSPORTS)}, not {o.transports!r}")
+    workers, tokens = h.ints(o.workers, "workers"), h.ints(o.tokens, "tokens")
+    r = h.Run("dispatch", o)
+    model = h.model_dir(o.model)
+    rows = []
+    with h.local_ray(max(workers) + 2):
+        for w in workers:
+            for transport in transports:
+                config = ClusterConfig.create(model=model, expert_workers=w, transport=transport, **cluster)
+                r(f"W={w} {transport}: starting the cluster, then T={o.tokens}")
+                c = ExpertCluster.start(config, config.placement(ModelConfig.from_dir(model)), progress=False)
+                try:
+                    timed = ray.get(c.frontend.__ray_call__.remote(measure, tokens, o.iters, o.warmup, o.seed))
+                finally:
+                    c.shutdown()
+                rows += [{"workers": w, "transport": transport, **row} for row in timed]
+    goals = []
+    for transport in transports:
+        worst = max((x for x in rows if x["transport"] == transport), key=lambda x: x["forward_over_compute_plus_echo"])
+        text = f"dispatch ({transport}) forward <= 1.3x (compute + echo floor)"
         note = f"worst case W={worst['workers']} T={worst['tokens']}"
-        out.append(
-            common.goal(
-                f"dispatch ({tr}) run_layer <= 1.3x (compute + echo floor)",
-                worst["run_over_compute_plus_echo"],
-                1.3,
-                at_least=False,
-                note=note,
-            )
-        )
-    return out
-
-
-def table_of(rows: list[dict[str, Any]]) -> str:
-    ms = 1e3
-    return common.table(
-        ["W", "T", "transport", "run ms", "compute ms", "echo ms", "overhead ms", "ovh/echo", "run/(c+e)", "strict"],
-        [
-            (
-                r["workers"],
-                r["tokens"],
-                r["transport"],
-                r["run_layer_s"] * ms,
-                r["compute_sum_s"] * ms,
-                r["echo_s"] * ms,
-                r["overhead_s"] * ms,
-                r["overhead_over_echo"],
-                r["run_over_compute_plus_echo"],
-                r["run_over_parallel_compute_plus_echo"],
-            )
-            for r in rows
-        ],
-        title="one layer's all-to-all (per call; strict = run / (slowest worker's compute + echo))",
-    )
-
-
-def run_dispatch_bench(s: DispatchBenchSettings, *, out: str | None = None, quiet: bool = False) -> dict:
-    import ray
-
-    progress = common.Progress("dispatch", quiet=quiet)
-    machine = common.machine_info()
-    started = common.init_ray(max(s.workers) + 2)
-    try:
-        rows = [r for w in s.workers for r in bench_workers(w, s, progress)]
-    finally:
-        if started:
-            ray.shutdown()
-    machine.update(common.end_probes(progress))
-    payload = common.report(
-        "dispatch",
-        settings=asdict(s),
-        method=METHOD,
-        results={"rows": rows},
-        goals=goals_of(rows, s.transports),
-        machine=machine,
-    )
-    common.finish(payload, out, [table_of(rows)])
-    return payload
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dispatch", help="one layer's all-to-all against the echo floor, per W, transport and T")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the bench model, made once)")
-    p.add_argument("--workers", type=common.int_list, default=[1, 2, 4])
-    p.add_argument("--transports", type=common.str_list, default=list(TRANSPORTS), help="object_ref,gloo")
-    p.add_argument("--tokens", type=common.int_list, default=[8, 64], help="tokens per step")
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    common.add_common_args(p)
-    p.set_defaults(func=main)
-
-
-def main(a: argparse.Namespace) -> int:
-    bad = [t for t in a.transports if t not in TRANSPORTS]
-    if bad:
-        raise SystemExit(f"mixserve bench dispatch: unknown transport {bad[0]!r}; use {', '.join(TRANSPORTS)}")
-    s = DispatchBenchSettings(
-        model=common.resolve_model(a.model),
-        workers=a.workers,
-        transports=a.transports,
-        tokens=a.tokens,
-        iters=max(1, a.iters),
-        warmup=max(1, a.warmup),
-        seed=a.seed,
-    )
-    run_dispatch_bench(s, out=a.out, quiet=a.quiet)
-    return 0
+        goals.append(h.goal(text, worst["forward_over_compute_plus_echo"], 1.3, at_least=False, note=note))
+    ms = [{**x, **{k[:-2] + "_ms": x[k] * 1e3 for k in x if k.endswith("_s")}} for x in rows]
+    cols = ["workers", "tokens", "transport", "forward_ms", "compute_sum_ms", "echo_ms", "overhead_ms"]
+    cols += ["overhead_over_echo", "forward_over_compute_plus_echo", "strict"]
+    title = "one layer's all-to-all per call (strict: forward / (slowest worker's compute + echo))"
+    tables = [h.table(ms, cols, title=title)]
+    settings = {"cluster": cluster}
+    return r.finish(settings=settings, method=__doc__, results={"rows": rows}, goals=goals, tables=tables)
