@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field, StrictInt, ValidationError, field_validator
 
 from cluster.checkpoint import parse_dtype
 from cluster.config import ModelConfig
@@ -37,7 +37,7 @@ class ClusterConfig(EngineConfig):
 
     model: str = Field(description="checkpoint folder (config.json or params.json, safetensors, tokenizer)")
     dtype: Dtype = Field("float32", description="weights and activations")
-    expert_workers: int = Field(0, ge=0, description="expert-worker actors; 0 runs every expert in the frontend")
+    expert_workers: StrictInt = Field(0, ge=0, description="expert-worker actors; 0 runs every expert in the frontend")
     transport: Transport = Field("object_ref", description="how tokens travel to the workers (gloo/nccl: RDT)")
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has enough GPUs, else 0")
     placement_strategy: Strategy = Field("PACK", description="Ray placement-group strategy for the workers")
@@ -46,7 +46,13 @@ class ClusterConfig(EngineConfig):
     )
     attention_backend: AttentionBackend = Field("auto", description="auto: flash-attention-2 when usable, else sdpa")
     device: str | None = Field(None, description="frontend device; None: cuda when available, else cpu")
+    tokenizer: str | None = Field(None, description="tokenizer file or folder; None: the checkpoint's own")
     worker_timeout_s: float = Field(60.0, gt=0, description="an expert worker that does not answer a layer fails")
+
+    @field_validator("placement_strategy", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
 
     @classmethod
     def create(cls, **kwargs: Any) -> ClusterConfig:
@@ -54,7 +60,7 @@ class ClusterConfig(EngineConfig):
         try:
             return cls(**kwargs)
         except ValidationError as e:
-            raise SetupError(_describe(e, f"invalid {cls.__name__}")) from None
+            raise SetupError(describe(e, f"invalid {cls.__name__}")) from None
 
     def placement(self, config: ModelConfig) -> ExpertPlacement:
         if self.expert_placement is None:
@@ -69,7 +75,8 @@ class ClusterConfig(EngineConfig):
         )
 
 
-def _describe(e: ValidationError, what: str) -> str:
+def describe(e: ValidationError, what: str) -> str:
+    """One line naming every bad field: ``what: field: problem; field: problem``."""
     problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in e.errors())
     return f"{what}: {problems}"
 
@@ -148,7 +155,7 @@ def build_frontend(config: ClusterConfig, *, experts: ExpertClient | None = None
         progress=progress,
     )
     runner = ModelRunner(model, num_slots=config.max_num_seqs, max_model_len=max_model_len)
-    tokenizer = Tokenizer.from_dir(config.model)
+    tokenizer = Tokenizer.from_dir(config.model, tokenizer=config.tokenizer)
     core = EngineCore(
         runner,
         tokenizer,

@@ -97,25 +97,28 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(a: argparse.Namespace) -> int:
+    """Every error a user can cause (bad flag value, bad checkpoint, bad prompt, lost worker) is one line, exit 2."""
     try:
-        config = ClusterConfig.create(
-            model=str(a.model or default_model_dir()), **options_from(a, ClusterConfig, skip=_NOT_FLAGS)
-        )
-        params = SamplingParams(
-            max_tokens=a.max_tokens,
-            temperature=a.temperature,
-            top_p=a.top_p,
-            top_k=a.top_k,
-            seed=a.seed,
-            stop=tuple(a.stop),
-        )
+        return _generate_or_raise(a)
     except MixserveError as e:
         print(f"mixserve generate: {e}", file=sys.stderr)
         return 2
+
+
+def _generate_or_raise(a: argparse.Namespace) -> int:
+    options = options_from(a, ClusterConfig, skip=_NOT_FLAGS)
+    config = ClusterConfig.create(model=str(a.model or default_model_dir()), **options)
+    params = SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+        stop=tuple(a.stop),
+    )
     if config.expert_workers:  # sharded: the offline API over Ray, printed when done
-        with LLM(config.model, **options_from(a, ClusterConfig, skip=_NOT_FLAGS)) as llm:
-            ids = _prompt_ids(llm.tokenizer, a)
-            out = llm.generate([ids], params)[0]
+        with LLM(config.model, **options) as llm:
+            out = llm.generate([_prompt_ids(llm.tokenizer, a)], params)[0]
             print(out.text)
         print(f"[finish_reason={out.finish_reason}]", file=sys.stderr)
         return 0
@@ -127,6 +130,8 @@ def _generate(a: argparse.Namespace) -> int:
         stream = await engine.generate(ids, params)
         reason = None
         async for out in stream:
+            if out.error is not None:
+                raise out.error
             sys.stdout.write(out.delta_text)
             sys.stdout.flush()
             reason = out.finish_reason
@@ -135,9 +140,6 @@ def _generate(a: argparse.Namespace) -> int:
 
     try:
         reason = asyncio.run(run())
-    except MixserveError as e:
-        print(f"mixserve generate: {e}", file=sys.stderr)
-        return 2
     finally:
         engine.shutdown()
     print(f"[finish_reason={reason}]", file=sys.stderr)

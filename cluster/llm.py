@@ -28,11 +28,9 @@ class LLM:
     Ray, ``address=``, or a new local one) and routes every layer's tokens between them.
     """
 
-    def __init__(
-        self, model: str | Path, *, address: str | None = None, progress: bool = True, **options: Any
-    ) -> None:
+    def __init__(self, model: str | Path, *, address: str | None = None, progress: bool = True, **options: Any) -> None:
         self.config = ClusterConfig.create(model=str(model), **options)
-        self.tokenizer = Tokenizer.from_dir(self.config.model)
+        self.tokenizer = Tokenizer.from_dir(self.config.model, tokenizer=self.config.tokenizer)
         self._frontend: Frontend | None = None
         self._cluster = None
         if self.config.expert_workers == 0:
@@ -53,7 +51,7 @@ class LLM:
         if all(isinstance(p, str) for p in items):
             return [self.tokenizer.encode(p) for p in items if isinstance(p, str)]
         if all(isinstance(p, (list, tuple)) for p in items):
-            return [[int(t) for t in p] for p in items]
+            return [list(p) for p in items]  # the engine checks every id (an int in [0, vocab))
         raise InvalidRequestError("prompts must be a string, a list of strings or a list of token-id lists")
 
     def generate(

@@ -39,6 +39,8 @@ def _fields(cls: type) -> list[tuple[str, Any, Any, str]]:
 def _parser_of(annotation: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None, bool]:
     """(argparse type, choices, optional) for an annotation; type None means not on the command line."""
     optional = False
+    if typing.get_origin(annotation) is typing.Annotated:  # e.g. StrictInt
+        annotation = typing.get_args(annotation)[0]
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
         optional = True
@@ -46,6 +48,8 @@ def _parser_of(annotation: Any) -> tuple[Callable[[str], Any] | None, list[Any] 
         if len(rest) != 1:
             return None, None, optional
         annotation = rest[0]
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is Literal:
         choices = list(typing.get_args(annotation))
         return type(choices[0]), choices, optional
@@ -72,11 +76,13 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[st
             continue
         flag = "--" + name.replace("_", "-")
         shown = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        if choices:  # listed here; the config class validates (and may normalise) the value
+            shown = f"{shown}; one of {', '.join(map(str, choices))}"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         convert = _or_none(kind) if optional else kind
-        parser.add_argument(flag, type=convert, choices=choices, default=default, help=shown, dest=name)
+        parser.add_argument(flag, type=convert, default=default, help=shown, dest=name)
 
 
 def options_from(ns: argparse.Namespace, cls: type, *, skip: Iterable[str] = ()) -> dict[str, Any]:

@@ -13,8 +13,6 @@ import torch
 
 from cluster.errors import PlacementError
 
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
 
 @dataclass(frozen=True)
 class ExpertPlacement:

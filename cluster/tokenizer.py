@@ -79,16 +79,25 @@ class Tokenizer:
         self._eos_id = int(self._sp.eos_id())
 
     @classmethod
-    def from_dir(cls, path: str | Path | None) -> Tokenizer:
+    def from_dir(cls, path: str | Path | None, *, tokenizer: str | Path | None = None) -> Tokenizer:
         """Load ``<path>/tokenizer.model``, or the bundled Mixtral-8x7B tokenizer when there is none.
 
         Args:
             path: A model folder, or ``None`` for the bundled tokenizer.
+            tokenizer: An override: a tokenizer file, or a folder holding ``tokenizer.model``.
 
         Raises:
             NotADirectoryError: ``path`` is given but is not a folder.
-            FileNotFoundError: The bundled tokenizer is needed but cannot be found.
+            FileNotFoundError: The bundled tokenizer is needed but cannot be found, or the override does not exist.
         """
+        if tokenizer is not None:
+            override = Path(tokenizer)
+            override = override / MODEL_FILE_NAME if override.is_dir() else override
+            if not override.is_file():
+                raise FileNotFoundError(
+                    f"tokenizer {str(tokenizer)!r} is neither a tokenizer file nor a folder with one"
+                )
+            return cls(override)
         if path is None:
             return cls(default_model_file())
         folder = Path(path)

@@ -16,7 +16,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.errors import ExpertWorkerError, InternalError
+from cluster.errors import ExpertWorkerError
 from cluster.placement import ExpertPlacement
 from router.client import ExpertClient
 from router.dispatch import WorkerMessage
@@ -24,8 +24,8 @@ from router.dispatch import WorkerMessage
 
 class RayExperts(ExpertClient):
     """A worker that died or does not answer within ``timeout_s`` becomes :class:`ExpertWorkerError` naming it, so
-    the requests of that step fail fast instead of hanging; an exception raised by a live worker's code is an
-    :class:`InternalError`."""
+    the requests of that step fail fast instead of hanging; an exception raised by a live worker's code propagates
+    as Ray's ``RayTaskError`` (a bug: the engine turns it into an ``InternalError`` per request and logs it)."""
 
     def __init__(self, placement: ExpertPlacement, handles: Sequence[Any], *, timeout_s: float = 60.0) -> None:
         super().__init__(placement)
@@ -49,6 +49,6 @@ class RayExperts(ExpertClient):
                 raise ExpertWorkerError(
                     f"expert worker {m.worker} is unavailable (it died or is restarting): {type(e).__name__}"
                 ) from None
-            except RayTaskError as e:  # the worker is alive but its code raised: a bug, not an outage
-                raise InternalError(f"expert worker {m.worker} failed on layer {layer}: {e.cause!r}") from None
+            except RayTaskError:  # the worker is alive but its code raised: a bug, not an outage. The engine logs
+                raise  # it with the worker's traceback and fails the step's requests with InternalError
         return out

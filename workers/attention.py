@@ -16,6 +16,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from cluster.errors import SetupError
 from workers.kv_cache import AttentionGroup, LayerKV, StepPlan
 
 ATTENTION_BACKENDS = ("sdpa", "eager", "flash_attention_2")
@@ -36,14 +37,14 @@ def select_attention_backend(requested: str, *, device: torch.device | str, dtyp
     if requested == "auto":
         return "flash_attention_2" if flash_ok else "sdpa"
     if requested not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {requested!r} is unknown; use auto, {', '.join(ATTENTION_BACKENDS)}")
+        raise SetupError(f"attention backend {requested!r} is unknown; use auto, {', '.join(ATTENTION_BACKENDS)}")
     if requested == "flash_attention_2" and not flash_ok:
         why = (
             "flash-attn is not installed"
             if not flash_attn_available()
             else f"it needs a CUDA device and float16/bfloat16 (got {dev.type}, {dtype})"
         )
-        raise ValueError(f"attention backend 'flash_attention_2' cannot be used: {why}")
+        raise SetupError(f"attention backend 'flash_attention_2' cannot be used: {why}")
     return requested
 
 

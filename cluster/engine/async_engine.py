@@ -95,6 +95,11 @@ class AsyncEngine:
         self.core.abort(request_id)
         self._wake.set()
 
+    def cancel(self, request_id: str) -> None:
+        """Abort a request whose stream will never be read (its consumer left before iterating it)."""
+        self._queues.pop(request_id, None)
+        self.abort(request_id)
+
     def shutdown(self) -> None:
         """Stop the engine thread and end every stream still open (finish_reason "abort", EngineStoppedError)."""
         self._stop = True

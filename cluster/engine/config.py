@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from cluster.errors import SetupError
 
 
 class EngineConfig(BaseModel):
@@ -10,14 +12,14 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_num_seqs: int = Field(16, ge=1, description="sequences decoded together (= KV-cache slots)")
-    max_num_batched_tokens: int = Field(
+    max_num_seqs: StrictInt = Field(16, ge=1, description="sequences decoded together (= KV-cache slots)")
+    max_num_batched_tokens: StrictInt = Field(
         512, ge=1, description="tokens per step: decode tokens + prefill chunks (long prompts are chunked)"
     )
-    max_queued_requests: int = Field(
+    max_queued_requests: StrictInt = Field(
         256, ge=1, description="requests waiting for a slot before new ones are refused as overload"
     )
-    max_model_len: int | None = Field(
+    max_model_len: StrictInt | None = Field(
         None, ge=2, description="prompt + max_tokens limit; default: the model's max_position_embeddings, at most 8192"
     )
 
@@ -38,7 +40,7 @@ class EngineConfig(BaseModel):
         if self.max_model_len is None:
             return min(max_position_embeddings, 8192)
         if self.max_model_len > max_position_embeddings:
-            raise ValueError(
+            raise SetupError(
                 f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
                 f"({max_position_embeddings})"
             )

@@ -32,6 +32,16 @@ from cluster.tokenizer import Tokenizer
 
 log = logging.getLogger("mixserve")
 
+COUNTERS = (
+    "requests_added",
+    "prompt_tokens",
+    "generation_tokens",
+    "finished_stop",
+    "finished_length",
+    "finished_abort",
+    "finished_error",
+)
+
 
 class EngineCore:
     """Not thread-safe except ``add_request`` / ``abort`` intake."""
@@ -54,7 +64,8 @@ class EngineCore:
         self.eos = eos_token_id
         self.scheduler = Scheduler(config, executor.num_slots)
         self.observers: list[Callable[[str, float], None]] = []
-        self.counters: collections.Counter[str] = collections.Counter()
+        # Every key exists from the start: stats() copies this from another thread while steps update it.
+        self.counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
 
     # ------------------------------------------------------------------ intake (any thread)
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -129,6 +140,14 @@ class EngineCore:
             return outputs + self.fail_running(e)
         for req, chunk in scheduled:
             req.computed = chunk.start + chunk.n
+        try:
+            self._sample(sampled, logits, outputs)
+        except Exception as e:  # outputs already made (finished requests included) are kept; the rest fail
+            return outputs + self.fail_running(e)
+        return outputs
+
+    def _sample(self, sampled: list[Request], logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
+        """Pick each sampled request's token from its logits row; append its output to ``outputs``."""
         now = time.monotonic()
         greedy = [i for i, r in enumerate(sampled) if r.params.greedy]
         picked: dict[int, int] = {}
@@ -140,7 +159,6 @@ class EngineCore:
             n_top = req.params.logprobs
             lp = logprobs_of(logits[i], tok, n_top) if n_top is not None else None
             outputs.append(self._append_token(req, tok, lp, now))
-        return outputs
 
     def finish_aborted(self) -> list[RequestOutput]:
         outs = []
@@ -208,8 +226,9 @@ class EngineCore:
         return out
 
     def fail_running(self, error: Exception) -> list[RequestOutput]:
-        """End every running request with ``error``: a :class:`MixserveError` as it is (a worker failure), anything
-        else as an :class:`InternalError` per request (a bug: logged here with its traceback)."""
+        """End every running request with ``error``: a :class:`MixserveError` as it is (e.g. ``ExpertWorkerError``
+        when a worker was lost), anything else as an :class:`InternalError` per request, carrying that request's
+        id (a bug: logged here once with its traceback)."""
         running = list(self.scheduler.running)
         if not isinstance(error, MixserveError):
             log.error("step failed for requests %s", [r.request_id for r in running], exc_info=error)

@@ -16,8 +16,9 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 class RequestOutput:
     """A request's state after a step: cumulative ``token_ids``/``text`` and what this step added.
 
-    ``error`` is set when ``finish_reason == "error"``: an ``ExpertWorkerError`` when a worker failed,
-    an ``InternalError`` (carrying the request id) when the step failed for any other reason.
+    ``error`` is set when the request ended on an error: with ``finish_reason == "error"``, an
+    ``ExpertWorkerError`` when a worker failed or an ``InternalError`` (carrying the request id) when the step failed
+    for any other reason; with ``finish_reason == "abort"``, ``EngineStoppedError`` when the engine shut down.
     """
 
     request_id: str

@@ -77,10 +77,6 @@ class Scheduler:
         with self._lock:
             return bool(self.waiting or self.running or self._aborts)
 
-    def open_request_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._by_id)
-
     # ------------------------------------------------------------------ the engine's thread
     def take_aborted(self) -> list[Request]:
         """Requests aborted since the last call, out of every queue with their slots freed."""

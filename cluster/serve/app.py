@@ -9,6 +9,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 
+from cluster.errors import PlacementError
 from cluster.placement import resolve_resources
 from cluster.serve.args import AppArgs, parse_args
 from cluster.serve.frontend_server import FrontendServer
@@ -20,10 +21,17 @@ GRPC_SERVICER = "cluster.serve.proto.mixserve_pb2_grpc.add_GenerationServicer_to
 
 
 def _frontend_gpus(a: AppArgs) -> float:
-    total = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
-    return resolve_resources(
-        expert_workers=a.expert_workers, gpus_per_worker=a.gpus_per_worker, total_gpus=total
-    ).frontend_gpus
+    """The frontend deployment's GPUs. ``serve run`` builds the app before it starts Ray: then none, and the
+    frontend replica checks the workers' GPUs against the cluster when it starts them."""
+    if not ray.is_initialized():
+        return 0.0
+    total = float(ray.cluster_resources().get("GPU", 0))
+    try:
+        return resolve_resources(
+            expert_workers=a.expert_workers, gpus_per_worker=a.gpus_per_worker, total_gpus=total
+        ).frontend_gpus
+    except PlacementError:
+        return 0.0  # the frontend replica's launch_workers reports what is missing
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -5,28 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, StrictInt, ValidationError, field_validator
 
-from cluster.builder import ClusterConfig
+from cluster.builder import ClusterConfig, describe
 from cluster.errors import AppArgsError
 from cluster.tiny_model import default_model_dir
-
-SERVING_FIELDS = ("api_key", "served_model_name", "request_timeout_s")
 
 
 class AppArgs(ClusterConfig):
     """What ``serve run`` / ``serve deploy`` pass as ``args`` (and ``mixserve serve`` builds from its flags)."""
 
     model: str | None = Field(None, description="checkpoint folder; None serves the built-in tiny model")  # type: ignore[assignment]
-    expert_workers: int = Field(2, ge=0, description="expert-worker actors; 0 runs every expert in the frontend")
+    expert_workers: StrictInt = Field(2, ge=0, description="expert-worker actors; 0 runs every expert in the frontend")
     api_key: str | None = Field(None, description="when set, /v1 requests need 'Authorization: Bearer <key>'")
     served_model_name: str = Field("mixserve-tiny", min_length=1, description="the model name clients use")
     request_timeout_s: float = Field(300.0, gt=0, description="a request that does not finish in time gets 408")
-
-    @field_validator("placement_strategy", mode="before")
-    @classmethod
-    def _upper(cls, v: object) -> object:
-        return v.upper() if isinstance(v, str) else v
 
     @field_validator("transport")
     @classmethod
@@ -51,5 +44,4 @@ def parse_args(args: dict[str, Any] | None) -> AppArgs:
     try:
         return AppArgs(**(args or {}))
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in e.errors())
-        raise AppArgsError(f"invalid mixserve application arguments: {problems}") from None
+        raise AppArgsError(describe(e, "invalid mixserve application arguments")) from None

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import Response
 
 from cluster.engine import RequestOutput
+from cluster.errors import PromptTooLongError
 from cluster.serve.context import ServeContext
 from cluster.serve.logprobs import chat_logprobs
 from cluster.serve.protocol import (
@@ -31,7 +32,13 @@ ENDPOINT = "chat_completions"
 async def create_chat_completion(ctx: ServeContext, req: ChatCompletionRequest, request_id: str, t0: float) -> Response:
     """Without max_tokens a choice may use what is left of the context after the prompt (as OpenAI does)."""
     prompt = ctx.tokenizer.encode_chat(req.chat())  # ChatFormatError: 400, param "messages"
-    params = req.params(max_tokens_default=await ctx.frontend.max_model_len() - len(prompt))
+    context = await ctx.frontend.max_model_len()
+    if len(prompt) >= context:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {context} tokens; the messages take {len(prompt)}",
+            param="messages",
+        )
+    params = req.params(max_tokens_default=context - len(prompt))
     choices = await ctx.frontend.submit_all([prompt], params, req.n, request_id)
     created = int(time.time())
 

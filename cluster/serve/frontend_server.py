@@ -75,9 +75,15 @@ class FrontendServer:
                 f"internal error queueing request {request_id}; see the server log", request_id=request_id
             )
             return
-        yield ACCEPTED
-        async for out in stream:
-            yield out
+        started = False
+        try:
+            yield ACCEPTED
+            started = True
+            async for out in stream:  # leaving this loop early aborts the request (AsyncEngine's stream)
+                yield out
+        finally:
+            if not started:  # cancelled at acceptance: the engine's stream was never read
+                self.engine.cancel(request_id)
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

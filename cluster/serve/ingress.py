@@ -109,7 +109,7 @@ class Ingress:
         self.frontend = frontend
         self.ctx = ServeContext(
             args=a,
-            tokenizer=Tokenizer.from_dir(a.resolved_model()),
+            tokenizer=Tokenizer.from_dir(a.resolved_model(), tokenizer=a.tokenizer),
             frontend=FrontendClient(frontend, timeout_s=a.request_timeout_s, metrics=metrics),
             metrics=metrics,
             created=int(time.time()),
