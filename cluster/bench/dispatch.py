@@ -1,9 +1,8 @@
 """``mixserve bench dispatch``: one layer's all-to-all on the sharded path against its floor.
 
-For each W (expert workers) and transport, a real ``ExpertCluster`` (placement group, W ``ExpertWorker`` actors, the
-``FrontendActor`` with the client ``expert_client`` builds for that transport) is started; inside the frontend actor
-(``__ray_call__``), per T tokens and per layer: hidden states x [T, D] (random, through the layer's own
-post-attention RMSNorm) routed by the layer's own gate (``router.gate.route``), then, interleaved:
+For each W and transport a real ``ExpertCluster`` is started (W ``ExpertWorker`` actors and the ``FrontendActor``
+with its expert client). Inside the frontend actor (``__ray_call__``), per T and per layer: random hidden states
+x [T, D] through the layer's own post-attention RMSNorm, routed by its own gate (``router.gate.route``); then:
 
 - forward: ``experts.forward(layer, x, routing)`` (dispatch plan, exchange with the workers' ``run``, combine);
 - echo floor: the same call on the same client with its handles' ``run`` swapped for ``ExpertWorker.echo`` (the
@@ -21,6 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -52,17 +52,6 @@ class Options(Common):
     seed: int = opt(0, "seed of the hidden states")
 
 
-class Echo:
-    """An expert-worker handle whose ``run`` is the worker's ``echo``."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    @property
-    def run(self) -> Any:
-        return self.handle.echo
-
-
 def time_runs(worker: ExpertWorker, jobs: list[tuple], iters: int, warmup: int) -> list[list[float]]:
     """Inside an expert worker (``__ray_call__``): seconds of its ``run`` for each job."""
     with torch.inference_mode():
@@ -74,7 +63,7 @@ def measure(actor: FrontendActor, tokens: list[int], iters: int, warmup: int, se
     model, client = actor.frontend.model, actor.frontend.experts
     assert isinstance(client, (RayExperts, RdtExperts))
     real = list(client.handles)
-    echo = [Echo(x) for x in real]
+    echo = [SimpleNamespace(run=x.echo) for x in real]  # handles whose run is the worker's echo
     rows = []
     for t in tokens:
         g = torch.Generator().manual_seed(seed + t)

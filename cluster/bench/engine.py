@@ -1,21 +1,18 @@
 """``mixserve bench engine``: the in-process engine (W = 0) against transformers' ``MixtralForCausalLM.generate`` on
 the same checkpoint, dtype, device and torch threads (greedy, EOS ignored), beside the floor of a decode step.
 
-(a) Fixed batches, equal lengths. Ours: ``build_frontend`` and its ``EngineCore.generate`` with every prompt at once;
-the model runner is wrapped only to record each step. Transformers: ``generate`` with min_new_tokens =
-max_new_tokens. tokens/s = batch x new_tokens / wall time of the whole run (best of the repeats, prefill
-included; one untimed warm-up run of each side first). Decode-step time, median over every repeat's full-batch
-decode-only steps: ours = from one executor call's start to the next (a whole engine step: schedule, forward,
-sample); transformers = between successive calls of a no-op logits processor.
-Floor: recorded decode steps replayed on the model's own tensors, nothing else, best-of-N: the step's [B, in]
-activations against every 2-D parameter of the model (fused qkv, o and gate per layer, lm_head; the embedding only
-when tied), then per layer ``ExpertShard.run`` (two matmuls, SwiGLU, weighted scatter) with exactly the rows that
-step routed to each expert (the model's own ExpertLoad counts); median over up to 4 replayed steps. weight_bytes:
-those matrices plus the experts hit.
-(b) Mixed workload: random prompts and max_tokens from a fixed seed, all given at once to our continuous batching
-(the engine limits in settings) against transformers in static batches in submission order (left padding, each
-batch runs to its longest max_tokens; only each row's own max_tokens count as useful). Our forward passes split
-into steps with a prefill chunk and decode-only steps by batch size; full-batch decode forwards against their floor.
+(a) Fixed batches. Ours: ``build_frontend`` and its ``EngineCore.generate``, every prompt at once (the runner is
+wrapped only to record each step). Transformers: ``generate`` with min_new_tokens = max_new_tokens. tokens/s =
+batch x new_tokens / wall time (best of the repeats, prefill included, after one warm-up run). Decode step: median
+over the full-batch decode-only steps; ours from one executor call's start to the next (schedule, forward, sample),
+transformers between successive calls of a no-op logits processor.
+Floor: recorded decode steps replayed on the model's own tensors, best-of-N: [B, in] activations against every 2-D
+parameter of the model (fused qkv, o and gate per layer, lm_head; the embedding only when tied), then per layer
+``ExpertShard.run`` with exactly the rows that step routed to each expert (the model's ExpertLoad counts); median
+over up to 4 steps. weight_bytes: those matrices plus the experts hit.
+(b) Mixed workload (fixed seed): all requests at once to our continuous batching against transformers in static
+batches in submission order (left padded, each runs to its longest max_tokens; only each row's own max_tokens are
+useful). Our forward passes by kind and batch size; full-batch decode forwards against their floor.
 """
 
 from __future__ import annotations

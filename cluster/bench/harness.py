@@ -26,6 +26,7 @@ import ray
 import torch
 
 from cluster.builder import ClusterConfig
+from cluster.errors import MixserveError
 from cluster.options import add_options, options_from
 from cluster.tiny_model import BENCH_SPEC, default_model_dir, write_tiny_model
 
@@ -63,7 +64,11 @@ def add_command(sub: argparse._SubParsersAction, name: str, options: type[Common
     p.set_defaults(**defaults)
 
     def main(ns: argparse.Namespace) -> int:
-        run(options(**options_from(ns, options)), options_from(ns, ClusterConfig, skip=skip))
+        try:
+            run(options(**options_from(ns, options)), options_from(ns, ClusterConfig, skip=skip))
+        except MixserveError as e:  # a bad flag value (SetupError names the field), an unreadable checkpoint
+            print(f"mixserve bench {name}: {e}", file=sys.stderr)
+            return 2
         return 0
 
     p.set_defaults(func=main)

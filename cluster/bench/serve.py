@@ -114,8 +114,8 @@ def summarize(concurrency: int, results: list[Result]) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     wall = max(r.end for r in results) - min(r.start for r in results)
     tokens = sum(r.tokens for r in ok)
-    ttft = h.summary_ms([r.ttft_s for r in ok if r.ttft_s is not None])
-    itl = h.summary_ms([g for r in ok for g in r.gaps_s])
+    ms = {"ttft_ms": h.summary_ms([r.ttft_s for r in ok if r.ttft_s is not None])}
+    ms["itl_ms"] = h.summary_ms([g for r in ok for g in r.gaps_s])
     tpot = [(r.end - r.start - r.ttft_s) / (r.tokens - 1) for r in ok if r.ttft_s is not None and r.tokens > 1]
     errors = [r.error for r in results if not r.ok]
     return {
@@ -127,10 +127,7 @@ def summarize(concurrency: int, results: list[Result]) -> dict[str, Any]:
         "wall_s": wall,
         "output_tokens": tokens,
         "tokens_per_s": tokens / wall if wall else None,
-        "ttft_ms_p50": ttft["p50"],
-        "ttft_ms_p99": ttft["p99"],
-        "itl_ms_p50": itl["p50"],
-        "itl_ms_p99": itl["p99"],
+        **{f"{name}_{q}": s[q] for name, s in ms.items() for q in ("p50", "p99")},
         "tpot_ms_mean": 1e3 * sum(tpot) / len(tpot) if tpot else None,
     }
 

@@ -19,10 +19,18 @@ def test_serve_bench_against_a_running_server(served, tmp_path):
     argv += ["--requests-per-level", "2", "--skip-baseline", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     report = json.loads(out.read_text())
+    assert {"benchmark", "created", "machine", "versions", "settings", "method", "results", "goals"} <= set(report)
+    assert report["settings"]["api_key"] == "***" and report["settings"]["server"] == "external"
     levels = report["results"]["levels"]
-    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    assert [(lv["server"], lv["concurrency"]) for lv in levels] == [("target", 1), ("target", 2)]
     for lv in levels:
         assert lv["errors"] == 0 and lv["output_tokens"] == 3 * lv["requests"]
-        assert {"ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tokens_per_s"} <= set(lv)
+        assert lv["ttft_ms_p50"] > 0 and lv["itl_ms_p50"] > 0 and lv["tokens_per_s"] > 0
+        assert lv["tokens_per_s"] == pytest.approx(lv["output_tokens"] / lv["wall_s"])
     assert report["results"]["baseline_w0"] is None
-    assert {"cpu_count", "memory_bytes", "gpus", "platform"} <= set(report["machine"])
+    gain, shard, errors = report["goals"]
+    assert gain["measured"] == pytest.approx(levels[1]["tokens_per_s"] / levels[0]["tokens_per_s"])
+    assert gain["met"] is (gain["measured"] >= 8.0)
+    assert shard["measured"] is None and shard["met"] is None  # no W=0 baseline without --baseline-url
+    assert (errors["measured"], errors["met"]) == (0.0, True)
+    assert {"cpu_count", "memory_bytes", "gpus", "platform", "load_avg_end"} <= set(report["machine"])

@@ -1,5 +1,5 @@
-"""Smoke tests of ``mixserve bench``: every benchmark runs end to end on a tiny model with minimal sizes and writes
-a JSON report with the expected keys. The benchmarks' numbers are not checked here."""
+"""``mixserve bench``: every benchmark runs end to end through the CLI on a tiny model with minimal sizes, writes a
+JSON report with the expected structure, and computes each goal from the figure it measured."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.bench import add_bench_command
+from cluster.bench.harness import ints, table
+from cluster.bench.serve import goals_of
 from cluster.cli import main
 from cluster.tiny_model import TinyModelSpec, write_tiny_model
 
@@ -25,23 +28,56 @@ def run_bench(argv: list[str], out: Path) -> dict:
     assert main(["bench", *argv, "--out", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert set(report) >= REPORT_KEYS
-    assert {"cpu_count", "memory_bytes", "gpus", "platform"} <= set(report["machine"])
+    assert report["benchmark"] == argv[0] and report["method"]
+    assert {"cpu_model", "cpu_count", "memory_bytes", "gpus", "load_avg_start", "load_avg_end"} <= set(
+        report["machine"]
+    )
     assert {"python", "torch", "ray", "transformers", "mixserve"} <= set(report["versions"])
-    assert report["goals"]
+    assert report["settings"]["out"] == str(out)
     for g in report["goals"]:
-        assert {"goal", "measured", "met"} <= set(g)
-        assert g["met"] in (True, False, None)
+        assert set(g) >= {"goal", "measured", "threshold", "met"}
+        assert isinstance(g["measured"], (int, float))
+        at_least = ">=" in g["goal"]
+        assert g["met"] is (g["measured"] >= g["threshold"] if at_least else g["measured"] <= g["threshold"])
     return report
 
 
-def test_bench_subcommands_are_registered():
-    from cluster.bench import add_bench_command
-
+def test_subcommands_flags_and_defaults():
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers(dest="command"))
     for name in ("engine", "dispatch", "serve", "memory"):
         a = parser.parse_args(["bench", name])
-        assert a.bench == name and callable(a.func)
+        assert a.bench == name and callable(a.func) and a.out is None
+    # each benchmark's own defaults replace ClusterConfig's; its ClusterConfig flags come from the config class
+    engine = parser.parse_args(["bench", "engine", "--dtype", "bfloat16", "--max-num-seqs", "4"])
+    assert (engine.max_num_seqs, engine.max_model_len, engine.device, engine.dtype) == (4, 1024, "cpu", "bfloat16")
+    assert parser.parse_args(["bench", "memory"]).expert_workers == 2
+
+
+def test_list_flags_are_checked():
+    assert ints("1,8", "batch-sizes") == [1, 8] and ints("8,256", "x", span=True) == [8, 256]
+    for bad, span in (("", False), ("0,2", False), ("a", False), ("4,2", True), ("1,2,3", True)):
+        with pytest.raises(SystemExit, match="--x takes"):
+            ints(bad, "x", span=span)
+
+
+def test_table_aligns_text_left_and_numbers_right():
+    rows = [{"name": "a", "ms": 1.23456, "n": None}, {"name": "bbb", "ms": 123.456, "n": 7}]
+    lines = table(rows, ["name", "ms", "n"], title="t").splitlines()
+    assert lines == ["t", "name  ms     n", "----  -----  -", "a      1.23  -", "bbb   123.5  7"]
+
+
+def test_serve_goals_compare_with_the_w0_baseline():
+    levels = [
+        {"concurrency": 1, "tokens_per_s": 10.0, "error_rate": 0.0},
+        {"concurrency": 32, "tokens_per_s": 90.0, "error_rate": 0.0},
+    ]
+    gain, shard, errors = goals_of(levels, {"tokens_per_s": 100.0}, "sharded (W=2)")
+    assert (gain["measured"], gain["met"]) == (9.0, True)
+    assert (shard["measured"], shard["met"]) == (0.9, True)
+    assert errors["met"] is True
+    _, no_baseline, _ = goals_of(levels, None, "target")
+    assert no_baseline["met"] is None and "baseline" in no_baseline["note"]
 
 
 def test_engine_bench(tiny, tmp_path):
@@ -50,14 +86,24 @@ def test_engine_bench(tiny, tmp_path):
     argv += ["--mixed-max-tokens", "2,4", "--hf-batch", "2", "--max-num-seqs", "4", "--max-num-batched-tokens", "16"]
     argv += ["--max-model-len", "64"]
     report = run_bench(argv, tmp_path / "engine.json")
-    fixed = report["results"]["fixed"]
+    fixed, mixed = report["results"]["fixed"], report["results"]["mixed"]
     assert [r["batch"] for r in fixed] == [1, 2]
     for r in fixed:
-        assert r["floor"]["floor_s"] > 0
-        for side in ("ours", "transformers"):
-            assert {"tokens_per_s", "step_ms_p50", "step_over_floor"} <= set(r[side])
-    assert report["results"]["mixed"]["useful_output_tokens"] == report["results"]["mixed"]["ours"]["output_tokens"]
-    assert len(report["goals"]) == 5
+        assert r["floor"]["floor_ms"] > 0 and r["floor"]["weight_bytes"] > 0
+        # two decode steps per run (3 new tokens: the first comes from the prefill step)
+        assert r["ours"]["decode_steps"] == 2 and r["transformers"]["decode_steps"] == 2
+        assert r["ours"]["step_over_floor"] == pytest.approx(r["ours"]["step_ms_p50"] / r["floor"]["floor_ms"])
+    assert mixed["useful_output_tokens"] == mixed["ours"]["output_tokens"]
+    assert sum(p["n"] for p in mixed["forward_passes"] if "n" in p) > 0
+    goals = report["goals"]
+    assert len(goals) == 5
+    assert [g["measured"] for g in goals] == [
+        fixed[0]["tokens_per_s_ratio"],
+        fixed[1]["tokens_per_s_ratio"],
+        fixed[0]["ours"]["step_over_floor"],
+        fixed[1]["ours"]["step_over_floor"],
+        mixed["tokens_per_s_ratio"],
+    ]
 
 
 @pytest.mark.ray
@@ -65,28 +111,20 @@ def test_dispatch_bench(tiny, tmp_path, ray_instance):
     argv = ["dispatch", "--model", str(tiny), "--workers", "1", "--tokens", "4", "--iters", "2", "--warmup", "1"]
     report = run_bench(argv, tmp_path / "dispatch.json")
     rows = report["results"]["rows"]
-    assert {r["transport"] for r in rows} == {"object_ref", "gloo"}
+    assert [(r["transport"], r["workers"], r["tokens"]) for r in rows] == [("object_ref", 1, 4), ("gloo", 1, 4)]
     for r in rows:
-        assert {"run_layer_s", "compute_sum_s", "echo_s", "overhead_s", "run_over_compute_plus_echo"} <= set(r)
-
-
-def test_serve_goals_compare_with_the_w0_baseline():
-    from cluster.bench.serve import ServeBenchSettings, goals_of
-
-    levels = [
-        {"concurrency": 1, "tokens_per_s": 10.0, "error_rate": 0.0},
-        {"concurrency": 32, "tokens_per_s": 90.0, "error_rate": 0.0},
-    ]
-    gain, shard, errors = goals_of(levels, {"tokens_per_s": 100.0}, ServeBenchSettings())
-    assert (gain["measured"], gain["met"]) == (9.0, True)
-    assert (shard["measured"], shard["met"]) == (0.9, True)
-    assert errors["met"] is True
+        assert r["forward_s"] > 0 and r["echo_s"] > 0 and r["compute_sum_s"] > 0
+        assert r["forward_over_compute_plus_echo"] == pytest.approx(r["forward_s"] / (r["compute_sum_s"] + r["echo_s"]))
+    assert [g["measured"] for g in report["goals"]] == [r["forward_over_compute_plus_echo"] for r in rows]
 
 
 @pytest.mark.ray
 def test_memory_bench(tiny, tmp_path, ray_instance):
     report = run_bench(["memory", "--model", str(tiny), "--expert-workers", "1"], tmp_path / "memory.json")
     procs = report["results"]["processes"]
-    assert [p["role"] for p in procs] == ["worker 0", "frontend"]
-    assert all(p["rss_bytes"] > 0 for p in procs)
+    assert [p["role"] for p in procs] == ["worker 0", "frontend", "idle actor (baseline)"]
+    worker, frontend = procs[0], procs[1]
+    assert worker["rss_mb"] > 0 and frontend["rss_mb"] > 0
+    assert worker["params_mb"] == pytest.approx(worker["held_mb"])  # all 4 experts of both layers, from the config
     assert report["results"]["frontend_info"]["expert_bytes"] == 0
+    assert [g["measured"] for g in report["goals"]] == [worker["rss_minus_params_mb"], 0]
