@@ -37,6 +37,7 @@ from router.gate import route
 from router.object_ref import RayExperts
 from router.rdt import RdtExperts
 from workers.expert_worker import ExpertWorker
+from workers.model import DecoderLayer
 
 
 @dataclass
@@ -70,6 +71,7 @@ def measure(actor: FrontendActor, tokens: list[int], iters: int, warmup: int, se
         cases = []
         with torch.inference_mode():
             for i, layer in enumerate(model.layers):
+                assert isinstance(layer, DecoderLayer)
                 x = torch.randn(t, model.config.hidden_size, generator=g).to(model.device, model.dtype)
                 x = layer.post_attention_layernorm(x)
                 cases.append((i, x, route(x, layer.block_sparse_moe.gate, layer.block_sparse_moe.top_k)))

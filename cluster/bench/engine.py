@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from cluster.bench.harness import Common, opt
 from cluster.builder import ClusterConfig, Frontend, build_frontend
 from cluster.checkpoint import parse_dtype
 from cluster.sampling import SamplingParams
-from cluster.step import StepBatch
+from cluster.step import Executor, StepBatch
 from router.client import LocalExperts
 
 
@@ -78,9 +78,8 @@ class Recorder:
         self.runner, self.load = fe.runner, fe.model.expert_load
         self.steps: list[Step] = []
 
-    @property
-    def num_slots(self) -> int:
-        return self.runner.num_slots
+    def __getattr__(self, name: str) -> Any:  # the rest of the executor contract (KV-cache sizes) is the runner's
+        return getattr(self.runner, name)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         before = torch.tensor(self.load.snapshot())
@@ -120,7 +119,8 @@ def load_hf(folder: str, dtype: str, device: str, experts_implementation: str | 
         kw["experts_implementation"] = experts_implementation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return MixtralForCausalLM.from_pretrained(folder, **kw).to(device).eval()
+        model: Any = MixtralForCausalLM.from_pretrained(folder, **kw)
+    return model.to(device).eval()
 
 
 def hf_generate(model: Any, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[float], list[list[int]]]:
@@ -258,7 +258,7 @@ def bench_mixed(o: Options, fe: Frontend, rec: Recorder, hf: Any, floor: Floor, 
         batch = work[i : i + o.hf_batch]
         hf_total += hf_generate(hf, [p for p, _ in batch], max(n for _, n in batch))[0]
     passes = forward_passes(steps)
-    full = [s for s in steps if s.decode and s.tokens == fe.runner.num_slots]
+    full = [s for s in steps if s.decode and s.tokens == fe.config.max_num_seqs]
     if full:
         run(f"(b) mixed: floor of the decode steps at the full batch ({len(full)} steps)")
         fl = floor.measure(full[0].tokens, full, o.floor_iters)
@@ -312,7 +312,7 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     config = ClusterConfig.create(model=h.model_dir(o.model), **cluster)
     r(f"loading {config.model} (ours, then transformers)")
     fe = build_frontend(config, progress=False)
-    fe.core.executor = rec = Recorder(fe)
+    fe.core.executor = cast(Executor, rec := Recorder(fe))  # the runner's executor contract, by delegation
     hf = load_hf(config.model, config.dtype, fe.device, o.hf_experts_implementation)
     floor = Floor(fe)
     fixed = [bench_fixed(o, fe, rec, hf, floor, b, r) for b in h.ints(o.batch_sizes, "batch-sizes")]

@@ -4,7 +4,7 @@
 RSS (VmRSS) and peak RSS (VmHWM) from /proc/<pid>/status, read inside each actor process (``__ray_call__``) after
 one short greedy generation. Parameter bytes from the model config: a worker holds expert_param_count x bytes per
 parameter of the dtype x the experts it holds; the frontend non_expert_param_count x bytes (its KV cache,
-kv_cache_bytes, comes on top). Baseline: an idle 1-CPU Ray actor process that imported this module (torch and
+kv_cache_bytes, comes on top). Baseline: an idle 1-CPU Ray worker process that imported this module (torch and
 mixserve). above_baseline = RSS - baseline - parameter bytes (- the KV cache for the frontend). The RSS goal
 (parameters + 600 MB) is the workers'. MB = MiB.
 """
@@ -68,14 +68,14 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     itemsize = parse_dtype(config.dtype).itemsize
     with h.local_ray(config.expert_workers + 3):
         r("baseline: an idle Ray worker process")
-        baseline = ray.get(ray.remote(num_cpus=1)(rss_of).remote())
+        baseline: dict[str, Any] = ray.get(ray.remote(num_cpus=1)(rss_of).remote())
         r(f"starting the cluster (W={config.expert_workers}), one generation of {o.warm_tokens} tokens")
         c = ExpertCluster.start(config, config.placement(mc), progress=False)
         try:
             c.generate([[1, 100, 200, 300]], [SamplingParams(max_tokens=o.warm_tokens, temperature=0, ignore_eos=True)])
             info, workers = c.frontend_info(), c.placement()
             worker_rss = ray.get([w.__ray_call__.remote(rss_of) for w in c.workers])
-            frontend_rss = ray.get(c.frontend.__ray_call__.remote(rss_of))
+            frontend_rss: dict[str, Any] = ray.get(c.frontend.__ray_call__.remote(rss_of))
         finally:
             c.shutdown()
     rows = []
@@ -86,7 +86,7 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     rows.append(
         process("frontend", frontend_rss, params, info["frontend_bytes"], baseline["rss"], info["kv_cache_bytes"])
     )
-    rows.append({"role": "idle actor (baseline)", "pid": baseline["pid"], "rss_mb": baseline["rss"] / MB})
+    rows.append({"role": "idle Ray worker (baseline)", "pid": baseline["pid"], "rss_mb": baseline["rss"] / MB})
     worst = max(rows[:-2], key=lambda x: x["rss_minus_params_mb"])
     text = f"every worker RSS <= its parameter bytes + {ALLOWANCE_MB} MB (worst RSS - params, MB)"
     goals = [

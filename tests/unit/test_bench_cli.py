@@ -122,7 +122,7 @@ def test_dispatch_bench(tiny, tmp_path, ray_instance):
 def test_memory_bench(tiny, tmp_path, ray_instance):
     report = run_bench(["memory", "--model", str(tiny), "--expert-workers", "1"], tmp_path / "memory.json")
     procs = report["results"]["processes"]
-    assert [p["role"] for p in procs] == ["worker 0", "frontend", "idle actor (baseline)"]
+    assert [p["role"] for p in procs] == ["worker 0", "frontend", "idle Ray worker (baseline)"]
     worker, frontend = procs[0], procs[1]
     assert worker["rss_mb"] > 0 and frontend["rss_mb"] > 0
     assert worker["params_mb"] == pytest.approx(worker["held_mb"])  # all 4 experts of both layers, from the config
