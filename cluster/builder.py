@@ -47,6 +47,14 @@ class ClusterConfig(EngineConfig):
     attention_backend: AttentionBackend = Field("auto", description="auto: flash-attention-2 when usable, else sdpa")
     device: str | None = Field(None, description="frontend device; None: cuda when available, else cpu")
     tokenizer: str | None = Field(None, description="tokenizer file or folder; None: the checkpoint's own")
+    num_kv_blocks: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="KV-cache blocks; None: from kv_cache_memory_gb, else room for max_num_seqs full sequences",
+    )
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="KV-cache size in GiB (ignored with num_kv_blocks)"
+    )
     worker_timeout_s: float = Field(60.0, gt=0, description="an expert worker that does not answer a layer fails")
 
     @field_validator("placement_strategy", mode="before")
@@ -110,7 +118,11 @@ class Frontend:
             "frontend_bytes": self.model.nbytes(),
             "expert_bytes": self.local_expert_bytes,
             "kv_cache_bytes": self.runner.kv.nbytes(),
+            "kv_blocks": self.runner.num_blocks,
+            "kv_blocks_used": self.core.kv_blocks_used,
+            "block_size": self.runner.block_size,
             "max_model_len": self.core.max_model_len,
+            "engine": self.core.stats(),
         }
 
     def expert_load(self) -> list[list[int]]:
@@ -127,6 +139,22 @@ def local_experts(config: ClusterConfig, model_config: ModelConfig, *, device: s
         num_layers=model_config.num_layers, num_experts=model_config.num_experts, num_workers=1
     )
     return LocalExperts(placement, {0: shard})
+
+
+def kv_blocks(config: ClusterConfig, model_config: ModelConfig, *, max_model_len: int) -> int:
+    """Blocks in the KV pool: ``num_kv_blocks``, else what ``kv_cache_memory_gb`` holds, else enough for
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens (a sliding window bounds what one sequence holds)."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    bs = config.block_size
+    if config.kv_cache_memory_gb is not None:
+        per_block = 2 * model_config.num_layers * bs * model_config.num_kv_heads * model_config.head_dim
+        per_block *= torch.empty((), dtype=parse_dtype(config.dtype)).element_size()
+        return max(1, int(config.kv_cache_memory_gb * 2**30 // per_block))
+    span = max_model_len
+    if model_config.sliding_window is not None:
+        span = min(span, model_config.sliding_window + config.max_num_batched_tokens + bs)
+    return config.max_num_seqs * -(-span // bs)
 
 
 def build_frontend(config: ClusterConfig, *, experts: ExpertClient | None = None, progress: bool = True) -> Frontend:
@@ -154,7 +182,9 @@ def build_frontend(config: ClusterConfig, *, experts: ExpertClient | None = None
         device=device,
         progress=progress,
     )
-    runner = ModelRunner(model, num_slots=config.max_num_seqs, max_model_len=max_model_len)
+    runner = ModelRunner(
+        model, num_blocks=kv_blocks(config, model_config, max_model_len=max_model_len), block_size=config.block_size
+    )
     tokenizer = Tokenizer.from_dir(config.model, tokenizer=config.tokenizer)
     core = EngineCore(
         runner,
@@ -163,6 +193,7 @@ def build_frontend(config: ClusterConfig, *, experts: ExpertClient | None = None
         max_model_len=max_model_len,
         vocab_size=model_config.vocab_size,
         eos_token_id=model_config.eos_token_id,
+        sliding_window=model_config.sliding_window,
     )
     return Frontend(
         config=config,

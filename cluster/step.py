@@ -1,6 +1,6 @@
 """The contract between the scheduler and whatever runs the model: a typed step batch and the executor protocol.
 
-The scheduler (``cluster.engine``) decides which sequences run, which of their tokens and in which KV-cache slots;
+The scheduler (``cluster.engine``) decides which sequences run, which of their tokens and in which KV-cache blocks;
 an :class:`Executor` (``workers.runner.ModelRunner``, or a fake in the scheduler's tests) runs that batch and
 returns the logits of the rows that are sampled. Neither side imports the other.
 
@@ -14,14 +14,21 @@ from typing import Protocol
 
 import torch
 
+FREED = -1  # a block-table entry whose block a sliding window has left behind (never read again)
+
 
 @dataclass(frozen=True)
 class SeqChunk:
-    """One sequence's share of a step: ``n`` new tokens at positions ``start .. start + n - 1`` in KV slot ``slot``."""
+    """One sequence's share of a step: ``n`` new tokens at positions ``start .. start + n - 1``.
 
-    slot: int
+    ``blocks`` is the sequence's block table: logical block i (positions ``i * block_size`` to
+    ``(i + 1) * block_size - 1``) lives in physical KV block ``blocks[i]``; it covers every position up to
+    ``start + n - 1``. Entries a sliding window has left are ``FREED``.
+    """
+
     start: int
     n: int
+    blocks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -33,8 +40,9 @@ class StepBatch:
     logit_rows  [R]  rows of the token axis whose next-token logits are wanted (the last token of each chunk
                      that reaches its sequence's newest token)
 
-    Example: a decode of slot 0 at position 5 and a 3-token prefill of slot 1 ->
-    token_ids [t5, p0, p1, p2], chunks [SeqChunk(0, 5, 1), SeqChunk(1, 0, 3)], logit_rows [0, 3].
+    Example (block size 4): a decode at position 5 of a sequence in blocks [7, 2] and a 3-token prefill of a new
+    one in block [4] -> token_ids [t5, p0, p1, p2], chunks [SeqChunk(5, 1, (7, 2)), SeqChunk(0, 3, (4,))],
+    logit_rows [0, 3].
     """
 
     token_ids: torch.Tensor
@@ -47,11 +55,15 @@ class StepBatch:
 
 
 class Executor(Protocol):
-    """Runs step batches over ``num_slots`` KV-cache slots that the scheduler hands out."""
+    """Runs step batches over a paged KV cache of ``num_blocks`` blocks of ``block_size`` positions, whose blocks
+    the scheduler hands out."""
 
     @property
-    def num_slots(self) -> int: ...
+    def num_blocks(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Write the batch's keys/values into its slots; return float32 logits [R, V] for ``batch.logit_rows``."""
+        """Write the batch's keys/values into its blocks; return float32 logits [R, V] for ``batch.logit_rows``."""
         ...

@@ -1,9 +1,7 @@
-"""GQA attention over the KV cache, with the backend chosen in one place.
+"""GQA attention over the paged KV cache, with the backend chosen in one place.
 
 :func:`select_attention_backend` picks sdpa, eager or flash_attention_2; :class:`Attention` runs every path of a
-step through that backend: groups of queries attended with their cached keys gathered (prefill, chunked prefill,
-small decode batches), the step's keys and values written to the cache, then large decode batches attended on
-their cache slots in place.
+step (prefill, chunked prefill, decode) through that backend.
 
 Shapes: T tokens in the step (flat, all sequences), H query heads, Hkv KV heads, Dh head dim,
 B sequences in a group, n queries per sequence, L keys seen by a query.
@@ -68,7 +66,12 @@ _KERNELS = {"sdpa": _sdpa, "eager": _eager}
 
 
 class Attention:
-    """Attention of one step for one layer: q [T, H, Dh], this step's k/v [T, Hkv, Dh] -> [T, H, Dh]."""
+    """Attention of one step for one layer: q [T, H, Dh], this step's k/v [T, Hkv, Dh] -> [T, H, Dh].
+
+    The step's keys and values are written to the paged cache first; then every group reads its queries' keys
+    from the cache (one gather per group, one kernel call per group: all decodes together, each prefill chunk
+    alone).
+    """
 
     def __init__(self, *, backend: str, num_heads: int, head_dim: int, window: int | None) -> None:
         self.backend = backend
@@ -77,32 +80,18 @@ class Attention:
         self.scale = head_dim**-0.5
         self.window = window
 
-    @property
-    def attends_in_place(self) -> bool:
-        """Whether large decode batches may attend on their slots in place (``StepPlan.views``)."""
-        return self.backend != "flash_attention_2"
-
     def __call__(self, plan: StepPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
         T, H, Dh = q.shape
-        out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
-        for g in plan.groups:  # read the cache before this step's keys are written
-            out[g.rows.reshape(-1)] = self._group(g, q, k, v, kv).reshape(-1, H, Dh)
         kv.write(plan, k, v)
-        if plan.views:
-            kernel = _KERNELS[self.backend]
-            for row, slot, n in plan.views:  # one new token at a slot sees exactly its first n entries: no mask
-                ks, vs = kv.slot(slot, n)  # [Hkv, n, Dh]
-                o = kernel(q[row].view(1, H, 1, Dh), ks.unsqueeze(0), vs.unsqueeze(0), None, self.scale)
-                out[row] = o.view(H, Dh)
+        out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
+        for g in plan.groups:
+            out[g.rows.reshape(-1)] = self._group(g, q, kv).reshape(-1, H, Dh)
         return out
 
-    def _group(self, g: AttentionGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
-        """The group's queries with keys = its cached keys ++ this step's keys -> [B, n, H, Dh]."""
-        qg, kg, vg = q[g.rows], k[g.rows], v[g.rows]  # [B, n, H|Hkv, Dh]
-        if g.cached:
-            kc, vc = kv.gather(g.slots, g.cached)  # [B, cached, Hkv, Dh]
-            kg = torch.cat((kc, kg), dim=1)
-            vg = torch.cat((vc, vg), dim=1)
+    def _group(self, g: AttentionGroup, q: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        """The group's queries over its gathered keys -> [B, n, H, Dh]."""
+        qg = q[g.rows]  # [B, n, H, Dh]
+        kg, vg = kv.gather(g.tables)  # [B, L, Hkv, Dh]
         if self.backend == "flash_attention_2":
             return self._flash(g, qg, kg, vg)
         out = _KERNELS[self.backend](qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), g.mask, self.scale)
@@ -115,16 +104,14 @@ class Attention:
         from flash_attn import flash_attn_func  # pyright: ignore[reportMissingImports]
 
         outs = []
-        for b in range(q.shape[0]):
-            valid = g.mask[b, 0].any(dim=0)  # keys some query of this sequence may see: contiguous positions
-            order = g.key_order[b] if g.key_order is not None else torch.arange(k.shape[1], device=k.device)
-            order = order[valid[order]]
-            kb, vb = k[b, order][None], v[b, order][None]
+        for b, length in enumerate(g.lengths):
+            # Keys run from the first gathered position to this sequence's last query; flash aligns the causal
+            # mask to the last key, and its window hides whatever a sliding window has freed before that.
             outs.append(
                 flash_attn_func(
                     q[b][None],
-                    kb,
-                    vb,
+                    k[b, :length][None],
+                    v[b, :length][None],
                     softmax_scale=self.scale,
                     causal=True,
                     window_size=(self.window - 1, 0) if self.window else (-1, -1),

@@ -1,6 +1,6 @@
-"""The executor of step batches: a :class:`~workers.model.MixtralModel` over a slot-based KV cache.
+"""The executor of step batches: a :class:`~workers.model.MixtralModel` over a paged KV cache.
 
-Implements ``cluster.step.Executor``: the scheduler hands out KV slots and sends :class:`~cluster.step.StepBatch`
+Implements ``cluster.step.Executor``: the scheduler hands out KV blocks and sends :class:`~cluster.step.StepBatch`
 es; the runner lays each batch out for attention (:func:`~workers.kv_cache.plan_step`) once, runs the model and
 returns the sampled rows' logits.
 """
@@ -13,24 +13,17 @@ from cluster.step import StepBatch
 from workers.kv_cache import KVCache, plan_step
 from workers.model import MixtralModel
 
-# Decode batches whose sequences x cached positions reach this attend on their cache slots in place (one small
-# attention call per sequence) instead of gathering every slot into a padded batch (a copy of the whole context
-# per layer). Measured on the bench model: at batch 32 and ~260 cached positions the gather+cat was ~30% of a step.
-DECODE_VIEW_THRESHOLD = 2048
-
 
 class ModelRunner:
-    """Runs step batches; ``num_slots`` slots of ``max_model_len`` positions (``sliding_window`` when smaller)."""
+    """Runs step batches over ``num_blocks`` KV blocks of ``block_size`` positions."""
 
-    def __init__(self, model: MixtralModel, *, num_slots: int, max_model_len: int) -> None:
+    def __init__(self, model: MixtralModel, *, num_blocks: int, block_size: int) -> None:
         cfg = model.config
         self.model = model
-        self.window = cfg.sliding_window
-        capacity = min(max_model_len, self.window) if self.window else max_model_len
         self.kv = KVCache(
             num_layers=cfg.num_layers,
-            num_slots=num_slots,
-            capacity=capacity,
+            num_blocks=num_blocks,
+            block_size=block_size,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
             dtype=model.dtype,
@@ -38,17 +31,18 @@ class ModelRunner:
         )
 
     @property
-    def num_slots(self) -> int:
-        return self.kv.num_slots
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        attention = self.model.attention
         plan = plan_step(
             batch.chunks,
-            capacity=self.kv.capacity,
-            window=self.window,
+            block_size=self.kv.block_size,
+            window=self.model.config.sliding_window,
             device=self.model.device,
-            need_key_order=attention.backend == "flash_attention_2",
-            view_threshold=DECODE_VIEW_THRESHOLD if attention.attends_in_place else None,
         )
         return self.model(batch.token_ids, plan, self.kv, batch.logit_rows)

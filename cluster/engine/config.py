@@ -19,6 +19,10 @@ class EngineConfig(BaseModel):
     max_queued_requests: StrictInt = Field(
         256, ge=1, description="requests waiting for a slot before new ones are refused as overload"
     )
+    block_size: StrictInt = Field(16, ge=1, le=1024, description="positions per KV-cache block")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of prompt prefixes that earlier requests computed"
+    )
     max_model_len: StrictInt | None = Field(
         None, ge=2, description="prompt + max_tokens limit; default: the model's max_position_embeddings, at most 8192"
     )

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from cluster.engine.blocks import BlockPool
 from cluster.engine.config import EngineConfig
 from cluster.engine.request import Request, RequestOutput
 from cluster.engine.scheduler import Scheduler
@@ -55,6 +56,7 @@ class EngineCore:
         max_model_len: int,
         vocab_size: int,
         eos_token_id: int,
+        sliding_window: int | None = None,
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
@@ -62,7 +64,8 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos = eos_token_id
-        self.scheduler = Scheduler(config, executor.num_slots)
+        pool = BlockPool(executor.num_blocks, executor.block_size, prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, pool, window=sliding_window)
         self.observers: list[Callable[[str, float], None]] = []
         # Every key exists from the start: stats() copies this from another thread while steps update it.
         self.counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
@@ -79,6 +82,14 @@ class EngineCore:
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens} ({total} in all)",
                 param="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
+            )
+        need = self.scheduler.blocks_needed(total)
+        if need > self.scheduler.pool.num_blocks:
+            bs = self.scheduler.block_size
+            raise PromptTooLongError(
+                f"the KV cache holds {self.scheduler.pool.num_blocks * bs} positions; the prompt and max_tokens "
+                f"need {need * bs}",
+                param="max_tokens",
             )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -104,14 +115,21 @@ class EngineCore:
         return len(self.scheduler.waiting)
 
     @property
-    def free_slots(self) -> int:
-        return self.scheduler.slots.free
+    def kv_blocks_used(self) -> int:
+        """KV blocks some request holds (cached blocks no one holds are free)."""
+        return self.scheduler.pool.num_used
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
+        pool = self.scheduler.pool
         return {
             "running": self.num_running,
             "waiting": self.num_waiting,
             "rejected_overload": self.scheduler.rejected_overload,
+            "num_preemptions": self.scheduler.preemptions,
+            "num_blocks": pool.num_blocks,
+            "kv_cache_usage": pool.usage(),
+            "prefix_cache_queries": pool.queries,
+            "prefix_cache_hits": pool.hits,
             **self.counters,
         }
 
@@ -138,8 +156,7 @@ class EngineCore:
             logits = self.executor.execute(batch)
         except Exception as e:  # a failed step fails every request in it; the engine itself carries on
             return outputs + self.fail_running(e)
-        for req, chunk in scheduled:
-            req.computed = chunk.start + chunk.n
+        self.scheduler.computed(scheduled)
         try:
             self._sample(sampled, logits, outputs)
         except Exception as e:  # outputs already made (finished requests included) are kept; the rest fail
@@ -250,7 +267,9 @@ class EngineCore:
         return outs
 
     def _output(self, req: Request, new: list[int], delta: str, new_lp: list[TokenLogprob] | None) -> RequestOutput:
-        metrics = {"arrival": req.arrival}
+        metrics = {"arrival": req.arrival, "cached_tokens": float(req.cached_tokens)}
+        if req.scheduled is not None:
+            metrics["queue_time"] = req.scheduled - req.arrival
         if req.first_token is not None:
             metrics["ttft"] = req.first_token - req.arrival
         return RequestOutput(
@@ -298,7 +317,7 @@ class EngineCore:
         return [final[r] for r in ids]
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Full-sequence float32 logits [len, V], prefilled in chunks on a free slot. Call only when idle."""
+        """Full-sequence float32 logits [len, V], prefilled in chunks in blocks of its own. Call only when idle."""
         if not token_ids:
             raise InvalidRequestError("token_ids is empty", param="token_ids")
         if len(token_ids) > self.max_model_len:
@@ -306,21 +325,24 @@ class EngineCore:
                 f"{len(token_ids)} tokens exceed this model's maximum context length of {self.max_model_len}",
                 param="token_ids",
             )
-        slots = self.scheduler.slots
-        if slots.free == 0:
-            raise EngineOverloadedError("no free KV-cache slot for a logits request")
-        slot = slots.allocate()
+        sched = self.scheduler
+        need = -(-len(token_ids) // sched.block_size)
+        if need > sched.pool.num_free:
+            raise EngineOverloadedError("not enough free KV-cache blocks for a logits request")
+        blocks = tuple(sched.pool.allocate() for _ in range(need))  # private: never registered for reuse
         try:
             parts = []
             step = self.config.max_num_batched_tokens
             for start in range(0, len(token_ids), step):
                 piece = token_ids[start : start + step]
+                end = -(-(start + len(piece)) // sched.block_size)
                 batch = StepBatch(
                     token_ids=torch.tensor(piece, dtype=torch.int64),
-                    chunks=(SeqChunk(slot=slot, start=start, n=len(piece)),),
+                    chunks=(SeqChunk(start=start, n=len(piece), blocks=blocks[:end]),),
                     logit_rows=torch.arange(len(piece)),
                 )
                 parts.append(self.executor.execute(batch))
             return torch.cat(parts)
         finally:
-            slots.release(slot)
+            for b in blocks:
+                sched.pool.release(b)

@@ -49,7 +49,10 @@ class Request:
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.computed = 0  # tokens already in the KV cache
-        self.slot: int | None = None
+        self.blocks: list[int] = []  # block table (cluster.step.SeqChunk.blocks), owned by the scheduler
+        self.hashes: list[bytes] = []  # prefix-cache hash chain of the full blocks registered so far
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.scheduled: float | None = None  # when it first got into a step
         self.text = ""  # generated text, stop strings cut off
         self.emitted = 0  # characters of ``text`` already handed out
         self.finish_reason: FinishReason | None = None
@@ -64,4 +67,5 @@ class Request:
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt)
+        """More than the newest token is missing from the KV cache: a prompt, or a preempted request's tokens."""
+        return len(self.prompt) + len(self.output) - self.computed > 1

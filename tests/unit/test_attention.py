@@ -23,10 +23,3 @@ def test_attention_backend_selection(monkeypatch):
     assert select_attention_backend("auto", device="cpu", dtype=torch.bfloat16) == "sdpa"
     with pytest.raises(ValueError, match="float16/bfloat16"):
         select_attention_backend("flash_attention_2", device="cuda", dtype=torch.float32)
-
-
-def test_flash_never_attends_in_place():
-    """The in-place decode views run only on backends that take an unmasked key range (sdpa, eager)."""
-    assert attention.Attention(backend="sdpa", num_heads=4, head_dim=8, window=None).attends_in_place
-    assert attention.Attention(backend="eager", num_heads=4, head_dim=8, window=None).attends_in_place
-    assert not attention.Attention(backend="flash_attention_2", num_heads=4, head_dim=8, window=None).attends_in_place

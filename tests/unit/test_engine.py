@@ -125,7 +125,7 @@ class StepSpy:
         fe.runner.execute = self
 
     def __call__(self, batch):
-        self.steps.append([(c.slot, c.start, c.n) for c in batch.chunks])
+        self.steps.append([(c.blocks[0] if c.blocks else -1, c.start, c.n) for c in batch.chunks])
         return self._execute(batch)
 
     def saw_chunked_prefill_beside_decodes(self) -> bool:
@@ -210,7 +210,7 @@ def test_staggered_batch_matches_alone(models, alone, model):
         assert final.token_ids == ref.token_ids, rid
         assert len(final.token_ids) == sp.max_tokens and final.finish_reason == "length"
         assert final.prompt_token_ids == prompt
-    assert fe.core.free_slots == 5
+    assert fe.core.kv_blocks_used == 0
 
 
 @pytest.mark.parametrize("model", ["plain", "swa"])
@@ -245,7 +245,7 @@ def test_async_staggered_batch_matches_alone(models, alone, model):
     for rid, prompt, sp in reqs:
         final = check_stream(results[rid])
         assert final.token_ids == alone(model, prompt, sp).token_ids, rid
-    assert fe.core.free_slots == 6
+    assert fe.core.kv_blocks_used == 0
 
 
 def test_sliding_window_bounds_what_generation_sees(models):
@@ -328,7 +328,7 @@ def test_abort_frees_slot_for_waiting_request(models, alone):
     assert outs["d"][-1].finish_reason == "length"
     core.abort("d")  # finished already: nothing happens
     assert core.step() == []
-    assert fe.core.free_slots == 3
+    assert fe.core.kv_blocks_used == 0
     assert core.stats()["finished_abort"] == 4  # a, b, c, e
 
 
@@ -348,7 +348,7 @@ def test_abort_during_chunked_prefill(models, alone):
     assert [o.finish_reason for o in outs["long"]] == ["abort"] and outs["long"][0].token_ids == []
     # The slot still holds half a prompt of "long": "next" must not see it.
     assert check_stream(outs["next"]).token_ids == alone("plain", prompt, sp).token_ids
-    assert fe.core.free_slots == 1
+    assert fe.core.kv_blocks_used == 0
 
 
 def test_async_abort_frees_slot_at_once(models):
@@ -437,7 +437,7 @@ def test_async_abort_frees_slot_at_once(models):
             assert outs[rid][-1].finish_reason == "abort"
 
     run_async(core, main)
-    assert fe.core.free_slots == 3
+    assert fe.core.kv_blocks_used == 0
     assert core.stats()["finished_abort"] == 7
 
 
@@ -462,7 +462,7 @@ def test_async_shutdown_ends_open_streams(models):
         asyncio.run(main())
     finally:
         engine.shutdown()
-    assert fe.core.free_slots == 1
+    assert fe.core.kv_blocks_used == 0
 
 
 # ---------------------------------------------------------------------------------------------- admission errors
@@ -496,7 +496,7 @@ def test_overload_fails_immediately(models):
     for rid in ("run0", "run1", "wait1", "wait2"):
         core.abort(rid)
     drain(core, {})
-    assert fe.core.free_slots == 2
+    assert fe.core.kv_blocks_used == 0
 
 
 def test_overload_counts_only_requests_without_a_slot(models):

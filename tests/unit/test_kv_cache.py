@@ -1,70 +1,78 @@
-"""KV-cache layout: the rolling buffer, write rows, attention masks, and the in-place decode path."""
+"""Paged KV-cache layout: where tokens are written, which blocks a group gathers, the masks, and attention over
+gathered blocks against a plain softmax(q k^T) v reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cluster.step import SeqChunk
+from cluster.step import FREED, SeqChunk
 from workers.attention import Attention
 from workers.kv_cache import KVCache, plan_step
 
 
-def test_rolling_buffer_layout_and_masks():
-    # capacity 4 (= sliding window 4), 6 tokens cached, one new token at position 6
-    p = plan_step([SeqChunk(slot=1, start=6, n=1)], capacity=4, window=4)
-    assert p.token_index.tolist() == [6 % 4]
-    (g,) = p.groups
-    assert g.cached == 4
-    # cache indices 0..3 hold positions 4, 5, 2, 3; the query at 6 sees 3, 4, 5 and itself (window 4)
-    assert g.mask[0, 0, 0].tolist() == [True, True, False, True, True]
-
-
-def test_chunk_longer_than_the_buffer_writes_only_its_tail():
-    p = plan_step([SeqChunk(slot=0, start=0, n=7)], capacity=5, window=5)
-    assert p.write_rows is not None
-    assert p.write_rows.tolist() == [2, 3, 4, 5, 6]
-    assert p.token_index[p.write_rows].tolist() == [2, 3, 4, 0, 1]
-
-
 def test_plan_docstring_example():
-    p = plan_step([SeqChunk(slot=0, start=5, n=1), SeqChunk(slot=1, start=0, n=3)], capacity=16, window=None)
+    p = plan_step([SeqChunk(5, 1, (7, 2)), SeqChunk(0, 3, (4,))], block_size=4, window=None)
     assert p.positions.tolist() == [5, 0, 1, 2]
+    assert list(zip(p.write_block.tolist(), p.write_offset.tolist(), strict=True)) == [(2, 1), (4, 0), (4, 1), (4, 2)]
     decode, prefill = p.groups
-    assert decode.rows.tolist() == [[0]] and decode.cached == 5
-    assert prefill.rows.tolist() == [[1, 2, 3]] and prefill.cached == 0
+    assert decode.rows.tolist() == [[0]] and decode.tables.tolist() == [[7, 2]]
+    assert decode.mask[0, 0, 0].tolist() == [True] * 6 + [False] * 2
+    assert prefill.rows.tolist() == [[1, 2, 3]] and prefill.tables.tolist() == [[4]]
+    assert prefill.mask[0, 0].tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, True, True, False],
+    ]
+
+
+def test_a_window_gathers_only_the_blocks_it_can_see():
+    # window 4, block size 2: the query at position 9 sees positions 6..9, in logical blocks 3 and 4
+    p = plan_step([SeqChunk(9, 1, (FREED, FREED, FREED, 11, 12))], block_size=2, window=4)
+    (g,) = p.groups
+    assert g.tables.tolist() == [[11, 12]]
+    assert g.mask[0, 0, 0].tolist() == [True, True, True, True]
+    assert g.lengths == [4]
+
+
+def test_freed_blocks_of_one_sequence_are_masked_when_another_needs_that_range():
+    # two decodes with window 4 and block size 2: positions 9 (blocks 0-2 freed) and 5 (nothing freed yet)
+    p = plan_step([SeqChunk(9, 1, (FREED, FREED, FREED, 11, 12)), SeqChunk(5, 1, (20, 21, 22))], block_size=2, window=4)
+    (g,) = p.groups
+    assert g.tables.tolist() == [[0, 0, 11, 12], [21, 22, 0, 0]]  # logical blocks 1..4: positions 2..9
+    visible = g.mask[:, 0, 0].tolist()
+    assert visible[0] == [False, False, False, False, True, True, True, True]  # 6..9
+    assert visible[1] == [True, True, True, True, False, False, False, False]  # 2..5
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_in_place_decode_equals_gathered_decode(backend, window):
-    """The two decode paths of one backend (gathered groups vs in-place slot views) give the same output and
-    leave the same cache, against a plain softmax(q k^T) v computed here from the keys each query may see."""
+def test_paged_attention_equals_a_plain_reference(backend, window):
+    """Decodes and a prefill chunk over scattered blocks give softmax(q k^T / sqrt(d)) v over exactly the keys each
+    query may see, computed here from the sequences' own key/value histories."""
     torch.manual_seed(0)
-    H, Hkv, Dh, cap = 4, 2, 8, 6 if window is None else 3
-    lengths = [5, 2, 4]  # cached tokens per slot before the step (over the capacity with the window)
-    caches, outs = [], []
-    history = torch.randn(len(lengths), max(lengths) + 1, Hkv, Dh), torch.randn(len(lengths), max(lengths) + 1, Hkv, Dh)
-    q = torch.randn(len(lengths), H, Dh)
-    for threshold in (None, 1):
-        kv = KVCache(num_layers=1, num_slots=3, capacity=cap, num_kv_heads=Hkv, head_dim=Dh, dtype=torch.float32)
-        layer = kv.layers[0]
-        for s, n in enumerate(lengths):  # fill each slot with its history, position p at index p % capacity
-            for pos in range(n):
-                layer.k[s, pos % cap], layer.v[s, pos % cap] = history[0][s, pos], history[1][s, pos]
-        chunks = [SeqChunk(slot=s, start=n, n=1) for s, n in enumerate(lengths)]
-        plan = plan_step(chunks, capacity=cap, window=window, view_threshold=threshold)
-        assert bool(plan.views) == (threshold is not None)
-        new_k = torch.stack([history[0][s, n] for s, n in enumerate(lengths)])
-        new_v = torch.stack([history[1][s, n] for s, n in enumerate(lengths)])
-        attn = Attention(backend=backend, num_heads=H, head_dim=Dh, window=window)
-        outs.append(attn(plan, q, new_k, new_v, layer))
-        caches.append((layer.k.clone(), layer.v.clone()))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(caches[0], caches[1])
-    for s, n in enumerate(lengths):  # reference: the query at position n sees positions max(0, n-w+1) .. n
-        lo = 0 if window is None else max(0, n - window + 1)
-        k = history[0][s, lo : n + 1].repeat_interleave(H // Hkv, dim=1)  # [L, H, Dh]
-        v = history[1][s, lo : n + 1].repeat_interleave(H // Hkv, dim=1)
-        probs = torch.softmax(torch.einsum("hd,lhd->hl", q[s], k) / Dh**0.5, dim=-1)
-        torch.testing.assert_close(outs[1][s], torch.einsum("hl,lhd->hd", probs, v), rtol=1e-5, atol=1e-6)
+    H, Hkv, Dh, bs = 4, 2, 8, 2
+    kv = KVCache(num_layers=1, num_blocks=16, block_size=bs, num_kv_heads=Hkv, head_dim=Dh, dtype=torch.float32)
+    layer = kv.layers[0]
+    # three sequences: 5 cached + 1 decode, 2 cached + 1 decode, 3 cached + a 3-token chunk; blocks out of order
+    specs = [(5, 1, (9, 3, 14)), (2, 1, (0, 6)), (3, 3, (12, 1, 7))]
+    hist_k = [torch.randn(s + n, Hkv, Dh) for s, n, _ in specs]
+    hist_v = [torch.randn(s + n, Hkv, Dh) for s, n, _ in specs]
+    for (start, _, blocks), hk, hv in zip(specs, hist_k, hist_v, strict=True):
+        for p in range(start):
+            layer.k[blocks[p // bs], p % bs], layer.v[blocks[p // bs], p % bs] = hk[p], hv[p]
+    chunks = [SeqChunk(s, n, b) for s, n, b in specs]
+    plan = plan_step(chunks, block_size=bs, window=window)
+    new_k = torch.cat([hk[s:] for (s, _, _), hk in zip(specs, hist_k, strict=True)])
+    new_v = torch.cat([hv[s:] for (s, _, _), hv in zip(specs, hist_v, strict=True)])
+    q = torch.randn(new_k.shape[0], H, Dh)
+    out = Attention(backend=backend, num_heads=H, head_dim=Dh, window=window)(plan, q, new_k, new_v, layer)
+    row = 0
+    for (start, n, _), hk, hv in zip(specs, hist_k, hist_v, strict=True):
+        for p in range(start, start + n):
+            lo = 0 if window is None else max(0, p - window + 1)
+            k = hk[lo : p + 1].repeat_interleave(H // Hkv, dim=1)  # [L, H, Dh]
+            v = hv[lo : p + 1].repeat_interleave(H // Hkv, dim=1)
+            probs = torch.softmax(torch.einsum("hd,lhd->hl", q[row], k) / Dh**0.5, dim=-1)
+            torch.testing.assert_close(out[row], torch.einsum("hl,lhd->hd", probs, v), rtol=1e-5, atol=1e-6)
+            row += 1

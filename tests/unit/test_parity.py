@@ -102,15 +102,37 @@ def test_text_prompts_and_chunked_prefill(tmp_path):
     assert out.text == llm.tokenizer.decode(out.token_ids)
 
 
-def test_large_decode_batches_attend_in_place(tmp_path, monkeypatch):
-    """The in-place decode path (used for large batches) gives transformers' tokens, with and without a window."""
-    import workers.runner as runner
+PAGING = {
+    "block-1": dict(block_size=1),
+    "block-3-no-prefix-cache": dict(block_size=3, enable_prefix_caching=False),
+    "block-16": dict(block_size=16),
+    # 4 sequences of up to 36 tokens in 12 blocks of 4 positions (6 with the window): running out of blocks forces
+    # preemption and recompute
+    "tiny-pool-preempts": dict(block_size=4, num_kv_blocks=12, max_num_batched_tokens=8),
+}
 
-    monkeypatch.setattr(runner, "DECODE_VIEW_THRESHOLD", 1)
-    for window in (None, 6):
-        model = hf_mixtral(tmp_path / str(window), seed=9, sliding_window=window)
-        llm = LLM(tmp_path / str(window), progress=False)
-        prompts = [PROMPT, PROMPT[:4], PROMPT[:9]]
-        outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
-        for p, o in zip(prompts, outs, strict=True):
-            assert o.token_ids == hf_greedy(model, p, 20)
+
+@pytest.mark.parametrize("paging", list(PAGING))
+@pytest.mark.parametrize("window", [None, 6])
+def test_paged_cache_matches_transformers(tmp_path, paging, window):
+    """Greedy tokens equal transformers' for every block size, with prefix caching on and off, a sliding window
+    shorter than the sequence, chunked prefill, shared prefixes and preemption forced by a tiny pool; logits of a
+    prefix-cache hit equal a cold run's."""
+    model = hf_mixtral(tmp_path, seed=9, sliding_window=window)
+    options = dict(PAGING[paging])
+    if paging == "tiny-pool-preempts" and window is not None:
+        options["num_kv_blocks"] = 6
+    llm = LLM(tmp_path, max_num_seqs=4, progress=False, **options)
+    prompts = [PROMPT, PROMPT[:4], PROMPT[:9], PROMPT + [28705, 13]]  # the last one shares PROMPT's blocks
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.token_ids == hf_greedy(model, p, 20), (paging, window, len(p))
+    again = llm.generate([PROMPT + [28705, 13]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert again[0].token_ids == outs[3].token_ids
+    stats = llm.frontend_info()
+    if paging == "tiny-pool-preempts":
+        assert stats["engine"]["num_preemptions"] > 0
+    caching = PAGING[paging].get("enable_prefix_caching", True)
+    # PROMPT (14 tokens) fills a block of up to 13 positions: the later requests find it in the cache
+    assert (stats["engine"]["prefix_cache_hits"] > 0) == (caching and PAGING[paging]["block_size"] <= 13)
+    assert stats["engine"]["running"] == 0 and stats["kv_blocks_used"] == 0

@@ -7,10 +7,10 @@ is only used while the scheduler has lent it out.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cluster.engine import EngineConfig, EngineCore, RequestOutput
 from cluster.errors import (
@@ -21,60 +21,82 @@ from cluster.errors import (
     PromptTooLongError,
 )
 from cluster.sampling import SamplingParams
-from cluster.step import StepBatch
+from cluster.step import FREED, StepBatch
 from cluster.tokenizer import Tokenizer, default_model_file
 
 VOCAB = 32000
 EOS = 2
 
 
-def next_token(t: int) -> int:
-    """The fake model's greedy choice after token t (never BOS/EOS)."""
-    return 3 + (t * 7919 + 11) % (VOCAB - 3)
+def next_token(context: list[int]) -> int:
+    """The fake model's greedy choice: a hash of every token it can see (never BOS/EOS)."""
+    h = 0
+    for t in context:
+        h = (h * 1000003 + t + 1) % (2**61 - 1)
+    return 3 + h % (VOCAB - 3)
 
 
 class FakeExecutor:
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
-        self.filled = [0] * num_slots  # positions written per slot
+    """A paged "model" that reads its context back through the block tables: the token it predicts depends on
+    every cached token it can see, so a wrong, stale or shared-and-overwritten block changes the output."""
+
+    def __init__(self, num_blocks: int, block_size: int, window: int | None = None) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.window = window
+        self.store: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.batches: list[StepBatch] = []
         self.fail_with: Exception | None = None
 
-    def reset_slot(self, slot: int) -> None:
-        self.filled[slot] = 0
+    def _at(self, blocks: tuple[int, ...], pos: int) -> int:
+        b = blocks[pos // self.block_size]
+        assert b != FREED, f"position {pos} is read after its block was freed"
+        t = self.store[b][pos % self.block_size]
+        assert t is not None, f"position {pos} is read before it was written"
+        return t
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         self.batches.append(batch)
         if self.fail_with is not None:
             raise self.fail_with
         assert batch.num_tokens == sum(c.n for c in batch.chunks)
-        slots = [c.slot for c in batch.chunks]
-        assert len(set(slots)) == len(slots), "one chunk per slot and step"
+        row, want = 0, {}
         for c in batch.chunks:
-            assert 0 <= c.slot < self.num_slots
-            assert c.start in (0, self.filled[c.slot]), f"slot {c.slot} fed position {c.start} after {self.filled}"
-            self.filled[c.slot] = c.start + c.n
+            assert len(c.blocks) * self.block_size >= c.start + c.n
+            for p in range(c.start, c.start + c.n):
+                self.store[c.blocks[p // self.block_size]][p % self.block_size] = int(batch.token_ids[row])
+                lo = 0 if self.window is None else max(0, p - self.window + 1)
+                want[row] = (c.blocks, lo, p)
+                row += 1
         logits = torch.full((len(batch.logit_rows), VOCAB), -10.0)
-        for r, row in enumerate(batch.logit_rows.tolist()):
-            logits[r, next_token(int(batch.token_ids[row]))] = 10.0
+        for r, i in enumerate(batch.logit_rows.tolist()):
+            blocks, lo, p = want[i]
+            logits[r, next_token([self._at(blocks, q) for q in range(lo, p + 1)])] = 10.0
         return logits
 
 
-def engine(**limits) -> tuple[EngineCore, FakeExecutor]:
+def engine(
+    *, num_blocks: int = 64, block_size: int = 4, window: int | None = None, **limits
+) -> tuple[EngineCore, FakeExecutor]:
     config = EngineConfig(**limits)
-    ex = FakeExecutor(config.max_num_seqs)
+    ex = FakeExecutor(num_blocks, block_size, window)
     core = EngineCore(
-        ex, Tokenizer(default_model_file()), config, max_model_len=256, vocab_size=VOCAB, eos_token_id=EOS
+        ex,
+        Tokenizer(default_model_file()),
+        config,
+        max_model_len=256,
+        vocab_size=VOCAB,
+        eos_token_id=EOS,
+        sliding_window=window,
     )
     return core, ex
 
 
-def expected(prompt: list[int], n: int) -> list[int]:
-    out, t = [], prompt[-1]
+def expected(prompt: list[int], n: int, window: int | None = None) -> list[int]:
+    seq = list(prompt)
     for _ in range(n):
-        t = next_token(t)
-        out.append(t)
-    return out
+        seq.append(next_token(seq if window is None else seq[-window:]))
+    return seq[len(prompt) :]
 
 
 def drain(core: EngineCore, outs: dict[str, list[RequestOutput]] | None = None, max_steps: int = 1000) -> None:
@@ -90,7 +112,7 @@ def drain(core: EngineCore, outs: dict[str, list[RequestOutput]] | None = None, 
 GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
 
 
-def test_chunked_prefill_budget_and_slot_order():
+def test_chunked_prefill_budget_and_order():
     """Prompts longer than the token budget are prefilled in chunks; decodes go first; every step fits the budget."""
     core, ex = engine(max_num_seqs=3, max_num_batched_tokens=8)
     prompts = {"a": [1] + list(range(10, 30)), "b": [1, 5, 6], "c": [1] + list(range(40, 52))}
@@ -101,30 +123,90 @@ def test_chunked_prefill_budget_and_slot_order():
     for rid, p in prompts.items():
         assert outs[rid][-1].token_ids == expected(p, 5), rid
     assert all(b.num_tokens <= 8 for b in ex.batches)
-    first = ex.batches[0].chunks
-    assert [(c.start, c.n) for c in first] == [(0, 8)]  # a takes the whole budget of the first step
-    # once a request decodes, its single token comes before any prefill chunk in the step
-    for b in ex.batches:
+    assert [(c.start, c.n) for c in ex.batches[0].chunks] == [(0, 8)]  # a takes the whole first step
+    for b in ex.batches:  # once a request decodes, its single token comes before any prefill chunk
         kinds = [c.n == 1 and c.start > 0 for c in b.chunks]
         assert kinds == sorted(kinds, reverse=True)
-    assert core.free_slots == 3
+    assert core.kv_blocks_used == 0
 
 
-def test_slots_are_lent_and_returned():
-    core, ex = engine(max_num_seqs=2, max_num_batched_tokens=16)
+def test_batch_places_and_blocks_are_lent_and_returned():
+    core, ex = engine(max_num_seqs=2, max_num_batched_tokens=16, block_size=2)
     for i in range(5):
-        core.add_request(f"r{i}", [1, 100 + i], GREEDY)
+        core.add_request(f"r{i}", [1, 100 + i, 7], GREEDY)
     core.step()
-    assert core.num_running == 2 and core.num_waiting == 3 and core.free_slots == 0
+    assert core.num_running == 2 and core.num_waiting == 3
+    assert core.kv_blocks_used == 4  # 3 tokens each in blocks of 2
     outs: dict[str, list[RequestOutput]] = {}
     drain(core, outs)
-    assert sorted(outs) == [f"r{i}" for i in range(5)]
-    assert core.free_slots == 2
-    used = {c.slot for b in ex.batches for c in b.chunks}
-    assert used == {0, 1}
+    assert {rid: o[-1].token_ids for rid, o in outs.items()} == {
+        f"r{i}": expected([1, 100 + i, 7], 5) for i in range(5)
+    }
+    assert core.kv_blocks_used == 0
 
 
-def test_abort_frees_the_slot_for_a_waiting_request_in_the_same_step():
+def test_prefix_cache_reuses_full_blocks_and_gives_the_same_tokens():
+    shared = [1] + list(range(200, 219))  # 20 tokens: 5 full blocks of 4
+    for caching in (True, False):
+        core, ex = engine(max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=caching)
+        core.add_request("first", shared + [7, 8], GREEDY)
+        drain(core)
+        n_before = len(ex.batches)
+        core.add_request("second", shared + [9], GREEDY)
+        outs: dict[str, list[RequestOutput]] = {}
+        drain(core, outs)
+        assert outs["second"][-1].token_ids == expected(shared + [9], 5)
+        first_chunk = ex.batches[n_before].chunks[0]
+        assert first_chunk.start == (20 if caching else 0)  # 5 cached blocks: only token 9 is computed
+        assert outs["second"][-1].metrics["cached_tokens"] == (20 if caching else 0)
+        assert core.stats()["prefix_cache_hits"] == (5 if caching else 0)
+        assert core.kv_blocks_used == 0
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    core, ex = engine(max_num_seqs=2, max_num_batched_tokens=64)
+    prompt = [1] + list(range(300, 315))  # 16 tokens = 4 full blocks
+    core.add_request("a", prompt, GREEDY)
+    drain(core)
+    core.add_request("b", prompt, GREEDY)
+    outs: dict[str, list[RequestOutput]] = {}
+    drain(core, outs)
+    assert outs["b"][-1].token_ids == expected(prompt, 5)
+    assert [(c.start, c.n) for c in ex.batches[-5].chunks] == [(12, 4)]  # 3 blocks reused, the 4th recomputed
+
+
+def test_running_out_of_blocks_preempts_the_newest_and_recomputes_it():
+    long = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    core, ex = engine(max_num_seqs=3, max_num_batched_tokens=16, num_blocks=14, block_size=4)
+    prompts = {rid: [1, 40 + i, 41 + i, 42 + i] for i, rid in enumerate("abc")}
+    for rid, p in prompts.items():
+        core.add_request(rid, p, long)
+    outs: dict[str, list[RequestOutput]] = {}
+    drain(core, outs)
+    assert core.stats()["num_preemptions"] > 0
+    for rid, p in prompts.items():
+        final = outs[rid][-1]
+        assert final.token_ids == expected(p, 24) and final.finish_reason == "length"
+        assert [t for o in outs[rid] for t in o.new_token_ids] == final.token_ids  # no token twice or lost
+    assert core.kv_blocks_used == 0
+
+
+def test_a_sliding_window_frees_the_blocks_it_leaves():
+    core, ex = engine(max_num_seqs=1, max_num_batched_tokens=8, block_size=4, window=6, num_blocks=5)
+    prompt = [1] + list(range(500, 520))
+    core.add_request("w", prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    outs: dict[str, list[RequestOutput]] = {}
+    peak = 0
+    while core.has_work():
+        for o in core.step():
+            outs.setdefault(o.request_id, []).append(o)
+        peak = max(peak, core.kv_blocks_used)
+    assert outs["w"][-1].token_ids == expected(prompt, 40, window=6)
+    assert peak <= 5 and core.stats()["num_preemptions"] == 0  # 61 positions in 5 blocks of 4
+    assert any(FREED in c.blocks for b in ex.batches for c in b.chunks)
+
+
+def test_abort_frees_blocks_for_a_waiting_request_in_the_same_step():
     core, ex = engine(max_num_seqs=1, max_num_batched_tokens=16)
     long = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
     core.add_request("a", [1, 7], long)
@@ -135,15 +217,14 @@ def test_abort_frees_the_slot_for_a_waiting_request_in_the_same_step():
     got = {o.request_id: o for o in core.step()}
     assert got["a"].finished and got["a"].finish_reason == "abort"
     assert got["b"].new_token_ids == expected([1, 8], 1)
-    assert ex.batches[-1].chunks[0].start == 0  # b starts fresh in the slot a gave back
     drain(core)
-    assert core.stats()["finished_abort"] == 1 and core.free_slots == 1
+    assert core.stats()["finished_abort"] == 1 and core.kv_blocks_used == 0
 
 
 def test_overload_counts_only_requests_that_must_wait():
     core, _ = engine(max_num_seqs=2, max_num_batched_tokens=16, max_queued_requests=1)
     core.add_request("a", [1, 5], GREEDY)
-    core.add_request("b", [1, 6], GREEDY)  # both will get a slot at the next step: neither is queued
+    core.add_request("b", [1, 6], GREEDY)  # both will run at the next step: neither is queued
     core.add_request("c", [1, 7], GREEDY)  # must wait: the one queue place
     with pytest.raises(EngineOverloadedError):
         core.add_request("d", [1, 8], GREEDY)
@@ -166,6 +247,10 @@ def test_duplicate_ids_and_bad_prompts_are_refused_at_once():
     with pytest.raises(PromptTooLongError) as err:
         core.add_request("y", [1] * 200, SamplingParams(max_tokens=57))
     assert err.value.param == "max_tokens"
+    small, _ = engine(max_num_seqs=2, max_num_batched_tokens=16, num_blocks=4, block_size=4)
+    with pytest.raises(PromptTooLongError) as err:  # fits max_model_len, not the whole KV cache
+        small.add_request("y", [1] * 10, SamplingParams(max_tokens=10))
+    assert err.value.param == "max_tokens" and "KV cache holds 16 positions" in err.value.message
     assert core.num_waiting == 1
     drain(core)
 
@@ -181,9 +266,8 @@ def test_a_failed_step_fails_its_requests_with_an_internal_error_and_the_engine_
         assert out.finished and out.finish_reason == "error"
         assert isinstance(out.error, InternalError) and out.error.request_id == rid
         assert "boom" not in out.error.message  # details go to the log, not to the client
-    assert core.free_slots == 2 and not core.has_work()
+    assert core.kv_blocks_used == 0 and not core.has_work()
     ex.fail_with = None
-    ex.filled = [0, 0]
     core.add_request("c", [1, 9], GREEDY)
     c: dict[str, list[RequestOutput]] = {}
     drain(core, c)
@@ -198,7 +282,7 @@ def test_a_worker_failure_keeps_its_own_error():
     assert isinstance(out.error, ExpertWorkerError) and out.error.message == "expert worker 1 is unavailable"
 
 
-def test_eos_and_stop_token_ids_end_a_request():
+def test_stop_token_ids_end_a_request():
     core, _ = engine(max_num_seqs=2, max_num_batched_tokens=16)
     prompt = [1, 5]
     want = expected(prompt, 3)
@@ -209,34 +293,50 @@ def test_eos_and_stop_token_ids_end_a_request():
     assert final.finish_reason == "stop" and final.token_ids == want[:2]
 
 
-def test_random_schedules_give_every_request_its_own_tokens():
-    """Random arrivals, aborts and limits: each finished request has exactly the fake model's tokens, every slot
-    comes back."""
-    rng = random.Random(5)
-    for trial in range(20):
-        seqs = rng.randint(1, 4)
-        core, ex = engine(max_num_seqs=seqs, max_num_batched_tokens=rng.randint(seqs, 24), max_queued_requests=64)
-        outs: dict[str, list[RequestOutput]] = {}
-        prompts: dict[str, tuple[list[int], int]] = {}
-        aborted: set[str] = set()
-        for i in range(12):
-            rid = f"t{trial}-{i}"
-            p = [1] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(0, 30))]
-            n = rng.randint(1, 8)
-            prompts[rid] = (p, n)
-            core.add_request(rid, p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-            if rng.random() < 0.2:
-                core.abort(rid)
-                aborted.add(rid)
-            for _ in range(rng.randint(0, 2)):
-                for o in core.step():
-                    outs.setdefault(o.request_id, []).append(o)
-        drain(core, outs)
-        for rid, (p, n) in prompts.items():
-            final = outs[rid][-1]
-            assert final.finished
-            if rid in aborted:
-                assert final.finish_reason == "abort"
-            else:
-                assert final.token_ids == expected(p, n), rid
-        assert core.free_slots == seqs
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_block_accounting_over_random_schedules(data):
+    """Any mix of arrivals, shared prefixes, aborts, failed steps, finishes and preemptions: every finished
+    request has exactly the fake model's tokens, and at the end every block is free or cached (ref count 0)."""
+    block_size = data.draw(st.integers(1, 5), label="block_size")
+    window = data.draw(st.sampled_from([None, 3, 7]), label="window")
+    seqs = data.draw(st.integers(1, 4), label="max_num_seqs")
+    core, ex = engine(
+        max_num_seqs=seqs,
+        max_num_batched_tokens=data.draw(st.integers(seqs, 24), label="budget"),
+        max_queued_requests=64,
+        block_size=block_size,
+        num_blocks=data.draw(st.integers(-(-40 // block_size) + 1, 60), label="num_blocks"),
+        window=window,
+        enable_prefix_caching=data.draw(st.booleans(), label="caching"),
+    )
+    prefix = [1] + data.draw(st.lists(st.integers(3, VOCAB - 1), max_size=12), label="prefix")
+    outs: dict[str, list[RequestOutput]] = {}
+    want: dict[str, list[int]] = {}
+    for i in range(data.draw(st.integers(1, 10), label="requests")):
+        rid = f"r{i}"
+        tail = data.draw(st.lists(st.integers(3, VOCAB - 1), max_size=12), label="tail")
+        p = (prefix if data.draw(st.booleans(), label="shared") else [1]) + tail
+        n = data.draw(st.integers(1, 8), label="max_tokens")
+        core.add_request(rid, p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        want[rid] = expected(p, n, window)
+        for _ in range(data.draw(st.integers(0, 3), label="steps")):
+            action = data.draw(st.sampled_from(["step", "step", "abort", "fail"]), label="action")
+            if action == "abort":
+                core.abort(f"r{data.draw(st.integers(0, i), label='victim')}")
+            ex.fail_with = RuntimeError("injected") if action == "fail" else None
+            for o in core.step():
+                outs.setdefault(o.request_id, []).append(o)
+            ex.fail_with = None
+    drain(core, outs)
+    for rid, tokens in want.items():
+        final = outs[rid][-1]
+        assert final.finished
+        if final.finish_reason == "length":
+            assert final.token_ids == tokens, rid
+        else:
+            assert final.finish_reason in ("abort", "error")
+            assert final.token_ids == tokens[: len(final.token_ids)], rid
+    pool = core.scheduler.pool
+    assert pool.num_used == 0 and all(r == 0 for r in pool.ref)
+    assert pool.num_free == pool.num_blocks
