@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -13,7 +16,15 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from cluster.tokenizer import ChatFormatError, IncrementalDetokenizer, Tokenizer, default_model_file
+from cluster.errors import SetupError
+from cluster.tokenizer import (
+    ChatFormatError,
+    IncrementalDetokenizer,
+    Tokenizer,
+    default_model_file,
+    find_tokenizer_file,
+)
+from tests import tokenizer_refs as refs
 
 BUNDLED = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 BUNDLED_V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
@@ -408,3 +419,170 @@ def test_detokenizer_api(tok: Tokenizer) -> None:
         IncrementalDetokenizer(tok).add(tok.vocab_size)
     with pytest.raises(IndexError):
         IncrementalDetokenizer(tok).add(-1)
+
+
+# --------------------------------------------------------------------------- which file of a folder is the tokenizer
+
+MISTRAL_TEMPLATE = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+CHATML_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def make_folder(folder: Path, names: list[str], template: str | None = None) -> Path:
+    """A folder of empty stand-in files (find_tokenizer_file only looks at names) and a tokenizer_config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+    if template is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("names", "template", "expected"),
+    [
+        (["tokenizer.model", "tekken.json", "tokenizer.json"], None, "tekken.json"),
+        (["tokenizer.model", "tokenizer.model.v3", "tokenizer.json"], None, "tokenizer.model.v3"),
+        (["tokenizer.model.v3", "tokenizer.model.v7", "tokenizer.model.v1"], None, "tokenizer.model.v7"),
+        (["tokenizer.model.v3", "tekken_240911.json"], None, "tokenizer.model.v3"),
+        (["tekken_240911.json", "tokenizer.model"], None, "tekken_240911.json"),
+        (["tokenizer.model", "tokenizer.json"], None, "tokenizer.model"),
+        (["tokenizer.model", "tokenizer.json"], MISTRAL_TEMPLATE, "tokenizer.model"),
+        (["tokenizer.model", "tokenizer.json"], CHATML_TEMPLATE, "tokenizer.json"),  # a fine-tune's own format
+        (["tokenizer.model"], CHATML_TEMPLATE, "tokenizer.model"),  # no tokenizer.json to go with the template
+        (["tokenizer.json"], None, "tokenizer.json"),
+        (["tokenizer.model.v99", "config.json", "model.safetensors"], None, None),
+    ],
+)
+def test_find_tokenizer_file_order(
+    tmp_path: Path, names: list[str], template: str | None, expected: str | None
+) -> None:
+    found = find_tokenizer_file(make_folder(tmp_path / "m", names, template))
+    assert (found.name if found else None) == expected
+
+
+def test_fallback_to_bundled_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with caplog.at_level(logging.INFO, logger="mixserve"):
+        assert Tokenizer.from_dir(tmp_path).path == BUNDLED
+    [record] = [r for r in caplog.records if r.name == "mixserve"]
+    assert record.levelno == logging.WARNING
+    assert str(tmp_path) in record.getMessage() and "bundled Mixtral-8x7B tokenizer" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mixserve"):
+        shutil.copy(BUNDLED, tmp_path / "tokenizer.model")
+        assert Tokenizer.from_dir(tmp_path).path == tmp_path / "tokenizer.model"
+    assert not [r for r in caplog.records if "bundled" in r.getMessage()]
+
+
+def test_override_file_or_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(BUNDLED_V3, folder / "tokenizer.model.v3")
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(BUNDLED, model / "tokenizer.model")
+    assert Tokenizer.from_dir(model, tokenizer=folder).path == folder / "tokenizer.model.v3"
+    assert Tokenizer.from_dir(None, tokenizer=folder / "tokenizer.model.v3").version == "v3"
+    with pytest.raises(FileNotFoundError, match="neither a tokenizer file nor a folder with one"):
+        Tokenizer.from_dir(model, tokenizer=tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="neither a tokenizer file nor a folder with one"):
+        Tokenizer.from_dir(model, tokenizer=make_folder(tmp_path / "empty", ["config.json"]))
+
+
+def test_versions_and_kinds(tmp_path: Path) -> None:
+    assert (Tokenizer(BUNDLED).kind, Tokenizer(BUNDLED).version) == ("sentencepiece", "v1")
+    for name, version in [("v2", "v2"), ("v3", "v3"), ("v7", "v7")]:
+        tok = refs.mixserve(name)
+        assert (tok.kind, tok.version, tok.vocab_size, tok.bos_id, tok.eos_id) == (
+            "sentencepiece",
+            version,
+            32768,
+            1,
+            2,
+        )
+    tekken = refs.mixserve("tekken")
+    assert (tekken.kind, tekken.version, tekken.vocab_size, tekken.bos_id, tekken.eos_id) == (
+        "tekken",
+        "v3",
+        131072,
+        1,
+        2,
+    )
+    # an unversioned file is read by its control tokens, and keeps its version across pickling (Ray)
+    shutil.copy(BUNDLED_V3, tmp_path / "tokenizer.model")
+    plain = Tokenizer.from_dir(tmp_path)
+    assert plain.version == "v3"
+    assert pickle.loads(pickle.dumps(plain)).version == "v3"
+    assert "version=v3" in repr(plain)
+
+
+def test_broken_tokenizer_files(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(SetupError, match="not a sentencepiece model"):
+        Tokenizer.from_dir(tmp_path)
+
+
+# ----------------------------------------------------------------- every bundled version: text, pieces, streams
+
+VERSIONS = ["v2", "v3", "v7", "tekken"]
+
+
+@pytest.mark.parametrize("name", VERSIONS)
+def test_encode_decode_match_mistral_common(name: str) -> None:
+    tok, raw = refs.mixserve(name), refs.reference(name).instruct_tokenizer.tokenizer
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == raw.encode(text, bos=True, eos=False)
+        assert tok.encode(text, bos=False, eos=True) == raw.encode(text, bos=False, eos=True)
+        assert tok.decode(ids) == raw.decode(ids) == text
+        assert [tok.id_to_piece(i) for i in ids] == [raw.id_to_piece(i) for i in ids]
+    with pytest.raises(IndexError):
+        tok.decode([tok.vocab_size])
+    with pytest.raises(IndexError):
+        tok.id_to_piece(-1)
+
+
+@pytest.mark.parametrize("name", VERSIONS)
+def test_byte_pieces(name: str) -> None:
+    tok = refs.mixserve(name)
+    ids = tok.encode("rare CJK 龘𠀋 and 🦜", bos=False)
+    byte_ids = [i for i in ids if tok.byte_value(i) is not None]
+    assert byte_ids, "the text must exercise byte fallback / byte tokens"
+    assert b"".join(tok.piece_bytes(i) or b"" for i in ids).decode().strip() == "rare CJK 龘𠀋 and 🦜"
+    assert tok.piece_bytes(tok.eos_id) is None and tok.byte_value(tok.eos_id) is None
+    assert tok.special_id("[INST]") == 3 and tok.special_id("[TOOL_CALLS]") is not None
+    assert tok.special_id("Hello") is None
+
+
+@pytest.mark.parametrize("name", VERSIONS)
+def test_stream_texts_every_version(name: str) -> None:
+    tok = refs.mixserve(name)
+    for text in TEXTS:
+        check_stream(tok, tok.encode(text, bos=False))
+        check_stream(tok, tok.encode(text, bos=True, eos=True))
+
+
+def test_stream_tekken_partial_utf8_tokens() -> None:
+    tok = refs.mixserve("tekken")
+    ids = tok.encode("🦜", bos=False)
+    assert len(ids) > 1 and all(tok.decode([i]) != "🦜" for i in ids)  # the emoji spans byte-level tokens
+    deltas, tail = stream(tok, ids)
+    assert "".join(deltas) == "🦜" and deltas[-1] == "🦜" and tail == ""
+    rng = random.Random(7)
+    saw_replacement = 0
+    for _ in range(120):
+        seq = [rng.randrange(tok.vocab_size) if rng.random() < 0.7 else rng.randrange(1000, 1256) for _ in range(30)]
+        seq += [rng.randrange(0, 20) for _ in range(rng.randint(0, 2))]  # special tokens split byte runs
+        rng.shuffle(seq)
+        check_stream(tok, seq)
+        saw_replacement += REPLACEMENT in tok.decode(seq)
+    assert saw_replacement > 20
+
+
+def test_stream_v3_random_sequences() -> None:
+    tok = refs.mixserve("v3")
+    rng = random.Random(11)
+    for _ in range(150):
+        check_stream(
+            tok, [rng.randrange(tok.vocab_size) if rng.random() < 0.5 else rng.randrange(3, 1100) for _ in range(30)]
+        )
