@@ -37,9 +37,7 @@ def refs() -> dict[str, MistralTokenizer]:
     return {name: reference(name) for name in FILES}
 
 
-def encoded(
-    mistral: MistralTokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-) -> list[int]:
+def encoded(mistral: MistralTokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
     request = ChatCompletionRequest(
         messages=convert_openai_messages(messages),  # type: ignore[arg-type]
         tools=convert_openai_tools(tools) if tools else None,
