@@ -219,7 +219,7 @@ def goal(text: str, measured: float | None, threshold: float, *, at_least: bool,
 def fmt(v: Any) -> str:
     """Table cell: None as "-", booleans as yes/no, floats with 3 significant digits (1 decimal from 100 up)."""
     if isinstance(v, float):
-        return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3g}"
+        return f"{v:.1f}" if abs(v) >= 100 else f"{v:#.3g}"
     return "-" if v is None else ("yes" if v else "no") if isinstance(v, bool) else str(v)
 
 
