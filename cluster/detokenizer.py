@@ -30,11 +30,14 @@ class IncrementalDetokenizer:
     """Turn generated token ids into streamed text.
 
     ``"".join(add(t) for t in ids) + flush()`` equals ``tokenizer.decode(ids)`` exactly, including the
-    removal of the leading space of the first word, control tokens anywhere, multi-byte characters made
-    of byte-fallback pieces, and invalid UTF-8 (one U+FFFD per invalid byte, as ``decode``).
+    removal of the leading space of the first word (sentencepiece), control tokens anywhere, multi-byte
+    characters made of byte-fallback pieces or byte-level tokens (tekken), and invalid UTF-8 (rendered as
+    ``decode`` renders it).
 
     A delta never contains text that a later token could still change: characters whose bytes may not
-    all have arrived are held back (at most three byte pieces) until they are complete or ``flush``.
+    all have arrived are held back (at most three bytes) until they are complete or ``flush``; for a
+    tokenizer that decodes runs of byte pieces as a whole (``Tokenizer.atomic_byte_runs``, Hugging Face's
+    ByteFallback) the trailing run of byte pieces is held back until another token ends it.
 
     Per token only a short window of ids is decoded: ``[prefix_offset, read_offset)`` are the ids that
     produced the previous delta and ``[read_offset, end)`` the new ones. Decoding both from the same start
@@ -99,15 +102,25 @@ class IncrementalDetokenizer:
         Only an unfinished UTF-8 sequence at the very end (a lead byte followed by fewer continuation bytes than
         it announces, hence within the last three bytes) can still change. The bytes are the tokens'
         ``piece_bytes``; a token that splits byte runs (``None``) ends the search, and so does ``read_offset``,
-        which is a character boundary (a sequence starting before it is already complete).
+        which is a character boundary (a sequence starting before it is already complete). A tokenizer that
+        decodes byte runs as a whole (``atomic_byte_runs``) holds back the whole run of byte pieces at the end.
         """
-        ids = self._ids
+        tokenizer, ids = self._tokenizer, self._ids
         end = len(ids)
+        if tokenizer.atomic_byte_runs:
+            start = end
+            while start > self._read_offset and (
+                tokenizer.byte_value(ids[start - 1]) is not None or tokenizer.piece_bytes(ids[start - 1]) == b""
+            ):
+                start -= 1
+            while start < end and tokenizer.byte_value(ids[start]) is None:  # skipped tokens before the run
+                start += 1
+            return start
         tail = b""
         owners: list[int] = []  # the index in ids of each byte of tail
         i = end
         while i > self._read_offset and len(tail) < 3:
-            piece = self._tokenizer.piece_bytes(ids[i - 1])
+            piece = tokenizer.piece_bytes(ids[i - 1])
             if piece is None:
                 break
             i -= 1

@@ -104,6 +104,9 @@ class HFBackend:
         self._special_ids = {i for i, token in self._tk.get_added_tokens_decoder().items() if token.special}
         model = spec.get("model") or {}
         self._byte_fallback = bool(model.get("byte_fallback"))
+        # tokenizers' ByteFallback decoder turns each run of byte pieces into text at once: valid UTF-8, or one
+        # U+FFFD per byte of the run, so a later byte can change the text of the earlier ones.
+        self.atomic_byte_runs = self._byte_fallback
         self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         self._byte_decoder = _gpt2_byte_decoder() if self._byte_level else {}
         sources = chat_template_sources(path.parent, config)

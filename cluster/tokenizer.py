@@ -224,6 +224,12 @@ class Tokenizer:
         return self._backend.version
 
     @property
+    def atomic_byte_runs(self) -> bool:
+        """Whether ``decode`` turns a run of byte pieces into text as a whole (Hugging Face's ByteFallback: valid
+        UTF-8, else one U+FFFD per byte), rather than character by character (sentencepiece, tekken)."""
+        return self._backend.atomic_byte_runs
+
+    @property
     def vocab_size(self) -> int:
         """Number of tokens in the vocabulary."""
         return self._backend.vocab_size

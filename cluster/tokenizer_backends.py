@@ -51,6 +51,7 @@ class Backend(Protocol):
     vocab_size: int
     bos_id: int
     eos_id: int
+    atomic_byte_runs: bool  # decode turns a run of byte pieces into text as a whole (see Tokenizer)
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
@@ -88,6 +89,7 @@ class SentencePieceBackend:
     """A sentencepiece model: text via ``sentencepiece``, chat via ``mistral-common`` for the file's version."""
 
     kind = "sentencepiece"
+    atomic_byte_runs = False
 
     def __init__(self, path: Path) -> None:
         try:
@@ -146,6 +148,7 @@ class TekkenBackend:
     """A tekken tokenizer (``tekken.json``), loaded and encoded by ``mistral-common``."""
 
     kind = "tekken"
+    atomic_byte_runs = False
 
     def __init__(self, path: Path) -> None:
         try:
