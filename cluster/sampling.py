@@ -1,14 +1,15 @@
-"""Sampling parameters and per-request samplers (greedy, temperature, top-k, top-p, seeded).
+"""Sampling parameters and the batched sampler (penalties, logit bias, min_tokens, greedy, temperature, min_p,
+top-k, top-p, seeded draws).
 
 Each request owns its own ``torch.Generator``, so a seeded request draws the same tokens whatever else shares its
-batch. Temperature 0 is greedy.
+batch. Temperatures below 1e-5 are greedy.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from cluster.errors import SamplingParamsError
 
 MAX_LOGPROBS = 20
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy, as in vLLM
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,15 @@ class SamplingParams:
     stop_token_ids  token ids that end generation (finish_reason "stop")
     ignore_eos      keep going past EOS
     logprobs        None, or how many top alternatives (0..20) to report with each token's log-probability
+    presence_penalty     subtracted once from the logit of every token already generated (-2 <= p <= 2)
+    frequency_penalty    subtracted per occurrence from the logit of every generated token (-2 <= f <= 2)
+    repetition_penalty   tokens of the prompt or output: positive logits divided by it, negative multiplied
+                         (> 0; 1 leaves logits alone)
+    min_p           drop tokens whose probability is below min_p x the top token's (0 <= m <= 1)
+    min_tokens      EOS and stop_token_ids cannot end generation before this many tokens (<= max_tokens)
+    logit_bias      token id -> bias in [-100, 100] added to its logit before sampling (greedy too)
+
+    Penalties, min_p and logit_bias follow vLLM's definitions. A temperature below 1e-5 is greedy.
     """
 
     max_tokens: int = 16
@@ -42,6 +53,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -84,9 +101,51 @@ class SamplingParams:
                 param="logprobs", message=f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
 
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not -2 <= v <= 2:
+                raise SamplingParamsError(param=name, message=f"{name} must be a number in [-2, 2], got {v!r}")
+        if not _is_num(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise SamplingParamsError(
+                param="repetition_penalty",
+                message=f"repetition_penalty must be a number in (0, 10], got {self.repetition_penalty!r}",
+            )
+        if not _is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise SamplingParamsError(param="min_p", message=f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingParamsError(
+                param="min_tokens",
+                message=f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}",
+            )
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below 1e-5 are greedy (dividing logits by them overflows)."""
+        return self.temperature < SAMPLING_EPS
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs; JSON object keys (strings of digits) are accepted."""
+    items = list(bias.items()) if isinstance(bias, Mapping) else list(bias) if isinstance(bias, Sequence) else None
+    pairs: list[tuple[int, float]] = []
+    for item in items if items is not None else [None]:
+        tok, b = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
+        if isinstance(tok, str) and tok.isdigit():
+            tok = int(tok)
+        if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0 or not _is_num(b):
+            tok = None
+        elif isinstance(b, (int, float)) and -100 <= b <= 100:
+            pairs.append((tok, float(b)))
+            continue
+        raise SamplingParamsError(
+            param="logit_bias", message="logit_bias maps token ids (>= 0) to numbers in [-100, 100]"
+        )
+    return tuple(sorted(pairs))
 
 
 def _is_int(v: object) -> bool:
@@ -106,36 +165,90 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]
 
 
-class RequestSampler:
-    """Picks the next token of one request from its float32 logits row [V]."""
+def new_generator(params: SamplingParams) -> torch.Generator | None:
+    """A request's own random stream: seeded when asked, else freshly seeded; None for greedy requests."""
+    if params.greedy:
+        return None
+    g = torch.Generator(device="cpu")
+    g.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    return g
 
-    def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator: torch.Generator | None = None
-        if not params.greedy:
-            self.generator = torch.Generator(device="cpu")
-            self.generator.manual_seed(self.seed)
 
-    def sample(self, logits: torch.Tensor) -> int:
-        p = self.params
-        if p.greedy:
-            return int(torch.argmax(logits).item())
-        scores = logits.float().cpu() / p.temperature
-        V = scores.shape[-1]
-        if p.top_k > 0 and p.top_k < V:
-            kth = torch.topk(scores, p.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely tokens
-            drop_sorted = before >= p.top_p
-            drop_sorted[0] = False
-            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-            probs = probs.masked_fill(drop, 0.0)
-            probs = probs / probs.sum()
-        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the batched sampler needs of one request: its parameters, random stream and tokens so far."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt: Sequence[int]
+    output: Sequence[int]
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int) -> torch.Tensor:
+    """The next token of every row: logits [R, V] float32 -> token ids [R] int64, in a few batched tensor ops.
+
+    Per row, in vLLM's order: min_tokens (EOS and stop_token_ids masked until that many tokens exist), logit_bias,
+    repetition / frequency / presence penalties; greedy rows take the argmax of that; the others divide by their
+    temperature, drop tokens under min_p x the top probability, keep their top_k and top_p nucleus, and draw with
+    their own generator (an exponential race, so a seeded row draws the same token whatever else is in the batch).
+    """
+    R, V = logits.shape
+    x = logits.float().clone()
+    _process(x, rows, eos_token_id=eos_token_id)
+    out = torch.argmax(x, dim=-1)
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if not drawn:
+        return out
+    idx = torch.tensor(drawn)
+    xs = x[idx] / torch.tensor([rows[i].params.temperature for i in drawn])[:, None]  # [S, V]
+    probs = torch.softmax(xs, dim=-1)
+    min_p = torch.tensor([rows[i].params.min_p for i in drawn])
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+    top_k = torch.tensor([rows[i].params.top_k if rows[i].params.top_k > 0 else V for i in drawn])
+    top_p = torch.tensor([rows[i].params.top_p for i in drawn])
+    if bool((top_k < V).any() or (top_p < 1).any()):
+        sorted_probs, order = torch.sort(probs, descending=True)  # [S, V]
+        rank = torch.arange(V)[None, :]
+        in_k = rank < top_k[:, None]
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly more likely tokens
+        kept = (sorted_probs * in_k).sum(-1, keepdim=True)  # the nucleus is taken within the top k
+        drop = ~in_k | ((before >= top_p[:, None] * kept) & (rank > 0))
+        probs = probs.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), 0.0)
+    race = torch.empty_like(probs)
+    for j, i in enumerate(drawn):
+        race[j].exponential_(1.0, generator=rows[i].generator)
+    out[idx] = torch.argmax(probs / race, dim=-1)
+    return out
+
+
+def _process(x: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int) -> None:
+    """min_tokens, logit_bias and penalties applied in place to logits x [R, V]."""
+    V = x.shape[1]
+    for i, r in enumerate(rows):
+        p = r.params
+        if len(r.output) < p.min_tokens:
+            x[i, [eos_token_id, *(t for t in p.stop_token_ids if t < V)]] = float("-inf")
+        bias = _bias_pairs(p.logit_bias)  # already normalised: a cheap copy that the type checker can follow
+        if bias:
+            x[i, [t for t, _ in bias if t < V]] += torch.tensor([b for t, b in bias if t < V])
+    pen = [i for i, r in enumerate(rows) if r.params.penalised]
+    if not pen:
+        return
+    counts = torch.zeros(len(pen), V)  # output token counts
+    seen = torch.zeros(len(pen), V, dtype=torch.bool)  # prompt or output
+    for j, i in enumerate(pen):
+        out = torch.tensor(list(rows[i].output), dtype=torch.int64)
+        counts[j].scatter_add_(0, out, torch.ones(len(out)))
+        seen[j, torch.tensor(list(rows[i].prompt), dtype=torch.int64)] = True
+    seen |= counts > 0
+    idx = torch.tensor(pen)
+    xp = x[idx]
+    rp = torch.tensor([rows[i].params.repetition_penalty for i in pen])[:, None]
+    xp = torch.where(seen, torch.where(xp > 0, xp / rp, xp * rp), xp)
+    xp -= torch.tensor([rows[i].params.frequency_penalty for i in pen])[:, None] * counts
+    xp -= torch.tensor([rows[i].params.presence_penalty for i in pen])[:, None] * (counts > 0)
+    x[idx] = xp
 
 
 def logprobs_of(logits: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:

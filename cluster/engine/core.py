@@ -27,7 +27,7 @@ from cluster.errors import (
     MixserveError,
     PromptTooLongError,
 )
-from cluster.sampling import SamplingParams, TokenLogprob, logprobs_of
+from cluster.sampling import SamplingParams, SamplingRow, TokenLogprob, logprobs_of, sample
 from cluster.step import Executor, SeqChunk, StepBatch
 from cluster.tokenizer import Tokenizer
 
@@ -76,6 +76,8 @@ class EngineCore:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be below {self.vocab_size}", param="logit_bias")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLongError(
@@ -164,18 +166,24 @@ class EngineCore:
         return outputs
 
     def _sample(self, sampled: list[Request], logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
-        """Pick each sampled request's token from its logits row; append its output to ``outputs``."""
+        """Pick every sampled request's token in one batched call; append its output to ``outputs``.
+
+        What belongs to one request (a row of non-finite logits, its detokenizing, stop strings, logprobs) ends
+        that request alone with an ``InternalError``; the others go on.
+        """
         now = time.monotonic()
-        greedy = [i for i, r in enumerate(sampled) if r.params.greedy]
-        picked: dict[int, int] = {}
-        if greedy:
-            for i, t in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist(), strict=True):
-                picked[i] = t
+        bad = torch.isnan(logits).any(dim=-1).tolist()
+        rows = [SamplingRow(r.params, r.generator, r.prompt, r.output) for r in sampled]
+        tokens = sample(logits, rows, eos_token_id=self.eos).tolist()
         for i, req in enumerate(sampled):
-            tok = picked[i] if i in picked else req.sampler.sample(logits[i])
-            n_top = req.params.logprobs
-            lp = logprobs_of(logits[i], tok, n_top) if n_top is not None else None
-            outputs.append(self._append_token(req, tok, lp, now))
+            try:
+                if bad[i]:
+                    raise FloatingPointError("the model produced NaN logits")
+                n_top = req.params.logprobs
+                lp = logprobs_of(logits[i], tokens[i], n_top) if n_top is not None else None
+                outputs.append(self._append_token(req, tokens[i], lp, now))
+            except Exception as e:
+                outputs.append(self._fail(req, e))
 
     def finish_aborted(self) -> list[RequestOutput]:
         outs = []
@@ -249,22 +257,25 @@ class EngineCore:
         running = list(self.scheduler.running)
         if not isinstance(error, MixserveError):
             log.error("step failed for requests %s", [r.request_id for r in running], exc_info=error)
-        outs = []
-        for req in running:
-            req.finish_reason = "error"
-            self.counters["finished_error"] += 1
-            out = self._finish(req)
-            out.error = (
-                error
-                if isinstance(error, MixserveError)
-                else InternalError(
-                    f"internal error in a model step ({type(error).__name__}); see the server log for request "
-                    f"{req.request_id}",
-                    request_id=req.request_id,
-                )
+        return [self._fail(req, error, logged=True) for req in running]
+
+    def _fail(self, req: Request, error: Exception, *, logged: bool = False) -> RequestOutput:
+        """End one request with ``error`` (a non-MixserveError becomes an InternalError carrying its id)."""
+        if not logged and not isinstance(error, MixserveError):
+            log.error("request %s failed", req.request_id, exc_info=error)
+        req.finish_reason = "error"
+        self.counters["finished_error"] += 1
+        out = self._finish(req)
+        out.error = (
+            error
+            if isinstance(error, MixserveError)
+            else InternalError(
+                f"internal error in a model step ({type(error).__name__}); see the server log for request "
+                f"{req.request_id}",
+                request_id=req.request_id,
             )
-            outs.append(out)
-        return outs
+        )
+        return out
 
     def _output(self, req: Request, new: list[int], delta: str, new_lp: list[TokenLogprob] | None) -> RequestOutput:
         metrics = {"arrival": req.arrival, "cached_tokens": float(req.cached_tokens)}

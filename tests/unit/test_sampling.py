@@ -1,7 +1,9 @@
-"""SamplingParams validation and the per-request sampler, checked against an independent reference.
+"""SamplingParams validation and the batched sampler, checked against independent references.
 
 The reference distributions are computed here in plain Python floats (math.exp), not with torch, so a wrong
-temperature, a top-k/top-p off by one or a renormalisation bug in ``RequestSampler`` shows up as a mismatch.
+temperature, a top-k/top-p off by one or a renormalisation bug in ``cluster.sampling.sample`` shows up as a
+mismatch; penalties, min_p, min_tokens and logit_bias are checked against transformers' logits processors or
+against their definitions written out here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from collections import Counter
 import pytest
 import torch
 
-from cluster.sampling import MAX_LOGPROBS, RequestSampler, SamplingParams, SamplingParamsError, logprobs_of
+from cluster.sampling import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    SamplingParamsError,
+    SamplingRow,
+    logprobs_of,
+    new_generator,
+    sample,
+)
 
 # ---------------------------------------------------------------------------------------------- reference
 
@@ -38,6 +48,22 @@ def ref_probs(logits: list[float], *, temperature: float = 1.0, top_k: int = -1,
         total = sum(probs[i] for i in nucleus)
         probs = {i: probs[i] / total for i in nucleus}
     return [probs.get(i, 0.0) for i in range(len(logits))]
+
+
+class RequestSampler:
+    """One request's draws through the batched sampler (a batch of one row)."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int] | None = None) -> None:
+        self.params = params
+        self.generator = new_generator(params)
+        self.prompt = prompt or []
+        self.output: list[int] = []
+
+    def sample(self, row: torch.Tensor) -> int:
+        tok = int(
+            sample(row[None], [SamplingRow(self.params, self.generator, self.prompt, self.output)], eos_token_id=2)[0]
+        )
+        return tok
 
 
 def draw(params: SamplingParams, logits: list[float], n: int) -> list[int]:
@@ -165,10 +191,10 @@ def test_seeded_sampler_is_reproducible_and_seeds_differ():
 
     assert run(1234) == run(1234)
     assert run(1234) != run(1235)
-    # Without a seed every sampler draws its own fresh seed.
-    a = RequestSampler(SamplingParams(temperature=1.0))
-    b = RequestSampler(SamplingParams(temperature=1.0))
-    assert a.seed != b.seed
+    # Without a seed every request draws its own fresh seed.
+    a = new_generator(SamplingParams(temperature=1.0))
+    b = new_generator(SamplingParams(temperature=1.0))
+    assert a is not None and b is not None and a.initial_seed() != b.initial_seed()
     # A seed at the edges of the accepted range works and is just as reproducible.
     for seed in (-(2**63), 2**64 - 1, 0):
         assert run(seed) == run(seed)
@@ -262,3 +288,120 @@ def test_valid_params_and_normalisation():
     assert SamplingParams(stop=None).stop == ()
     assert SamplingParams(top_k=-1, top_p=1e-9, logprobs=0, temperature=0).logprobs == 0
     hash(SamplingParams(stop=["x"], stop_token_ids=[1]))  # frozen and hashable after normalisation
+
+
+# ---------------------------------------------------------------------------------------------- penalties & co
+
+
+def reference_processed(
+    params: SamplingParams, row: torch.Tensor, prompt: list[int], output: list[int], eos: int
+) -> torch.Tensor:
+    """min_tokens, logit_bias and penalties from their definitions: transformers' processors where it has them
+    (repetition penalty, min new tokens), the OpenAI formula for presence/frequency, plain addition for the bias."""
+    from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    x = row.clone()[None]
+    ids = torch.tensor([prompt + output])
+    if params.min_tokens:
+        stops = [eos, *params.stop_token_ids]
+        x = MinNewTokensLengthLogitsProcessor(len(prompt), params.min_tokens, stops)(ids, x)
+    for t, b in dict(params.logit_bias).items():
+        x[0, t] += b
+    if params.repetition_penalty != 1:
+        x = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, x)
+    counts = Counter(output)
+    for t, c in counts.items():  # mu[j] - c[j] * frequency - (c[j] > 0) * presence
+        x[0, t] -= c * params.frequency_penalty + params.presence_penalty
+    return x[0]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(repetition_penalty=1.3),
+        dict(repetition_penalty=0.7),
+        dict(frequency_penalty=0.9),
+        dict(presence_penalty=-1.5),
+        dict(frequency_penalty=0.4, presence_penalty=0.6, repetition_penalty=1.2),
+        dict(logit_bias={3: 2.5, 7: -100, 11: 0.75}),
+        dict(min_tokens=4, stop_token_ids=[5]),
+    ],
+    ids=["rep>1", "rep<1", "frequency", "presence", "all-three", "logit-bias", "min-tokens"],
+)
+def test_greedy_choice_follows_the_processed_logits(params):
+    """Over many random rows, prompts and outputs, the greedy token is the argmax of the reference-processed logits,
+    and a batch that mixes these rows with plain ones changes nothing for either."""
+    g = torch.Generator().manual_seed(5)
+    V, eos = 16, 2
+    sp = SamplingParams(temperature=0, max_tokens=8, **params)
+    plain = SamplingParams(temperature=0)
+    rows, batch, want = [], [], []
+    for _ in range(200):
+        logit = torch.randn(V, generator=g) * 2
+        prompt = torch.randint(0, V, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        output = torch.randint(0, V, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist()
+        rows.append(logit)
+        batch.append(SamplingRow(sp, None, prompt, output))
+        want.append(int(reference_processed(sp, logit, prompt, output, eos).argmax()))
+        rows.append(logit)
+        batch.append(SamplingRow(plain, None, prompt, output))
+        want.append(int(logit.argmax()))
+    got = sample(torch.stack(rows), batch, eos_token_id=eos).tolist()
+    assert got == want
+    assert sum(a != b for a, b in zip(want[::2], want[1::2], strict=True)) > 10  # the processing mattered
+
+
+def test_penalised_sampling_matches_the_processed_distribution():
+    logits = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    prompt, output = [0, 3], [1, 1, 4]
+    sp = SamplingParams(temperature=0.7, seed=21, repetition_penalty=1.5, frequency_penalty=0.3, presence_penalty=0.2)
+    ref = reference_processed(sp, torch.tensor(logits), prompt, output, eos=5).tolist()
+    expected = ref_probs(ref, temperature=0.7)
+    sampler = RequestSampler(sp, prompt)
+    sampler.output = output
+    row = torch.tensor(logits)
+    counts = Counter(sampler.sample(row) for _ in range(N_DRAWS))
+    freq = [counts.get(i, 0) / N_DRAWS for i in range(len(logits))]
+    assert max(abs(f - p) for f, p in zip(freq, expected, strict=True)) < 0.03, (freq, expected)
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_best():
+    from transformers import MinPLogitsWarper
+
+    logits = [math.log(p) for p in (0.5, 0.25, 0.12, 0.08, 0.05)]
+    for min_p in (0.1, 0.2, 0.3):
+        warped = MinPLogitsWarper(min_p)(torch.zeros(1, 1, dtype=torch.long), torch.tensor([logits]))[0]
+        expected = [0.0 if math.isinf(w) else p for w, p in zip(warped.tolist(), ref_probs(logits), strict=True)]
+        total = sum(expected)
+        expected = [p / total for p in expected]
+        check_distribution(SamplingParams(temperature=1.0, min_p=min_p, seed=8), logits, expected)
+
+
+def test_seeded_rows_draw_the_same_tokens_whatever_shares_the_batch():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 300, generator=g)
+    params = [SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, seed=100 + i) for i in range(6)]
+    alone = []
+    for i in range(6):
+        gen = new_generator(params[i])
+        alone.append(
+            [
+                int(sample(logits[i : i + 1], [SamplingRow(params[i], gen, [], [])], eos_token_id=2)[0])
+                for _ in range(20)
+            ]
+        )
+    gens = [new_generator(p) for p in params]
+    together = [[] for _ in range(6)]
+    for _ in range(20):
+        toks = sample(logits, [SamplingRow(p, gg, [], []) for p, gg in zip(params, gens, strict=True)], eos_token_id=2)
+        for i, t in enumerate(toks.tolist()):
+            together[i].append(t)
+    assert together == alone
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6, 9.9e-6])
+def test_tiny_temperatures_are_greedy(temperature):
+    row = torch.tensor([0.5, 3.0, 2.99, -1.0]) * 50
+    sp = SamplingParams(temperature=temperature, seed=1)
+    assert sp.greedy and new_generator(sp) is None
+    assert [RequestSampler(sp).sample(row) for _ in range(20)] == [1] * 20

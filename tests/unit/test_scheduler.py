@@ -340,3 +340,39 @@ def test_block_accounting_over_random_schedules(data):
     pool = core.scheduler.pool
     assert pool.num_used == 0 and all(r == 0 for r in pool.ref)
     assert pool.num_free == pool.num_blocks
+
+
+ACCEPTED_PARAMS = st.builds(
+    SamplingParams,
+    max_tokens=st.integers(1, 6),
+    temperature=st.one_of(st.sampled_from([0.0, 1e-40, 1e-6, 100.0]), st.floats(0, 100)),
+    top_p=st.one_of(st.just(1e-9), st.floats(1e-6, 1.0)),
+    top_k=st.sampled_from([-1, 0, 1, 2, 50, VOCAB]),
+    seed=st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1)),
+    presence_penalty=st.floats(-2, 2),
+    frequency_penalty=st.floats(-2, 2),
+    repetition_penalty=st.one_of(st.just(1e-9), st.floats(1e-3, 10)),
+    min_p=st.floats(0, 1),
+    logit_bias=st.dictionaries(st.integers(0, VOCAB - 1), st.floats(-100, 100), max_size=4),
+    ignore_eos=st.booleans(),
+    logprobs=st.one_of(st.none(), st.integers(0, 20)),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params=ACCEPTED_PARAMS)
+def test_any_accepted_sampling_value_leaves_its_neighbours_alone(params):
+    """One request with any accepted sampling values, next to greedy bystanders: the bystanders keep their exact
+    tokens and the odd one finishes normally (length or stop), never with an error."""
+    core, _ = engine(max_num_seqs=4, max_num_batched_tokens=32)
+    bystanders = {f"b{i}": [1, 300 + i, 301 + i] for i in range(3)}
+    core.add_request("odd", [1, 77, 78], params)
+    for rid, p in bystanders.items():
+        core.add_request(rid, p, GREEDY)
+    outs: dict[str, list[RequestOutput]] = {}
+    drain(core, outs)
+    for rid, p in bystanders.items():
+        assert outs[rid][-1].token_ids == expected(p, 5)
+    odd = outs["odd"][-1]
+    assert odd.finish_reason in ("length", "stop") and odd.error is None
+    assert all(0 <= t < VOCAB for t in odd.token_ids)
