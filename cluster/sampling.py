@@ -8,6 +8,7 @@ batch. Temperatures below 1e-5 are greedy.
 from __future__ import annotations
 
 import math
+import typing
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,11 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS
 
     @property
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as sorted (token id, bias) pairs (what __post_init__ stored)."""
+        return typing.cast(tuple[tuple[int, float], ...], self.logit_bias)
+
+    @property
     def penalised(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
@@ -229,7 +235,7 @@ def _process(x: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int)
         p = r.params
         if len(r.output) < p.min_tokens:
             x[i, [eos_token_id, *(t for t in p.stop_token_ids if t < V)]] = float("-inf")
-        bias = _bias_pairs(p.logit_bias)  # already normalised: a cheap copy that the type checker can follow
+        bias = p.bias
         if bias:
             x[i, [t for t, _ in bias if t < V]] += torch.tensor([b for t, b in bias if t < V])
     pen = [i for i, r in enumerate(rows) if r.params.penalised]

@@ -76,7 +76,7 @@ class EngineCore:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
-        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+        if any(t >= self.vocab_size for t, _ in params.bias):
             raise InvalidRequestError(f"logit_bias token ids must be below {self.vocab_size}", param="logit_bias")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
