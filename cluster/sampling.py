@@ -8,8 +8,8 @@ batch. Temperatures below 1e-5 are greedy.
 from __future__ import annotations
 
 import math
-import typing
 import secrets
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
