@@ -107,9 +107,7 @@ def mistral_like(
     return Tokenizer.from_dir(folder), AutoTokenizer.from_pretrained(folder)
 
 
-def hf_ids(
-    ref: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-) -> list[int]:
+def hf_ids(ref: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: Any) -> list[int]:
     ids = ref.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)  # type: ignore[arg-type]
 
