@@ -47,7 +47,7 @@ from cluster.errors import ChatFormatError
 
 __all__ = ["encode_mistral_chat", "mistral_call_id"]
 
-_V1_ROLES = ("system", "user", "assistant")
+_V1_ROLES = ("system", "developer", "user", "assistant")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _NO_CALL_IDS = (TokenizerVersion.v1, TokenizerVersion.v2)  # versions that encode no tool-call ids
 _CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")

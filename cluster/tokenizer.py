@@ -266,8 +266,9 @@ class Tokenizer:
         """
         ids = [int(i) for i in ids]
         size = self._backend.vocab_size
-        if any(not 0 <= i < size for i in ids):
-            raise IndexError(f"token id outside the vocabulary (size {size}) in {ids}")
+        bad = next((i for i in ids if not 0 <= i < size), None)
+        if bad is not None:
+            raise IndexError(f"token id {bad} is outside the vocabulary (size {size})")
         return self._backend.decode(ids)
 
     def id_to_piece(self, token_id: int) -> str:

@@ -63,6 +63,7 @@ def call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
 PLAIN = {
     "single_user": [{"role": "user", "content": "Hello"}],
     "system_user": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+    "developer_role": [{"role": "developer", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
     "system_multi_turn": [
         {"role": "system", "content": "Answer in French.\nBe brief."},
         {"role": "user", "content": "Hello"},
