@@ -3,7 +3,9 @@
 :func:`add_options` turns the fields of a pydantic model or a dataclass into ``--flag`` arguments (type, default,
 choices and help taken from the field); :func:`options_from` reads them back as keyword arguments for that class.
 Supported field types: int, float, str, bool, Literal choices, Path, and any of them ``| None`` (the flag then also
-takes ``none``). Fields of other types are left off the command line.
+takes ``none``); ``list[X]`` of one of the scalar types takes one or more values and may be repeated
+(``--key a b --key c``), and leaves the config's own default alone when not given. Fields of other types are left off
+the command line.
 """
 
 from __future__ import annotations
@@ -36,8 +38,17 @@ def _fields(cls: type) -> list[tuple[str, Any, Any, str]]:
     return out
 
 
+def _list_item(annotation: Any) -> Any:
+    """The item type of ``list[X]`` (X a supported scalar type other than bool), else None."""
+    if typing.get_origin(annotation) is not list:
+        return None
+    (item,) = typing.get_args(annotation) or (None,)
+    kind, _, optional = _parser_of(item)
+    return item if kind not in (None, bool) and not optional else None
+
+
 def _parser_of(annotation: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None, bool]:
-    """(argparse type, choices, optional) for an annotation; type None means not on the command line."""
+    """(argparse type, choices, optional) for a scalar annotation; type None means not on the command line."""
     optional = False
     if typing.get_origin(annotation) is typing.Annotated:  # e.g. StrictInt
         annotation = typing.get_args(annotation)[0]
@@ -71,11 +82,20 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[st
     """One ``--field-name`` flag per supported field of ``cls`` (``skip`` leaves fields out)."""
     skipped = set(skip)
     for name, annotation, default, help_text in _fields(cls):
-        kind, choices, optional = _parser_of(annotation)
-        if name in skipped or kind is None:
+        if name in skipped:
             continue
         flag = "--" + name.replace("_", "-")
         shown = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        item = _list_item(annotation)
+        if item is not None:  # None when not given: options_from then leaves the field to its own default
+            kind, choices, _ = _parser_of(item)
+            assert kind is not None  # _list_item checked it
+            shown = f"{shown}; one of {', '.join(map(str, choices))}" if choices else shown
+            parser.add_argument(flag, type=kind, nargs="+", action="extend", default=None, help=shown, dest=name)
+            continue
+        kind, choices, optional = _parser_of(annotation)
+        if kind is None:
+            continue
         if choices:  # listed here; the config class validates (and may normalise) the value
             shown = f"{shown}; one of {', '.join(map(str, choices))}"
         if kind is bool:
@@ -86,10 +106,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[st
 
 
 def options_from(ns: argparse.Namespace, cls: type, *, skip: Iterable[str] = ()) -> dict[str, Any]:
-    """The values of ``cls``'s flags from a parsed namespace."""
+    """The values of ``cls``'s flags from a parsed namespace (a list flag that was not given is left out)."""
     skipped = set(skip)
-    return {
-        name: getattr(ns, name)
-        for name, annotation, _, _ in _fields(cls)
-        if name not in skipped and _parser_of(annotation)[0] is not None and hasattr(ns, name)
-    }
+    out = {}
+    for name, annotation, _, _ in _fields(cls):
+        if name in skipped or not hasattr(ns, name):
+            continue
+        if _list_item(annotation) is not None:
+            if getattr(ns, name) is not None:
+                out[name] = getattr(ns, name)
+        elif _parser_of(annotation)[0] is not None:
+            out[name] = getattr(ns, name)
+    return out

@@ -11,9 +11,9 @@ from cluster.engine import RequestOutput
 from cluster.errors import PromptTooLongError
 from cluster.serve.context import ServeContext
 from cluster.serve.logprobs import chat_logprobs
-from cluster.serve.protocol import (
+from cluster.serve.protocol import ChatCompletionRequest
+from cluster.serve.responses import (
     ChatCompletionChoice,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
     ChatDelta,
@@ -31,14 +31,14 @@ ENDPOINT = "chat_completions"
 
 async def create_chat_completion(ctx: ServeContext, req: ChatCompletionRequest, request_id: str, t0: float) -> Response:
     """Without max_tokens a choice may use what is left of the context after the prompt (as OpenAI does)."""
-    prompt = ctx.tokenizer.encode_chat(req.chat())  # ChatFormatError: 400, param "messages"
+    prompt = await ctx.encode_chat(req.chat())  # ChatFormatError: 400, param "messages"
     context = await ctx.frontend.max_model_len()
     if len(prompt) >= context:
         raise PromptTooLongError(
             f"this model's maximum context length is {context} tokens; the messages take {len(prompt)}",
             param="messages",
         )
-    params = req.params(max_tokens_default=context - len(prompt))
+    params = req.params(max_tokens_default=context - len(prompt), vocab_size=await ctx.frontend.vocab_size())
     choices = await ctx.frontend.submit_all([prompt], params, req.n, request_id)
     created = int(time.time())
 
@@ -47,7 +47,6 @@ async def create_chat_completion(ctx: ServeContext, req: ChatCompletionRequest, 
         async for c, out in ctx.frontend.merged(choices, t0):
             if out.finished:
                 finals[c.index] = out
-        ctx.metrics.e2e.observe(time.monotonic() - t0)
         return json_response(
             ChatCompletionResponse(
                 id=request_id,
@@ -85,7 +84,6 @@ async def create_chat_completion(ctx: ServeContext, req: ChatCompletionRequest, 
                 yield chunk(c.index, ChatDelta(content=out.delta_text), logprobs=lp)
             if out.finished:
                 yield chunk(c.index, ChatDelta(), out.finish_reason)
-        ctx.metrics.e2e.observe(time.monotonic() - t0)
         if include_usage:
             yield ChatCompletionStreamResponse(
                 id=request_id,

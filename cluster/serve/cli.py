@@ -1,4 +1,11 @@
-"""``mixserve serve``: start or join Ray, deploy the application with HTTP and gRPC, print the URLs, stop on Ctrl-C."""
+"""``mixserve serve``: start or join Ray, deploy the application with HTTP and gRPC, print the URLs, stop on Ctrl-C.
+
+Closed by default: HTTP binds ``--host`` (127.0.0.1 unless told otherwise). Ray Serve's gRPC proxy cannot bind a
+host (Ray 2.60 binds ``[::]:<port>``, every interface, in ``ray.serve._private.grpc_util.start_grpc_server``): the
+command says so at startup, and ``--grpc-port 0`` turns gRPC off. Serving on a non-loopback address without an API
+key prints a warning. The gRPC proxy's message size limit is set from ``--max-request-bytes`` when this command
+starts Ray (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, read by the proxy process).
+"""
 
 from __future__ import annotations
 
@@ -17,28 +24,54 @@ from cluster.errors import MixserveError
 from cluster.options import add_options, options_from
 from cluster.serve.app import GRPC_SERVICER, build_app
 from cluster.serve.args import AppArgs, parse_args
+from cluster.serve.auth import ApiKeys, keys_from_env
 from cluster.tiny_model import default_model_dir
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ALL_INTERFACES = ("0.0.0.0", "::", "")
+GRPC_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API and gRPC (default: built-in tiny model)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: loopback only)")
     p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument(
+        "--grpc-port", type=int, default=9000, help="gRPC port; 0 turns gRPC off (Ray binds it on every interface)"
+    )
     p.add_argument("--address", default=None, help="Ray address to join (default: start a local Ray)")
     add_options(p, AppArgs, skip=("expert_placement",))
-    # Defaults that depend on the environment or on other flags (resolved in serve_main).
-    p.set_defaults(api_key=os.environ.get("MIXSERVE_API_KEY"), served_model_name=None, func=serve_main)
+    p.set_defaults(func=serve_main)
+
+
+def startup_warnings(host: str, grpc_port: int, api_keys: int) -> list[str]:
+    """What an operator must know about who can reach this server."""
+    out = []
+    if grpc_port and host not in ALL_INTERFACES:
+        out.append(
+            f"gRPC port {grpc_port} listens on every interface, not only on {host}: Ray Serve's gRPC proxy cannot "
+            "bind a host. Use --grpc-port 0 to turn gRPC off, an API key, or a firewall."
+        )
+    if not api_keys and (host not in LOOPBACK or grpc_port):
+        where = "every interface" if host in ALL_INTERFACES else host
+        exposed = f"HTTP on {where}" if host not in LOOPBACK else ""
+        exposed = " and ".join(x for x in (exposed, "gRPC on every interface" if grpc_port else "") if x)
+        out.append(
+            f"no API key: anyone who reaches {exposed} can generate. Set MIXSERVE_API_KEY, --api-key-file or --api-key."
+        )
+    return out
 
 
 def serve_main(a: argparse.Namespace) -> int:
     args = options_from(a, AppArgs, skip=("expert_placement",))
-    if a.served_model_name is None:
-        args.pop("served_model_name")
-        if a.model:
-            args["served_model_name"] = Path(a.model).resolve().name
+    if "served_model_name" not in args and a.model:
+        args["served_model_name"] = [Path(a.model).resolve().name]
+    if a.address and a.api_key_env and os.environ.get(a.api_key_env):
+        # The joined cluster's processes do not see this shell's environment: pass its keys along.
+        args["api_key"] = [*args.get("api_key", []), *keys_from_env(os.environ[a.api_key_env])]
     try:
         parsed = parse_args(args)
+        keys = ApiKeys.from_args(parsed)  # reads api_key_file now: a missing file fails here, not in a replica
         if parsed.model:
             ModelConfig.from_dir(parsed.model)  # fail here, with a clear message, not inside a replica
     except MixserveError as e:
@@ -46,19 +79,20 @@ def serve_main(a: argparse.Namespace) -> int:
         return 2
     if parsed.model is None:
         print(f"mixserve serve: no --model given; serving the built-in tiny model ({default_model_dir()})")
+    for warning in startup_warnings(a.host, a.grpc_port, len(keys)):
+        print(f"mixserve serve: WARNING: {warning}", file=sys.stderr)
     if a.address:
         ray.init(address=a.address)
     else:
+        os.environ[GRPC_MESSAGE_SIZE_ENV] = str(parsed.max_request_bytes)  # inherited by the gRPC proxy process
         # Logical CPUs for the actors (ingress, frontend, W workers) even on a 2-core machine.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 + a.expert_workers), include_dashboard=False)
     # Ctrl-C / SIGTERM from here on: finish the step in progress, then shut down cleanly.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    serve.start(
-        http_options={"host": a.host, "port": a.http_port},
-        grpc_options={"port": a.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-    )
+    grpc_options = {"port": a.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER] if a.grpc_port else []}
+    serve.start(http_options={"host": a.host, "port": a.http_port}, grpc_options=grpc_options)
     try:
         serve.run(build_app(args), name="mixserve", route_prefix="/", blocking=False)
     except Exception as e:
@@ -66,10 +100,13 @@ def serve_main(a: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
         return 1
-    host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
-    print(f"mixserve is serving {parsed.served_model_name}")
+    host = "127.0.0.1" if a.host in ALL_INTERFACES else a.host
+    print(f"mixserve is serving {', '.join(parsed.served_model_name)}")
     print(f"  OpenAI HTTP API: http://{host}:{a.http_port}/v1   (health: /health, metrics: /metrics)")
-    print(f"  gRPC:            {host}:{a.grpc_port}   (service mixserve.v1.Generation)")
+    if a.grpc_port:
+        print(f"  gRPC:            {host}:{a.grpc_port}   (service mixserve.v1.Generation; every interface)")
+    else:
+        print("  gRPC:            off (--grpc-port 0)")
     print("Ctrl-C stops.", flush=True)
     stop.wait()
     print("stopping ...", flush=True)

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from fastapi.responses import Response
 
 from cluster.engine import RequestOutput
+from cluster.errors import PromptTooLongError
 from cluster.serve.context import ServeContext
 from cluster.serve.logprobs import completion_logprobs
-from cluster.serve.protocol import (
+from cluster.serve.protocol import CompletionRequest
+from cluster.serve.responses import (
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
     Usage,
@@ -26,19 +27,27 @@ ENDPOINT = "completions"
 
 async def create_completion(ctx: ServeContext, req: CompletionRequest, request_id: str, t0: float) -> Response:
     """``request_id`` is the response id; choice i runs as engine request ``<request_id>-<i>``."""
-    params = req.params()
-    prompts = [ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
+    items = req.prompts()
+    params = req.params(vocab_size=await ctx.frontend.vocab_size())
+    context = await ctx.frontend.max_model_len()
+    prompts: list[list[int]] = []
+    for item in items:  # a prompt that cannot fit stops the request before the next one is tokenized
+        ids = await ctx.encode(item) if isinstance(item, str) else list(item)
+        if len(ids) >= context:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {context} tokens; the prompt has {len(ids)}", param="prompt"
+            )
+        prompts.append(ids)
     choices = await ctx.frontend.submit_all(prompts, params, req.n, request_id)
     created = int(time.time())
     prompt_tokens = sum(len(p) for p in prompts)
-    echo = {c.index: (ctx.tokenizer.decode(c.prompt_ids) if req.echo else "") for c in choices}
+    echo = {c.index: (await ctx.decode(c.prompt_ids) if req.echo else "") for c in choices}
 
     if not req.stream:
         finals: dict[int, RequestOutput] = {}
         async for c, out in ctx.frontend.merged(choices, t0):
             if out.finished:
                 finals[c.index] = out
-        ctx.metrics.e2e.observe(time.monotonic() - t0)
         return json_response(
             CompletionResponse(
                 id=request_id,
@@ -78,7 +87,6 @@ async def create_completion(ctx: ServeContext, req: CompletionRequest, request_i
             offsets[c.index] += len(out.delta_text)
             reason = finish_reason(out.finish_reason)
             yield chunk([CompletionChoice(index=c.index, text=out.delta_text, logprobs=lp, finish_reason=reason)])
-        ctx.metrics.e2e.observe(time.monotonic() - t0)
         if include_usage:
             yield chunk([], Usage.of(prompt_tokens, completion_tokens))
 

@@ -1,13 +1,26 @@
-"""What every request handler (HTTP routes, gRPC methods) of one ingress replica shares."""
+"""What every request handler (HTTP routes, gRPC methods) of one ingress replica shares, and the CPU work done for
+them off the event loop: parsing large bodies, tokenizing and detokenizing run in a small thread pool, so that one
+large request never stalls the other routes (``/health`` included); sentencepiece releases the GIL while it works.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from cluster.serve.args import AppArgs
+from cluster.serve.auth import ApiKeys
+from cluster.serve.body import check_prompt_chars
+from cluster.serve.health import HealthMonitor
 from cluster.serve.metrics import ServeMetrics
 from cluster.serve.streams import FrontendClient
 from cluster.tokenizer import Tokenizer
+
+T = TypeVar("T")
+CPU_THREADS = 2
 
 
 @dataclass
@@ -16,8 +29,35 @@ class ServeContext:
     tokenizer: Tokenizer
     frontend: FrontendClient
     metrics: ServeMetrics
-    created: int  # when this replica started: the ``created`` of the served model card
+    keys: ApiKeys
+    health: HealthMonitor
+    created: int  # when this replica started: the ``created`` of the served model cards
+    pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=CPU_THREADS, thread_name_prefix="mixserve-cpu")
+    )
 
     @property
     def model_name(self) -> str:
+        """The name responses report (the first served model name)."""
+        return self.args.model_name
+
+    @property
+    def model_names(self) -> list[str]:
         return self.args.served_model_name
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the CPU pool, awaited without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def encode(self, text: str, *, param: str = "prompt", bos: bool = True) -> list[int]:
+        """Token ids of a prompt; one too long to fit the context is refused before it is tokenized."""
+        check_prompt_chars(len(text), await self.frontend.max_model_len(), param)
+        return await self.offload(self.tokenizer.encode, text, bos)
+
+    async def encode_chat(self, chat: list[dict[str, str]], *, param: str = "messages") -> list[int]:
+        """Token ids of a chat in the model's format (ChatFormatError: 400 on ``messages``)."""
+        check_prompt_chars(sum(len(m["content"]) for m in chat), await self.frontend.max_model_len(), param)
+        return await self.offload(self.tokenizer.encode_chat, chat)
+
+    async def decode(self, ids: list[int]) -> str:
+        return await self.offload(self.tokenizer.decode, ids)

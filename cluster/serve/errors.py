@@ -41,8 +41,16 @@ class ErrorKind:
 
 INTERNAL = ErrorKind(500, "internal_error", grpc.StatusCode.INTERNAL)
 
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body (HTTP) or message (gRPC) is larger than the server accepts (``max_request_bytes``).
+
+    Serving-only: no layer below the ingress ever sees such a request."""
+
+
 ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     InvalidRequestError: ErrorKind(400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
+    RequestTooLargeError: ErrorKind(413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
     AuthenticationError: ErrorKind(401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED),
     ModelNotFoundError: ErrorKind(404, "not_found_error", grpc.StatusCode.NOT_FOUND),
     RequestTimeoutError: ErrorKind(408, "timeout_error", grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -1,4 +1,4 @@
-"""Service ``mixserve.v1.Generation`` (cluster/serve/proto/mixserve.proto): Generate and GenerateStream.
+"""Service ``mixserve.v1.Generation`` (cluster/serve/proto/mixserve.proto): Generate, GenerateStream and Tokenize.
 
 Ray Serve's gRPC proxy calls the ingress methods of the same names, which delegate here. A failure sets the
 gRPC status from :mod:`cluster.serve.errors` (GenerateStream then raises :class:`GrpcStatusError`, which is how
@@ -14,15 +14,16 @@ from typing import Any
 from cluster.engine import RequestOutput
 from cluster.errors import InvalidRequestError
 from cluster.sampling import SamplingParams, TokenLogprob
-from cluster.serve.auth import check_api_key, check_model
+from cluster.serve.auth import check_model
 from cluster.serve.context import ServeContext
-from cluster.serve.errors import GrpcStatusError, api_error, new_request_id, set_grpc_status
+from cluster.serve.errors import GrpcStatusError, RequestTooLargeError, api_error, new_request_id, set_grpc_status
 from cluster.serve.logprobs import piece_text
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.streams import Choice
 
 GENERATE = "grpc_generate"
 GENERATE_STREAM = "grpc_generate_stream"
+TOKENIZE = "grpc_tokenize"
 
 
 def _authorization(grpc_context: Any) -> str | None:
@@ -30,28 +31,56 @@ def _authorization(grpc_context: Any) -> str | None:
     return metadata.get("authorization")
 
 
-def prompt_and_params(ctx: ServeContext, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+def _admit(ctx: ServeContext, request: Any, grpc_context: Any) -> None:
+    """API key, message size (the proxy's own limit is RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) and model name."""
+    ctx.keys.check(_authorization(grpc_context))
+    size = request.ByteSize()
+    if size > ctx.args.max_request_bytes:
+        raise RequestTooLargeError(
+            f"the request message is {size} bytes; this server accepts at most {ctx.args.max_request_bytes}"
+        )
+    check_model(ctx.model_names, request.model or None)
+
+
+def _chat(messages: Any) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _optional(request: Any, name: str, default: Any) -> Any:
+    return getattr(request, name) if request.HasField(name) else default
+
+
+async def prompt_and_params(ctx: ServeContext, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
     """The prompt ids (from exactly one of prompt, prompt_token_ids, messages) and the sampling parameters;
     InvalidRequestError (or a subclass) names the bad field."""
     given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
     if sum(given) != 1:
         raise InvalidRequestError("give exactly one of prompt, prompt_token_ids or messages", param="prompt")
     if request.prompt:
-        ids = ctx.tokenizer.encode(request.prompt)
+        ids = await ctx.encode(request.prompt)
     elif request.prompt_token_ids:
         ids = list(request.prompt_token_ids)
     else:
-        ids = ctx.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
+        ids = await ctx.encode_chat(_chat(request.messages))
+    vocab = await ctx.frontend.vocab_size()
+    if any(not 0 <= t < vocab for t in request.logit_bias):
+        raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias")
     params = SamplingParams(
-        max_tokens=request.max_tokens if request.HasField("max_tokens") else 16,
-        temperature=request.temperature if request.HasField("temperature") else 1.0,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
-        top_k=request.top_k if request.HasField("top_k") else -1,
-        seed=request.seed if request.HasField("seed") else None,
+        max_tokens=_optional(request, "max_tokens", 16),
+        temperature=_optional(request, "temperature", 1.0),
+        top_p=_optional(request, "top_p", 1.0),
+        top_k=_optional(request, "top_k", -1),
+        seed=_optional(request, "seed", None),
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
-        logprobs=request.logprobs if request.HasField("logprobs") else None,
+        logprobs=_optional(request, "logprobs", None),
+        presence_penalty=_optional(request, "presence_penalty", 0.0),
+        frequency_penalty=_optional(request, "frequency_penalty", 0.0),
+        repetition_penalty=_optional(request, "repetition_penalty", 1.0),
+        min_p=_optional(request, "min_p", 0.0),
+        min_tokens=_optional(request, "min_tokens", 0),
+        logit_bias=tuple(request.logit_bias.items()),
     )
     return ids, params
 
@@ -60,9 +89,8 @@ async def _outputs(
     ctx: ServeContext, request: pb.GenerateRequest, grpc_context: Any, rid: str, t0: float
 ) -> AsyncIterator[tuple[list[int], RequestOutput]]:
     """Check, submit, and stream (prompt ids, output) for one request."""
-    check_api_key(ctx.args.api_key, _authorization(grpc_context))
-    check_model(ctx.model_name, request.model or None)
-    ids, params = prompt_and_params(ctx, request)
+    _admit(ctx, request, grpc_context)
+    ids, params = await prompt_and_params(ctx, request)
     choices = [Choice(0, ids, rid, await ctx.frontend.submit(ids, params, rid))]
     async for _, out in ctx.frontend.merged(choices, t0):
         yield ids, out
@@ -115,7 +143,6 @@ async def generate(ctx: ServeContext, request: pb.GenerateRequest, grpc_context:
         set_grpc_status(grpc_context, err)
         return pb.GenerateReply()
     ctx.metrics.count(GENERATE, 200)
-    ctx.metrics.e2e.observe(time.monotonic() - t0)
     return reply
 
 
@@ -135,4 +162,26 @@ async def generate_stream(
         set_grpc_status(grpc_context, err)
         raise GrpcStatusError(err.message) from None
     ctx.metrics.count(GENERATE_STREAM, 200)
-    ctx.metrics.e2e.observe(time.monotonic() - t0)
+
+
+async def tokenize(ctx: ServeContext, request: pb.TokenizeRequest, grpc_context: Any = None) -> pb.TokenizeReply:
+    """The token ids of exactly one of prompt or messages."""
+    try:
+        _admit(ctx, request, grpc_context)
+        if bool(request.prompt) == bool(request.messages):
+            raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
+        if request.prompt:
+            ids = await ctx.encode(request.prompt, bos=_optional(request, "add_special_tokens", True))
+        else:
+            ids = await ctx.encode_chat(_chat(request.messages))
+        strs = [ctx.tokenizer.id_to_piece(i) for i in ids] if request.return_token_strs else []
+        reply = pb.TokenizeReply(
+            count=len(ids), max_model_len=await ctx.frontend.max_model_len(), tokens=ids, token_strs=strs
+        )
+    except Exception as e:
+        err = api_error(e)
+        ctx.metrics.count(TOKENIZE, err.status)
+        set_grpc_status(grpc_context, err)
+        return pb.TokenizeReply()
+    ctx.metrics.count(TOKENIZE, 200)
+    return reply

@@ -1,98 +1,108 @@
-"""The OpenAI-compatible API as pydantic models: requests (with the translation to our SamplingParams) and
-responses (completions, chat, their streamed chunks, logprobs, usage, models, errors).
+"""The OpenAI-compatible request bodies as pydantic models, and their translation to :class:`SamplingParams`.
 
-Request problems raise :class:`~cluster.errors.InvalidRequestError` with ``param`` naming the field (HTTP 400).
-The routes declare these models, so ``/openapi.json`` documents every body they take and return.
+Requests are strict: a field that is not declared here is a 400 naming it (:func:`cluster.serve.body.validation_error`).
+Declared fields either work or are refused with a 400 naming them. A few OpenAI fields are accepted and have no
+effect here (:data:`NO_EFFECT`, listed in the README). Request problems raise
+:class:`~cluster.errors.InvalidRequestError` (or a subclass) with ``param`` naming the field (HTTP 400).
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal
 
-from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from cluster.errors import InvalidRequestError
 from cluster.sampling import SamplingParams
 
 Number = StrictInt | float
-RequestT = TypeVar("RequestT", bound=BaseModel)
+
+# OpenAI fields accepted and ignored: they change nothing about what this server generates.
+NO_EFFECT = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+    "parallel_tool_calls",
+    "modalities",
+    "stream_options.include_obfuscation",
+    "messages[].name",
+)
 
 
-def parse_body(raw: bytes, model: type[RequestT]) -> RequestT:
-    """The JSON request body as ``model``; InvalidRequestError names the first bad field."""
-    try:
-        data = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequestError("the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e.errors()) from None
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-def validation_error(errors: Any) -> InvalidRequestError:
-    """The first of pydantic's / FastAPI's validation errors, with ``param`` the field's dotted path."""
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        return InvalidRequestError("the request body is not valid JSON")
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    msg = first.get("msg", "invalid request")
-    return InvalidRequestError(f"{param}: {msg}" if param else str(msg), param=param)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(_Strict):
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = Field(None, description="accepted, no effect (no obfuscation padding)")
 
 
-class _Common(BaseModel):
-    """Fields shared by completions and chat completions (OpenAI names, plus top_k / ignore_eos / stop ids)."""
-
-    model_config = ConfigDict(extra="ignore")
+class _Sampling(_Strict):
+    """Fields shared by completions and chat completions: OpenAI's, plus vLLM's sampling extras."""
 
     model: str | None = None
     max_tokens: StrictInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
-    top_k: StrictInt | None = None
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[StrictInt] | None = None
     seed: StrictInt | None = None
-    ignore_eos: StrictBool = False
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
-    user: str | None = None
+    logit_bias: dict[str, Number] | None = Field(None, description="token id (a string key) -> bias in [-100, 100]")
+    user: str | None = Field(None, description="accepted, no effect")
+    # vLLM's extras
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    min_tokens: StrictInt | None = None
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
 
-    def sampling_params(self, *, max_tokens_default: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, *, max_tokens_default: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+        """SamplingParamsError (a 400 naming the parameter) when a value is out of range."""
         if not 1 <= self.n <= 16:
             raise InvalidRequestError("n must be between 1 and 16", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise InvalidRequestError(f"{name} is not supported by this server (only 0)", param=name)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
+                raise InvalidRequestError(
+                    f"logit_bias: the keys must be token ids in [0, {vocab_size}), got {key[:20]!r}", param="logit_bias"
+                )
+            bias.append((int(key), value))
         max_tokens = self.max_tokens if self.max_tokens is not None else max_tokens_default
-        return SamplingParams(  # SamplingParamsError (a 400 naming the parameter) when one is out of range
+
+        def given(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
+            temperature=given(self.temperature, 1.0),
+            top_p=given(self.top_p, 1.0),
+            top_k=given(self.top_k, -1),
             seed=self.seed,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=given(self.presence_penalty, 0.0),
+            frequency_penalty=given(self.frequency_penalty, 0.0),
+            repetition_penalty=given(self.repetition_penalty, 1.0),
+            min_p=given(self.min_p, 0.0),
+            min_tokens=given(self.min_tokens, 0),
+            logit_bias=tuple(bias),
         )
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     logprobs: StrictInt | None = None
     echo: StrictBool = False
@@ -118,22 +128,32 @@ class CompletionRequest(_Common):
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of not in (None, self.n):
             raise InvalidRequestError("best_of is not supported (it must equal n)", param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError(
+                "echo with logprobs (the prompt's logprobs) is not supported yet; drop one of them", param="echo"
+            )
         return items
 
-    def params(self) -> SamplingParams:
-        return self.sampling_params(max_tokens_default=16, logprobs=self.logprobs)
+    def params(self, *, vocab_size: int) -> SamplingParams:
+        return self.sampling_params(max_tokens_default=16, logprobs=self.logprobs, vocab_size=vocab_size)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(_Strict):
     type: Literal["text"]
     text: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise ValueError(f"content parts of type {data.get('type')!r} are not supported; only 'text'")
+        return data
 
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+
+class ChatMessageIn(_Strict):
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is taken as system")
     content: str | list[ContentPart]
+    name: str | None = Field(None, description="accepted, no effect (the chat format has no participant names)")
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -141,194 +161,72 @@ class ChatMessageIn(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_Common):
+def as_chat(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
+    """The messages as the tokenizer's chat encoder takes them (``developer`` is a system message)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported yet: only absent or empty")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="not supported yet: only absent or 'none'")
+    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'} for now")
+    # accepted, no effect
+    parallel_tool_calls: StrictBool | None = None
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    modalities: list[Literal["text"]] | None = None
 
-    def params(self, *, max_tokens_default: int) -> SamplingParams:
+    def params(self, *, max_tokens_default: int, vocab_size: int) -> SamplingParams:
         """``max_tokens_default``: what is left of the context after the prompt, as OpenAI does for chat."""
         if self.tools:
-            raise InvalidRequestError("tools are not supported by this server", param="tools")
+            raise InvalidRequestError("tools are not supported by this server yet", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise InvalidRequestError(
+                "tool_choice is not supported by this server yet (only 'none')", param="tool_choice"
+            )
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise InvalidRequestError("only response_format type 'text' is supported", param="response_format")
+            raise InvalidRequestError("only response_format type 'text' is supported yet", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         lp = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens_default=max(1, max_tokens_default), logprobs=lp)
+        return self.sampling_params(max_tokens_default=max(1, max_tokens_default), logprobs=lp, vocab_size=vocab_size)
 
     def chat(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return as_chat(self.messages)
 
 
-# ---------------------------------------------------------------------------------------------------- responses
-FinishReason = Literal["stop", "length", "abort"]
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's /tokenize with a prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: StrictBool = Field(True, description="add BOS in front, as completions do")
+    return_token_strs: StrictBool = False
 
 
-def finish_reason(reason: str | None) -> FinishReason | None:
-    """An output's finish reason as clients see it: never "error" (an output that failed is raised instead)."""
-    return cast("FinishReason | None", reason)
+class TokenizeChatRequest(_Strict):
+    """vLLM's /tokenize with chat messages (the ids a chat completion would be prompted with)."""
+
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    add_generation_prompt: StrictBool = Field(
+        True, description="only true: the Mistral instruct format always ends with the generation prompt [/INST]"
+    )
+    return_token_strs: StrictBool = False
+
+    def chat(self) -> list[dict[str, str]]:
+        return as_chat(self.messages)
 
 
-def _omit_none() -> Any:
-    """A field left out of the JSON when None (stream deltas and usage are absent, not null, as OpenAI sends)."""
-    return Field(None, exclude_if=lambda v: v is None)
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-
-class CompletionLogprobs(BaseModel):
-    """Legacy completions logprobs: one entry per generated token; ``text_offset`` counts characters."""
-
-    model_config = ConfigDict(ser_json_inf_nan="constants")
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: FinishReason | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class CompletionStreamResponse(BaseModel):
-    """One server-sent event of a streamed completion; the last one (with ``stream_options.include_usage``) has no
-    choices and the usage."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = _omit_none()
-
-
-class ChatTopLogprob(BaseModel):
-    model_config = ConfigDict(ser_json_inf_nan="constants")
-    token: str
-    logprob: float
-    bytes: list[int] = Field(description="the token's text as UTF-8 bytes")
-
-
-class ChatTokenLogprob(ChatTopLogprob):
-    top_logprobs: list[ChatTopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatDelta(BaseModel):
-    """What a streamed chat chunk adds: the role on the first chunk, then content; empty on the finishing chunk."""
-
-    role: Literal["assistant"] | None = _omit_none()
-    content: str | None = _omit_none()
-
-
-class ChatCompletionChoice(BaseModel):
-    index: int
-    message: ChatMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatCompletionChoice]
-    usage: Usage
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
-
-
-class ChatCompletionStreamResponse(BaseModel):
-    """One server-sent event of a streamed chat completion."""
-
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = _omit_none()
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "mixserve"
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int = Field(description="the HTTP status")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class WorkerHealth(BaseModel):
-    worker: int
-    ok: bool
-    error: str | None = _omit_none()
-
-
-class HealthResponse(BaseModel):
-    status: Literal["ok", "degraded", "unavailable"]
-    workers: list[WorkerHealth] | None = _omit_none()
-    error: str | None = _omit_none()
-
-
-def json_response(body: BaseModel, status_code: int = 200) -> Response:
-    """A response model as JSON (serialized once, by pydantic)."""
-    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[StrictInt]

@@ -67,13 +67,25 @@ class FrontendClient:
         self.handle = handle
         self.timeout_s = timeout_s
         self.metrics = metrics
-        self._max_model_len: int | None = None
+        self._info: dict[str, Any] | None = None
+
+    async def model_info(self) -> dict[str, Any]:
+        """The frontend's ``model_info()`` (max_model_len, vocab_size), asked once."""
+        if self._info is None:
+            try:
+                info = await asyncio.wait_for(self.handle.model_info.remote(), timeout=self.timeout_s)
+            except asyncio.TimeoutError:
+                raise UnavailableError("the frontend did not answer in time") from None
+            except Exception as e:
+                raise frontend_failure(e) from e
+            self._info = dict(info)
+        return self._info
 
     async def max_model_len(self) -> int:
-        if self._max_model_len is None:
-            info = await self.handle.model_info.remote()
-            self._max_model_len = int(info["max_model_len"])
-        return self._max_model_len
+        return int((await self.model_info())["max_model_len"])
+
+    async def vocab_size(self) -> int:
+        return int((await self.model_info())["vocab_size"])
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Any:
         """Start one engine request and return its output stream; raises the frontend's refusal (bad request,
@@ -130,6 +142,7 @@ class FrontendClient:
         open_streams = len(choices)
         last_token: dict[int, float] = {}
         try:
+            max_model_len = await self.max_model_len()
             while open_streams:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -146,6 +159,14 @@ class FrontendClient:
                 self._observe(c, item, last_token, t0)
                 if item.finish_reason == "error" or item.error is not None:
                     raise output_error(item)
+                if item.finished:
+                    self.metrics.finished(
+                        e2e_s=time.monotonic() - t0,
+                        queue_s=(item.metrics or {}).get("queue_time"),
+                        prompt_tokens=len(c.prompt_ids),
+                        generation_tokens=len(item.token_ids),
+                        max_model_len=max_model_len,
+                    )
                 yield c, item
         finally:
             for t in tasks:

@@ -11,17 +11,19 @@ import grpc
 import pytest
 
 from cluster import errors as E
+from cluster.serve.body import validation_error
 from cluster.serve.errors import (
     ERROR_TABLE,
     INTERNAL,
     GrpcStatusError,
+    RequestTooLargeError,
     api_error,
     error_response,
     http_error,
     kind_of,
     set_grpc_status,
 )
-from cluster.serve.protocol import ErrorResponse, validation_error
+from cluster.serve.responses import ErrorResponse
 
 S = grpc.StatusCode
 EXPECTED = [
@@ -37,6 +39,7 @@ EXPECTED = [
     (E.ExpertWorkerError("expert worker 1 died"), 503, "service_unavailable", S.UNAVAILABLE),
     (E.EngineStoppedError("stopped"), 503, "service_unavailable", S.UNAVAILABLE),
     (E.InternalError("step failed", request_id="cmpl-1-0"), 500, "internal_error", S.INTERNAL),
+    (RequestTooLargeError("too big"), 413, "invalid_request_error", S.RESOURCE_EXHAUSTED),
 ]
 
 

@@ -124,3 +124,74 @@ def test_error_codes(stub, name, request_, metadata, code, needle, method):
 def test_model_name_accepted(stub):
     r = stub.Generate(pb.GenerateRequest(prompt="a", model=MODEL_NAME, max_tokens=2), metadata=AUTH)
     assert len(r.token_ids) == 2
+
+
+def test_sampling_fields_match_llm(stub, reference_llm):
+    request = pb.GenerateRequest(
+        prompt="Once upon a time",
+        max_tokens=10,
+        temperature=0,
+        presence_penalty=1.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.25,
+        min_p=0.05,
+        min_tokens=10,
+        logit_bias={330: 3.0},
+    )
+    r = stub.Generate(request, metadata=AUTH)
+    params = SamplingParams(
+        max_tokens=10,
+        temperature=0,
+        presence_penalty=1.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.25,
+        min_p=0.05000000074505806,  # as float32 carries it
+        min_tokens=10,
+        logit_bias=((330, 3.0),),
+    )
+    assert list(r.token_ids) == reference_llm.generate("Once upon a time", params)[0].token_ids
+    forced = stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=4, temperature=0, logit_bias={1000: 100}),
+                           metadata=AUTH)  # fmt: skip
+    assert list(forced.token_ids) == [1000] * 4
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (pb.GenerateRequest(prompt="a", presence_penalty=5), "presence_penalty"),
+        (pb.GenerateRequest(prompt="a", repetition_penalty=0), "repetition_penalty"),
+        (pb.GenerateRequest(prompt="a", min_p=2), "min_p"),
+        (pb.GenerateRequest(prompt="a", max_tokens=4, min_tokens=9), "min_tokens"),
+        (pb.GenerateRequest(prompt="a", logit_bias={5: 500}), "logit_bias"),
+        (pb.GenerateRequest(prompt="a", logit_bias={10**9: 1}), "logit_bias"),
+        (pb.GenerateRequest(prompt="a", temperature=float("nan")), "temperature"),
+    ],
+)
+def test_bad_sampling_fields_are_invalid_argument(stub, request_, needle):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request_, metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in info.value.details()
+
+
+def test_tokenize(stub, reference_llm):
+    tok = reference_llm.tokenizer
+    r = stub.Tokenize(pb.TokenizeRequest(prompt="Hello world", return_token_strs=True), metadata=AUTH)
+    assert list(r.tokens) == tok.encode("Hello world") and r.count == len(r.tokens) and r.max_model_len == 4096
+    assert list(r.token_strs) == [tok.id_to_piece(i) for i in r.tokens]
+    r = stub.Tokenize(pb.TokenizeRequest(prompt="Hello", add_special_tokens=False), metadata=AUTH)
+    assert list(r.tokens) == tok.encode("Hello", bos=False) and not r.token_strs
+    msgs = [pb.ChatMessage(role="user", content="Say hi")]
+    r = stub.Tokenize(pb.TokenizeRequest(messages=msgs, model=MODEL_NAME), metadata=AUTH)
+    assert list(r.tokens) == tok.encode_chat([{"role": "user", "content": "Say hi"}])
+    for bad, code in (
+        (pb.TokenizeRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.TokenizeRequest(prompt="a", messages=msgs), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.TokenizeRequest(prompt="a", model="gpt-4"), grpc.StatusCode.NOT_FOUND),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Tokenize(bad, metadata=AUTH)
+        assert info.value.code() == code
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Tokenize(pb.TokenizeRequest(prompt="a"))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -59,7 +59,7 @@ def test_request_in_flight_when_a_worker_dies_gets_503_fast(served):
 
     t = threading.Thread(target=long_request)
     t.start()
-    wait_until(lambda: metric(base, "mixserve_running_requests") == 1, "the long request never started")
+    wait_until(lambda: metric(base, "mixserve:num_requests_running") == 1, "the long request never started")
     ray.kill(victim, no_restart=False)
     t.join(timeout=20)  # the bound: it fails within 20 s of its worker's death, it never hangs
     assert not t.is_alive(), "the request did not fail within 20 s of its worker's death"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import yaml
 
 from cluster import LLM, SamplingParams
 from cluster.errors import AppArgsError
-from cluster.serve.args import parse_args
+from cluster.options import options_from
+from cluster.serve.args import AppArgs, parse_args
+from cluster.serve.cli import add_serve_command, startup_warnings
 from cluster.tiny_model import TinyModelSpec, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,3 +48,56 @@ def test_offline_generate_takes_more_prompts_than_the_queue(tmp_path):
     llm = LLM(folder, max_num_seqs=2, max_num_batched_tokens=16, max_queued_requests=1, progress=False)
     outs = llm.generate([[1, 5 + i] for i in range(7)], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [3] * 7
+
+
+def test_serving_args_take_one_or_many_values():
+    a = parse_args({"api_key": "k", "served_model_name": "m"})
+    assert a.api_key == ["k"] and a.served_model_name == ["m"] and a.model_name == "m"
+    a = parse_args({"served_model_name": ["m", "alias"], "cors_allowed_origins": ["*"], "api_key": None})
+    assert a.model_name == "m" and a.cors_allowed_origins == ["*"] and a.api_key == []
+    d = parse_args(None)
+    assert d.api_key == [] and d.api_key_env == "MIXSERVE_API_KEY" and d.api_key_file is None
+    assert d.cors_allowed_origins == [] and d.max_request_bytes == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ({"api_key": "two words"}, "api_key"),
+        ({"api_key": [" padded"]}, "api_key"),
+        ({"api_key": [""]}, "api_key"),
+        ({"served_model_name": []}, "served_model_name"),
+        ({"cors_allowed_origins": [""]}, "cors_allowed_origins"),
+        ({"max_request_bytes": 100}, "max_request_bytes"),
+        ({"api_key_fil": "/x"}, "api_key_fil"),
+    ],
+)
+def test_bad_serving_args_name_the_field(args, needle):
+    with pytest.raises(AppArgsError, match=needle):
+        parse_args(args)
+
+
+def test_serve_flags_for_list_fields():
+    p = argparse.ArgumentParser()
+    add_serve_command(p.add_subparsers())
+    skip = ("expert_placement",)
+    ns = p.parse_args(["serve", "--api-key", "a", "b", "--api-key", "c", "--served-model-name", "m", "alias"])
+    args = options_from(ns, AppArgs, skip=skip)
+    assert args["api_key"] == ["a", "b", "c"] and args["served_model_name"] == ["m", "alias"]
+    assert parse_args(args).model_name == "m"
+    defaults = options_from(p.parse_args(["serve"]), AppArgs, skip=skip)
+    assert "api_key" not in defaults and "served_model_name" not in defaults  # the config's own defaults apply
+    assert parse_args(defaults).served_model_name == ["mixserve-tiny"]
+    ns = p.parse_args(["serve", "--cors-allowed-origins", "https://a.example", "--max-request-bytes", "2048"])
+    assert options_from(ns, AppArgs, skip=skip)["cors_allowed_origins"] == ["https://a.example"]
+
+
+def test_startup_warnings_say_what_is_exposed():
+    loopback_grpc = startup_warnings("127.0.0.1", 9000, api_keys=1)
+    assert len(loopback_grpc) == 1 and "every interface" in loopback_grpc[0] and "--grpc-port 0" in loopback_grpc[0]
+    assert startup_warnings("127.0.0.1", 0, api_keys=0) == []  # HTTP on loopback only, gRPC off
+    assert startup_warnings("0.0.0.0", 9000, api_keys=2) == []  # everything bound everywhere, with keys
+    open_http = startup_warnings("0.0.0.0", 0, api_keys=0)
+    assert len(open_http) == 1 and "no API key" in open_http[0] and "HTTP on every interface" in open_http[0]
+    both = startup_warnings("10.0.0.5", 9000, api_keys=0)
+    assert len(both) == 2 and "HTTP on 10.0.0.5 and gRPC on every interface" in both[1]

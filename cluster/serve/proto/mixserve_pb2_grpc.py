@@ -44,6 +44,11 @@ class GenerationStub:
                 request_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.GenerateReply.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/mixserve.v1.Generation/Tokenize',
+                request_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeReply.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -63,6 +68,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The token ids of a prompt or a chat, as Generate would see them (HTTP: POST /tokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.GenerateRequest.FromString,
                     response_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.GenerateReply.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeRequest.FromString,
+                    response_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Generation:
             '/mixserve.v1.Generation/GenerateStream',
             cluster_dot_serve_dot_proto_dot_mixserve__pb2.GenerateRequest.SerializeToString,
             cluster_dot_serve_dot_proto_dot_mixserve__pb2.GenerateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mixserve.v1.Generation/Tokenize',
+            cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeRequest.SerializeToString,
+            cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeReply.FromString,
             options,
             channel_credentials,
             insecure,

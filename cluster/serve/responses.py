@@ -1,0 +1,194 @@
+"""The OpenAI-compatible responses as pydantic models: completions, chat, their streamed chunks, logprobs, usage,
+models, tokenize / detokenize, version, errors and health. The routes declare them, so ``/openapi.json``
+documents every body they return."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, cast
+
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+def finish_reason(reason: str | None) -> FinishReason | None:
+    """An output's finish reason as clients see it: never "error" (an output that failed is raised instead)."""
+    return cast("FinishReason | None", reason)
+
+
+def _omit_none() -> Any:
+    """A field left out of the JSON when None (stream deltas and usage are absent, not null, as OpenAI sends)."""
+    return Field(None, exclude_if=lambda v: v is None)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions logprobs: one entry per generated token; ``text_offset`` counts characters."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed completion; the last one (with ``stream_options.include_usage``) has no
+    choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = _omit_none()
+
+
+class ChatTopLogprob(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="the token's text as UTF-8 bytes")
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatDelta(BaseModel):
+    """What a streamed chat chunk adds: the role on the first chunk, then content; empty on the finishing chunk."""
+
+    role: Literal["assistant"] | None = _omit_none()
+    content: str | None = _omit_none()
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = _omit_none()
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mixserve"
+    root: str = Field(description="the model every served name stands for: the first served name")
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    """vLLM's /tokenize answer."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = _omit_none()
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int = Field(description="the HTTP status")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class WorkerHealth(BaseModel):
+    worker: int
+    ok: bool
+    error: str | None = _omit_none()
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"]
+    workers: list[WorkerHealth] | None = _omit_none()
+    error: str | None = _omit_none()
+
+
+def json_response(body: BaseModel, status_code: int = 200) -> Response:
+    """A response model as JSON (serialized once, by pydantic)."""
+    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
