@@ -19,11 +19,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from cluster.chat_template import SPECIAL_TOKEN_KEYS, ChatTemplate
 from cluster.errors import ChatFormatError, SetupError
+from cluster.hf_config import CONFIG_FILE_NAME, TEMPLATE_FILE_NAME, chat_template_sources, read_config
 
-__all__ = ["CONFIG_FILE_NAME", "HFBackend", "chat_template_sources"]
-
-CONFIG_FILE_NAME = "tokenizer_config.json"
-TEMPLATE_FILE_NAME = "chat_template.jinja"
+__all__ = ["HFBackend"]
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -39,38 +37,6 @@ def _gpt2_byte_decoder() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """``tokenizer_config.json`` of ``folder`` (empty when there is none).
-
-    Raises:
-        SetupError: The file is not a JSON object.
-    """
-    path = folder / CONFIG_FILE_NAME
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SetupError(f"{path}: not readable as JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise SetupError(f"{path}: expected a JSON object")
-    return config
-
-
-def chat_template_sources(folder: Path, config: Mapping[str, Any]) -> str | dict[str, str] | None:
-    """The folder's chat template(s): ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``."""
-    template_file = folder / TEMPLATE_FILE_NAME
-    if template_file.is_file():
-        return template_file.read_text(encoding="utf-8")
-    value = config.get("chat_template")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
-        return {k: v for k, v in named.items() if isinstance(k, str) and isinstance(v, str)} or None
-    return None
 
 
 def _token_text(value: Any) -> str | None:

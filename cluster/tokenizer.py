@@ -17,7 +17,8 @@ Which file of a folder is the tokenizer (the first that exists):
    when there are several), then any other ``*tekken*.json``: loaded by ``MistralTokenizer.from_file``.
 2. ``tokenizer.model``: sentencepiece, version from its control tokens (see :mod:`cluster.tokenizer_backends`), unless
    the folder also has a ``tokenizer.json`` whose chat template is not Mistral's ``[INST]`` format (a fine-tune with
-   its own format, e.g. ChatML): then that ``tokenizer.json`` and its template.
+   its own format, e.g. ChatML): then that ``tokenizer.json`` and its template (without a ``tokenizer.json`` such a
+   template cannot be rendered exactly; a warning says the Mistral format is used).
 3. ``tokenizer.json`` (Hugging Face), with the chat template of ``tokenizer_config.json`` / ``chat_template.jinja``.
 4. Nothing: Mixtral-8x7B's tokenizer bundled with ``mistral-common`` (``tokenizer.model.v1``), with a log line.
 """
@@ -36,6 +37,7 @@ from mistral_common.tokens.tokenizers.tekken import is_tekken
 
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.errors import ChatFormatError
+from cluster.hf_config import mistral_format
 from cluster.tokenizer_backends import Backend, SentencePieceBackend, TekkenBackend
 
 __all__ = [
@@ -93,20 +95,6 @@ def _versioned_models(folder: Path) -> list[Path]:
     return [path for *_, path in sorted(found)]
 
 
-def _foreign_chat_template(folder: Path) -> bool:
-    """Whether ``folder`` has a ``tokenizer.json`` whose chat template is not Mistral's ``[INST]`` format."""
-    if not (folder / HF_FILE_NAME).is_file():
-        return False
-    # Optional: tokenizers and jinja2 are only needed for Hugging Face tokenizer folders.
-    from cluster.hf_tokenizer import chat_template_sources, read_config
-
-    sources = chat_template_sources(folder, read_config(folder))
-    if sources is None:
-        return False
-    texts = [sources] if isinstance(sources, str) else list(sources.values())
-    return not any("[INST]" in text for text in texts)
-
-
 def find_tokenizer_file(folder: Path) -> Path | None:
     """The tokenizer file of a model folder by the order in the module docstring, or ``None``."""
     if (folder / TEKKEN_FILE_NAME).is_file():
@@ -120,9 +108,17 @@ def find_tokenizer_file(folder: Path) -> Path | None:
     if tekkens:
         return tekkens[-1]
     if (folder / MODEL_FILE_NAME).is_file():
-        if _foreign_chat_template(folder):
-            logger.info("%s: its chat template is not Mistral's; using %s and that template", folder, HF_FILE_NAME)
-            return folder / HF_FILE_NAME
+        if mistral_format(folder) is False:
+            if (folder / HF_FILE_NAME).is_file():
+                logger.info("%s: its chat template is not Mistral's; using %s and that template", folder, HF_FILE_NAME)
+                return folder / HF_FILE_NAME
+            logger.warning(
+                "%s: its chat template is not Mistral's, but without a %s it cannot be rendered; "
+                "chat uses the Mistral format of %s",
+                folder,
+                HF_FILE_NAME,
+                MODEL_FILE_NAME,
+            )
         return folder / MODEL_FILE_NAME
     if (folder / HF_FILE_NAME).is_file():
         return folder / HF_FILE_NAME

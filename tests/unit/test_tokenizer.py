@@ -460,6 +460,14 @@ def test_find_tokenizer_file_order(
     assert (found.name if found else None) == expected
 
 
+def test_unusable_foreign_template_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = make_folder(tmp_path / "m", ["tokenizer.model"], CHATML_TEMPLATE)
+    with caplog.at_level(logging.INFO, logger="mixserve"):
+        assert find_tokenizer_file(folder) == folder / "tokenizer.model"
+    [record] = [r for r in caplog.records if r.name == "mixserve"]
+    assert record.levelno == logging.WARNING and "not Mistral's" in record.getMessage()
+
+
 def test_fallback_to_bundled_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "config.json").write_text("{}")
     with caplog.at_level(logging.INFO, logger="mixserve"):
