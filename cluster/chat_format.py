@@ -64,11 +64,13 @@ def encode_mistral_chat(mistral: MistralTokenizer, messages: Any, tools: Any = N
             ``param="messages"``.
     """
     version = mistral.instruct_tokenizer.tokenizer.version
-    request_tools = _convert_tools(tools, version)
-    request_messages = _convert_messages(messages, version)
     try:
+        request_tools = _convert_tools(tools, version)
+        request_messages = _convert_messages(messages, version)
         request = ChatCompletionRequest(messages=request_messages, tools=request_tools)
         return list(mistral.encode_chat_completion(request).tokens)
+    except ChatFormatError:
+        raise
     except (MistralCommonException, ValidationError, ValueError, AssertionError, TypeError) as err:
         param = "tools" if isinstance(err, (InvalidToolException, InvalidToolSchemaException)) else "messages"
         raise ChatFormatError(
