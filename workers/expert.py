@@ -15,16 +15,48 @@ import torch.nn.functional as F
 from cluster.checkpoint import LoadRole, load_tensors, parse_dtype
 from cluster.config import ModelConfig
 
+# torch's grouped GEMM: a private API (the one transformers v5 uses for MoE experts); None where torch lacks it
+GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs for this device and dtype (it needs recent torch; on CUDA, bf16 and a
+    Hopper-class GPU). Tried once on tiny inputs."""
+    key = (device.type, dtype)
+    if GROUPED_MM is None:
+        return False
+    if key not in _GROUPED_OK:
+        try:
+            x = torch.ones(2, 8, device=device, dtype=dtype)
+            w = torch.ones(2, 8, 8, device=device, dtype=dtype)
+            GROUPED_MM(x, w, offs=torch.tensor([1, 2], device=device, dtype=torch.int32))
+            _GROUPED_OK[key] = True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _GROUPED_OK[key] = False
+    return _GROUPED_OK[key]
+
+
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
 
 class ExpertShard:
-    """A set of (layer, expert) SwiGLU experts, with w1 and w3 fused into one [2F, D] matrix."""
+    """A set of (layer, expert) SwiGLU experts. Per layer the shard's experts are stacked: w13 [E_l, 2F, D]
+    (w1 and w3 fused) and w2 [E_l, D, F], so one message runs through all of them in two grouped matmuls."""
 
     def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        self._w13: dict[tuple[int, int], torch.Tensor] = {}
-        self._w2: dict[tuple[int, int], torch.Tensor] = {}
-        for key, (w1, w2, w3) in weights.items():
-            self._w13[key] = torch.cat((w1, w3), dim=0)
-            self._w2[key] = w2
+        """``weights``: (layer, expert) -> (w1, w2, w3). It is emptied as the stacks fill, so memory never holds
+        more than the shard plus one expert."""
+        self._layers: dict[int, _LayerExperts] = {}
+        for layer in sorted({layer for layer, _ in weights}):
+            ids = sorted(e for lay, e in weights if lay == layer)
+            w1, w2, _ = weights[(layer, ids[0])]
+            f, d = w1.shape
+            w13s = torch.empty(len(ids), 2 * f, d, dtype=w1.dtype, device=w1.device)
+            w2s = torch.empty(len(ids), *w2.shape, dtype=w2.dtype, device=w2.device)
+            for i, e in enumerate(ids):
+                w1, w2, w3 = weights.pop((layer, e))
+                w13s[i, :f], w13s[i, f:], w2s[i] = w1, w3, w2
+            self._layers[layer] = _LayerExperts(ids, w13s, w2s)
 
     @classmethod
     def load(
@@ -51,10 +83,10 @@ class ExpertShard:
 
     @property
     def experts(self) -> list[tuple[int, int]]:
-        return sorted(self._w13)
+        return sorted((layer, e) for layer, le in self._layers.items() for e in le.ids)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._w13.values(), *self._w2.values()))
+        return sum(t.numel() * t.element_size() for le in self._layers.values() for t in (le.w13, le.w2))
 
     def run(
         self,
@@ -67,23 +99,50 @@ class ExpertShard:
         """Weighted sum of this shard's experts for each token.
 
         x [N, D]; rows/experts/weights [A] (experts sorted ascending). Returns [N, D] in x's dtype: for token n,
-        sum over its assignments of ``weight * expert(x[n])``. Each expert runs once, on all its rows.
+        sum over its assignments of ``weight * expert(x[n])``. All experts of the message run in one grouped
+        matmul per projection (a loop over experts where grouped matmuls are not available).
+
+        Example: experts [0, 0, 3], rows [0, 2, 1] -> expert 0 on x[0] and x[2], expert 3 on x[1].
         """
         out = torch.zeros_like(x)
         if experts.numel() == 0:
             return out
-        ids, counts = torch.unique_consecutive(experts, return_counts=True)
-        start = 0
-        for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
-            key = (layer, e)
-            if key not in self._w13:
-                raise KeyError(f"expert {e} of layer {layer} is not held by this shard")
-            r = rows[start : start + c]
-            w = weights[start : start + c]
-            start += c
-            gate, up = F.linear(x[r], self._w13[key]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self._w2[key])  # [c, D]
-            # rows of one expert are distinct, so accumulate-put is exact; index_add_ stalls in an OpenMP region
-            # when the cores are busy (measured: 5 us idle, 28 ms contended)
-            out.index_put_((r,), (y * w[:, None].to(y.device)).to(out.dtype), accumulate=True)
+        le = self._layers.get(layer)
+        local = le.local_index(experts) if le is not None else None
+        if le is None or local is None:
+            raise KeyError(f"experts {sorted(set(experts.tolist()))} of layer {layer} are not all held by this shard")
+        xa = x[rows]  # [A, D], grouped by expert
+        if GROUPED_MM is not None and grouped_mm_works(x.device, x.dtype):
+            ends = torch.cumsum(torch.bincount(local, minlength=len(le.ids)), 0).to(torch.int32)  # [E_l]
+            gate, up = GROUPED_MM(xa, le.w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+            y = GROUPED_MM(F.silu(gate) * up, le.w2.transpose(1, 2), offs=ends)  # [A, D]
+        else:
+            ids, counts = torch.unique_consecutive(local, return_counts=True)
+            parts, start = [], 0
+            for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
+                gate, up = F.linear(xa[start : start + c], le.w13[e]).chunk(2, dim=-1)
+                parts.append(F.linear(F.silu(gate) * up, le.w2[e]))
+                start += c
+            y = torch.cat(parts)
+        # A token's assignments go to the same row of out: index_put_ with accumulate sums them (index_add_ stalls
+        # in an OpenMP region when the cores are busy: measured 5 us idle, 28 ms contended)
+        out.index_put_((rows,), (y * weights[:, None].to(y.device)).to(out.dtype), accumulate=True)
         return out
+
+
+class _LayerExperts:
+    """One layer's experts of a shard: ids (sorted), w13 [E_l, 2F, D], w2 [E_l, D, F]."""
+
+    def __init__(self, ids: list[int], w13: torch.Tensor, w2: torch.Tensor) -> None:
+        self.ids = ids
+        self.w13 = w13
+        self.w2 = w2
+        self._local = torch.full((max(ids) + 1,), -1, dtype=torch.int64)
+        self._local[torch.tensor(ids)] = torch.arange(len(ids))
+
+    def local_index(self, experts: torch.Tensor) -> torch.Tensor | None:
+        """Expert ids [A] -> positions in this layer's stack [A]; None when one is not held."""
+        if int(experts.max()) >= self._local.numel() or int(experts.min()) < 0:
+            return None
+        local = self._local.to(experts.device)[experts]
+        return None if bool((local < 0).any()) else local
