@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.bench import harness as h
+from cluster.bench import kv
 from cluster.bench.harness import Common, opt
 from cluster.builder import ClusterConfig, Frontend, build_frontend
 from cluster.checkpoint import parse_dtype
@@ -54,6 +55,12 @@ class Options(Common):
     mixed_max_tokens: str = opt("16,128", "MIN,MAX output tokens of the mixed workload")
     hf_batch: int = opt(8, "transformers' static batch size in the mixed workload")
     hf_experts_implementation: str | None = opt(None, "transformers' experts_implementation")
+    prefix_requests: int = opt(32, "(c) requests sharing one system prompt (0 skips it)")
+    prefix_len: int = opt(512, "(c) tokens of the shared system prompt")
+    prefix_question_len: str = opt("16,64", "(c) MIN,MAX tokens of each request's own question")
+    prefix_new_tokens: int = opt(8, "(c) output tokens per request")
+    capacity_requests: int = opt(32, "(d) sequences submitted at once (0 skips it)")
+    capacity_len: int = opt(256, "(d) tokens per sequence (half prompt, half output)")
     seed: int = opt(0, "seed of the prompts")
 
 
@@ -317,8 +324,11 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     floor = Floor(fe)
     fixed = [bench_fixed(o, fe, rec, hf, floor, b, r) for b in h.ints(o.batch_sizes, "batch-sizes")]
     mixed = bench_mixed(o, fe, rec, hf, floor, r) if o.mixed_requests else None
+    prefix = kv.bench_prefix(o, config, r) if o.prefix_requests else None
+    capacity = kv.bench_capacity(o, config, r) if o.capacity_requests else None
     hf_impl = {k: getattr(hf.config, f"_{k}", None) for k in ("attn_implementation", "experts_implementation")}
     settings = {"cluster": config.model_dump(), "ours": fe.info(), "transformers": hf_impl}
-    goals = goals_of(fixed, mixed)
-    results = {"fixed": fixed, "mixed": mixed}
-    return r.finish(settings=settings, method=__doc__, results=results, goals=goals, tables=tables(fixed, mixed))
+    goals = goals_of(fixed, mixed) + kv.goals_of(prefix, capacity)
+    results = {"fixed": fixed, "mixed": mixed, "prefix_sharing": prefix, "capacity": capacity}
+    out = tables(fixed, mixed) + kv.tables(prefix, capacity)
+    return r.finish(settings=settings, method=f"{__doc__}\n{kv.__doc__}", results=results, goals=goals, tables=out)
