@@ -283,11 +283,12 @@ def test_serve_config_args_are_the_tiny_default():
     a = app_args(load_serve_config())
     assert a.model is None  # null = the built-in tiny default model
     assert a.expert_workers == 2 and a.dtype == "float32"
-    assert a.served_model_name == "mixserve-tiny"
+    assert a.served_model_name == ["mixserve-tiny"]
     assert a.gpus_per_worker is None  # auto: runs on a CPU-only machine
     assert a.placement_strategy == "PACK"
     assert (a.max_num_seqs, a.max_num_batched_tokens, a.max_queued_requests) == (16, 512, 256)
-    assert a.max_model_len is None and a.api_key is None and a.request_timeout_s == 120.0
+    assert a.max_model_len is None and a.request_timeout_s == 120.0
+    assert a.api_key == [] and a.api_key_env == "MIXSERVE_API_KEY" and a.api_key_file is None  # no key inline
 
 
 def test_args_check_is_the_application_parser():
@@ -341,7 +342,7 @@ def test_rayservice_args_are_mixtral_8x7b():
     assert a.model == "/models/Mixtral-8x7B-Instruct-v0.1"
     assert a.dtype == "bfloat16" and a.expert_workers == 4 and a.gpus_per_worker == 1
     assert 8 % a.expert_workers == 0, "Mixtral has 8 experts per layer"
-    assert a.served_model_name == "mixtral-8x7b-instruct"
+    assert a.served_model_name == ["mixtral-8x7b-instruct"]
     assert (a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len) == (32, 2048, 8192)
 
 
@@ -449,7 +450,10 @@ def test_head_ports_and_services():
     assert ports.get("dashboard") == 8265 and ports.get("gcs-server") == 6379
     for name in ports:
         assert name and len(name) <= 15 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name), name
+    # All interfaces of the head pod: the KubeRay operator reaches the dashboard through the head Service (a
+    # 127.0.0.1 dashboard would leave serveConfigV2 undeployed). Closed by token auth and the NetworkPolicy instead.
     assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"].get("dashboard-host") == "0.0.0.0"
+    assert rs["spec"]["rayClusterConfig"]["authOptions"]["mode"] == "token"
     custom = rs["spec"].get("serveService")
     if custom:  # KubeRay keeps only the "serve" port of a custom serve Service
         assert {p.get("name") for p in custom["spec"]["ports"]} <= {"serve"}
@@ -540,3 +544,50 @@ def test_model_lookup_sees_through_optional_list_and_dict():
     assert [m.__name__ for m in _models_in(fields["applications"].annotation)] == ["ServeApplicationSchema"]
     app_fields = _models_in(fields["applications"].annotation)[0].model_fields
     assert _models_in(app_fields["args"].annotation) == [] and _models_in(types.NoneType) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (f) closed by default: API keys from a Secret, nothing exposed that is not said, limits set
+
+
+def test_rayservice_reads_the_api_keys_from_a_secret_never_inline():
+    rs = load_rayservice()
+    cfg = rayservice_serve_config(rs)
+    a = app_args(cfg)
+    assert a.api_key == [] and a.api_key_file is not None
+    folder = str(Path(a.api_key_file).parent)
+    cluster = rs["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:  # the ingress replica may run in any pod: each one mounts the Secret
+        container = ray_container(template)
+        mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == folder]
+        assert len(mounts) == 1 and mounts[0].get("readOnly") is True
+        volume = next(v for v in template["spec"]["volumes"] if v["name"] == mounts[0]["name"])
+        assert volume["secret"]["secretName"] == "mixserve-api-keys"
+        assert not volume["secret"].get("optional", False), "a missing Secret must stop the pod, not open the API"
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(a.max_request_bytes)
+    assert "kubectl create secret generic mixserve-api-keys" in RAYSERVICE.read_text()
+    assert "mixserve-api-keys" in KUBERNETES_MD.read_text()
+
+
+def test_rayservice_says_what_is_exposed_and_a_network_policy_enforces_it():
+    text = RAYSERVICE.read_text()
+    assert "What is exposed" in text
+    for port in ("8000", "9000", "8265", "6379"):
+        assert f"#   {port}" in text, port
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    policy = next(d for d in docs if d.get("kind") == "NetworkPolicy")
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mixserve"}
+    open_ports = {p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for p in rule["ports"]}
+    assert open_ports == {HTTP_PORT, GRPC_PORT}  # only the API is open to the whole cluster
+    dashboard = [r for r in policy["spec"]["ingress"] if any(p["port"] == 8265 for p in r.get("ports", []))]
+    assert len(dashboard) == 1 and all("namespaceSelector" in f for f in dashboard[0]["from"])
+
+
+def test_serve_config_keeps_keys_out_and_binds_loopback():
+    cfg = load_serve_config()
+    a = app_args(cfg)
+    assert a.api_key == [] and cfg["http_options"]["host"] == "127.0.0.1"
+    assert "EVERY" in SERVE_CONFIG.read_text()  # says plainly that the gRPC proxy binds every interface
