@@ -114,6 +114,13 @@ class BlockPool:
         self.hits += len(found)
         return found
 
+    def undo_lookup(self, found: Sequence[int], queries: int) -> None:
+        """Give back what :meth:`lookup` took (and uncount it) when the request does not start after all."""
+        for b in reversed(found):
+            self.release(b)
+        self.queries -= queries
+        self.hits -= len(found)
+
     def register(self, block: int, h: bytes) -> None:
         """Name a block that has just become full (its tokens and everything before it hash to ``h``)."""
         if self.prefix_caching and self._hash_of[block] is None and h not in self._by_hash:

@@ -51,6 +51,7 @@ class Request:
         self.computed = 0  # tokens already in the KV cache
         self.blocks: list[int] = []  # block table (cluster.step.SeqChunk.blocks), owned by the scheduler
         self.hashes: list[bytes] = []  # prefix-cache hash chain of the full blocks registered so far
+        self.prompt_hashes: list[bytes] = []  # hash chain of every full block it has to compute (set at admission)
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.scheduled: float | None = None  # when it first got into a step
         self.text = ""  # generated text, stop strings cut off

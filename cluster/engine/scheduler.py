@@ -25,6 +25,8 @@ from cluster.engine.request import Request
 from cluster.errors import EngineOverloadedError, InvalidRequestError
 from cluster.step import FREED, SeqChunk
 
+DEFER = -1  # _admit: wait a step, the prefix is being computed
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, pool: BlockPool, *, window: int | None) -> None:
@@ -101,31 +103,46 @@ class Scheduler:
                 continue  # req itself was preempted
             step.append((req, SeqChunk(start=req.computed, n=n, blocks=tuple(req.blocks))))
             budget -= n
+        # Blocks that running prefills are about to fill: a request whose next uncached block is one of them waits a
+        # step and finds it cached, instead of computing the same prefix again beside it.
+        pending = {h for r in self.running if r.prefilling for h in r.prompt_hashes[len(r.hashes) :]}
+        deferred: list[Request] = []
         while budget > 0 and len(self.running) < self.config.max_num_seqs:
             with self._lock:  # pop and admit together, so add()'s count stays consistent
                 if not self.waiting:
                     break
                 req = self.waiting[0]
-                n = self._admit(req, budget)
+                n = self._admit(req, budget, pending)
+                if n == DEFER:
+                    deferred.append(self.waiting.popleft())
+                    continue
                 if n == 0:
                     break
                 self.waiting.popleft()
             self.running.append(req)
+            pending.update(req.prompt_hashes[len(req.hashes) :])
             if req.scheduled is None:
                 req.scheduled = time.monotonic()
             step.append((req, SeqChunk(start=req.computed, n=n, blocks=tuple(req.blocks))))
             budget -= n
+        if deferred:
+            with self._lock:
+                self.waiting.extendleft(reversed(deferred))
         return step
 
-    def _admit(self, req: Request, budget: int) -> int:
-        """Give a waiting request its cached prefix and the blocks of its first chunk; 0 when they do not fit."""
+    def _admit(self, req: Request, budget: int, pending: set[bytes]) -> int:
+        """Give a waiting request its cached prefix and the blocks of its first chunk: the tokens it computes now;
+        0 when they do not fit; DEFER when its next uncached block is being computed by another request."""
         tokens = req.all_tokens
         found: list[int] = []
         hashes: list[bytes] = []
         if self.pool.prefix_caching:
             # Full blocks of all but the newest token: the newest must be computed to get the next token's logits.
-            hashes = block_hashes(tokens[:-1], self.block_size)
+            hashes = req.prompt_hashes = block_hashes(tokens[:-1], self.block_size)
             found = self.pool.lookup(hashes)
+            if len(found) < len(hashes) and hashes[len(found)] in pending:
+                self.pool.undo_lookup(found, len(hashes))
+                return DEFER
         req.blocks, req.hashes = list(found), hashes[: len(found)]
         req.computed = len(found) * self.block_size
         if not req.output:

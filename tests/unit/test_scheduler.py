@@ -376,3 +376,22 @@ def test_any_accepted_sampling_value_leaves_its_neighbours_alone(params):
     odd = outs["odd"][-1]
     assert odd.finish_reason in ("length", "stop") and odd.error is None
     assert all(0 <= t < VOCAB for t in odd.token_ids)
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once():
+    """Requests that arrive together with the same 24-token prefix: the first computes it, the others wait for its
+    blocks instead of computing them beside it, then reuse them."""
+    prefix = [1] + list(range(600, 623))
+    core, ex = engine(max_num_seqs=8, max_num_batched_tokens=64, block_size=4)
+    prompts = {f"q{i}": prefix + [700 + i, 701 + i] for i in range(6)}
+    for rid, p in prompts.items():
+        core.add_request(rid, p, GREEDY)
+    outs: dict[str, list[RequestOutput]] = {}
+    drain(core, outs)
+    for rid, p in prompts.items():
+        assert outs[rid][-1].token_ids == expected(p, 5)
+    cached = [outs[rid][-1].metrics["cached_tokens"] for rid in prompts]
+    assert cached == [0] + [24] * 5
+    computed = sum(c.n for b in ex.batches for c in b.chunks if c.n > 1)
+    assert computed == 26 + 5 * 2  # the prefix once, each question once
+    assert core.stats()["prefix_cache_hits"] == 5 * 6 and core.stats()["prefix_cache_queries"] == 6 * 6
