@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from cluster.config import ModelConfig
 from cluster.errors import CheckpointError
@@ -279,28 +280,36 @@ def _unreadable(path: Path, error: Exception) -> str:
 
 
 # ---------------------------------------------------------------------- loading
-class _Progress:
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self.done = 0
-        self.nbytes = 0
-        self.t0 = time.monotonic()
-        self.last = 0.0
+class _LogLines:
+    """A file for tqdm when stderr is not a terminal (Ray's log files): each redraw becomes one whole line,
+    instead of carriage returns that pile up into one unreadable line."""
 
-    def step(self, nbytes: int) -> None:
-        self.done += 1
-        self.nbytes += nbytes
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 0.5 or self.done == self.total):
-            self.last = now
-            end = "\n" if self.done == self.total else ""
-            print(
-                f"\r[mixserve] loading {self.label}: {self.done}/{self.total} tensors, "
-                f"{self.nbytes / 2**20:.1f} MiB, {now - self.t0:.1f}s",
-                end=end,
-                file=sys.stderr,
-                flush=True,
-            )
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _progress(total: int, label: str, enabled: bool) -> tqdm:
+    """A tqdm bar over the tensors this process loads, with the bytes so far: one line per process, redrawn in place
+    on a terminal, a line every 10 s (and the last one) in a log file such as Ray's."""
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=f"[mixserve] loading {label}",
+        bar_format="{desc}: {n_fmt}/{total_fmt} tensors{postfix} |{bar:20}| {elapsed}",
+        postfix="0.0 MiB",
+        file=sys.stderr if tty else _LogLines(sys.stderr),
+        mininterval=0.5 if tty else 10.0,
+        leave=True,
+        disable=not enabled,
+    )
 
 
 def load_tensors(
@@ -351,7 +360,8 @@ def load_tensors(
         by_file.setdefault(path, []).append(stored)
 
     out: dict[str, torch.Tensor] = {}
-    bar = _Progress(len(wanted), label, progress and len(wanted) > 0)
+    bar = _progress(len(wanted), label, progress and len(wanted) > 0)
+    loaded = 0
     for path, stored_names in sorted(by_file.items()):
         try:
             handle = safe_open(str(path), framework="pt")
@@ -375,7 +385,10 @@ def load_tensors(
                     t = permute_rotary(t, heads)
                 t = t.to(torch_dtype).contiguous()
                 out[hf] = t
-                bar.step(t.numel() * t.element_size())
+                loaded += t.numel() * t.element_size()
+                bar.set_postfix_str(f"{loaded / 2**20:.1f} MiB", refresh=False)
+                bar.update(1)
+    bar.close()
     return out
 
 
