@@ -12,6 +12,7 @@ import secrets
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
 
@@ -19,6 +20,33 @@ from cluster.errors import SamplingParamsError
 
 MAX_LOGPROBS = 20
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy, as in vLLM
+
+
+StructuredKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
+STRUCTURED_KINDS: tuple[str, ...] = typing.get_args(StructuredKind)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Constrain the output to a grammar: ``kind`` says how to read ``spec``.
+
+    json_schema  spec is a JSON schema (as a JSON string); the output is a JSON value that validates against it
+    json_object  any JSON object (spec is ignored)
+    regex        spec is a regular expression the whole output matches
+    choice       spec is a JSON list of strings; the output is exactly one of them
+    lark         spec is a Lark grammar
+    """
+
+    kind: StructuredKind
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise SamplingParamsError(
+                param="response_format", message=f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}"
+            )
+        if not isinstance(self.spec, str):
+            raise SamplingParamsError(param="response_format", message="the structured output spec must be a string")
 
 
 @dataclass(frozen=True)
@@ -41,6 +69,8 @@ class SamplingParams:
     min_p           drop tokens whose probability is below min_p x the top token's (0 <= m <= 1)
     min_tokens      EOS and stop_token_ids cannot end generation before this many tokens (<= max_tokens)
     logit_bias      token id -> bias in [-100, 100] added to its logit before sampling (greedy too)
+    structured_output   None, or a grammar every output token must follow (the engine masks the rest; the
+                        request stops when the grammar is complete)
 
     Penalties, min_p and logit_bias follow vLLM's definitions. A temperature below 1e-5 is greedy.
     """
@@ -60,6 +90,7 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -119,6 +150,8 @@ class SamplingParams:
                 message=f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}",
             )
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise SamplingParamsError(param="response_format", message="structured_output must be a StructuredOutput")
 
     @property
     def greedy(self) -> bool:
@@ -171,6 +204,27 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]
 
 
+class TokenMatcher(Protocol):
+    """One request's grammar state: which tokens may come next, and moving past the one that came."""
+
+    def allowed(self) -> torch.Tensor:
+        """bool [V]: the tokens the grammar accepts next."""
+        ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete: nothing but the end of the output may follow."""
+        ...
+
+
+class GrammarCompiler(Protocol):
+    """Turns a request's :class:`StructuredOutput` into a matcher; raises ``SamplingParamsError`` for a bad spec."""
+
+    def matcher(self, spec: StructuredOutput) -> TokenMatcher: ...
+
+
 def new_generator(params: SamplingParams) -> torch.Generator | None:
     """A request's own random stream: seeded when asked, else freshly seeded; None for greedy requests."""
     if params.greedy:
@@ -182,16 +236,19 @@ def new_generator(params: SamplingParams) -> torch.Generator | None:
 
 @dataclass(frozen=True)
 class SamplingRow:
-    """What the batched sampler needs of one request: its parameters, random stream and tokens so far."""
+    """What the batched sampler needs of one request: its parameters, random stream, tokens so far and, under a
+    grammar, which tokens it allows next (bool [V])."""
 
     params: SamplingParams
     generator: torch.Generator | None
     prompt: Sequence[int]
     output: Sequence[int]
+    allowed: torch.Tensor | None = None
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int) -> torch.Tensor:
-    """The next token of every row: logits [R, V] float32 -> token ids [R] int64, in a few batched tensor ops.
+    """The next token of every row: logits [R, V] float32 -> token ids [R] int64, in a few batched tensor ops;
+    -1 for a row whose constraints (grammar, min_tokens, logit_bias) leave no token.
 
     Per row, in vLLM's order: min_tokens (EOS and stop_token_ids masked until that many tokens exist), logit_bias,
     repetition / frequency / presence penalties; greedy rows take the argmax of that; the others divide by their
@@ -202,6 +259,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: i
     x = logits.float().clone()
     _process(x, rows, eos_token_id=eos_token_id)
     out = torch.argmax(x, dim=-1)
+    impossible = torch.isneginf(x).all(dim=-1)  # the row's constraints allow no token: -1, the caller fails it
+    if bool(impossible.any()):
+        x[impossible] = 0.0
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not drawn:
         return out
@@ -225,7 +285,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: i
     for j, i in enumerate(drawn):
         race[j].exponential_(1.0, generator=rows[i].generator)
     out[idx] = torch.argmax(probs / race, dim=-1)
-    return out
+    return out.masked_fill(impossible, -1)
 
 
 def _process(x: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int) -> None:
@@ -233,6 +293,9 @@ def _process(x: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int)
     V = x.shape[1]
     for i, r in enumerate(rows):
         p = r.params
+        if r.allowed is not None:
+            x[i, : r.allowed.shape[0]].masked_fill_(~r.allowed[:V], float("-inf"))
+            x[i, r.allowed.shape[0] :] = float("-inf")
         if len(r.output) < p.min_tokens:
             x[i, [eos_token_id, *(t for t in p.stop_token_ids if t < V)]] = float("-inf")
         bias = p.bias

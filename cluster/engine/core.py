@@ -27,7 +27,7 @@ from cluster.errors import (
     MixserveError,
     PromptTooLongError,
 )
-from cluster.sampling import SamplingParams, SamplingRow, TokenLogprob, logprobs_of, sample
+from cluster.sampling import GrammarCompiler, SamplingParams, SamplingRow, TokenLogprob, logprobs_of, sample
 from cluster.step import Executor, SeqChunk, StepBatch
 from cluster.tokenizer import Tokenizer
 
@@ -57,6 +57,7 @@ class EngineCore:
         vocab_size: int,
         eos_token_id: int,
         sliding_window: int | None = None,
+        grammar: GrammarCompiler | None = None,
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
@@ -64,6 +65,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos = eos_token_id
+        self.grammar = grammar
         pool = BlockPool(executor.num_blocks, executor.block_size, prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(config, pool, window=sliding_window)
         self.observers: list[Callable[[str, float], None]] = []
@@ -97,7 +99,12 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises at once for a bad request or a full queue."""
         self.validate(prompt_token_ids, params)
-        self.scheduler.add(Request(request_id, list(prompt_token_ids), params, self.tokenizer, time.monotonic()))
+        req = Request(request_id, list(prompt_token_ids), params, self.tokenizer, time.monotonic())
+        if params.structured_output is not None:
+            if self.grammar is None:
+                raise InvalidRequestError("structured output is not available on this engine", param="response_format")
+            req.matcher = self.grammar.matcher(params.structured_output)
+        self.scheduler.add(req)
         self.counters["requests_added"] += 1
 
     def abort(self, request_id: str) -> None:
@@ -173,12 +180,22 @@ class EngineCore:
         """
         now = time.monotonic()
         bad = torch.isnan(logits).any(dim=-1).tolist()
-        rows = [SamplingRow(r.params, r.generator, r.prompt, r.output) for r in sampled]
+        rows = [
+            SamplingRow(r.params, r.generator, r.prompt, r.output, r.matcher.allowed() if r.matcher else None)
+            for r in sampled
+        ]
         tokens = sample(logits, rows, eos_token_id=self.eos).tolist()
         for i, req in enumerate(sampled):
             try:
                 if bad[i]:
                     raise FloatingPointError("the model produced NaN logits")
+                if tokens[i] < 0:
+                    raise InvalidRequestError(
+                        "no token satisfies the request's constraints (grammar, min_tokens, logit_bias)",
+                        param="response_format" if req.matcher else "min_tokens",
+                    )
+                if req.matcher is not None:
+                    req.matcher.accept(tokens[i])
                 n_top = req.params.logprobs
                 lp = logprobs_of(logits[i], tokens[i], n_top) if n_top is not None else None
                 outputs.append(self._append_token(req, tokens[i], lp, now))
@@ -207,15 +224,21 @@ class EngineCore:
         if len(req.output) == 1:
             self.counters["prompt_tokens"] += len(req.prompt)
         p = req.params
-        stopped_by_token = (tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids
+        stopped_by_token = (
+            (tok == self.eos and not p.ignore_eos)
+            or tok in p.stop_token_ids
+            or (req.matcher is not None and tok == self.eos)
+        )
         if not stopped_by_token:
             req.text += req.detok.add(tok)
-        if stopped_by_token or self._cut_stop_string(req):
+        # A complete grammar ends the output like a stop token (its text is whole, nothing was cut).
+        ended = stopped_by_token or (req.matcher is not None and req.matcher.done)
+        if ended or self._cut_stop_string(req):
             req.finish_reason = "stop"
         elif len(req.output) >= p.max_tokens:
             req.finish_reason = "length"
         if req.finish_reason is not None:
-            if req.finish_reason != "stop" or stopped_by_token:
+            if req.finish_reason != "stop" or ended:
                 req.text += req.detok.flush()
                 if req.finish_reason == "length" and self._cut_stop_string(req):
                     req.finish_reason = "stop"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cluster.errors import MixserveError
-from cluster.sampling import SamplingParams, TokenLogprob, new_generator
+from cluster.sampling import SamplingParams, TokenLogprob, TokenMatcher, new_generator
 from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -45,6 +45,7 @@ class Request:
         self.prompt = prompt
         self.params = params
         self.generator = new_generator(params)  # the request's own random stream (None when greedy)
+        self.matcher: TokenMatcher | None = None  # grammar state under structured output
         self.detok = IncrementalDetokenizer(tokenizer)
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None

@@ -19,8 +19,9 @@ from cluster.errors import (
     InternalError,
     InvalidRequestError,
     PromptTooLongError,
+    SamplingParamsError,
 )
-from cluster.sampling import SamplingParams
+from cluster.sampling import SamplingParams, StructuredOutput
 from cluster.step import FREED, StepBatch
 from cluster.tokenizer import Tokenizer, default_model_file
 
@@ -395,3 +396,56 @@ def test_a_burst_sharing_a_prefix_computes_it_once():
     computed = sum(c.n for b in ex.batches for c in b.chunks if c.n > 1)
     assert computed == 26 + 5 * 2  # the prefix once, each question once
     assert core.stats()["prefix_cache_hits"] == 5 * 6 and core.stats()["prefix_cache_queries"] == 6 * 6
+
+
+class SequenceGrammar:
+    """A grammar whose only sentence is a fixed token sequence (spec: the ids, comma-separated)."""
+
+    def matcher(self, spec: StructuredOutput) -> SequenceMatcher:
+        if not spec.spec:
+            raise SamplingParamsError(param="response_format", message="empty sentence")
+        return SequenceMatcher([int(t) for t in spec.spec.split(",")])
+
+
+class SequenceMatcher:
+    def __init__(self, sentence: list[int]) -> None:
+        self.sentence, self.pos = sentence, 0
+
+    def allowed(self) -> torch.Tensor:
+        mask = torch.zeros(VOCAB, dtype=torch.bool)
+        mask[self.sentence[self.pos]] = True
+        return mask
+
+    def accept(self, token: int) -> None:
+        assert token == self.sentence[self.pos]
+        self.pos += 1
+
+    @property
+    def done(self) -> bool:
+        return self.pos == len(self.sentence)
+
+
+def test_a_grammar_decides_the_tokens_and_ends_the_request():
+    core, _ = engine(max_num_seqs=4, max_num_batched_tokens=32)
+    core.grammar = SequenceGrammar()
+    sentence = SamplingParams(
+        max_tokens=10, temperature=0.8, seed=3, structured_output=StructuredOutput("lark", "900,901,902")
+    )
+    core.add_request("g", [1, 5], sentence)
+    core.add_request("plain", [1, 6], GREEDY)
+    with pytest.raises(SamplingParamsError) as err:
+        core.add_request("bad", [1, 7], SamplingParams(structured_output=StructuredOutput("lark", "")))
+    assert err.value.param == "response_format"
+    # a grammar that needs token 2 (EOS) while min_tokens forbids it: that request alone fails, with a clear error
+    stuck = SamplingParams(max_tokens=5, min_tokens=3, structured_output=StructuredOutput("lark", "2"))
+    core.add_request("stuck", [1, 8], stuck)
+    outs: dict[str, list[RequestOutput]] = {}
+    drain(core, outs)
+    assert outs["g"][-1].token_ids == [900, 901, 902] and outs["g"][-1].finish_reason == "stop"
+    assert outs["plain"][-1].token_ids == expected([1, 6], 5)
+    assert outs["stuck"][-1].finish_reason == "error"
+    assert isinstance(outs["stuck"][-1].error, InvalidRequestError)
+    assert outs["stuck"][-1].error.param == "response_format"
+    nogrammar, _ = engine()
+    with pytest.raises(InvalidRequestError, match="not available"):
+        nogrammar.add_request("x", [1, 5], sentence)
