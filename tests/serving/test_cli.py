@@ -68,6 +68,7 @@ def test_serve_main_job_http_grpc_and_clean_stop(tmp_path):
 
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "MIXSERVE_CACHE": str(tmp_path / "cache")}
+    env.pop("MIXSERVE_API_KEY", None)  # no key: the warning below must show
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(BIN / "mixserve"), "serve", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
@@ -107,6 +108,9 @@ def test_serve_main_job_http_grpc_and_clean_stop(tmp_path):
         output = seen + output
         assert proc.returncode == 0, output
         assert f"http://127.0.0.1:{http_port}/v1" in output and f"127.0.0.1:{grpc_port}" in output
+        # closed by default, and honest about what is not: HTTP on loopback, gRPC on every interface, no key
+        assert f"gRPC port {grpc_port} listens on every interface" in output
+        assert "no API key" in output
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
