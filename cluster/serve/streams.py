@@ -74,7 +74,7 @@ class FrontendClient:
         if self._info is None:
             try:
                 info = await asyncio.wait_for(self.handle.model_info.remote(), timeout=self.timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise UnavailableError("the frontend did not answer in time") from None
             except Exception as e:
                 raise frontend_failure(e) from e
@@ -93,7 +93,7 @@ class FrontendClient:
         gen = self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
         try:
             first = await asyncio.wait_for(gen.__anext__(), timeout=self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             gen.cancel()
             raise RequestTimeoutError("timed out waiting for the engine to accept the request") from None
         except Exception as e:
@@ -149,7 +149,7 @@ class FrontendClient:
                     raise RequestTimeoutError(f"the request did not finish within {self.timeout_s:g}s")
                 try:
                     c, item = await asyncio.wait_for(queue.get(), timeout=remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 if item is None:
                     open_streams -= 1
