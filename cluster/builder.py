@@ -18,6 +18,7 @@ from cluster.checkpoint import parse_dtype
 from cluster.config import ModelConfig
 from cluster.engine import EngineConfig, EngineCore
 from cluster.errors import SetupError
+from cluster.grammar import LLGuidanceGrammars
 from cluster.placement import ExpertPlacement
 from cluster.tokenizer import Tokenizer
 from router.client import ExpertClient, LocalExperts
@@ -194,6 +195,7 @@ def build_frontend(config: ClusterConfig, *, experts: ExpertClient | None = None
         vocab_size=model_config.vocab_size,
         eos_token_id=model_config.eos_token_id,
         sliding_window=model_config.sliding_window,
+        grammar=LLGuidanceGrammars(tokenizer, model_config.vocab_size),
     )
     return Frontend(
         config=config,
