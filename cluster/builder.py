@@ -8,9 +8,13 @@ the reference path) or reached through an expert client over Ray (``cluster.clus
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+import huggingface_hub
 import torch
 from pydantic import Field, StrictInt, ValidationError, field_validator
 
@@ -27,7 +31,9 @@ from workers.expert import ExpertShard
 from workers.model import MixtralModel
 from workers.runner import ModelRunner
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+log = logging.getLogger("mixserve")
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Transport = Literal["object_ref", "gloo", "nccl"]
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 AttentionBackend = Literal["auto", "sdpa", "eager", "flash_attention_2"]
@@ -36,8 +42,12 @@ AttentionBackend = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 class ClusterConfig(EngineConfig):
     """Everything needed to build a serving frontend and its expert workers (plus the engine limits)."""
 
-    model: str = Field(description="checkpoint folder (config.json or params.json, safetensors, tokenizer)")
-    dtype: Dtype = Field("float32", description="weights and activations")
+    model: str = Field(
+        description="checkpoint folder (config.json or params.json, safetensors, tokenizer), or a Hugging Face model "
+        "id already in the local Hugging Face cache"
+    )
+    dtype: Dtype = Field("auto", description="weights and activations; auto: the checkpoint's own (see resolve_dtype)")
+    download: bool = Field(False, description="let a Hugging Face model id be downloaded when it is not cached")
     expert_workers: StrictInt = Field(0, ge=0, description="expert-worker actors; 0 runs every expert in the frontend")
     transport: Transport = Field("object_ref", description="how tokens travel to the workers (gloo/nccl: RDT)")
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has enough GPUs, else 0")
@@ -65,11 +75,21 @@ class ClusterConfig(EngineConfig):
 
     @classmethod
     def create(cls, **kwargs: Any) -> ClusterConfig:
-        """Like the constructor, but a bad value is a :class:`SetupError` naming the field."""
+        """Validated (a bad value is a :class:`SetupError` naming the field) and resolved: the model is a local
+        folder (a Hugging Face id is looked up in the local cache) and ``dtype`` is concrete."""
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except ValidationError as e:
             raise SetupError(describe(e, f"invalid {cls.__name__}")) from None
+        return config.resolved()
+
+    def resolved(self) -> ClusterConfig:
+        """This config with the model as a local folder and a concrete dtype (idempotent)."""
+        folder = model_folder(self.model, download=self.download)
+        dtype = resolve_dtype(self.dtype, folder, self.device or default_device())
+        if (folder, dtype) == (self.model, self.dtype):
+            return self
+        return self.model_copy(update={"model": folder, "dtype": dtype})
 
     def placement(self, config: ModelConfig) -> ExpertPlacement:
         if self.expert_placement is None:
@@ -92,6 +112,46 @@ def describe(e: ValidationError, what: str) -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_folder(model: str, *, download: bool = False) -> str:
+    """A checkpoint folder as given, or the local snapshot of a Hugging Face model id ("org/name"). Nothing is
+    downloaded unless ``download``."""
+    if Path(model).is_dir():
+        return model
+    if model.count("/") != 1 or Path(model).exists():
+        raise SetupError(f"model {model!r} is not a checkpoint folder")
+    try:
+        return huggingface_hub.snapshot_download(model, local_files_only=not download)
+    except Exception as e:  # the hub client raises several types for "not cached" / "not found"
+        hint = "" if download else " (mixserve downloads nothing unless asked: pass download=True / --download)"
+        raise SetupError(f"model {model!r} is not a folder and not in the Hugging Face cache{hint}: {e}") from None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 runs faster than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, folder: str, device: str) -> str:
+    """``auto``: the checkpoint's ``torch_dtype`` (``dtype`` in newer configs; bfloat16 for the original Mistral
+    layout), except on a CPU: float16 runs as float32 there, and bfloat16 too when the CPU has no bf16 units."""
+    if dtype != "auto":
+        return dtype
+    path = Path(folder) / "config.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    want = str(saved.get("torch_dtype") or saved.get("dtype") or ("float32" if path.is_file() else "bfloat16"))
+    want = want.removeprefix("torch.")
+    if want not in ("float32", "bfloat16", "float16"):
+        want = "float32"
+    if torch.device(device).type == "cpu" and (want == "float16" or (want == "bfloat16" and not cpu_has_fast_bf16())):
+        log.info("dtype auto: the checkpoint is %s; running float32 on this CPU (no fast %s matmuls)", want, want)
+        return "float32"
+    return want
 
 
 @dataclass
@@ -160,6 +220,7 @@ def kv_blocks(config: ClusterConfig, model_config: ModelConfig, *, max_model_len
 
 def build_frontend(config: ClusterConfig, *, experts: ExpertClient | None = None, progress: bool = True) -> Frontend:
     """Tokenizer, non-expert weights, KV cache and engine; ``experts`` None loads every expert here (W = 0)."""
+    config = config.resolved()
     model_config = ModelConfig.from_dir(config.model)
     device = config.device or default_device()
     local_bytes = 0

@@ -80,7 +80,7 @@ class AppArgs(ClusterConfig):
     def cluster_config(self) -> ClusterConfig:
         """The builder's config: these arguments without the serving-only ones, the model folder resolved."""
         fields = {n: getattr(self, n) for n in ClusterConfig.model_fields if n != "model"}
-        return ClusterConfig(model=self.resolved_model(), **fields)
+        return ClusterConfig.create(model=self.resolved_model(), **fields)
 
 
 def parse_args(args: dict[str, Any] | None) -> AppArgs:
