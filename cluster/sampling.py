@@ -69,6 +69,8 @@ class SamplingParams:
     min_p           drop tokens whose probability is below min_p x the top token's (0 <= m <= 1)
     min_tokens      EOS and stop_token_ids cannot end generation before this many tokens (<= max_tokens)
     logit_bias      token id -> bias in [-100, 100] added to its logit before sampling (greedy too)
+    prompt_logprobs None, or how many top alternatives (0..20) to report with each prompt token's log-probability
+                    given the tokens before it (the first token has none; such prompts skip the prefix cache)
     structured_output   None, or a grammar every output token must follow (the engine masks the rest; the
                         request stops when the grammar is complete)
 
@@ -91,6 +93,7 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
     structured_output: StructuredOutput | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -148,6 +151,13 @@ class SamplingParams:
             raise SamplingParamsError(
                 param="min_tokens",
                 message=f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}",
+            )
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise SamplingParamsError(
+                param="prompt_logprobs",
+                message=f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
             )
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):

@@ -149,25 +149,37 @@ class EngineCore:
         if not scheduled:
             return outputs
         tokens: list[int] = []
-        logit_rows: list[int] = []
+        sample_rows: list[int] = []  # rows whose logits pick a request's next token
         sampled: list[Request] = []
+        prompt_rows: list[int] = []  # rows whose logits score the next prompt token (prompt_logprobs)
+        scored: list[tuple[Request, int]] = []  # (request, position of the prompt token scored)
         for req, chunk in scheduled:
+            first = len(tokens)
             tokens.extend(req.all_tokens[chunk.start : chunk.start + chunk.n])
+            if req.params.prompt_logprobs is not None:
+                # positions not scored yet (a preempted request recomputes its prompt but is not scored twice)
+                for p in range(
+                    max(chunk.start, len(req.prompt_logprobs)), min(chunk.start + chunk.n, len(req.prompt) - 1)
+                ):
+                    prompt_rows.append(first + p - chunk.start)
+                    scored.append((req, p + 1))
             if chunk.start + chunk.n == len(req.all_tokens):  # the chunk reaches the newest token: sample
-                logit_rows.append(len(tokens) - 1)
+                sample_rows.append(len(tokens) - 1)
                 sampled.append(req)
         batch = StepBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64),
             chunks=tuple(chunk for _, chunk in scheduled),
-            logit_rows=torch.tensor(logit_rows, dtype=torch.int64),
+            logit_rows=torch.tensor(sample_rows + prompt_rows, dtype=torch.int64),
         )
         try:
             logits = self.executor.execute(batch)
         except Exception as e:  # a failed step fails every request in it; the engine itself carries on
             return outputs + self.fail_running(e)
         self.scheduler.computed(scheduled)
+        for (req, pos), row in zip(scored, logits[len(sample_rows) :], strict=True):
+            req.prompt_logprobs.append(logprobs_of(row, req.prompt[pos], req.params.prompt_logprobs or 0))
         try:
-            self._sample(sampled, logits, outputs)
+            self._sample(sampled, logits[: len(sample_rows)], outputs)
         except Exception as e:  # outputs already made (finished requests included) are kept; the rest fail
             return outputs + self.fail_running(e)
         return outputs
@@ -315,6 +327,7 @@ class EngineCore:
             delta_text=delta,
             finished=False,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            prompt_logprobs=[None, *req.prompt_logprobs] if req.params.prompt_logprobs is not None else None,
             new_logprobs=new_lp,
             metrics=metrics,
         )

@@ -31,6 +31,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
     new_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs; None for token 0
     error: MixserveError | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -49,6 +50,7 @@ class Request:
         self.detok = IncrementalDetokenizer(tokenizer)
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] = []  # of prompt tokens 1.. (with params.prompt_logprobs)
         self.computed = 0  # tokens already in the KV cache
         self.blocks: list[int] = []  # block table (cluster.step.SeqChunk.blocks), owned by the scheduler
         self.hashes: list[bytes] = []  # prefix-cache hash chain of the full blocks registered so far

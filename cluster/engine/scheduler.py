@@ -136,7 +136,7 @@ class Scheduler:
         tokens = req.all_tokens
         found: list[int] = []
         hashes: list[bytes] = []
-        if self.pool.prefix_caching:
+        if self.pool.prefix_caching and req.params.prompt_logprobs is None:  # scoring a prompt computes all of it
             # Full blocks of all but the newest token: the newest must be computed to get the next token's logits.
             hashes = req.prompt_hashes = block_hashes(tokens[:-1], self.block_size)
             found = self.pool.lookup(hashes)

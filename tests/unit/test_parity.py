@@ -136,3 +136,21 @@ def test_paged_cache_matches_transformers(tmp_path, paging, window):
     # PROMPT (14 tokens) fills a block of up to 13 positions: the later requests find it in the cache
     assert (stats["engine"]["prefix_cache_hits"] > 0) == (caching and PAGING[paging]["block_size"] <= 13)
     assert stats["engine"]["running"] == 0 and stats["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("chunk", [512, 5])
+def test_prompt_logprobs_equal_transformers(tmp_path, chunk):
+    """Each prompt token's log-probability given the tokens before it (and its top alternatives) equals
+    log_softmax of transformers' logits, with the prompt prefilled whole or in chunks of 5."""
+    import torch
+
+    model = hf_mixtral(tmp_path, seed=12)
+    llm = LLM(tmp_path, progress=False, max_num_seqs=2, max_num_batched_tokens=chunk)
+    (out,) = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
+    ref = torch.log_softmax(hf_logits(model, PROMPT).double(), dim=-1)
+    assert out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(PROMPT)
+    for p, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        assert lp is not None and lp.token_id == PROMPT[p]
+        assert abs(lp.logprob - ref[p - 1, PROMPT[p]].item()) < 1e-4
+        assert [t for t, _ in lp.top] == ref[p - 1].topk(3).indices.tolist()
