@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.bench import dispatch, engine, memory, serve
+from cluster.bench import dispatch, engine, memory, reload, serve
 from cluster.bench.harness import add_command
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and its subcommands on the ``mixserve`` parser."""
-    p = sub.add_parser("bench", help="benchmarks: engine, dispatch, serve, memory")
+    p = sub.add_parser("bench", help="benchmarks: engine, dispatch, serve, memory, reload")
     bench_sub = p.add_subparsers(dest="bench", required=True)
-    for name, module in (("engine", engine), ("dispatch", dispatch), ("serve", serve), ("memory", memory)):
+    commands = (("engine", engine), ("dispatch", dispatch), ("serve", serve), ("memory", memory), ("reload", reload))
+    for name, module in commands:
         add_command(bench_sub, name, module.Options, module.run)
