@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.bench import dispatch, engine, memory, reload, serve
+from cluster.bench import dispatch, engine, memory, reload, serve, soak
 from cluster.bench.harness import add_command
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and its subcommands on the ``mixserve`` parser."""
-    p = sub.add_parser("bench", help="benchmarks: engine, dispatch, serve, memory, reload")
+    p = sub.add_parser("bench", help="benchmarks: engine, dispatch, serve, memory, reload, soak")
     bench_sub = p.add_subparsers(dest="bench", required=True)
-    commands = (("engine", engine), ("dispatch", dispatch), ("serve", serve), ("memory", memory), ("reload", reload))
+    commands = (
+        ("engine", engine),
+        ("dispatch", dispatch),
+        ("serve", serve),
+        ("memory", memory),
+        ("reload", reload),
+        ("soak", soak),
+    )
     for name, module in commands:
         add_command(bench_sub, name, module.Options, module.run)
