@@ -36,16 +36,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Fields that belong to work not done yet or to features this server does not have: named in the 400.
 UNSUPPORTED = {
-    "tool_calls": "tool calls are not supported yet",
-    "tool_call_id": "tool results (role 'tool') are not supported yet",
-    "functions": "function calling is not supported yet",
-    "function_call": "function calling is not supported yet",
-    "guided_json": "structured output (guided decoding) is not supported yet",
-    "guided_regex": "structured output (guided decoding) is not supported yet",
-    "guided_choice": "structured output (guided decoding) is not supported yet",
-    "guided_grammar": "structured output (guided decoding) is not supported yet",
-    "guided_decoding_backend": "structured output (guided decoding) is not supported yet",
-    "structured_outputs": "structured output (guided decoding) is not supported yet",
+    "functions": "the legacy function calling is not supported; use tools and tool_choice",
+    "function_call": "the legacy function calling is not supported; use tools and tool_choice",
+    "guided_decoding_backend": "structured output has one backend here (llguidance); leave guided_decoding_backend out",
+    "guided_whitespace_pattern": "guided_whitespace_pattern is not supported: JSON is laid out like json.dumps",
+    "structured_outputs": "structured_outputs is not supported; use response_format or guided_json / guided_regex / "
+    "guided_choice / guided_grammar",
     "prompt_logprobs": "prompt logprobs are not supported yet",
     "echo": "echo is only supported on /v1/completions",
     "audio": "audio output is not supported",

@@ -21,6 +21,7 @@ from cluster.serve.responses import (
     json_response,
 )
 from cluster.serve.streams import sse_response
+from cluster.serve.structured import request_constraint, submit_constrained
 
 ENDPOINT = "completions"
 
@@ -28,7 +29,10 @@ ENDPOINT = "completions"
 async def create_completion(ctx: ServeContext, req: CompletionRequest, request_id: str, t0: float) -> Response:
     """``request_id`` is the response id; choice i runs as engine request ``<request_id>-<i>``."""
     items = req.prompts()
-    params = req.params(vocab_size=await ctx.frontend.vocab_size())
+    constraint = request_constraint(req)
+    params = req.params(
+        vocab_size=await ctx.frontend.vocab_size(), structured=constraint.output if constraint else None
+    )
     context = await ctx.frontend.max_model_len()
     prompts: list[list[int]] = []
     for item in items:  # a prompt that cannot fit stops the request before the next one is tokenized
@@ -38,7 +42,7 @@ async def create_completion(ctx: ServeContext, req: CompletionRequest, request_i
                 f"this model's maximum context length is {context} tokens; the prompt has {len(ids)}", param="prompt"
             )
         prompts.append(ids)
-    choices = await ctx.frontend.submit_all(prompts, params, req.n, request_id)
+    choices = await submit_constrained(ctx, prompts, params, req.n, request_id, constraint)
     created = int(time.time())
     prompt_tokens = sum(len(p) for p in prompts)
     echo = {c.index: (await ctx.decode(c.prompt_ids) if req.echo else "") for c in choices}

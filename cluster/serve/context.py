@@ -6,6 +6,8 @@ large request never stalls the other routes (``/health`` included); sentencepiec
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +23,16 @@ from cluster.tokenizer import Tokenizer
 
 T = TypeVar("T")
 CPU_THREADS = 2
+
+
+def chat_chars(chat: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
+    """The characters of a chat's text: contents, tool-call arguments and the tools' JSON."""
+    total = len(json.dumps(tools, ensure_ascii=False)) if tools else 0
+    for m in chat:
+        total += len(m.get("content") or "")
+        for call in m.get("tool_calls") or ():
+            total += len(call["function"]["name"]) + len(call["function"]["arguments"])
+    return total
 
 
 @dataclass
@@ -54,10 +66,13 @@ class ServeContext:
         check_prompt_chars(len(text), await self.frontend.max_model_len(), param)
         return await self.offload(self.tokenizer.encode, text, bos)
 
-    async def encode_chat(self, chat: list[dict[str, str]], *, param: str = "messages") -> list[int]:
-        """Token ids of a chat in the model's format (ChatFormatError: 400 on ``messages``)."""
-        check_prompt_chars(sum(len(m["content"]) for m in chat), await self.frontend.max_model_len(), param)
-        return await self.offload(self.tokenizer.encode_chat, chat)
+    async def encode_chat(
+        self, chat: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, param: str = "messages"
+    ) -> list[int]:
+        """Token ids of a chat (and the tools it offers) in the model's format (ChatFormatError: 400 on
+        ``messages`` or ``tools``)."""
+        check_prompt_chars(chat_chars(chat, tools), await self.frontend.max_model_len(), param)
+        return await self.offload(functools.partial(self.tokenizer.encode_chat, chat, tools=tools))
 
     async def decode(self, ids: list[int]) -> str:
         return await self.offload(self.tokenizer.decode, ids)

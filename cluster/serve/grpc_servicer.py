@@ -7,19 +7,21 @@ a streaming method reports its status through Ray Serve).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from cluster.engine import RequestOutput
-from cluster.errors import InvalidRequestError
-from cluster.sampling import SamplingParams, TokenLogprob
+from cluster.errors import InvalidRequestError, SamplingParamsError
+from cluster.sampling import SamplingParams, StructuredOutput, TokenLogprob
 from cluster.serve.auth import check_model
 from cluster.serve.context import ServeContext
 from cluster.serve.errors import GrpcStatusError, RequestTooLargeError, api_error, new_request_id, set_grpc_status
 from cluster.serve.logprobs import piece_text
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.streams import Choice
+from cluster.serve.structured import Constraint, renamed
 
 GENERATE = "grpc_generate"
 GENERATE_STREAM = "grpc_generate_stream"
@@ -50,6 +52,24 @@ def _optional(request: Any, name: str, default: Any) -> Any:
     return getattr(request, name) if request.HasField(name) else default
 
 
+def constraint(request: pb.GenerateRequest) -> Constraint | None:
+    """The structured output of the ``response_format`` oneof, named by its field."""
+    which = request.WhichOneof("response_format")
+    if which is None or (which == "json_object" and not request.json_object):
+        return None
+    if which == "json_schema":
+        output = StructuredOutput("json_schema", request.json_schema)
+    elif which == "json_object":
+        output = StructuredOutput("json_object")
+    elif which == "regex":
+        output = StructuredOutput("regex", request.regex)
+    elif which == "choice":
+        output = StructuredOutput("choice", json.dumps(list(request.choice.choices)))
+    else:
+        output = StructuredOutput("lark", request.grammar)
+    return Constraint(output, which)
+
+
 async def prompt_and_params(ctx: ServeContext, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
     """The prompt ids (from exactly one of prompt, prompt_token_ids, messages) and the sampling parameters;
     InvalidRequestError (or a subclass) names the bad field."""
@@ -65,6 +85,7 @@ async def prompt_and_params(ctx: ServeContext, request: pb.GenerateRequest) -> t
     vocab = await ctx.frontend.vocab_size()
     if any(not 0 <= t < vocab for t in request.logit_bias):
         raise InvalidRequestError(f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias")
+    structured = constraint(request)
     params = SamplingParams(
         max_tokens=_optional(request, "max_tokens", 16),
         temperature=_optional(request, "temperature", 1.0),
@@ -81,6 +102,7 @@ async def prompt_and_params(ctx: ServeContext, request: pb.GenerateRequest) -> t
         min_p=_optional(request, "min_p", 0.0),
         min_tokens=_optional(request, "min_tokens", 0),
         logit_bias=tuple(request.logit_bias.items()),
+        structured_output=structured.output if structured else None,
     )
     return ids, params
 
@@ -91,7 +113,11 @@ async def _outputs(
     """Check, submit, and stream (prompt ids, output) for one request."""
     _admit(ctx, request, grpc_context)
     ids, params = await prompt_and_params(ctx, request)
-    choices = [Choice(0, ids, rid, await ctx.frontend.submit(ids, params, rid))]
+    try:
+        stream = await ctx.frontend.submit(ids, params, rid)
+    except SamplingParamsError as e:
+        raise renamed(e, constraint(request)) from None
+    choices = [Choice(0, ids, rid, stream)]
     async for _, out in ctx.frontend.merged(choices, t0):
         yield ids, out
 

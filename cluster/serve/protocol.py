@@ -8,12 +8,12 @@ effect here (:data:`NO_EFFECT`, listed in the README). Request problems raise
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, model_validator
 
 from cluster.errors import InvalidRequestError
-from cluster.sampling import SamplingParams
+from cluster.sampling import SamplingParams, StructuredOutput
 
 Number = StrictInt | float
 
@@ -25,10 +25,11 @@ NO_EFFECT = (
     "service_tier",
     "prompt_cache_key",
     "safety_identifier",
-    "parallel_tool_calls",
     "modalities",
     "stream_options.include_obfuscation",
-    "messages[].name",
+    "messages[].name",  # but on a tool message (the v2 chat format writes it with the result)
+    "response_format.json_schema.strict",  # outputs always follow their schema
+    "tools[].function.strict",
 )
 
 
@@ -39,6 +40,26 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
     include_obfuscation: StrictBool | None = Field(None, description="accepted, no effect (no obfuscation padding)")
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(description="the schema's name (not used to generate)")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="the JSON schema every output validates against")
+    strict: StrictBool | None = Field(None, description="accepted; outputs always follow the schema strictly")
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: plain text, any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("a json_schema object goes with type 'json_schema', and only with it")
+        return self
 
 
 class _Sampling(_Strict):
@@ -64,9 +85,23 @@ class _Sampling(_Strict):
     min_tokens: StrictInt | None = None
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
+    # structured output: OpenAI's response_format and vLLM's guided_* (at most one; cluster.serve.structured)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema (an object or its JSON text)")
+    guided_regex: str | None = Field(None, description="a regular expression the whole output matches")
+    guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
+    guided_grammar: str | None = Field(None, description="a Lark grammar (llguidance's dialect)")
 
-    def sampling_params(self, *, max_tokens_default: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
-        """SamplingParamsError (a 400 naming the parameter) when a value is out of range."""
+    def sampling_params(
+        self,
+        *,
+        max_tokens_default: int,
+        logprobs: int | None,
+        vocab_size: int,
+        structured: StructuredOutput | None = None,
+    ) -> SamplingParams:
+        """SamplingParamsError (a 400 naming the parameter) when a value is out of range. ``structured``: the
+        constraint :func:`cluster.serve.structured.request_constraint` chose for the request."""
         if not 1 <= self.n <= 16:
             raise InvalidRequestError("n must be between 1 and 16", param="n")
         if self.stream_options is not None and not self.stream:
@@ -99,6 +134,7 @@ class _Sampling(_Strict):
             min_p=given(self.min_p, 0.0),
             min_tokens=given(self.min_tokens, 0),
             logit_bias=tuple(bias),
+            structured_output=structured,
         )
 
 
@@ -134,8 +170,10 @@ class CompletionRequest(_Sampling):
             )
         return items
 
-    def params(self, *, vocab_size: int) -> SamplingParams:
-        return self.sampling_params(max_tokens_default=16, logprobs=self.logprobs, vocab_size=vocab_size)
+    def params(self, *, vocab_size: int, structured: StructuredOutput | None = None) -> SamplingParams:
+        return self.sampling_params(
+            max_tokens_default=16, logprobs=self.logprobs, vocab_size=vocab_size, structured=structured
+        )
 
 
 class ContentPart(_Strict):
@@ -150,20 +188,88 @@ class ContentPart(_Strict):
         return data
 
 
-class ChatMessageIn(_Strict):
-    role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is taken as system")
-    content: str | list[ContentPart]
-    name: str | None = Field(None, description="accepted, no effect (the chat format has no participant names)")
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
+
+class ToolCallIn(_Strict):
+    """A tool call of an earlier assistant message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class ChatMessageIn(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="developer is taken as system; tool is the result of an assistant's tool call"
+    )
+    content: str | list[ContentPart] | None = Field(None, description="optional only for an assistant calling tools")
+    name: str | None = Field(
+        None, description="no effect (the chat format has no participant names), but on a tool message: the function"
+    )
+    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant messages only")
+    tool_call_id: str | None = Field(None, description="tool messages only: the id of the call answered")
+
+    @model_validator(mode="after")
+    def _fields_of_the_role(self) -> ChatMessageIn:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message (and only a tool message) has a tool_call_id")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be left out only by an assistant message with tool_calls)")
+        return self
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the tokenizer's chat encoder takes it (``developer`` is a system message)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            if self.name is not None:  # the v2 format writes it with the result
+                out["name"] = self.name
+        return out
 
-def as_chat(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
-    """The messages as the tokenizer's chat encoder takes them (``developer`` is a system message)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+def as_chat(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
+    """The messages as the tokenizer's chat encoder takes them."""
+    return [m.as_dict() for m in messages]
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments object")
+    strict: StrictBool | None = Field(None, description="accepted; constrained calls always follow the schema")
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+# Tagged "str" / "dict" (tags the 400's param leaves out): errors name tool_choice or tool_choice.function.name.
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("str")] | Annotated[NamedToolChoice, Tag("dict")],
+    Discriminator(lambda v: "str" if isinstance(v, str) else "dict"),
+]
 
 
 class ChatCompletionRequest(_Sampling):
@@ -171,11 +277,14 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported yet: only absent or empty")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="not supported yet: only absent or 'none'")
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'} for now")
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = Field(
+        None, description="default: auto with tools, none without (cluster.serve.tools)"
+    )
+    parallel_tool_calls: StrictBool | None = Field(
+        None, description="false: tool_choice required makes exactly one call; no effect on auto"
+    )
     # accepted, no effect
-    parallel_tool_calls: StrictBool | None = None
     metadata: dict[str, str] | None = None
     store: StrictBool | None = None
     service_tier: str | None = None
@@ -183,24 +292,20 @@ class ChatCompletionRequest(_Sampling):
     safety_identifier: str | None = None
     modalities: list[Literal["text"]] | None = None
 
-    def params(self, *, max_tokens_default: int, vocab_size: int) -> SamplingParams:
+    def params(
+        self, *, max_tokens_default: int, vocab_size: int, structured: StructuredOutput | None = None
+    ) -> SamplingParams:
         """``max_tokens_default``: what is left of the context after the prompt, as OpenAI does for chat."""
-        if self.tools:
-            raise InvalidRequestError("tools are not supported by this server yet", param="tools")
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequestError(
-                "tool_choice is not supported by this server yet (only 'none')", param="tool_choice"
-            )
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise InvalidRequestError("only response_format type 'text' is supported yet", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         lp = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens_default=max(1, max_tokens_default), logprobs=lp, vocab_size=vocab_size)
+        return self.sampling_params(
+            max_tokens_default=max(1, max_tokens_default), logprobs=lp, vocab_size=vocab_size, structured=structured
+        )
 
-    def chat(self) -> list[dict[str, str]]:
+    def chat(self) -> list[dict[str, Any]]:
         return as_chat(self.messages)
 
 
@@ -222,8 +327,9 @@ class TokenizeChatRequest(_Strict):
         True, description="only true: the Mistral instruct format always ends with the generation prompt [/INST]"
     )
     return_token_strs: StrictBool = False
+    tools: list[ToolDef] | None = Field(None, description="tools rendered into the prompt, as chat completions do")
 
-    def chat(self) -> list[dict[str, str]]:
+    def chat(self) -> list[dict[str, Any]]:
         return as_chat(self.messages)
 
 

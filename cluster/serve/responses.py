@@ -9,11 +9,12 @@ from typing import Any, Literal, cast
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 def finish_reason(reason: str | None) -> FinishReason | None:
-    """An output's finish reason as clients see it: never "error" (an output that failed is raised instead)."""
+    """An output's finish reason as clients see it: never "error" (an output that failed is raised instead);
+    "tool_calls" when a chat message ends in tool calls (:mod:`cluster.serve.tool_output`)."""
     return cast("FinishReason | None", reason)
 
 
@@ -89,16 +90,45 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the message only calls tools")
+    tool_calls: list[ToolCall] | None = _omit_none()
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = _omit_none()
+    arguments: str | None = _omit_none()
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of tool call ``index`` of a streamed message: its first piece has the id, type and name; the pieces'
+    ``arguments`` joined are the call's arguments."""
+
+    index: int
+    id: str | None = _omit_none()
+    type: Literal["function"] | None = _omit_none()
+    function: FunctionCallDelta | None = _omit_none()
 
 
 class ChatDelta(BaseModel):
-    """What a streamed chat chunk adds: the role on the first chunk, then content; empty on the finishing chunk."""
+    """What a streamed chat chunk adds: the role on the first chunk, then content or tool-call pieces; empty on
+    the finishing chunk."""
 
     role: Literal["assistant"] | None = _omit_none()
     content: str | None = _omit_none()
+    tool_calls: list[ToolCallDelta] | None = _omit_none()
 
 
 class ChatCompletionChoice(BaseModel):

@@ -15,6 +15,7 @@ from cluster.serve.body import load_json, validate
 from cluster.serve.context import ServeContext
 from cluster.serve.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from cluster.serve.responses import DetokenizeResponse, TokenizeResponse, json_response
+from cluster.serve.tools import as_prompt_tools
 
 TOKENIZE = "tokenize"
 DETOKENIZE = "detokenize"
@@ -41,7 +42,7 @@ async def tokenize(
                 "add_generation_prompt false is not supported: the Mistral instruct format always ends with [/INST]",
                 param="add_generation_prompt",
             )
-        ids = await ctx.encode_chat(req.chat())
+        ids = await ctx.encode_chat(req.chat(), tools=as_prompt_tools(req.tools) if req.tools else None)
     else:
         ids = await ctx.encode(req.prompt, bos=req.add_special_tokens)
     strs = [ctx.tokenizer.id_to_piece(i) for i in ids] if req.return_token_strs else None

@@ -155,7 +155,7 @@ BAD_INPUTS = [
         "role",
     ),
     (
-        "tools unsupported",
+        "tools malformed",
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
         None,

@@ -1,6 +1,6 @@
 """Requests are strict: the sampling fields work (same tokens as the offline API with the same SamplingParams),
-an unknown field is a 400 naming it, fields of work not done yet are refused by name, and the documented OpenAI
-fields that have no effect here are accepted. With the official `openai` client and raw httpx."""
+an unknown field is a 400 naming it, fields this server does not have are refused by name, and the documented
+OpenAI fields that have no effect here are accepted. With the official `openai` client and raw httpx."""
 
 from __future__ import annotations
 
@@ -83,21 +83,25 @@ UNKNOWN = [
     ("/v1/chat/completions", {"messages": CHAT, "temprature": 0.5}, "temprature", "unknown field"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "weight": 1}]}, "messages.0.weight",
      "unknown field"),
-    # work in flight elsewhere: refused by name
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format",
-     "response_format"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-     "tools"),
-    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice", "tool_choice"),
-    ("/v1/chat/completions", {"messages": CHAT, "guided_json": {"type": "object"}}, "guided_json", "structured"),
-    ("/v1/completions", {"prompt": "x", "guided_regex": "a+"}, "guided_regex", "structured"),
+    # refused by name: fields this server does not have, or values that do not go together
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}}, "response_format.type",
+     "json_schema"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tool_choice", "tool_choice 'auto'"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice", "needs tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "guided_json": {"type": "object"}, "guided_regex": "a"},
+     "guided_regex", "only one"),
+    ("/v1/completions", {"prompt": "x", "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend",
+     "llguidance"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo", "echo"),
     ("/v1/chat/completions", {"messages": CHAT, "echo": True}, "echo", "echo"),
-    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "tool_calls": []}]},
-     "messages.0.tool_calls", "tool calls"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
-     "messages.0.tool_call_id", "tool results"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "should be"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0",
+     "only assistant"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages.0", "tool_call_id"),
+    ("/v1/chat/completions", {"messages": [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages", "v1"),  # the v1 format has no tools
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content.0", "only 'text'"),
     ("/v1/chat/completions", {"messages": CHAT, "modalities": ["text", "audio"]}, "modalities.1", "text"),
