@@ -34,7 +34,7 @@ from workers.runner import ModelRunner
 log = logging.getLogger("mixserve")
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Transport = Literal["object_ref", "gloo", "nccl"]
+Transport = Literal["object_ref", "channel", "gloo", "nccl"]
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 AttentionBackend = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 
@@ -49,7 +49,16 @@ class ClusterConfig(EngineConfig):
     dtype: Dtype = Field("auto", description="weights and activations; auto: the checkpoint's own (see resolve_dtype)")
     download: bool = Field(False, description="let a Hugging Face model id be downloaded when it is not cached")
     expert_workers: StrictInt = Field(0, ge=0, description="expert-worker actors; 0 runs every expert in the frontend")
-    transport: Transport = Field("object_ref", description="how tokens travel to the workers (gloo/nccl: RDT)")
+    transport: Transport = Field(
+        "object_ref",
+        description="how tokens travel to the workers (channel: Ray Compiled Graph channels; gloo/nccl: RDT)",
+    )
+    overlap_min_batch: StrictInt = Field(
+        32,
+        ge=0,
+        description="steps of at least this many tokens run as two micro-batches in flight (expert workers only); "
+        "0: off",
+    )
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has enough GPUs, else 0")
     placement_strategy: Strategy = Field("PACK", description="Ray placement-group strategy for the workers")
     expert_placement: tuple[tuple[int, ...], ...] | None = Field(

@@ -24,6 +24,7 @@ from cluster.engine import RequestOutput
 from cluster.errors import ExpertWorkerError, PlacementError
 from cluster.placement import ExpertPlacement, WorkerResources, resolve_resources
 from cluster.sampling import SamplingParams
+from router.channel import ChannelExperts
 from router.client import ExpertClient
 from router.object_ref import RayExperts
 from router.rdt import RdtExperts
@@ -141,10 +142,15 @@ def launch_workers(
 
 
 def expert_client(config: ClusterConfig, placement: ExpertPlacement, handles: Sequence[Any]) -> ExpertClient:
-    """The client for ``config.transport``; RDT clients must live in an actor with rdt_stage / rdt_absorb."""
+    """The client for ``config.transport``, in the process that will drive it (it compiles its graph or creates
+    its group there, on first use). RDT clients must live in an actor with rdt_stage / rdt_absorb. Call its
+    ``close()`` before killing the workers."""
+    common = {"timeout_s": config.worker_timeout_s, "overlap_min_batch": config.overlap_min_batch}
     if config.transport == "object_ref":
-        return RayExperts(placement, handles, timeout_s=config.worker_timeout_s)
-    return RdtExperts(placement, handles, backend=config.transport, timeout_s=config.worker_timeout_s)
+        return RayExperts(placement, handles, **common)
+    if config.transport == "channel":
+        return ChannelExperts(placement, handles, **common)
+    return RdtExperts(placement, handles, backend=config.transport, **common)
 
 
 class FrontendActor:
@@ -175,6 +181,10 @@ class FrontendActor:
 
     def ping(self) -> bool:
         return True
+
+    def close(self) -> None:
+        """Release the expert client's graph or group (before the workers are killed)."""
+        self.frontend.experts.close()
 
     # Ray Direct Transport hooks: the frontend's own tasks that hand tensors to and from the collective group.
     def rdt_stage(self, key: int) -> torch.Tensor:
@@ -273,7 +283,7 @@ class ExpertCluster:
         join a new one reliably, so every worker and the frontend are replaced (fresh processes, fresh group).
         """
         replaced = []
-        rdt = self.config.transport != "object_ref"
+        rdt = self.config.transport in ("gloo", "nccl")
         for w, h in enumerate(self.workers):
             if rdt:
                 ray.kill(h, no_restart=True)
@@ -337,6 +347,9 @@ class ExpertCluster:
         return ray.get([w.info.remote() for w in self.workers])
 
     def shutdown(self) -> None:
+        if self.frontend is not None:  # tear the channel graph down while both ends are alive
+            with contextlib.suppress(Exception):
+                ray.get(self.frontend.close.remote(), timeout=10)
         for actor in [self.frontend, *self.workers]:
             if actor is not None:
                 with contextlib.suppress(Exception):

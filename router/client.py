@@ -1,17 +1,22 @@
 """The one interface between the frontend's MoE blocks and the experts: :class:`ExpertClient`.
 
 A client turns one layer's routing into one message per worker (:func:`router.dispatch.plan`), moves the messages
-to the workers and their partial outputs back (:meth:`ExpertClient.exchange`, the only part a transport
-implements), and sums the partials into the layer's output (:func:`router.dispatch.combine`).
+to the workers and their partial outputs back (:meth:`ExpertClient.start`, the only part a transport implements),
+and sums the partials into the layer's output (:func:`router.dispatch.combine`).
+
+Two ways to call it: :meth:`ExpertClient.forward` (blocking) or :meth:`ExpertClient.submit`, which returns as soon
+as the messages are on their way; :meth:`Pending.result` waits for the partials and combines them. The model uses
+``submit`` to keep two micro-batches in flight (the frontend computes one while the workers run the other).
 
 Transports: :class:`LocalExperts` here (in-process, no Ray: W = 0, the reference path); ``router.object_ref``
-(Ray actor calls) and ``router.rdt`` (Ray Direct Transport).
+(Ray actor calls), ``router.channel`` (Ray Compiled Graph channels) and ``router.rdt`` (Ray Direct Transport).
 
 Shapes: T tokens, D hidden, K experts per token, N_w distinct tokens sent to worker w.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
@@ -23,29 +28,84 @@ from router import dispatch
 from router.dispatch import WorkerMessage
 from router.gate import Routing
 
-TRANSPORTS = ("object_ref", "gloo", "nccl")
+TRANSPORTS = ("object_ref", "channel", "gloo", "nccl")
+
+
+class Exchange(Protocol):
+    """A layer's messages on their way: :meth:`wait` returns one [N_w, D] partial per message, in order."""
+
+    def wait(self) -> list[torch.Tensor]: ...
+
+
+class Done:
+    """An exchange that has already finished (in-process experts)."""
+
+    def __init__(self, partials: list[torch.Tensor]) -> None:
+        self.partials = partials
+
+    def wait(self) -> list[torch.Tensor]:
+        return self.partials
+
+
+class Pending:
+    """One layer's expert output in flight: :meth:`result` waits and returns the combined output [T, D]."""
+
+    def __init__(self, messages: list[WorkerMessage], exchange: Exchange, like: torch.Tensor) -> None:
+        self.messages = messages
+        self.exchange = exchange
+        self.like = like
+
+    def result(self) -> torch.Tensor:
+        return dispatch.combine(self.messages, self.exchange.wait(), like=self.like)
+
+    def discard(self) -> None:
+        """Wait for the exchange and drop what comes back (a step that fails must not leave replies unread)."""
+        with contextlib.suppress(Exception):
+            self.exchange.wait()
 
 
 class ExpertClient(ABC):
-    """Dispatch a layer's rows to the workers that hold their experts and combine what comes back."""
+    """Dispatch a layer's rows to the workers that hold their experts and combine what comes back.
+
+    ``overlap_min_batch``: steps of at least this many tokens are run as two micro-batches in flight by the model
+    (``workers.model``); 0 turns it off. Only transports whose :meth:`start` returns before the workers finish
+    gain from it, so the in-process client keeps 0.
+    """
+
+    overlap_min_batch: int = 0
 
     def __init__(self, placement: ExpertPlacement) -> None:
         self.placement = placement
         # [E] int64 per layer: the worker of each expert
         self._worker_of_expert = [placement.worker_tensor(i) for i in range(placement.num_layers)]
 
-    def forward(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x [T, D] normalised hidden states, routing.ids/weights [T, K] -> weighted expert output [T, D]."""
+    def plan(self, layer: int, routing: Routing) -> list[WorkerMessage]:
+        """routing.ids/weights [T, K] -> one message per worker that has rows."""
         where = self._worker_of_expert[layer]
         if where.device != routing.ids.device:
             where = self._worker_of_expert[layer] = where.to(routing.ids.device)
-        messages = dispatch.plan(routing, where)
-        partials = self.exchange(layer, x, messages)
-        return dispatch.combine(messages, partials, like=x)
+        return dispatch.plan(routing, where)
 
-    @abstractmethod
+    def submit(self, layer: int, x: torch.Tensor, routing: Routing) -> Pending:
+        """x [T, D] normalised hidden states, routing.ids/weights [T, K] -> the layer's output in flight."""
+        messages = self.plan(layer, routing)
+        return Pending(messages, self.start(layer, x, messages), like=x)
+
+    def forward(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x [T, D] normalised hidden states, routing.ids/weights [T, K] -> weighted expert output [T, D]."""
+        return self.submit(layer, x, routing).result()
+
     def exchange(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> list[torch.Tensor]:
         """Send each message's rows of x [T, D] to its worker; one [N_w, D] partial per message, in order."""
+        return self.start(layer, x, messages).wait()
+
+    @abstractmethod
+    def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> Exchange:
+        """Put each message's rows of x [T, D] on its way to its worker; return without waiting for the replies."""
+
+    def close(self) -> None:
+        """Release what the transport holds (compiled graphs, groups); the workers themselves stay up."""
+        return None
 
 
 class Shard(Protocol):
@@ -57,11 +117,12 @@ class Shard(Protocol):
 
 
 class LocalExperts(ExpertClient):
-    """Every message served in this process by the shard of its worker id (W = 0: one shard holds all experts)."""
+    """Every message served in this process by the shard of its worker id (W = 0: one shard holds all experts).
+    :meth:`start` computes at once, so two micro-batches in flight gain nothing here."""
 
     def __init__(self, placement: ExpertPlacement, shards: Mapping[int, Shard]) -> None:
         super().__init__(placement)
         self.shards = dict(shards)
 
-    def exchange(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> list[torch.Tensor]:
-        return [self.shards[m.worker].run(layer, x[m.tokens], m.rows, m.experts, m.weights) for m in messages]
+    def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> Exchange:
+        return Done([self.shards[m.worker].run(layer, x[m.tokens], m.rows, m.experts, m.weights) for m in messages])

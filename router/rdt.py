@@ -5,7 +5,8 @@ RDT objects on a two-sided transport can only be passed from one actor task to a
 ``ray.get``. So per layer and worker the frontend (a threaded actor, in the group with its workers) runs three
 small tasks: ``stage`` on itself returns the rows for that worker as an RDT object; the worker's ``run``
 takes it and returns its partial output as an RDT object; ``absorb`` on the frontend takes that and parks it
-where the waiting layer picks it up. Every call of a layer is issued before any is awaited.
+where the waiting layer picks it up. Every call of a layer is issued before any is awaited, and
+:meth:`RdtExperts.start` returns once they are issued (two micro-batches can be in flight).
 
 The group is created on first use from inside the frontend (the process that submits the transfers must know
 it), and rebuilt after a worker restarts.
@@ -38,7 +39,13 @@ class RdtExperts(ExpertClient):
     methods that call :meth:`stage` and :meth:`absorb` (see ``cluster.cluster.FrontendActor``)."""
 
     def __init__(
-        self, placement: ExpertPlacement, handles: Sequence[Any], *, backend: str = "gloo", timeout_s: float = 60.0
+        self,
+        placement: ExpertPlacement,
+        handles: Sequence[Any],
+        *,
+        backend: str = "gloo",
+        timeout_s: float = 60.0,
+        overlap_min_batch: int = 0,
     ) -> None:
         super().__init__(placement)
         if backend not in BACKENDS:
@@ -46,6 +53,8 @@ class RdtExperts(ExpertClient):
         self.handles = list(handles)
         self.backend = backend
         self.timeout_s = timeout_s
+        self.overlap_min_batch = overlap_min_batch
+        self.echo = False  # benchmarks: the workers' echo (same payload back, no compute) instead of run
         self._group = None
         self._staged: dict[int, torch.Tensor] = {}
         self._received: dict[int, torch.Tensor] = {}
@@ -81,31 +90,43 @@ class RdtExperts(ExpertClient):
         self._staged.clear()
         self._received.clear()
 
-    def exchange(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> list[torch.Tensor]:
+    def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> _Transfers:
         try:
             self._ensure_group()
         except Exception as e:
             raise ExpertWorkerError(f"expert workers unavailable for the RDT collective group: {e!r}") from None
         me = self._me()
+        method = "echo" if self.echo else "run"
         done, keys = [], []
         for m in messages:
             key = next(self._ids)
             self._staged[key] = x[m.tokens].contiguous()
             x_ref = me.rdt_stage.options(tensor_transport=self.backend).remote(key)
             out_ref = (
-                self.handles[m.worker]
-                .run.options(tensor_transport=self.backend)
+                getattr(self.handles[m.worker], method)
+                .options(tensor_transport=self.backend)
                 .remote(layer, x_ref, m.rows, m.experts, m.weights)
             )
             done.append(me.rdt_absorb.remote(key, out_ref))
             keys.append((key, m.worker))
-        deadline = time.monotonic() + self.timeout_s
-        for ref, (_, worker) in zip(done, keys, strict=True):
+        return _Transfers(self, layer, done, keys)
+
+
+class _Transfers:
+    """One layer's RDT transfers in flight; :meth:`wait` collects the partials the frontend absorbed."""
+
+    def __init__(self, client: RdtExperts, layer: int, done: list, keys: list[tuple[int, int]]) -> None:
+        self.client, self.layer, self.done, self.keys = client, layer, done, keys
+
+    def wait(self) -> list[torch.Tensor]:
+        c = self.client
+        deadline = time.monotonic() + c.timeout_s
+        for ref, (_, worker) in zip(self.done, self.keys, strict=True):
             try:
                 ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except (GetTimeoutError, RayActorError, RayTaskError) as e:
-                self._invalidate()
+                c._invalidate()
                 raise ExpertWorkerError(
-                    f"expert worker {worker} failed on layer {layer} over RDT/{self.backend}: {type(e).__name__}"
+                    f"expert worker {worker} failed on layer {self.layer} over RDT/{c.backend}: {type(e).__name__}"
                 ) from None
-        return [self._received.pop(k) for k, _ in keys]
+        return [c._received.pop(k) for k, _ in self.keys]

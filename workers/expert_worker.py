@@ -2,21 +2,28 @@
 
 Wrapped with ``ray.remote`` by :mod:`cluster.cluster`. The constructor takes the checkpoint path and the worker's
 share, never weights, so Ray can restart a dead worker and it reloads exactly its experts.
+
+Threads: torch's intra-op pool is sized from the CPUs Ray gave this actor (at least one), so W workers on one node
+share its cores instead of each starting one thread per core.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
+import numpy as np
 import ray
 import torch
 
 from cluster.config import ModelConfig
+from router import wire
 from workers.expert import ExpertShard
 
 
 class ExpertWorker:
-    """Serves :meth:`run` (one layer's message) for the experts it holds; ``echo`` is the dispatch benchmark's
+    """Serves :meth:`run` (one layer's message over an actor call) and :meth:`channel_run` (the same over a
+    compiled graph's channel, ``router.channel``) for the experts it holds; ``echo`` is the dispatch benchmark's
     floor (same payload in and out, no compute)."""
 
     def __init__(
@@ -34,6 +41,8 @@ class ExpertWorker:
         self.device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
         self.node_id = ctx.get_node_id()
         self.pid = os.getpid()
+        self.threads = cpu_threads(ctx.get_assigned_resources())
+        torch.set_num_threads(self.threads)
         config = ModelConfig.from_dir(model)
         self.shard = ExpertShard.load(
             model, config, experts, dtype=dtype, device=self.device, progress=progress, label=f"worker {worker}"
@@ -45,6 +54,17 @@ class ExpertWorker:
         """One layer's message: x [N, D] -> weighted expert outputs [N, D] (see :meth:`ExpertShard.run`)."""
         d = self.device
         return self.shard.run(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d))
+
+    def channel_run(self, buf: np.ndarray | None) -> np.ndarray | None:
+        """One layer's message packed by ``router.wire`` -> the partial output [N, D] as raw bytes; None (no rows
+        for this worker) -> None."""
+        if buf is None:
+            return None
+        m = wire.unpack(buf)
+        if m.echo:
+            return wire.pack_rows(m.x)
+        with torch.inference_mode():
+            return wire.pack_rows(self.run(m.layer, m.x, m.rows, m.experts, m.weights))
 
     def echo(
         self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
@@ -61,7 +81,18 @@ class ExpertWorker:
             "device": self.device,
             "expert_bytes": self.shard.nbytes(),
             "pid": self.pid,
+            "threads": self.threads,
         }
 
     def ping(self) -> bool:
         return True
+
+
+def cpu_threads(assigned: dict[str, float]) -> int:
+    """Torch threads for an actor's Ray resources: its CPUs rounded down, at least 1. Inside a placement group Ray
+    names the bundle's CPUs ``CPU_group_<i>_<pg>`` / ``CPU_group_<pg>`` besides (or instead of) ``CPU``."""
+    cpus = assigned.get("CPU")
+    if cpus is None:
+        group = [v for k, v in assigned.items() if k.startswith("CPU_group_") and k.count("_") == 2]
+        cpus = group[0] if group else 1.0
+    return max(1, math.floor(cpus))
