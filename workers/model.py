@@ -13,8 +13,16 @@
 :meth:`MixtralModel.load_weights` owns the mapping from checkpoint tensor names to these modules and is strict:
 every non-expert tensor is used, every parameter is filled. The model never holds an expert weight.
 
+Two micro-batches in flight: when the expert client asks for it (``ExpertClient.overlap_min_batch``) and a step has
+at least that many tokens in two or more chunks, the step is cut at the chunk boundary nearest its middle into
+halves A and B, each with its share of the step's layout (:func:`split_plan`). Per layer, A's attention and gate
+run and its experts are sent (``ExpertClient.submit``); while the workers run them the frontend runs B's attention
+and gate and sends B; then A's reply is added and A goes on to the next layer while the workers run B. Every token
+sees exactly the same operations as without the split (sequences never share a chunk, so no half reads the other's
+keys), only in another order.
+
 Shapes: T tokens in the step, D hidden, H/Hkv heads, Dh head dim, E experts, V vocabulary, R rows whose logits
-are wanted.
+are wanted, k tokens in the first micro-batch.
 """
 
 from __future__ import annotations
@@ -29,10 +37,10 @@ from torch import nn
 from cluster.checkpoint import LoadRole, load_tensors, parse_dtype
 from cluster.config import ModelConfig
 from cluster.errors import CheckpointError
-from router.client import ExpertClient
+from router.client import ExpertClient, Pending
 from router.gate import ExpertLoad, route
 from workers.attention import Attention
-from workers.kv_cache import KVCache, LayerKV, StepPlan
+from workers.kv_cache import AttentionGroup, KVCache, LayerKV, StepPlan
 from workers.layers import Rope, apply_rope, rms_norm
 
 
@@ -87,11 +95,15 @@ class MoEBlock(nn.Module):
         self.experts = experts
         self.load = load
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] (normalised) -> [T, D]."""
+    def submit(self, x: torch.Tensor) -> Pending:
+        """x [T, D] (normalised) -> the [T, D] output in flight."""
         routing = route(x, self.gate, self.top_k)  # ids, weights [T, K]
         self.load.add(self.layer, routing.ids)
-        return self.experts.forward(self.layer, x, routing)
+        return self.experts.submit(self.layer, x, routing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] (normalised) -> [T, D]."""
+        return self.submit(x).result()
 
 
 class DecoderLayer(nn.Module):
@@ -104,11 +116,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.block_sparse_moe = MoEBlock(config, layer, experts, load)
 
+    def start(
+        self, h: torch.Tensor, plan: StepPlan, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV
+    ) -> tuple[torch.Tensor, Pending]:
+        """h [T, D] -> (h after attention [T, D], the MoE output [T, D] in flight); the layer's output is their sum."""
+        h = h + self.self_attn(self.input_layernorm(h), plan, cos, sin, kv)
+        return h, self.block_sparse_moe.submit(self.post_attention_layernorm(h))
+
     def forward(
         self, h: torch.Tensor, plan: StepPlan, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), plan, cos, sin, kv)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        h, moe = self.start(h, plan, cos, sin, kv)
+        return h + moe.result()
 
 
 class MixtralModel(nn.Module):
@@ -127,6 +146,7 @@ class MixtralModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
         self.rope = Rope(config.head_dim, config.rope_theta)
+        self.micro_batched_steps = 0  # steps run as two micro-batches in flight
 
     @classmethod
     def load(
@@ -204,8 +224,79 @@ class MixtralModel(nn.Module):
         """token_ids [T] laid out by ``plan`` -> float32 logits [R, V] of ``logit_rows`` [R]."""
         h = F.embedding(token_ids.to(self.device), self.embed_tokens)  # [T, D]
         cos, sin = self.rope.cos_sin(plan.positions, self.dtype)
-        for layer, layer_kv in zip(self.layers, kv.layers, strict=True):
-            h = layer(h, plan, cos, sin, layer_kv)
+        k = split_point(plan, self.experts.overlap_min_batch)
+        if k is None:
+            for layer, layer_kv in zip(self.layers, kv.layers, strict=True):
+                h = layer(h, plan, cos, sin, layer_kv)
+        else:
+            self.micro_batched_steps += 1
+            h = self._two_micro_batches(h, split_plan(plan, k), cos, sin, kv, k)
         h = self.norm(h[logit_rows.to(self.device)])
         lm_head = self.embed_tokens if self.lm_head is None else self.lm_head
         return F.linear(h, lm_head).float()
+
+    def _two_micro_batches(
+        self,
+        h: torch.Tensor,
+        plans: tuple[StepPlan, StepPlan],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: KVCache,
+        k: int,
+    ) -> torch.Tensor:
+        """h [T, D] as halves [:k] and [k:] ping-ponged through every layer (see the module docstring) -> [T, D]."""
+        hs, cs, ss = [h[:k], h[k:]], [cos[:k], cos[k:]], [sin[:k], sin[k:]]
+        pending: list[Pending | None] = [None, None]
+        try:
+            for layer, layer_kv in zip(self.layers, kv.layers, strict=True):
+                assert isinstance(layer, DecoderLayer)
+                for i in (0, 1):
+                    moe, pending[i] = pending[i], None
+                    if moe is not None:  # half i's previous layer, run by the workers meanwhile
+                        hs[i] = hs[i] + moe.result()
+                    hs[i], pending[i] = layer.start(hs[i], plans[i], cs[i], ss[i], layer_kv)
+            for i in (0, 1):
+                moe, pending[i] = pending[i], None
+                assert moe is not None
+                hs[i] = hs[i] + moe.result()
+        finally:  # a failed step must not leave the other half's replies unread
+            for moe in pending:
+                if moe is not None:
+                    moe.discard()
+        return torch.cat(hs)
+
+
+def split_point(plan: StepPlan, min_batch: int) -> int | None:
+    """Where to cut a step of T >= ``min_batch`` tokens into two micro-batches: the chunk boundary nearest T / 2 (a
+    chunk is never cut). None when ``min_batch`` is 0, the step is smaller, or no boundary leaves each half at
+    least T / 4 tokens (one long prefill chunk, say)."""
+    T = int(plan.positions.shape[0])
+    if min_batch <= 0 or min_batch > T:
+        return None
+    starts = sorted(r for g in plan.groups for r in g.rows[:, 0].tolist())  # first row of every chunk
+    cuts = [c for c in starts if 4 * min(c, T - c) >= T]
+    return min(cuts, key=lambda c: (abs(2 * c - T), c)) if cuts else None
+
+
+def split_plan(plan: StepPlan, k: int) -> tuple[StepPlan, StepPlan]:
+    """The layout of tokens [:k] and of tokens [k:] (rows renumbered from 0). ``k`` must be a chunk boundary, so
+    every sequence of an attention group falls wholly in one half; a group keeps its gathered blocks and masks."""
+    halves: tuple[list[AttentionGroup], list[AttentionGroup]] = ([], [])
+    for g in plan.groups:
+        first = g.rows[:, 0] < k  # [B]
+        for half, sel, base in ((0, first, 0), (1, ~first, k)):
+            idx = sel.nonzero().flatten().tolist()
+            if idx:
+                halves[half].append(
+                    AttentionGroup(
+                        rows=g.rows[sel] - base,
+                        tables=g.tables[sel],
+                        mask=g.mask[sel],
+                        lengths=[g.lengths[b] for b in idx],
+                    )
+                )
+    a, b = slice(0, k), slice(k, None)
+    return (
+        StepPlan(plan.positions[a], plan.write_block[a], plan.write_offset[a], halves[0]),
+        StepPlan(plan.positions[b], plan.write_block[b], plan.write_offset[b], halves[1]),
+    )

@@ -133,3 +133,127 @@ def test_killed_worker_fails_fast_then_recovers(ray_instance, ckpt, reference, t
                 time.sleep(0.5)
         assert [o.token_ids for o in out] == reference["tokens"]
         assert llm.placement()[1]["expert_bytes"] > 0
+
+
+# -- the channel transport (Ray Compiled Graphs), with and without two micro-batches in flight ------------------
+# One cluster per W, kept for the module: overlap is switched on the running frontend, and the fault test reuses
+# the W = 2 cluster. A small token budget makes the 11-token prompt prefill in chunks; with overlap_min_batch 2
+# every step with two or more chunks (decode, and prefill chunks next to decodes) runs as two micro-batches.
+# CPU workers (no logical GPU): the three clusters live side by side.
+CHUNKED = {"max_num_batched_tokens": 8, "max_num_seqs": 4}
+
+
+GREEDY_LP = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def chunked_reference(ckpt):
+    folder, _ = ckpt
+    return LLM(folder, progress=False, **CHUNKED).generate(PROMPTS, GREEDY_LP)
+
+
+@pytest.fixture(scope="module")
+def channel_clusters(ckpt):
+    folder, _ = ckpt
+    started: dict[int, LLM] = {}
+
+    def get(workers: int) -> LLM:
+        if workers not in started:
+            started[workers] = LLM(
+                folder,
+                expert_workers=workers,
+                transport="channel",
+                overlap_min_batch=2,
+                gpus_per_worker=0,
+                progress=False,
+                **CHUNKED,
+            )
+        return started[workers]
+
+    yield get
+    for llm in started.values():
+        llm.shutdown()
+
+
+def frontend_call(llm: LLM, fn):
+    """fn(FrontendActor) run inside the frontend actor."""
+    import ray
+
+    return ray.get(llm._cluster.frontend.__ray_call__.remote(fn))
+
+
+def set_overlap(llm: LLM, min_batch: int) -> None:
+    frontend_call(llm, lambda fe: setattr(fe.frontend.experts, "overlap_min_batch", min_batch))
+
+
+def assert_same_logprobs(got, want, tol: float = 2e-5) -> None:
+    """Same tokens, and every sampled row's log-probabilities (chosen and top 3) within ``tol``: logits within
+    1e-5 move a log-softmax by at most 2e-5."""
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        for a, b in zip(g.logprobs, w.logprobs, strict=True):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < tol
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top, strict=True)) < tol
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_channel_matches_in_process_with_and_without_overlap(
+    ray_instance, ckpt, reference, chunked_reference, channel_clusters, workers
+):
+    _, model = ckpt
+    llm = channel_clusters(workers)
+    for overlap in (2, 0):
+        set_overlap(llm, overlap)
+        before = frontend_call(llm, lambda fe: fe.frontend.model.micro_batched_steps)
+        out = llm.generate(PROMPTS, GREEDY_LP)  # chunked prefill next to decodes, then decode batches of 3
+        split = frontend_call(llm, lambda fe: fe.frontend.model.micro_batched_steps) - before
+        assert (split > 0) == (overlap > 0), (overlap, split)
+        assert_same_logprobs(out, chunked_reference)
+        assert [o.token_ids for o in out] == reference["tokens"]
+        assert out[1].token_ids == hf_greedy(model, PROMPTS[1], 24)
+        logits = llm.logits(reference["ids"])  # one sequence prefilled in chunks: never split
+        assert (logits - reference["logits"]).abs().max().item() < 1e-5
+    assert {p["threads"] for p in llm.placement()} == {1}  # torch threads from each worker's 1 Ray CPU
+
+
+def test_channel_killed_worker_fails_fast_recovers_and_shuts_down_clean(ray_instance, reference, channel_clusters):
+    llm = channel_clusters(2)
+    set_overlap(llm, 2)
+    victim = llm._cluster.workers[1]
+    result: dict = {}
+
+    def long_request():
+        try:
+            llm.generate(PROMPTS, SamplingParams(max_tokens=3000, temperature=0, ignore_eos=True))
+            result["outcome"] = "finished"
+        except ExpertWorkerError as e:
+            result["outcome"] = e
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    ray_instance.kill(victim, no_restart=False)
+    t.join(timeout=30)
+    assert not t.is_alive(), "the request hung after its worker died"
+    assert isinstance(result["outcome"], ExpertWorkerError), result
+    assert "expert worker" in str(result["outcome"])
+    assert time.monotonic() - killed_at < 15
+    # Ray restarts the worker; the graph is compiled again on the next step; same tokens as before.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            out = llm.generate(PROMPTS, GREEDY)
+            break
+        except ExpertWorkerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert [o.token_ids for o in out] == reference["tokens"]
+    # Shutdown tears the graph down and leaves no actor behind.
+    actors = [llm._cluster.frontend, *llm._cluster.workers]
+    llm.shutdown()
+    for a in actors:
+        with pytest.raises(ray_instance.exceptions.RayActorError):
+            ray_instance.get(a.ping.remote(), timeout=10)
