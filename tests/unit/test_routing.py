@@ -1,13 +1,21 @@
-"""Pure routing math: gate, dispatch plan / combine, expert placement, attention-backend selection, KV layout."""
+"""Pure routing math: gate, dispatch plan / combine, expert placement, attention-backend selection, KV layout; the
+channel transport's wire format; cutting a step into two micro-batches (in-process, no Ray)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from cluster import LLM, SamplingParams
 from cluster.placement import ExpertPlacement, PlacementError
-from router.dispatch import combine, plan
+from cluster.step import SeqChunk
+from cluster.tiny_model import TinyModelSpec, write_tiny_model
+from router import wire
+from router.dispatch import WorkerMessage, combine, plan
 from router.gate import ExpertLoad, Routing, route
+from workers.expert_worker import cpu_threads
+from workers.kv_cache import plan_step
+from workers.model import split_plan, split_point
 
 
 def test_route_matches_the_definition():
@@ -91,3 +99,86 @@ def test_explicit_placement_is_validated(mapping, workers, needle):
 def test_too_many_workers():
     with pytest.raises(PlacementError, match="at most one per expert"):
         ExpertPlacement.contiguous(num_layers=1, num_experts=4, num_workers=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_wire_round_trip_carries_only_the_routed_rows(dtype):
+    torch.manual_seed(2)
+    x = torch.randn(7, 6).to(dtype)
+    r = route(x.float(), torch.randn(8, 6), 2)
+    for m in plan(r, torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])):
+        buf = wire.pack(3, x, m)
+        n, a = len(m.tokens), len(m.rows)
+        assert (
+            buf.dtype.name == "uint8" and buf.nbytes == 4 * wire.HEADER + -(-n * 6 * x.element_size() // 4) * 4 + 12 * a
+        )
+        got = wire.unpack(buf)
+        assert (got.layer, got.echo) == (3, False)
+        assert torch.equal(got.x, x[m.tokens]) and got.x.dtype == dtype
+        assert torch.equal(got.rows, m.rows) and torch.equal(got.experts, m.experts)
+        assert torch.equal(got.weights, m.weights)
+        y = torch.randn(n, 6).to(dtype)
+        reply = wire.pack_rows(y)
+        assert reply.nbytes == n * 6 * x.element_size()  # bf16/fp16: 2 bytes per value
+        assert torch.equal(wire.unpack_rows(reply, n, 6, dtype), y)
+    empty = WorkerMessage(
+        0, torch.zeros(0, dtype=torch.int64), *(torch.zeros(0, dtype=t) for t in (torch.int64,) * 2), torch.zeros(0)
+    )
+    got = wire.unpack(wire.pack(1, x, empty, echo=True))
+    assert got.x.shape == (0, 6) and got.echo
+
+
+def test_cpu_threads_from_ray_resources():
+    assert cpu_threads({"CPU": 2.0}) == 2
+    assert cpu_threads({"CPU": 0.5}) == 1
+    assert cpu_threads({"CPU_group_0_abc": 3.0, "CPU_group_abc": 3.0}) == 3
+    assert cpu_threads({}) == 1
+
+
+def _step(chunks):
+    return plan_step(chunks, block_size=4, window=None)
+
+
+def test_split_point_cuts_between_chunks_near_the_middle():
+    decodes = [SeqChunk(5, 1, (2 * i, 2 * i + 1)) for i in range(6)]
+    assert split_point(_step(decodes), 4) == 3
+    assert split_point(_step(decodes), 0) is None  # off
+    assert split_point(_step(decodes), 7) is None  # too small
+    assert split_point(_step([SeqChunk(0, 9, (1, 2, 3))]), 2) is None  # one chunk is never cut
+    # a 6-token prefill chunk between decodes: the only cuts are at chunk starts (1, 7); 7 of 8 leaves 1 < 8/4
+    mixed = [SeqChunk(5, 1, (0, 1)), SeqChunk(0, 6, (2, 3)), SeqChunk(7, 1, (4, 5))]
+    assert split_point(_step(mixed), 2) is None
+    assert split_point(_step([*mixed, SeqChunk(3, 1, (6,)), SeqChunk(3, 1, (7,))]), 2) == 7
+
+
+def test_split_plan_gives_each_half_its_own_layout():
+    chunks = [SeqChunk(5, 1, (0, 1)), SeqChunk(0, 3, (2,)), SeqChunk(6, 1, (3, 4)), SeqChunk(2, 1, (5,))]
+    whole = _step(chunks)
+    a, b = split_plan(whole, 4)
+    assert torch.equal(torch.cat([a.positions, b.positions]), whole.positions)
+    assert torch.equal(torch.cat([a.write_block, b.write_block]), whole.write_block)
+    assert [g.rows.tolist() for g in a.groups] == [[[0]], [[1, 2, 3]]]
+    assert [g.rows.tolist() for g in b.groups] == [[[0], [1]]]
+    assert torch.equal(a.groups[0].tables, whole.groups[0].tables[:1])
+    assert torch.equal(b.groups[0].mask, whole.groups[0].mask[1:])
+    assert b.groups[0].lengths == whole.groups[0].lengths[1:]
+    alone = _step(chunks[2:])  # the same sequences laid out on their own see the same keys
+    assert torch.equal(b.positions, alone.positions)
+    assert b.groups[0].mask[..., : alone.groups[0].mask.shape[-1]].equal(alone.groups[0].mask)
+
+
+def test_two_micro_batches_give_the_same_tokens_and_logits_in_process(tmp_path):
+    folder = write_tiny_model(tmp_path / "m", TinyModelSpec(hidden=64, intermediate=128, layers=2, experts=4))
+    llm = LLM(folder, dtype="float32", max_num_batched_tokens=8, max_num_seqs=4, progress=False)
+    model = llm._local().model
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = [[1, 415, 2936, 9060], [1, 330, 1000, 2000, 77, 8, 9, 10, 11, 12, 13], [1, 5], [1, 7, 9]]
+    plain = llm.generate(prompts, params)
+    model.experts.overlap_min_batch = 2  # in-process experts answer at once: this checks the cut, not the overlap
+    split = llm.generate(prompts, params)
+    assert model.micro_batched_steps > 0
+    for p, s in zip(plain, split, strict=True):
+        assert p.token_ids == s.token_ids
+        assert p.logprobs is not None and s.logprobs is not None
+        for a, b in zip(p.logprobs, s.logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-5 and [t for t, _ in a.top] == [t for t, _ in b.top]
