@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, StrictInt, ValidationError, field_validator
 
-from cluster.builder import ClusterConfig, describe
+from cluster.builder import ClusterConfig, describe, model_folder
 from cluster.errors import AppArgsError
 from cluster.tiny_model import default_model_dir
 
@@ -75,7 +75,8 @@ class AppArgs(ClusterConfig):
         return self.served_model_name[0]
 
     def resolved_model(self) -> str:
-        return self.model or str(default_model_dir())
+        """The checkpoint folder: the model given (a Hugging Face id from the local cache), else the built-in one."""
+        return model_folder(self.model, download=self.download) if self.model else str(default_model_dir())
 
     def cluster_config(self) -> ClusterConfig:
         """The builder's config: these arguments without the serving-only ones, the model folder resolved."""

@@ -19,7 +19,6 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from cluster.config import ModelConfig
 from cluster.errors import MixserveError
 from cluster.options import add_options, options_from
 from cluster.serve.app import GRPC_SERVICER, build_app
@@ -73,7 +72,7 @@ def serve_main(a: argparse.Namespace) -> int:
         parsed = parse_args(args)
         keys = ApiKeys.from_args(parsed)  # reads api_key_file now: a missing file fails here, not in a replica
         if parsed.model:
-            ModelConfig.from_dir(parsed.model)  # fail here, with a clear message, not inside a replica
+            parsed.cluster_config()  # model folder, config and dtype: fail here, with a clear message, not in a replica
     except MixserveError as e:
         print(f"mixserve serve: {e}", file=sys.stderr)
         return 2

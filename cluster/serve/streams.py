@@ -192,9 +192,14 @@ class FrontendClient:
         last_token[c.index] = now
 
 
+# Characters that JSON may leave raw inside strings but that str.splitlines() (and so many SSE clients that read
+# lines with it, httpx's aiter_lines among them) takes for line breaks: escaped, so an event stays on one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+    return f"data: {data.translate(_LINE_BREAKS)}\n\n".encode()
 
 
 def sse_response(

@@ -290,3 +290,22 @@ def test_responses_are_what_the_schemas_say(served):
         chunks = [strict(model, json.loads(e)) for e in events[:-1]]
         assert chunks[-1].usage is not None and chunks[-1].choices == []
         assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_events_stay_on_one_line_for_clients_that_split_with_splitlines(served):
+    """Text with U+2028, U+2029 or U+0085 (line breaks to str.splitlines, not to SSE) streams as escaped JSON, so a
+    client reading lines with httpx's aiter_lines / iter_lines still gets whole events."""
+    base, _, _ = served
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "x", "max_tokens": 12, "temperature": 0, "guided_regex": "(\u2028|\u2029|\x85)ab(\u2028)"}
+    whole = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60).json()
+    text = whole["choices"][0]["text"]
+    assert text[1:] == "ab\u2028" and text[0] in "\u2028\u2029\x85"
+    streamed = ""
+    with httpx.stream(
+        "POST", f"{base}/v1/completions", json={**body, "stream": True}, headers=headers, timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                streamed += "".join(ch["text"] for ch in json.loads(line[6:])["choices"])
+    assert streamed == text
