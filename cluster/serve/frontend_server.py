@@ -89,14 +89,16 @@ class FrontendServer:
         self.engine.abort(request_id)
 
     async def health(self, timeout_s: float = 3.0) -> dict:
-        """Every expert worker must answer a ping within ``timeout_s``."""
-        workers = []
-        for i, h in enumerate(self.workers):
+        """Every expert worker must answer a ping within ``timeout_s`` (all pinged at once)."""
+
+        async def ping(i: int, handle: Any) -> dict:
             try:
-                await asyncio.wait_for(h.ping.remote(), timeout=timeout_s)
-                workers.append({"worker": i, "ok": True})
+                await asyncio.wait_for(handle.ping.remote(), timeout=timeout_s)
+                return {"worker": i, "ok": True}
             except Exception as e:
-                workers.append({"worker": i, "ok": False, "error": type(e).__name__})
+                return {"worker": i, "ok": False, "error": type(e).__name__}
+
+        workers = list(await asyncio.gather(*(ping(i, h) for i, h in enumerate(self.workers))))
         return {"ok": all(w["ok"] for w in workers), "workers": workers}
 
     async def stats(self) -> dict:
