@@ -25,24 +25,10 @@ from cluster.tokenizer import Tokenizer
 _NOT_FLAGS = ("model", "expert_placement")
 
 
-def _opt_int(s: str) -> int | None:
-    return None if s.lower() in ("none", "null", "0") else int(s)
-
-
 def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiny-model", help="write a small random-weight checkpoint (Hugging Face layout + tokenizer)")
     p.add_argument("dir", type=Path)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--intermediate", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--sliding-window", type=_opt_int, default=None, help="positions; omit or 'none' for full")
-    p.add_argument("--max-position-embeddings", type=int, default=4096)
+    add_options(p, TinyModelSpec)  # --layers, --hidden, ..., --sliding-window N|none: the spec's fields
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -51,22 +37,7 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _tiny_model(a: argparse.Namespace) -> int:
-    if a.bench:
-        spec = BENCH_SPEC
-    else:
-        spec = TinyModelSpec(
-            layers=a.layers,
-            hidden=a.hidden,
-            intermediate=a.intermediate,
-            heads=a.heads,
-            kv_heads=a.kv_heads,
-            head_dim=a.head_dim,
-            experts=a.experts,
-            top_k=a.top_k,
-            vocab=a.vocab,
-            sliding_window=a.sliding_window,
-            max_position_embeddings=a.max_position_embeddings,
-        )
+    spec = BENCH_SPEC if a.bench else TinyModelSpec(**options_from(a, TinyModelSpec))
     try:
         config = spec.config()
     except ConfigError as e:
