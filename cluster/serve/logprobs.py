@@ -32,6 +32,34 @@ def completion_logprobs(
     return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
 
 
+def echoed_logprobs(
+    tokenizer: Tokenizer, prompt: Sequence[int], scored: Sequence[TokenLogprob | None]
+) -> CompletionLogprobs:
+    """The prompt's tokens as echoed: each scored given the ones before it (the first has no logprob)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = 0
+    for tok, lp in zip(prompt, scored, strict=True):
+        t = piece_text(tokenizer, tok)
+        tokens.append(t)
+        token_lps.append(lp.logprob if lp is not None else None)
+        tops.append({piece_text(tokenizer, i): v for i, v in lp.top} if lp is not None else None)
+        offsets.append(pos)
+        pos += len(t)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
+
+
+def joined(first: CompletionLogprobs | None, then: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    """Two stretches of logprobs as one (echoed prompt, then the completion)."""
+    if first is None or then is None:
+        return then if first is None else first
+    return CompletionLogprobs(
+        tokens=first.tokens + then.tokens,
+        token_logprobs=first.token_logprobs + then.token_logprobs,
+        top_logprobs=first.top_logprobs + then.top_logprobs,
+        text_offset=first.text_offset + then.text_offset,
+    )
+
+
 def chat_logprobs(tokenizer: Tokenizer, lps: Sequence[TokenLogprob] | None) -> ChatLogprobs | None:
     if lps is None:
         return None

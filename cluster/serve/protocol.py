@@ -8,6 +8,7 @@ effect here (:data:`NO_EFFECT`, listed in the README). Request problems raise
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, model_validator
@@ -162,18 +163,32 @@ class CompletionRequest(_Sampling):
                 raise InvalidRequestError("prompt token list must not be empty", param="prompt")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
-        if self.best_of not in (None, self.n):
-            raise InvalidRequestError("best_of is not supported (it must equal n)", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError(
-                "echo with logprobs (the prompt's logprobs) is not supported yet; drop one of them", param="echo"
-            )
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= 16:
+                raise InvalidRequestError(f"best_of must be between n ({self.n}) and 16", param="best_of")
+            if self.stream and self.best_of > self.n:
+                raise InvalidRequestError(
+                    "best_of cannot be used with stream (the best are known at the end)", param="best_of"
+                )
         return items
 
+    @property
+    def candidates(self) -> int:
+        """Completions generated per prompt: best_of when it asks for more than n (the n most likely are kept)."""
+        return self.best_of if self.best_of is not None else self.n
+
     def params(self, *, vocab_size: int, structured: StructuredOutput | None = None) -> SamplingParams:
-        return self.sampling_params(
-            max_tokens_default=16, logprobs=self.logprobs, vocab_size=vocab_size, structured=structured
+        """With echo and logprobs, the prompt's tokens are scored too; with best_of > n, every generated token's
+        logprob is kept to rank the candidates."""
+        logprobs = self.logprobs
+        if logprobs is None and self.candidates > self.n:
+            logprobs = 0
+        params = self.sampling_params(
+            max_tokens_default=16, logprobs=logprobs, vocab_size=vocab_size, structured=structured
         )
+        if self.echo and self.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
+        return params
 
 
 class ContentPart(_Strict):

@@ -42,8 +42,8 @@ class CompletionLogprobs(BaseModel):
 
     model_config = ConfigDict(ser_json_inf_nan="constants")
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None for the first prompt token (echo): nothing comes before it
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -309,3 +309,46 @@ def test_stream_events_stay_on_one_line_for_clients_that_split_with_splitlines(s
             if line.startswith("data: ") and line != "data: [DONE]":
                 streamed += "".join(ch["text"] for ch in json.loads(line[6:])["choices"])
     assert streamed == text
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_the_model(client, reference_llm):
+    """echo + logprobs: the prompt's tokens come first, each with its log-probability given the ones before it
+    (none for the first), equal to log_softmax of the offline model's logits; streamed the same as whole."""
+    import torch
+
+    prompt = [1, 415, 2936, 9060, 285, 1142]
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = torch.log_softmax(reference_llm.logits(prompt).double(), dim=-1)
+    for p in range(1, len(prompt)):
+        assert abs(lp.token_logprobs[p] - ref[p - 1, prompt[p]].item()) < 1e-4
+        assert len(lp.top_logprobs[p]) == 2
+    out = reference_llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0))[0]
+    assert r.choices[0].text == reference_llm.tokenizer.decode(prompt) + out.text
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2, stream=True
+    )
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.text for c in chunks) == r.choices[0].text
+    streamed = [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+
+
+def test_best_of_returns_the_most_likely_candidates(client, reference_llm):
+    """best_of 3, n 1: of the three seeded candidates (seed, seed + 1, seed + 2) the one whose tokens have the
+    highest summed log-probability, as the offline model scores them."""
+    prompt = "Once upon a time"
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, best_of=3)
+    assert len(r.choices) == 1 and r.choices[0].logprobs is None
+    cands = reference_llm.generate(
+        [prompt] * 3, [SamplingParams(max_tokens=8, temperature=1.0, seed=7 + j, logprobs=0) for j in range(3)]
+    )
+    best = max(cands, key=lambda o: sum(lp.logprob for lp in o.logprobs or []))
+    assert r.choices[0].text == best.text
+    assert r.usage.completion_tokens == sum(len(o.token_ids) for o in cands)  # every candidate was generated
+    for bad in ({"best_of": 2, "n": 3}, {"best_of": 3, "stream": True}):
+        with pytest.raises(Exception) as info:
+            client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, **bad)
+        assert info.value.body["param"] == "best_of"

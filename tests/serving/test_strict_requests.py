@@ -93,7 +93,6 @@ UNKNOWN = [
      "guided_regex", "only one"),
     ("/v1/completions", {"prompt": "x", "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend",
      "llguidance"),
-    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo", "echo"),
     ("/v1/chat/completions", {"messages": CHAT, "echo": True}, "echo", "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "tool_calls": [
         {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0",
