@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -51,7 +52,8 @@ class LLM:
         if all(isinstance(p, str) for p in items):
             return [self.tokenizer.encode(p) for p in items if isinstance(p, str)]
         if all(isinstance(p, (list, tuple)) for p in items):
-            return [list(p) for p in items]  # the engine checks every id (an int in [0, vocab))
+            # token ids: the engine checks every one (an int in [0, vocab)) and names the prompt when one is not
+            return [cast(list[int], list(p)) for p in items]
         raise InvalidRequestError("prompts must be a string, a list of strings or a list of token-id lists")
 
     def generate(
@@ -59,7 +61,9 @@ class LLM:
         prompts: PromptLike,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One finished :class:`RequestOutput` per prompt, in order. Prompts are batched continuously.
+        """Finished :class:`RequestOutput` s in prompt order: ``n`` per prompt (one by default; with a seed,
+        choice j samples with seed + j; with ``best_of`` > n, the n most likely of best_of, best first). Prompts
+        are batched continuously.
 
         A request that fails in a step raises its error (``ExpertWorkerError`` when a worker was lost).
         """
@@ -72,14 +76,15 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(ids):
                 raise InvalidRequestError(f"{len(params)} sampling params for {len(ids)} prompts")
+        flat_ids, flat_params, spans = expand_choices(ids, params)
         if self._cluster is not None:
-            outs = self._cluster.generate(ids, params)
+            outs = self._cluster.generate(flat_ids, flat_params)
         else:
-            outs = self._local().core.generate(ids, params)
+            outs = self._local().core.generate(flat_ids, flat_params)
         for o in outs:
             if o.error is not None:
                 raise o.error
-        return outs
+        return [o for span in spans for o in pick(outs, span)]
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence float32 logits, shape [len(token_ids), vocab]."""
@@ -129,3 +134,37 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+Span = tuple[int, int, SamplingParams]  # (first engine request, candidates, the prompt's params)
+
+
+def expand_choices(
+    prompts: list[list[int]], params: list[SamplingParams]
+) -> tuple[list[list[int]], list[SamplingParams], list[Span]]:
+    """One engine request per candidate: best_of (else n) per prompt, candidate j seeded with seed + j (logprobs
+    kept to rank best_of candidates, dropped again by :func:`pick`)."""
+    flat_ids: list[list[int]] = []
+    flat_params: list[SamplingParams] = []
+    spans: list[Span] = []
+    for p, sp in zip(prompts, params, strict=True):
+        k = sp.best_of or sp.n
+        spans.append((len(flat_ids), k, sp))
+        for j in range(k):
+            seed = sp.seed + j if sp.seed is not None and k > 1 else sp.seed
+            logprobs = 0 if k > sp.n and sp.logprobs is None else sp.logprobs
+            flat_params.append(dataclasses.replace(sp, seed=seed, n=1, best_of=None, logprobs=logprobs))
+            flat_ids.append(p)
+    return flat_ids, flat_params, spans
+
+
+def pick(outs: list[RequestOutput], span: Span) -> list[RequestOutput]:
+    """A prompt's n outputs: all its candidates, or with best_of the n most likely (highest summed logprob)."""
+    start, k, sp = span
+    group = outs[start : start + k]
+    if k > sp.n:
+        group = sorted(group, key=lambda o: -sum(lp.logprob for lp in o.logprobs or []))[: sp.n]
+        if sp.logprobs is None:
+            for o in group:
+                o.logprobs = o.new_logprobs = None
+    return group

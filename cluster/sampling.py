@@ -69,6 +69,8 @@ class SamplingParams:
     min_p           drop tokens whose probability is below min_p x the top token's (0 <= m <= 1)
     min_tokens      EOS and stop_token_ids cannot end generation before this many tokens (<= max_tokens)
     logit_bias      token id -> bias in [-100, 100] added to its logit before sampling (greedy too)
+    n / best_of     the offline LLM.generate returns n completions per prompt (choice j samples with seed + j);
+                    with best_of > n it generates best_of and keeps the n most likely (highest summed logprob)
     prompt_logprobs None, or how many top alternatives (0..20) to report with each prompt token's log-probability
                     given the tokens before it (the first token has none; such prompts skip the prefix cache)
     structured_output   None, or a grammar every output token must follow (the engine masks the rest; the
@@ -94,6 +96,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
     structured_output: StructuredOutput | None = None
     prompt_logprobs: int | None = None
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -151,6 +155,12 @@ class SamplingParams:
             raise SamplingParamsError(
                 param="min_tokens",
                 message=f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}",
+            )
+        if not _is_int(self.n) or not 1 <= self.n <= 128:
+            raise SamplingParamsError(param="n", message=f"n must be an integer in [1, 128], got {self.n!r}")
+        if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= 128):
+            raise SamplingParamsError(
+                param="best_of", message=f"best_of must be an integer in [n, 128], got {self.best_of!r}"
             )
         if self.prompt_logprobs is not None and (
             not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS

@@ -154,3 +154,23 @@ def test_prompt_logprobs_equal_transformers(tmp_path, chunk):
         assert lp is not None and lp.token_id == PROMPT[p]
         assert abs(lp.logprob - ref[p - 1, PROMPT[p]].item()) < 1e-4
         assert [t for t, _ in lp.top] == ref[p - 1].topk(3).indices.tolist()
+
+
+def test_offline_n_and_best_of(tmp_path):
+    """n completions per prompt (choice j seeded with seed + j, prompt-major order); best_of keeps the n whose
+    tokens have the highest summed logprob, checked against each candidate run alone."""
+    hf_mixtral(tmp_path, seed=13)
+    llm = LLM(tmp_path, progress=False, max_num_seqs=8)
+    sp = SamplingParams(max_tokens=6, temperature=1.0, seed=40)
+    alone = [
+        llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=1.0, seed=40 + j, logprobs=0))[0]
+        for j in range(4)
+    ]
+    outs = llm.generate([PROMPT, PROMPT[:5]], SamplingParams(max_tokens=6, temperature=1.0, seed=40, n=3))
+    assert len(outs) == 6 and [o.prompt_token_ids for o in outs] == [PROMPT] * 3 + [PROMPT[:5]] * 3
+    assert [o.token_ids for o in outs[:3]] == [a.token_ids for a in alone[:3]]
+    best = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=1.0, seed=40, n=2, best_of=4))
+    ranked = sorted(alone, key=lambda o: -sum(lp.logprob for lp in o.logprobs or []))
+    assert [o.token_ids for o in best] == [o.token_ids for o in ranked[:2]]
+    assert all(o.logprobs is None for o in best)  # kept only to rank
+    assert sp.n == 1
