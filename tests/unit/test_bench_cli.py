@@ -84,7 +84,8 @@ def test_engine_bench(tiny, tmp_path):
     argv = ["engine", "--model", str(tiny), "--batch-sizes", "1,2", "--new-tokens", "3", "--prompt-len", "4"]
     argv += ["--repeats", "1", "--floor-iters", "1", "--mixed-requests", "3", "--mixed-prompt-len", "2,6"]
     argv += ["--mixed-max-tokens", "2,4", "--hf-batch", "2", "--max-num-seqs", "4", "--max-num-batched-tokens", "16"]
-    argv += ["--max-model-len", "64"]
+    argv += ["--max-model-len", "64", "--prefix-requests", "3", "--prefix-len", "32", "--prefix-question-len", "2,4"]
+    argv += ["--prefix-new-tokens", "2", "--capacity-requests", "6", "--capacity-len", "16"]
     report = run_bench(argv, tmp_path / "engine.json")
     fixed, mixed = report["results"]["fixed"], report["results"]["mixed"]
     assert [r["batch"] for r in fixed] == [1, 2]
@@ -95,14 +96,22 @@ def test_engine_bench(tiny, tmp_path):
         assert r["ours"]["step_over_floor"] == pytest.approx(r["ours"]["step_ms_p50"] / r["floor"]["floor_ms"])
     assert mixed["useful_output_tokens"] == mixed["ours"]["output_tokens"]
     assert sum(p["n"] for p in mixed["forward_passes"] if "n" in p) > 0
+    prefix, capacity = report["results"]["prefix_sharing"], report["results"]["capacity"]
+    off, on = prefix["sides"]
+    assert prefix["same_outputs"] and off["prefix_cache_hits"] == 0 and on["prefix_cache_hits"] > 0
+    assert on["cached_prompt_tokens"] == 2 * 32  # two of the three requests reuse the 32-token system prompt
+    # 4 slots of 64 positions = 16 blocks of 16: six 16-token sequences (two blocks each: 8 + 8 tokens) all fit
+    assert capacity["slot_cache_sequences"] == 4 and capacity["paged_peak_sequences"] == 6
     goals = report["goals"]
-    assert len(goals) == 5
+    assert len(goals) == 7
     assert [g["measured"] for g in goals] == [
         fixed[0]["tokens_per_s_ratio"],
         fixed[1]["tokens_per_s_ratio"],
         fixed[0]["ours"]["step_over_floor"],
         fixed[1]["ours"]["step_over_floor"],
         mixed["tokens_per_s_ratio"],
+        prefix["ttft_p50_speedup"],
+        capacity["ratio"],
     ]
 
 
