@@ -1,5 +1,5 @@
 """Expert transport over Ray Compiled Graph channels: the frontend and its workers are wired once into a static
-graph (``ray.dag``: the input's element w goes to worker w's ``channel_run``, every reply comes back to the
+graph (``ray.dag``: the input's element w goes to worker w's ``run_packed``, every reply comes back to the
 frontend); each layer is then one ``execute`` that writes one message per worker into shared memory and reads the
 replies from shared memory, with no task submission, scheduling or object store on the way.
 
@@ -78,7 +78,7 @@ class ChannelExperts(ExpertClient):
                         f"expert workers are unavailable (one died or is restarting): {type(e).__name__}"
                     ) from None
                 with InputNode() as inp:
-                    dag = MultiOutputNode([h.channel_run.bind(inp[w]) for w, h in enumerate(self.handles)])
+                    dag = MultiOutputNode([h.run_packed.bind(inp[w]) for w, h in enumerate(self.handles)])
                 self._graph = dag.experimental_compile(
                     _submit_timeout=self.timeout_s, _max_inflight_executions=MAX_INFLIGHT
                 )

@@ -22,9 +22,9 @@ from workers.expert import ExpertShard
 
 
 class ExpertWorker:
-    """Serves :meth:`run` (one layer's message over an actor call) and :meth:`channel_run` (the same over a
-    compiled graph's channel, ``router.channel``) for the experts it holds; ``echo`` is the dispatch benchmark's
-    floor (same payload in and out, no compute)."""
+    """Serves one layer's message for the experts it holds: :meth:`run_packed` (the message as one packed buffer,
+    ``router.wire``: over actor calls and compiled-graph channels) or :meth:`run` (torch tensors: RDT, and timing
+    the compute alone); ``echo`` is the dispatch benchmark's floor (same payload in and out, no compute)."""
 
     def __init__(
         self,
@@ -55,7 +55,7 @@ class ExpertWorker:
         d = self.device
         return self.shard.run(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d))
 
-    def channel_run(self, buf: np.ndarray | None) -> np.ndarray | None:
+    def run_packed(self, buf: np.ndarray | None) -> np.ndarray | None:
         """One layer's message packed by ``router.wire`` -> the partial output [N, D] as raw bytes; None (no rows
         for this worker) -> None."""
         if buf is None:
