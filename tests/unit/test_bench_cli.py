@@ -45,7 +45,7 @@ def run_bench(argv: list[str], out: Path) -> dict:
 def test_subcommands_flags_and_defaults():
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers(dest="command"))
-    for name in ("engine", "dispatch", "serve", "memory"):
+    for name in ("engine", "dispatch", "sharded", "serve", "memory"):
         a = parser.parse_args(["bench", name])
         assert a.bench == name and callable(a.func) and a.out is None
     # each benchmark's own defaults replace ClusterConfig's; its ClusterConfig flags come from the config class
@@ -118,13 +118,35 @@ def test_engine_bench(tiny, tmp_path):
 @pytest.mark.ray
 def test_dispatch_bench(tiny, tmp_path, ray_instance):
     argv = ["dispatch", "--model", str(tiny), "--workers", "1", "--tokens", "4", "--iters", "2", "--warmup", "1"]
-    report = run_bench(argv, tmp_path / "dispatch.json")
+    report = run_bench([*argv, "--transports", "object_ref,channel"], tmp_path / "dispatch.json")
     rows = report["results"]["rows"]
-    assert [(r["transport"], r["workers"], r["tokens"]) for r in rows] == [("object_ref", 1, 4), ("gloo", 1, 4)]
+    assert [(r["transport"], r["workers"], r["tokens"]) for r in rows] == [("object_ref", 1, 4), ("channel", 1, 4)]
     for r in rows:
-        assert r["forward_s"] > 0 and r["echo_s"] > 0 and r["compute_sum_s"] > 0
+        assert r["forward_s"] > 0 and r["echo_s"] > 0 and r["empty_s"] > 0 and r["compute_max_s"] > 0
+        assert r["pipe_s"] > 0 and r["bytes_each_way"] > 0
         assert r["forward_over_compute_plus_echo"] == pytest.approx(r["forward_s"] / (r["compute_sum_s"] + r["echo_s"]))
-    assert [g["measured"] for g in report["goals"]] == [r["forward_over_compute_plus_echo"] for r in rows]
+        assert r["overhead_s"] == pytest.approx(r["forward_s"] - r["compute_max_s"])
+        assert r["overhead_over_floor"] == pytest.approx(r["overhead_s"] / r["pipe_s"])
+    measured = [g["measured"] for g in report["goals"]]
+    assert measured == [*(r["forward_over_compute_plus_echo"] for r in rows), rows[1]["overhead_over_floor"]]
+
+
+@pytest.mark.ray
+def test_sharded_bench(tiny, tmp_path, ray_instance):
+    argv = ["sharded", "--model", str(tiny), "--workers", "0,2", "--transports", "channel", "--batch", "4"]
+    argv += ["--prompt-len", "3", "--new-tokens", "4", "--repeats", "1", "--max-num-seqs", "4", "--max-model-len", "64"]
+    report = run_bench(argv, tmp_path / "sharded.json")
+    rows = report["results"]["rows"]
+    assert [(r["workers"], r["transport"], r["overlap"]) for r in rows] == [
+        (0, "in-process", "-"),
+        (2, "channel", "on"),
+        (2, "channel", "off"),
+    ]
+    assert all(r["same_tokens"] and r["decode_steps"] == 3 for r in rows)
+    assert rows[1]["split_steps"] > 0 and rows[2]["split_steps"] == 0  # overlap on: batch 4 runs as 2 + 2
+    assert rows[0]["ratio_to_w0"] == 1.0
+    assert rows[1]["ratio_to_w0"] == pytest.approx(rows[1]["decode_step_s"] / rows[0]["decode_step_s"])
+    assert [g["measured"] for g in report["goals"]] == [min(r["ratio_to_w0"] for r in rows[1:])]
 
 
 @pytest.mark.ray

@@ -1,0 +1,158 @@
+"""``mixserve bench sharded``: the decode step of the sharded model against the in-process one (W = 0).
+
+Offline, on the bench model: for each W (0 first: the baseline) and transport a frontend is built (W = 0:
+``build_frontend`` in this process; W >= 1: a real ``ExpertCluster``, measured inside its frontend actor through
+``__ray_call__``). Per setting, ``EngineCore.generate`` runs ``batch`` random prompts of ``prompt_len`` tokens to
+``new_tokens`` greedy tokens each (EOS ignored), after one untimed warm-up run; the engine's executor is wrapped only
+to time each call. decode step = median executor call over the full-batch decode steps of every repeat (the
+forward pass with its dispatch; the scheduler and sampler are the same code for every W). Two micro-batches in
+flight (``overlap``) are switched on the running frontend (``ExpertClient.overlap_min_batch``: ``batch`` when on,
+0 when off), so both settings share a cluster. ratio = decode step / W = 0's decode step. Every setting must give
+W = 0's tokens (``same_tokens``).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from cluster.bench import harness as h
+from cluster.bench.harness import Common, opt
+from cluster.builder import ClusterConfig, Frontend, build_frontend
+from cluster.cluster import ExpertCluster, FrontendActor
+from cluster.config import ModelConfig
+from cluster.sampling import SamplingParams
+from cluster.step import StepBatch
+from router.client import TRANSPORTS
+
+
+@dataclass
+class Options(Common):
+    """decode step of the sharded model vs in-process (W=0), offline, decode batch 32, overlap on and off"""
+
+    cluster_flags = ("dtype", "device", "gpus_per_worker", "placement_strategy", "max_num_seqs", "max_model_len")
+    cluster_defaults = {"max_num_seqs": 32, "max_model_len": 1024, "device": "cpu"}
+    workers: str = opt("0,1,2,4", "expert-worker counts W, comma-separated (0: the in-process baseline)")
+    transports: str = opt("channel,object_ref", f"transports for W >= 1, comma-separated ({', '.join(TRANSPORTS)})")
+    overlap: str = opt("on,off", "two micro-batches in flight: on, off or both")
+    batch: int = opt(32, "sequences decoded together")
+    prompt_len: int = opt(16, "prompt tokens per sequence")
+    new_tokens: int = opt(32, "output tokens per sequence")
+    repeats: int = opt(2, "timed runs per setting")
+    seed: int = opt(0, "seed of the prompts")
+
+
+class StepTimer:
+    """The engine's executor, unchanged, with each call timed."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.calls: list[tuple[int, int, float]] = []  # (tokens, sequences, seconds)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.runner.block_size
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        t0 = time.perf_counter()
+        logits = self.runner.execute(batch)
+        h.sync()
+        self.calls.append((batch.num_tokens, len(batch.chunks), time.perf_counter() - t0))
+        return logits
+
+
+def measure(fe: Frontend, prompts: list[list[int]], new_tokens: int, repeats: int, overlap: int) -> dict[str, Any]:
+    """In the frontend's process: decode-step seconds over ``repeats`` timed runs, and the tokens."""
+    experts, core = fe.experts, fe.core
+    experts.overlap_min_batch = overlap
+    timer = StepTimer(core.executor)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    core.executor = timer
+    try:
+        core.generate(prompts, [params] * len(prompts))  # warm-up (and, over channels, the graph's compilation)
+        timer.calls.clear()
+        before = fe.model.micro_batched_steps
+        outs = []
+        for _ in range(repeats):
+            outs = core.generate(prompts, [params] * len(prompts))
+        split = fe.model.micro_batched_steps - before
+    finally:
+        core.executor = timer.runner
+    decode = [s for tokens, seqs, s in timer.calls if tokens == seqs == len(prompts)]
+    return {
+        "decode_step_s": statistics.median(decode),
+        "decode_step_min_s": min(decode),
+        "decode_steps": len(decode),
+        "split_steps": split,
+        "tokens": [o.token_ids for o in outs],
+    }
+
+
+def measure_in_actor(actor: FrontendActor, *args: Any) -> dict[str, Any]:
+    """:func:`measure` inside the frontend actor (``__ray_call__``)."""
+    return measure(actor.frontend, *args)
+
+
+def run(o: Options, cluster: dict[str, Any]) -> dict:
+    transports = [t.strip() for t in o.transports.split(",") if t.strip()]
+    if not transports or set(transports) - set(TRANSPORTS):
+        raise SystemExit(f"mixserve bench sharded: --transports takes {', '.join(TRANSPORTS)}, not {o.transports!r}")
+    modes = [m.strip() for m in o.overlap.split(",") if m.strip()]
+    if not modes or set(modes) - {"on", "off"}:
+        raise SystemExit(f"mixserve bench sharded: --overlap takes on, off or on,off, not {o.overlap!r}")
+    sharded = [x.strip() for x in o.workers.split(",") if x.strip() and x.strip() != "0"]
+    workers = h.ints(",".join(sharded), "workers") if sharded else []  # W = 0 always runs: the baseline
+    r = h.Run("sharded", o)
+    model = h.model_dir(o.model)
+    cfg = ModelConfig.from_dir(model)
+    rng = random.Random(o.seed)
+    prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(o.prompt_len)] for _ in range(o.batch)]
+    args = (prompts, o.new_tokens, o.repeats)
+    r(f"W=0: in-process baseline, batch {o.batch}, {o.new_tokens} new tokens")
+    base = measure(build_frontend(ClusterConfig.create(model=model, **cluster), progress=False), *args, 0)
+    rows = [{"workers": 0, "transport": "in-process", "overlap": "-", **base}]
+    with h.local_ray(max(workers, default=0) + 2):
+        for w in workers:
+            for transport in transports:
+                config = ClusterConfig.create(model=model, expert_workers=w, transport=transport, **cluster)
+                r(f"W={w} {transport}: starting the cluster, then overlap {o.overlap}")
+                c = ExpertCluster.start(config, config.placement(cfg), progress=False)
+                try:
+                    for mode in modes:
+                        overlap = o.batch if mode == "on" else 0
+                        got: dict[str, Any] = ray.get(c.frontend.__ray_call__.remote(measure_in_actor, *args, overlap))
+                        rows.append({"workers": w, "transport": transport, "overlap": mode, **got})
+                finally:
+                    c.shutdown()
+    for x in rows:
+        x["ratio_to_w0"] = h.ratio(x["decode_step_s"], base["decode_step_s"])
+        x["same_tokens"] = x.pop("tokens") == base["tokens"]
+        x["decode_step_ms"], x["decode_step_min_ms"] = x["decode_step_s"] * 1e3, x["decode_step_min_s"] * 1e3
+    goals = []
+    for transport in transports:
+        at2 = [x for x in rows if x["workers"] == 2 and x["transport"] == transport]
+        if at2:
+            best = min(at2, key=lambda x: x["decode_step_s"])
+            text = f"sharded W=2 ({transport}) decode step <= 1.1x W=0"
+            goals.append(h.goal(text, best["ratio_to_w0"], 1.1, at_least=False, note=f"overlap {best['overlap']}"))
+    cols = ["workers", "transport", "overlap", "decode_step_ms", "decode_step_min_ms", "ratio_to_w0"]
+    cols += ["decode_steps", "split_steps", "same_tokens"]
+    title = f"decode step at batch {o.batch} (median executor call; ratio to the in-process W=0 step)"
+    settings = {"cluster": cluster}
+    return r.finish(
+        settings=settings,
+        method=__doc__,
+        results={"rows": rows},
+        goals=goals,
+        tables=[h.table(rows, cols, title=title)],
+    )
