@@ -44,12 +44,14 @@ def reference(ckpt):
 
 
 @pytest.mark.parametrize(
-    ("workers", "transport"),
-    [(1, "object_ref"), (2, "object_ref"), (3, "object_ref"), (8, "object_ref"), (2, "gloo"), (3, "gloo")],
+    ("workers", "transport", "overlap"),
+    # overlap 2: decode steps of the 3 prompts run as two micro-batches in flight; 32: never at this batch size
+    [(1, "object_ref", 2), (2, "object_ref", 32), (3, "object_ref", 2), (8, "object_ref", 32), (2, "gloo", 2)]
+    + [(3, "gloo", 32)],
 )
-def test_sharded_matches_in_process(ray_instance, ckpt, reference, workers, transport):
+def test_sharded_matches_in_process(ray_instance, ckpt, reference, workers, transport, overlap):
     folder, model = ckpt
-    with LLM(folder, expert_workers=workers, transport=transport, progress=False) as llm:
+    with LLM(folder, expert_workers=workers, transport=transport, overlap_min_batch=overlap, progress=False) as llm:
         tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
         assert tokens == reference["tokens"]
         logits = llm.logits(reference["ids"])
