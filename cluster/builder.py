@@ -53,11 +53,11 @@ class ClusterConfig(EngineConfig):
         "object_ref",
         description="how tokens travel to the workers (channel: Ray Compiled Graph channels; gloo/nccl: RDT)",
     )
-    overlap_min_batch: StrictInt = Field(
-        32,
+    overlap_min_batch: StrictInt | None = Field(
+        None,
         ge=0,
         description="steps of at least this many tokens run as two micro-batches in flight (expert workers only); "
-        "0: off",
+        "0: off; None: 32 when the workers have GPUs or the node has a CPU core for the frontend and each worker",
     )
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has enough GPUs, else 0")
     placement_strategy: Strategy = Field("PACK", description="Ray placement-group strategy for the workers")

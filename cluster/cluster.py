@@ -8,6 +8,7 @@ each actor uses whatever GPU Ray assigned it (never a hard-coded device id).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -141,11 +142,25 @@ def launch_workers(
     return resources, pg, handles
 
 
+DEFAULT_OVERLAP_MIN_BATCH = 32
+
+
+def overlap_min_batch(config: ClusterConfig) -> int:
+    """``config.overlap_min_batch``, or when None: 32 where two micro-batches can really run side by side (the
+    workers have GPUs, or this node has a core for the frontend and one per worker), else 0. On a node with fewer
+    cores the halves only take turns on them and the split costs twice the messages (measured slower)."""
+    if config.overlap_min_batch is not None:
+        return config.overlap_min_batch
+    gpus = cluster_resources(config).gpus_per_worker > 0 and torch.cuda.is_available()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return DEFAULT_OVERLAP_MIN_BATCH if gpus or cores >= config.expert_workers + 1 else 0
+
+
 def expert_client(config: ClusterConfig, placement: ExpertPlacement, handles: Sequence[Any]) -> ExpertClient:
     """The client for ``config.transport``, in the process that will drive it (it compiles its graph or creates
     its group there, on first use). RDT clients must live in an actor with rdt_stage / rdt_absorb. Call its
     ``close()`` before killing the workers."""
-    common = {"timeout_s": config.worker_timeout_s, "overlap_min_batch": config.overlap_min_batch}
+    common = {"timeout_s": config.worker_timeout_s, "overlap_min_batch": overlap_min_batch(config)}
     if config.transport == "object_ref":
         return RayExperts(placement, handles, **common)
     if config.transport == "channel":

@@ -17,6 +17,7 @@ Shapes: T tokens, D hidden, K experts per token, N_w distinct tokens sent to wor
 from __future__ import annotations
 
 import contextlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
@@ -50,13 +51,19 @@ class Done:
 class Pending:
     """One layer's expert output in flight: :meth:`result` waits and returns the combined output [T, D]."""
 
-    def __init__(self, messages: list[WorkerMessage], exchange: Exchange, like: torch.Tensor) -> None:
+    def __init__(
+        self, messages: list[WorkerMessage], exchange: Exchange, like: torch.Tensor, client: ExpertClient
+    ) -> None:
         self.messages = messages
         self.exchange = exchange
         self.like = like
+        self.client = client
 
     def result(self) -> torch.Tensor:
-        return dispatch.combine(self.messages, self.exchange.wait(), like=self.like)
+        t0 = time.perf_counter()
+        partials = self.exchange.wait()
+        self.client.waited_s += time.perf_counter() - t0
+        return dispatch.combine(self.messages, partials, like=self.like)
 
     def discard(self) -> None:
         """Wait for the exchange and drop what comes back (a step that fails must not leave replies unread)."""
@@ -76,6 +83,7 @@ class ExpertClient(ABC):
 
     def __init__(self, placement: ExpertPlacement) -> None:
         self.placement = placement
+        self.waited_s = 0.0  # seconds spent in Pending.result waiting for replies (benchmarks read it)
         # [E] int64 per layer: the worker of each expert
         self._worker_of_expert = [placement.worker_tensor(i) for i in range(placement.num_layers)]
 
@@ -89,7 +97,7 @@ class ExpertClient(ABC):
     def submit(self, layer: int, x: torch.Tensor, routing: Routing) -> Pending:
         """x [T, D] normalised hidden states, routing.ids/weights [T, K] -> the layer's output in flight."""
         messages = self.plan(layer, routing)
-        return Pending(messages, self.start(layer, x, messages), like=x)
+        return Pending(messages, self.start(layer, x, messages), like=x, client=self)
 
     def forward(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [T, D] normalised hidden states, routing.ids/weights [T, K] -> weighted expert output [T, D]."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections import deque
 
 import numpy as np
 import ray
@@ -41,6 +43,7 @@ class ExpertWorker:
         self.device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
         self.node_id = ctx.get_node_id()
         self.pid = os.getpid()
+        self.compute_log: deque[tuple[float, float]] = deque(maxlen=65536)  # (start, seconds) of each packed run
         self.threads = cpu_threads(ctx.get_assigned_resources())
         torch.set_num_threads(self.threads)
         config = ModelConfig.from_dir(model)
@@ -60,11 +63,21 @@ class ExpertWorker:
         for this worker) -> None."""
         if buf is None:
             return None
+        t0 = time.perf_counter()
         m = wire.unpack(buf)
         if m.echo:
             return wire.pack_rows(m.x)
         with torch.inference_mode():
-            return wire.pack_rows(self.run(m.layer, m.x, m.rows, m.experts, m.weights))
+            reply = wire.pack_rows(self.run(m.layer, m.x, m.rows, m.experts, m.weights))
+        self.compute_log.append((t0, time.perf_counter() - t0))
+        return reply
+
+    def take_compute_log(self) -> list[tuple[float, float]]:
+        """(perf_counter start, seconds) of each packed run since the last call (benchmarks: on one node the
+        clock is the same in every process)."""
+        log = list(self.compute_log)
+        self.compute_log.clear()
+        return log
 
     def echo(
         self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor

@@ -3,12 +3,17 @@
 Offline, on the bench model: for each W (0 first: the baseline) and transport a frontend is built (W = 0:
 ``build_frontend`` in this process; W >= 1: a real ``ExpertCluster``, measured inside its frontend actor through
 ``__ray_call__``). Per setting, ``EngineCore.generate`` runs ``batch`` random prompts of ``prompt_len`` tokens to
-``new_tokens`` greedy tokens each (EOS ignored), after one untimed warm-up run; the engine's executor is wrapped only
+``new_tokens`` greedy tokens each (EOS ignored), after one untimed warm-up run (W = 0 with ``baseline_threads`` torch
+threads, by default the one thread the frontend actor gets from its Ray CPU); the engine's executor is wrapped only
 to time each call. decode step = median executor call over the full-batch decode steps of every repeat (the
 forward pass with its dispatch; the scheduler and sampler are the same code for every W). Two micro-batches in
 flight (``overlap``) are switched on the running frontend (``ExpertClient.overlap_min_batch``: ``batch`` when on,
 0 when off), so both settings share a cluster. ratio = decode step / W = 0's decode step. Every setting must give
-W = 0's tokens (``same_tokens``).
+W = 0's tokens (``same_tokens``). Per decode step also: worker compute = the slowest worker's ``run_packed`` time
+within the step (the workers log (start, seconds) of each call on the node's monotonic clock, the one
+``time.perf_counter`` reads in every process), frontend compute = the step less the frontend's waits for replies
+(``ExpertClient.waited_s``). The overlap goal (W = 1): the step with overlap against max(frontend compute, worker
+compute) of the step without it.
 """
 
 from __future__ import annotations
@@ -45,15 +50,18 @@ class Options(Common):
     prompt_len: int = opt(16, "prompt tokens per sequence")
     new_tokens: int = opt(32, "output tokens per sequence")
     repeats: int = opt(2, "timed runs per setting")
+    baseline_threads: int = opt(
+        1, "torch threads of the W=0 baseline (1: as the frontend actor's 1 Ray CPU; 0: torch's)"
+    )
     seed: int = opt(0, "seed of the prompts")
 
 
 class StepTimer:
-    """The engine's executor, unchanged, with each call timed."""
+    """The engine's executor, unchanged, with each call timed (and the time it spent waiting for expert replies)."""
 
-    def __init__(self, runner: Any) -> None:
-        self.runner = runner
-        self.calls: list[tuple[int, int, float]] = []  # (tokens, sequences, seconds)
+    def __init__(self, runner: Any, experts: Any) -> None:
+        self.runner, self.experts = runner, experts
+        self.calls: list[tuple[int, int, float, float, float]] = []  # (tokens, sequences, start, end, waited)
 
     @property
     def num_blocks(self) -> int:
@@ -64,43 +72,59 @@ class StepTimer:
         return self.runner.block_size
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
+        waited = self.experts.waited_s
         t0 = time.perf_counter()
         logits = self.runner.execute(batch)
         h.sync()
-        self.calls.append((batch.num_tokens, len(batch.chunks), time.perf_counter() - t0))
+        t1 = time.perf_counter()
+        self.calls.append((batch.num_tokens, len(batch.chunks), t0, t1, self.experts.waited_s - waited))
         return logits
 
 
-def measure(fe: Frontend, prompts: list[list[int]], new_tokens: int, repeats: int, overlap: int) -> dict[str, Any]:
-    """In the frontend's process: decode-step seconds over ``repeats`` timed runs, and the tokens."""
+def measure(
+    fe: Frontend, prompts: list[list[int]], new_tokens: int, repeats: int, overlap: int, workers: list | None = None
+) -> dict[str, Any]:
+    """In the frontend's process: decode-step seconds over ``repeats`` timed runs, and the tokens. With the workers'
+    handles also, per decode step: the slowest worker's compute (its ``run_packed`` calls within the step) and the
+    frontend's own compute (the step less its waits for replies)."""
     experts, core = fe.experts, fe.core
     experts.overlap_min_batch = overlap
-    timer = StepTimer(core.executor)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    timer = StepTimer(core.executor, experts)
+    params = [SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)] * len(prompts)
     core.executor = timer
     try:
-        core.generate(prompts, [params] * len(prompts))  # warm-up (and, over channels, the graph's compilation)
+        core.generate(prompts, params)  # warm-up (and, over channels, the graph's compilation)
         timer.calls.clear()
+        if workers:
+            ray.get([w.take_compute_log.remote() for w in workers])
         before = fe.model.micro_batched_steps
         outs = []
         for _ in range(repeats):
-            outs = core.generate(prompts, [params] * len(prompts))
+            outs = core.generate(prompts, params)
         split = fe.model.micro_batched_steps - before
     finally:
         core.executor = timer.runner
-    decode = [s for tokens, seqs, s in timer.calls if tokens == seqs == len(prompts)]
-    return {
-        "decode_step_s": statistics.median(decode),
-        "decode_step_min_s": min(decode),
+    logs = ray.get([w.take_compute_log.remote() for w in workers]) if workers else []
+    decode = [(t0, t1, waited) for tokens, seqs, t0, t1, waited in timer.calls if tokens == seqs == len(prompts)]
+    row: dict[str, Any] = {
+        "decode_step_s": statistics.median(t1 - t0 for t0, t1, _ in decode),
+        "decode_step_min_s": min(t1 - t0 for t0, t1, _ in decode),
         "decode_steps": len(decode),
         "split_steps": split,
+        "frontend_threads": torch.get_num_threads(),
         "tokens": [o.token_ids for o in outs],
     }
+    if logs:
+        busy = [max(sum(d for s, d in log if t0 <= s < t1) for log in logs) for t0, t1, _ in decode]
+        row["worker_compute_s"] = statistics.median(busy)
+        row["frontend_compute_s"] = statistics.median(t1 - t0 - waited for t0, t1, waited in decode)
+    return row
 
 
 def measure_in_actor(actor: FrontendActor, *args: Any) -> dict[str, Any]:
     """:func:`measure` inside the frontend actor (``__ray_call__``)."""
-    return measure(actor.frontend, *args)
+    experts = actor.frontend.experts
+    return measure(actor.frontend, *args, workers=list(getattr(experts, "handles", [])))
 
 
 def run(o: Options, cluster: dict[str, Any]) -> dict:
@@ -119,7 +143,12 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(o.prompt_len)] for _ in range(o.batch)]
     args = (prompts, o.new_tokens, o.repeats)
     r(f"W=0: in-process baseline, batch {o.batch}, {o.new_tokens} new tokens")
-    base = measure(build_frontend(ClusterConfig.create(model=model, **cluster), progress=False), *args, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(o.baseline_threads or threads)
+    try:
+        base = measure(build_frontend(ClusterConfig.create(model=model, **cluster), progress=False), *args, 0)
+    finally:
+        torch.set_num_threads(threads)
     rows = [{"workers": 0, "transport": "in-process", "overlap": "-", **base}]
     with h.local_ray(max(workers, default=0) + 2):
         for w in workers:
@@ -137,7 +166,7 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     for x in rows:
         x["ratio_to_w0"] = h.ratio(x["decode_step_s"], base["decode_step_s"])
         x["same_tokens"] = x.pop("tokens") == base["tokens"]
-        x["decode_step_ms"], x["decode_step_min_ms"] = x["decode_step_s"] * 1e3, x["decode_step_min_s"] * 1e3
+        x.update({k[:-2] + "_ms": v * 1e3 for k, v in list(x.items()) if k.endswith("_s")})
     goals = []
     for transport in transports:
         at2 = [x for x in rows if x["workers"] == 2 and x["transport"] == transport]
@@ -145,8 +174,19 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
             best = min(at2, key=lambda x: x["decode_step_s"])
             text = f"sharded W=2 ({transport}) decode step <= 1.1x W=0"
             goals.append(h.goal(text, best["ratio_to_w0"], 1.1, at_least=False, note=f"overlap {best['overlap']}"))
+    for transport in transports:
+        on = next((x for x in rows if (x["workers"], x["transport"], x["overlap"]) == (1, transport, "on")), None)
+        off = next((x for x in rows if (x["workers"], x["transport"], x["overlap"]) == (1, transport, "off")), None)
+        if on and off:
+            bound = max(off["frontend_compute_s"], off["worker_compute_s"])
+            text = f"overlap ({transport}, W=1) decode step <= 1.15x max(frontend compute, worker compute)"
+            note = (
+                f"max of {off['frontend_compute_s'] * 1e3:.3g} and {off['worker_compute_s'] * 1e3:.3g} ms (overlap off)"
+            )
+            goals.append(h.goal(text, h.ratio(on["decode_step_s"], bound), 1.15, at_least=False, note=note))
     cols = ["workers", "transport", "overlap", "decode_step_ms", "decode_step_min_ms", "ratio_to_w0"]
-    cols += ["decode_steps", "split_steps", "same_tokens"]
+    cols += ["frontend_compute_ms", "worker_compute_ms", "decode_steps", "split_steps", "frontend_threads"]
+    cols += ["same_tokens"]
     title = f"decode step at batch {o.batch} (median executor call; ratio to the in-process W=0 step)"
     settings = {"cluster": cluster}
     return r.finish(
