@@ -60,6 +60,7 @@ class Options(Common):
     prefix_question_len: str = opt("16,64", "(c) MIN,MAX tokens of each request's own question")
     prefix_new_tokens: int = opt(8, "(c) output tokens per request")
     capacity_requests: int = opt(32, "(d) sequences submitted at once (0 skips it)")
+    capacity_slots: int = opt(4, "(d) slots of max_model_len positions the slot cache had: the bytes both get")
     capacity_len: int = opt(256, "(d) tokens per sequence (half prompt, half output)")
     seed: int = opt(0, "seed of the prompts")
 

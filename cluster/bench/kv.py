@@ -4,9 +4,10 @@
 (``prefix_question_len`` tokens), all submitted at once; the same run with automatic prefix caching on and off
 (two frontends of the same config). Time to first token per request from the engine's own request metrics;
 outputs must be identical.
-(d) The slot cache this project had gave every sequence ``max_model_len`` positions: ``max_num_seqs`` slots. The
-paged cache gets exactly those bytes (as blocks) and a batch limit that does not bind; ``capacity_requests``
-sequences of ``capacity_len`` tokens are submitted at once and the most that ever run together is counted.
+(d) The slot cache this project had gave every sequence ``max_model_len`` positions: ``capacity_slots`` slots of
+it hold ``capacity_slots`` sequences. The paged cache gets exactly those bytes (as blocks) and a batch limit that
+does not bind; ``capacity_requests`` sequences of ``capacity_len`` tokens are submitted at once and the most that
+ever run together is counted.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def bench_prefix(o: Any, config: ClusterConfig, run: h.Run) -> dict[str, Any]:
 def bench_capacity(o: Any, config: ClusterConfig, run: h.Run) -> dict[str, Any]:
     fe = build_frontend(config, progress=False)
     max_len = fe.core.max_model_len
-    slots = config.max_num_seqs  # what the slot cache could hold in these bytes
+    slots = o.capacity_slots  # what the slot cache could hold in these bytes
     blocks = slots * -(-max_len // config.block_size)
     paged = config.model_copy(update={"num_kv_blocks": blocks, "max_num_seqs": o.capacity_requests})
     fe = build_frontend(paged, progress=False)

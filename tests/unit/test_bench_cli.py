@@ -85,7 +85,7 @@ def test_engine_bench(tiny, tmp_path):
     argv += ["--repeats", "1", "--floor-iters", "1", "--mixed-requests", "3", "--mixed-prompt-len", "2,6"]
     argv += ["--mixed-max-tokens", "2,4", "--hf-batch", "2", "--max-num-seqs", "4", "--max-num-batched-tokens", "16"]
     argv += ["--max-model-len", "64", "--prefix-requests", "3", "--prefix-len", "32", "--prefix-question-len", "2,4"]
-    argv += ["--prefix-new-tokens", "2", "--capacity-requests", "6", "--capacity-len", "16"]
+    argv += ["--prefix-new-tokens", "2", "--capacity-requests", "6", "--capacity-len", "16", "--capacity-slots", "4"]
     report = run_bench(argv, tmp_path / "engine.json")
     fixed, mixed = report["results"]["fixed"], report["results"]["mixed"]
     assert [r["batch"] for r in fixed] == [1, 2]
