@@ -57,7 +57,7 @@ class ClusterConfig(EngineConfig):
         None,
         ge=0,
         description="steps of at least this many tokens run as two micro-batches in flight (expert workers only); "
-        "0: off; None: 32 when the workers have GPUs or the node has a CPU core for the frontend and each worker",
+        "0: off; None: 256 with GPU workers, off with CPU workers (measured slower there)",
     )
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has enough GPUs, else 0")
     placement_strategy: Strategy = Field("PACK", description="Ray placement-group strategy for the workers")

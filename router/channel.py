@@ -65,12 +65,16 @@ class ChannelExperts(ExpertClient):
         self.echo = False  # benchmarks: workers send the rows back without computing
         self._graph: Any = None
         self._generation = 0  # bumped whenever the graph is dropped: replies of an older graph never come
+        self._teardown: threading.Thread | None = None  # a failed graph being torn down in the background
         self._lock = threading.Lock()
 
     # -- the graph ---------------------------------------------------------------------------------------------
     def _compiled(self) -> Any:
         with self._lock:
             if self._graph is None:
+                if self._teardown is not None:  # an actor serves one graph at a time: the old one must be gone
+                    self._teardown.join(timeout=self.timeout_s)
+                    self._teardown = None
                 try:  # a restarted worker must be up (it reloads its experts) before it can join a graph
                     ray.get([h.ping.remote() for h in self.handles], timeout=self.timeout_s)
                 except (GetTimeoutError, RayActorError) as e:
@@ -89,13 +93,22 @@ class ChannelExperts(ExpertClient):
         with self._lock:
             graph, self._graph = self._graph, None
             self._generation += 1
+            pending, self._teardown = self._teardown, None
+        if pending is not None:
+            pending.join(timeout=self.timeout_s)
         if graph is not None:
-            with contextlib.suppress(Exception):
-                graph.teardown()
+            _teardown(graph)
 
     def _broken(self, layer: int, e: Exception) -> ExpertWorkerError:
-        """Drop the graph after a failure (rebuilt on the next call) and say which worker failed."""
-        self.close()
+        """Drop the graph after a failure and say which worker failed. The teardown runs in the background (it
+        waits on the actors, a restarting one included), so the step fails at once; the next call waits for it
+        and compiles a new graph."""
+        with self._lock:
+            graph, self._graph = self._graph, None
+            self._generation += 1
+            if graph is not None:
+                self._teardown = threading.Thread(target=_teardown, args=(graph,), name="channel-teardown", daemon=True)
+                self._teardown.start()
         worker = next((w for w, h in enumerate(self.handles) if _actor_id(h) == getattr(e, "actor_id", None)), None)
         who = "an expert worker" if worker is None else f"expert worker {worker}"
         if isinstance(e, (RayChannelTimeoutError, GetTimeoutError)):
@@ -153,6 +166,13 @@ class _Flight:
             else:
                 out.append(wire.unpack_rows(reply, n, self.d, self.dtype).to(self.device))
         return out
+
+
+def _teardown(graph: Any) -> None:
+    try:
+        graph.teardown()
+    except Exception as e:  # the graph is dropped either way; a dead actor's loop is gone with it
+        log.debug("channel graph teardown: %r", e)
 
 
 def _actor_id(handle: Any) -> str | None:
