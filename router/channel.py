@@ -20,6 +20,8 @@ torn down and compiled again on the next call, once every worker answers a ping 
 An exception raised by a live worker's code comes back as Ray's ``RayTaskError`` (a bug, not an outage).
 
 One graph per set of workers at a time: an actor cannot serve two compiled graphs.
+
+Shapes: T tokens in the step, D hidden, N_w rows sent to worker w.
 """
 
 from __future__ import annotations
