@@ -23,7 +23,7 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pyright
+	$(VENV)/bin/pyright --project pyproject.toml  # this project's settings, whatever config a parent folder holds
 	$(VENV)/bin/lint-imports
 
 test: lint

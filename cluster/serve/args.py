@@ -46,11 +46,11 @@ class AppArgs(ClusterConfig):
 
     @field_validator("transport")
     @classmethod
-    def _object_refs_only(cls, v: str) -> str:
-        if v != "object_ref":
+    def _no_rdt(cls, v: str) -> str:
+        if v not in ("object_ref", "channel"):
             raise ValueError(
-                "the Serve application moves tokens over object refs; RDT transports (gloo, nccl) are available "
-                "in the offline LLM API"
+                "the Serve application moves tokens over object refs or channels; RDT transports (gloo, nccl) are "
+                "available in the offline LLM API"
             )
         return v
 

@@ -121,6 +121,8 @@ class FrontendServer:
         with contextlib.suppress(Exception):
             self.engine.shutdown()
         with contextlib.suppress(Exception):
+            self.frontend.experts.close()  # a compiled graph (channel transport) goes before its actors
+        with contextlib.suppress(Exception):
             for h in self.workers:
                 ray.kill(h, no_restart=True)
             if self.pg is not None:

@@ -101,3 +101,8 @@ def test_startup_warnings_say_what_is_exposed():
     assert len(open_http) == 1 and "no API key" in open_http[0] and "HTTP on every interface" in open_http[0]
     both = startup_warnings("10.0.0.5", 9000, api_keys=0)
     assert len(both) == 2 and "HTTP on 10.0.0.5 and gRPC on every interface" in both[1]
+
+
+def test_serve_takes_object_refs_or_channels():
+    assert parse_args({"transport": "channel"}).transport == "channel"
+    assert parse_args({}).transport == "object_ref"
