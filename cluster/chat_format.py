@@ -14,7 +14,10 @@ Accepted shapes (the OpenAI chat API):
 * ``tools``: ``[{"type": "function", "function": {"name": str, "description": str, "parameters": object}}]``
 
 The v1 tokenizer (Mixtral-8x7B) has no tools and keeps mixserve's strict v1 structure: an optional leading system
-message, then user and assistant strictly alternating, ending with user. Later versions accept every order that
+message, then user and assistant strictly alternating, ending with user. ``mistral-common``'s v1 instruct tokenizer
+refuses tool definitions, assistant ``tool_calls`` and tool results (``TokenizerException: Tools not implemented for
+tokenizer V1``), so on v1 they are a ChatFormatError (``param="tools"`` for tool definitions, ``"messages"`` for a
+message with ``tool_calls`` or role ``tool``) whose message says so. Later versions accept every order that
 ``mistral-common`` accepts. Tool-call ids that ``mistral-common`` would refuse for v3+ (it wants exactly nine
 letters or digits; OpenAI clients send ``call_...``) are mapped to nine alphanumerics derived from the id, the same
 on the assistant call and on the tool result, so the pair still matches.
@@ -47,11 +50,16 @@ from cluster.errors import ChatFormatError
 
 __all__ = ["encode_mistral_chat", "mistral_call_id"]
 
-_V1_ROLES = ("system", "developer", "user", "assistant")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _NO_CALL_IDS = (TokenizerVersion.v1, TokenizerVersion.v2)  # versions that encode no tool-call ids
 _CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
 _BASE62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Why a v1 conversation cannot carry tool calls or tool results, and what to do instead.
+_V1_NO_TOOLS = (
+    "this model's chat format (Mistral tokenizer v1, as Mixtral-8x7B's) has no tool calls or tool results: "
+    "mistral-common's v1 tokenizer refuses them ('Tools not implemented for tokenizer V1'); send earlier calls and "
+    "their results as plain user / assistant text, or use a model with a v2+ tokenizer"
+)
 
 Content = str | list[ContentChunk]
 
@@ -143,7 +151,6 @@ def _convert_messages(messages: Any, version: TokenizerVersion) -> list[ChatMess
     if not messages:
         raise ChatFormatError("messages is empty: the conversation needs at least one user message")
     v1 = version == TokenizerVersion.v1
-    roles = _V1_ROLES if v1 else _ROLES
     converted: list[ChatMessage] = []
     pending: dict[str, str] | None = None  # the last assistant's call ids (client id -> encoded id), until a turn
     pending_from = -1
@@ -151,8 +158,10 @@ def _convert_messages(messages: Any, version: TokenizerVersion) -> list[ChatMess
         if not isinstance(message, Mapping):
             raise ChatFormatError(f"message {index}: expected a mapping with 'role' and 'content'")
         role = message.get("role")
-        if role not in roles:
-            raise ChatFormatError(f"message {index}: unknown role {role!r} (expected one of {', '.join(roles)})")
+        if role not in _ROLES:
+            raise ChatFormatError(f"message {index}: unknown role {role!r} (expected one of {', '.join(_ROLES)})")
+        if role == "tool" and v1:
+            raise ChatFormatError(f"message {index}: a tool result (role 'tool'): {_V1_NO_TOOLS}")
         if role == "tool":
             if pending is None:
                 raise ChatFormatError(
@@ -205,9 +214,7 @@ def _assistant(
     if raw_calls is None or (isinstance(raw_calls, list) and not raw_calls):
         return AssistantMessage(content=_content(index, message.get("content"))), None
     if version == TokenizerVersion.v1:
-        raise ChatFormatError(
-            f"message {index}: this model's chat format (Mistral tokenizer v1) does not support tool calls"
-        )
+        raise ChatFormatError(f"message {index}: an assistant message with tool_calls: {_V1_NO_TOOLS}")
     if not isinstance(raw_calls, list):
         raise ChatFormatError(f"message {index}: tool_calls must be a list, got {type(raw_calls).__name__}")
     ids: dict[str, str] = {}

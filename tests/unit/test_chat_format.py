@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mistral_common.exceptions import TokenizerException
 from mistral_common.protocol.instruct.converters import convert_openai_messages, convert_openai_tools
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -238,14 +239,15 @@ _RESULT = {"role": "tool", "tool_call_id": "abcdefghi", "content": "sunny"}
     ("version", "messages", "tools", "param", "match"),
     [
         ("v1", [_U], [WEATHER], "tools", r"Mistral tokenizer v1\) does not support tools"),
-        ("v1", [_U, _CALL, _RESULT], None, "messages", r"message 1: .*does not support tool calls"),
+        ("v1", [_U, _CALL, _RESULT], None, "messages", r"message 1: an assistant message with tool_calls: "),
         (
             "v1",
             [_U, {"role": "assistant", "content": "x"}, _RESULT],
             None,
             "messages",
-            r"message 2: unknown role 'tool'",
+            r"message 2: a tool result \(role 'tool'\): ",
         ),
+        ("v1", [{"role": "narrator", "content": "x"}], None, "messages", r"message 0: unknown role 'narrator'"),
         ("v3", [_U], "get_weather", "tools", r"tools must be a list of tools, got str"),
         ("v3", [_U], [{"type": "function"}], "tools", r"tools\[0\]: expected \{'type': 'function'"),
         ("v3", [_U], [{"type": "retrieval", "function": {"name": "x"}}], "tools", r"tools\[0\]: expected"),
@@ -363,3 +365,28 @@ def test_errors_name_the_field(toks: dict, version: str, messages: Any, tools: A
     with pytest.raises(ChatFormatError, match=match) as err:
         toks[version].encode_chat(messages, tools=tools)
     assert err.value.param == param
+
+
+# mistral-common's v1 instruct tokenizer raises on any assistant tool_calls or tool result, wherever they are.
+V1_TOOL_CONVERSATIONS = {
+    "call_and_result": WITH_TOOLS["call_and_result"][0],
+    "ends_with_tool_result": WITH_TOOLS["ends_with_tool_result"][0],
+    "parallel_calls": PARALLEL[0],
+    "call_then_user": [_U, _CALL, {"role": "user", "content": "Never mind."}],
+}
+
+
+@pytest.mark.parametrize("name", sorted(V1_TOOL_CONVERSATIONS))
+def test_v1_tool_calls_and_results_are_refused_as_mistral_common_refuses_them(
+    toks: dict, refs: dict, name: str
+) -> None:
+    messages = V1_TOOL_CONVERSATIONS[name]
+    with pytest.raises(TokenizerException, match="Tools not implemented for tokenizer V1"):
+        encoded(refs["v1"], messages, None)
+    with pytest.raises(ChatFormatError) as err:
+        toks["v1"].encode_chat(messages)
+    assert err.value.param == "messages"
+    first = next(i for i, m in enumerate(messages) if m.get("tool_calls") or m["role"] == "tool")
+    assert err.value.message.startswith(f"message {first}: ")
+    assert "(Mistral tokenizer v1, as Mixtral-8x7B's) has no tool calls or tool results" in err.value.message
+    assert "'Tools not implemented for tokenizer V1'" in err.value.message  # why: mistral-common refuses them
