@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cluster/serve/proto/mixserve.proto\x12\x0bmixserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfa\x06\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.mixserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\t\x88\x01\x01\x12\x12\n\x05min_p\x18\x12 \x01(\x02H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x13 \x01(\rH\x0b\x88\x01\x01\x12?\n\nlogit_bias\x18\x14 \x03(\x0b\x32+.mixserve.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x0bjson_schema\x18\x15 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x16 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x17 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x18 \x01(\x0b\x32\x14.mixserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x19 \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0fresponse_formatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokens\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xaf\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.mixserve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x05 \x01(\x08\x42\x15\n\x13_add_special_tokens\"Y\n\rTokenizeReply\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x12\n\ntoken_strs\x18\x04 \x03(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.mixserve.v1.TopLogprob\"\xc5\x01\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.mixserve.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.mixserve.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x32\xe6\x01\n\nGeneration\x12\x44\n\x08Generate\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1a.mixserve.v1.GenerateReply\x12L\n\x0eGenerateStream\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1a.mixserve.v1.GenerateReply0\x01\x12\x44\n\x08Tokenize\x12\x1c.mixserve.v1.TokenizeRequest\x1a\x1a.mixserve.v1.TokenizeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cluster/serve/proto/mixserve.proto\x12\x0bmixserve.v1\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.mixserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"`\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12+\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x19.mixserve.v1.FunctionCall\x12\r\n\x05index\x18\x04 \x01(\r\"V\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65scription\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nparameters\x18\x03 \x01(\tB\x0e\n\x0c_description\"=\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\'\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x15.mixserve.v1.Function\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\xca\x08\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.mixserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\t\x88\x01\x01\x12\x12\n\x05min_p\x18\x12 \x01(\x02H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x13 \x01(\rH\x0b\x88\x01\x01\x12?\n\nlogit_bias\x18\x14 \x03(\x0b\x32+.mixserve.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x0bjson_schema\x18\x15 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x16 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x17 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x18 \x01(\x0b\x32\x14.mixserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x19 \x01(\tH\x00\x12 \n\x05tools\x18\x1a \x03(\x0b\x32\x11.mixserve.v1.Tool\x12,\n\x0btool_choice\x18\x1b \x01(\x0b\x32\x17.mixserve.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x1c \x01(\x08H\x0c\x88\x01\x01\x12\x0e\n\x01n\x18\x1d \x01(\rH\r\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x1e \x01(\rH\x0e\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x1f \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0fresponse_formatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x16\n\x14_parallel_tool_callsB\x04\n\x02_nB\n\n\x08_best_of\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xd1\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.mixserve.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x11return_token_strs\x18\x05 \x01(\x08\x12 \n\x05tools\x18\x06 \x03(\x0b\x32\x11.mixserve.v1.ToolB\x15\n\x13_add_special_tokens\"Y\n\rTokenizeReply\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x12\n\ntoken_strs\x18\x04 \x03(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"w\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.mixserve.v1.TopLogprobB\n\n\x08_logprob\"\xdb\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.mixserve.v1.TokenLogprob\x12)\n\ntool_calls\x18\x06 \x03(\x0b\x32\x15.mixserve.v1.ToolCall\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.mixserve.v1.TokenLogprob\"\xd9\x02\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.mixserve.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.mixserve.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x12)\n\ntool_calls\x18\x08 \x03(\x0b\x32\x15.mixserve.v1.ToolCall\x12\r\n\x05index\x18\t \x01(\r\x12$\n\x07\x63hoices\x18\n \x03(\x0b\x32\x13.mixserve.v1.Choice\x12\x32\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x19.mixserve.v1.TokenLogprob2\xe6\x01\n\nGeneration\x12\x44\n\x08Generate\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1a.mixserve.v1.GenerateReply\x12L\n\x0eGenerateStream\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1a.mixserve.v1.GenerateReply0\x01\x12\x44\n\x08Tokenize\x12\x1c.mixserve.v1.TokenizeRequest\x1a\x1a.mixserve.v1.TokenizeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=51
-  _globals['_CHATMESSAGE']._serialized_end=95
-  _globals['_GENERATEREQUEST']._serialized_start=98
-  _globals['_GENERATEREQUEST']._serialized_end=988
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=757
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=805
-  _globals['_CHOICES']._serialized_start=990
-  _globals['_CHOICES']._serialized_end=1016
-  _globals['_TOKENIZEREQUEST']._serialized_start=1019
-  _globals['_TOKENIZEREQUEST']._serialized_end=1194
-  _globals['_TOKENIZEREPLY']._serialized_start=1196
-  _globals['_TOKENIZEREPLY']._serialized_end=1285
-  _globals['_USAGE']._serialized_start=1287
-  _globals['_USAGE']._serialized_end=1366
-  _globals['_TOPLOGPROB']._serialized_start=1368
-  _globals['_TOPLOGPROB']._serialized_end=1430
-  _globals['_TOKENLOGPROB']._serialized_start=1432
-  _globals['_TOKENLOGPROB']._serialized_end=1534
-  _globals['_GENERATEREPLY']._serialized_start=1537
-  _globals['_GENERATEREPLY']._serialized_end=1734
-  _globals['_GENERATION']._serialized_start=1737
-  _globals['_GENERATION']._serialized_end=1967
+  _globals['_CHATMESSAGE']._serialized_end=174
+  _globals['_FUNCTIONCALL']._serialized_start=176
+  _globals['_FUNCTIONCALL']._serialized_end=223
+  _globals['_TOOLCALL']._serialized_start=225
+  _globals['_TOOLCALL']._serialized_end=321
+  _globals['_FUNCTION']._serialized_start=323
+  _globals['_FUNCTION']._serialized_end=409
+  _globals['_TOOL']._serialized_start=411
+  _globals['_TOOL']._serialized_end=472
+  _globals['_TOOLCHOICE']._serialized_start=474
+  _globals['_TOOLCHOICE']._serialized_end=532
+  _globals['_GENERATEREQUEST']._serialized_start=535
+  _globals['_GENERATEREQUEST']._serialized_end=1633
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=1360
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1408
+  _globals['_CHOICES']._serialized_start=1635
+  _globals['_CHOICES']._serialized_end=1661
+  _globals['_TOKENIZEREQUEST']._serialized_start=1664
+  _globals['_TOKENIZEREQUEST']._serialized_end=1873
+  _globals['_TOKENIZEREPLY']._serialized_start=1875
+  _globals['_TOKENIZEREPLY']._serialized_end=1964
+  _globals['_USAGE']._serialized_start=1966
+  _globals['_USAGE']._serialized_end=2045
+  _globals['_TOPLOGPROB']._serialized_start=2047
+  _globals['_TOPLOGPROB']._serialized_end=2109
+  _globals['_TOKENLOGPROB']._serialized_start=2111
+  _globals['_TOKENLOGPROB']._serialized_end=2230
+  _globals['_CHOICE']._serialized_start=2233
+  _globals['_CHOICE']._serialized_end=2452
+  _globals['_GENERATEREPLY']._serialized_start=2455
+  _globals['_GENERATEREPLY']._serialized_end=2800
+  _globals['_GENERATION']._serialized_start=2803
+  _globals['_GENERATION']._serialized_end=3033
 # @@protoc_insertion_point(module_scope)
