@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cluster import SamplingParams
+from cluster.serve.grpc_servicer import http_body
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
 from tests.serving.conftest import API_KEY, MODEL_NAME, post
@@ -574,3 +575,42 @@ def test_bad_values_are_invalid_argument_naming_the_param(stub, http, name, requ
         h = http(*same_http)
         assert h.status_code == 400 and h.json()["error"]["param"] == param
         assert details == h.json()["error"]["message"]
+
+
+def test_http_body_of_a_tool_conversation():
+    # What the v3+ chat formats encode (the served v1 model refuses it): a call, its result, tools, tool_choice.
+    args = '{"city": "Paris", "unit": "celsius"}'
+    request = pb.GenerateRequest(
+        messages=[
+            pb.ChatMessage(role="system", content="Use tools."),
+            *GRPC_USER,
+            pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="abcdefghi", function=pb.FunctionCall(
+                name="get_weather", arguments=args))]),
+            pb.ChatMessage(role="tool", tool_call_id="abcdefghi", name="get_weather", content="sunny"),
+        ],
+        tools=GRPC_TOOLS[:1] + [pb.Tool(function=pb.Function(name="get_time"))],
+        tool_choice=pb.ToolChoice(mode="auto"),
+        parallel_tool_calls=False,
+        n=2,
+        logprobs=3,
+        seed=5,
+    )  # fmt: skip
+    assert http_body(request, stream=True) == {
+        "max_tokens": 16,
+        "n": 2,
+        "seed": 5,
+        "stream": True,
+        "messages": [
+            {"role": "system", "content": "Use tools."},
+            *USER,
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "abcdefghi", "type": "function",
+                             "function": {"name": "get_weather", "arguments": args}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "abcdefghi", "name": "get_weather"},
+        ],
+        "tools": [HTTP_TOOLS[0], {"type": "function", "function": {"name": "get_time"}}],
+        "logprobs": True,
+        "top_logprobs": 3,
+        "parallel_tool_calls": False,
+        "tool_choice": "auto",
+    }  # fmt: skip
