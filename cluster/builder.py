@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import huggingface_hub
 import torch
-from pydantic import Field, StrictInt, ValidationError, field_validator
+from pydantic import Field, StrictInt, ValidationError, ValidationInfo, field_validator
 
 from cluster.checkpoint import parse_dtype
 from cluster.config import ModelConfig
@@ -53,6 +53,12 @@ class ClusterConfig(EngineConfig):
         "object_ref",
         description="how tokens travel to the workers (channel: Ray Compiled Graph channels; gloo/nccl: RDT)",
     )
+    expert_replicas: StrictInt = Field(
+        1,
+        ge=1,
+        description="copies of every expert, each on a different worker (and node when possible): with 2, a dead "
+        "worker fails no request. Costs R times the expert memory; needs transport object_ref",
+    )
     overlap_min_batch: StrictInt | None = Field(
         None,
         ge=0,
@@ -82,6 +88,23 @@ class ClusterConfig(EngineConfig):
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
 
+    @field_validator("expert_replicas")
+    @classmethod
+    def _replicas(cls, v: int, info: ValidationInfo) -> int:
+        """Checked against the fields declared before it (expert_workers, transport)."""
+        workers, transport = info.data.get("expert_workers"), info.data.get("transport")
+        if v > 1 and workers is not None and v > workers:
+            raise ValueError(
+                f"{v} copies of every expert need at least {v} expert_workers (got {workers}): the copies of an "
+                "expert live on distinct workers"
+            )
+        if v > 1 and transport not in (None, "object_ref"):
+            raise ValueError(
+                f"copies of experts need transport object_ref (got {transport}): a compiled graph or an RDT group "
+                "cannot leave out a dead worker within a step"
+            )
+        return v
+
     @classmethod
     def create(cls, **kwargs: Any) -> ClusterConfig:
         """Validated (a bad value is a :class:`SetupError` naming the field) and resolved: the model is a local
@@ -103,13 +126,17 @@ class ClusterConfig(EngineConfig):
     def placement(self, config: ModelConfig) -> ExpertPlacement:
         if self.expert_placement is None:
             return ExpertPlacement.contiguous(
-                num_layers=config.num_layers, num_experts=config.num_experts, num_workers=self.expert_workers
+                num_layers=config.num_layers,
+                num_experts=config.num_experts,
+                num_workers=self.expert_workers,
+                replicas=self.expert_replicas,
             )
         return ExpertPlacement.from_map(
             self.expert_placement,
             num_layers=config.num_layers,
             num_experts=config.num_experts,
             num_workers=self.expert_workers,
+            replicas=self.expert_replicas,
         )
 
 
@@ -193,6 +220,8 @@ class Frontend:
             "block_size": self.runner.block_size,
             "max_model_len": self.core.max_model_len,
             "engine": self.core.stats(),
+            "failovers": self.experts.failovers,
+            "workers_down": sorted(self.experts.down),
         }
 
     def expert_load(self) -> list[list[int]]:

@@ -11,18 +11,24 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.builder import ClusterConfig, build_frontend
 from cluster.engine import RequestOutput
 from cluster.errors import ExpertWorkerError, PlacementError
-from cluster.placement import ExpertPlacement, WorkerResources, resolve_resources
+from cluster.placement import ExpertPlacement, WorkerResources, interleave_nodes, resolve_resources
 from cluster.sampling import SamplingParams
 from router.channel import ChannelExperts
 from router.client import ExpertClient
@@ -98,6 +104,26 @@ def spawn_worker(
     )
 
 
+@dataclass
+class Workers:
+    """The expert workers of one frontend: ``handles[w]`` runs in bundle ``bundles[w]`` of ``pg``."""
+
+    resources: WorkerResources
+    pg: PlacementGroup
+    handles: list
+    bundles: list[int]
+
+
+def worker_bundles(pg: PlacementGroup, *, offset: int, count: int, replicas: int) -> list[int]:
+    """The bundle of each worker: in order, or (copies of experts) ordered so that neighbouring workers, which
+    hold an expert's copies, sit on different nodes when the group spans several."""
+    bundles = list(range(offset, offset + count))
+    if replicas == 1:
+        return bundles
+    nodes = placement_group_table(pg)["bundles_to_node_id"]
+    return [bundles[i] for i in interleave_nodes([str(nodes[b]) for b in bundles])]
+
+
 def launch_workers(
     config: ClusterConfig,
     *,
@@ -105,7 +131,7 @@ def launch_workers(
     frontend_bundle: bool,
     name_prefix: str | None = None,
     load_timeout_s: float = 1800.0,
-) -> tuple[WorkerResources, PlacementGroup, list]:
+) -> Workers:
     """Reserve the placement group and start one worker per bundle; returns once every worker has its experts.
 
     Bundle 0 is the frontend's when ``frontend_bundle``; the workers take the next W bundles.
@@ -118,11 +144,13 @@ def launch_workers(
         gpu = {"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}
         bundles.append({"CPU": resources.cpus_per_worker, **gpu})
     pg = reserve(bundles, strategy=config.placement_strategy)
-    offset = 1 if frontend_bundle else 0
+    order = worker_bundles(
+        pg, offset=1 if frontend_bundle else 0, count=placement.num_workers, replicas=placement.replicas
+    )
     handles = [
         spawn_worker(
             pg=pg,
-            bundle=offset + w,
+            bundle=order[w],
             config=config,
             worker=w,
             placement=placement,
@@ -138,7 +166,7 @@ def launch_workers(
             ray.kill(h, no_restart=True)
         remove_placement_group(pg)
         raise
-    return resources, pg, handles
+    return Workers(resources=resources, pg=pg, handles=handles, bundles=order)
 
 
 GPU_OVERLAP_MIN_BATCH = 256
@@ -168,6 +196,21 @@ def expert_client(config: ClusterConfig, placement: ExpertPlacement, handles: Se
     if config.transport == "channel":
         return ChannelExperts(placement, handles, **common)
     return RdtExperts(placement, handles, backend=config.transport, **common)
+
+
+def health_report(placement: ExpertPlacement, workers: list[dict]) -> dict:
+    """The health of a frontend's workers: ``workers`` holds one ``{"worker": w, "ok": bool, ...}`` per worker.
+    ``ok`` when every expert has a copy on a worker that answered; ``missing_experts`` lists the [layer, expert]
+    pairs that have none (with one copy per expert: every expert of every worker that did not answer)."""
+    missing = placement.missing({w["worker"] for w in workers if w["ok"]})
+    return {"ok": not missing, "workers": workers, "missing_experts": [list(p) for p in missing]}
+
+
+def worker_health(worker: int, status: dict | None, error: BaseException | None = None) -> dict:
+    """One worker's entry of :func:`health_report` from its ``status()`` reply, or from the error instead."""
+    if error is not None or status is None:
+        return {"worker": worker, "ok": False, "error": type(error).__name__ if error else "no reply"}
+    return {"worker": worker, "ok": True, "load_seconds": status["load_seconds"], "pid": status["pid"]}
 
 
 class FrontendActor:
@@ -243,16 +286,15 @@ class ExpertCluster:
         *,
         config: ClusterConfig,
         placement: ExpertPlacement,
-        resources: WorkerResources,
-        pg: PlacementGroup,
-        workers: list,
+        group: Workers,
         owns_ray: bool,
     ) -> None:
         self.config = config
         self.expert_placement = placement
-        self.resources = resources
-        self.pg = pg
-        self.workers = workers
+        self.resources = group.resources
+        self.pg = group.pg
+        self.workers = group.handles
+        self.bundles = group.bundles
         self.owns_ray = owns_ray
         self.frontend: Any = None
         self._suspect = False
@@ -267,8 +309,8 @@ class ExpertCluster:
             # No address: a new local instance (not whatever `ray start` cluster happens to run here).
             ray.init(address=address or "local", log_to_driver=progress)
             owns_ray = address is None
-        resources, pg, workers = launch_workers(config, placement=placement, frontend_bundle=True)
-        self = cls(config=config, placement=placement, resources=resources, pg=pg, workers=workers, owns_ray=owns_ray)
+        group = launch_workers(config, placement=placement, frontend_bundle=True)
+        self = cls(config=config, placement=placement, group=group, owns_ray=owns_ray)
         try:
             self._spawn_frontend()
         except Exception:
@@ -310,7 +352,7 @@ class ExpertCluster:
             if state == "dead":
                 self.workers[w] = spawn_worker(
                     pg=self.pg,
-                    bundle=1 + w,
+                    bundle=self.bundles[w],
                     config=self.config,
                     worker=w,
                     placement=self.expert_placement,
@@ -362,6 +404,21 @@ class ExpertCluster:
 
     def placement(self) -> list[dict]:
         return ray.get([w.info.remote() for w in self.workers])
+
+    def health(self, timeout_s: float = 3.0) -> dict:
+        """:func:`health_report` of the workers, each asked for its status at once (``timeout_s`` in all)."""
+        refs = [w.status.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        entries = []
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                entries.append(worker_health(i, None, GetTimeoutError()))
+                continue
+            try:
+                entries.append(worker_health(i, ray.get(ref)))
+            except Exception as e:
+                entries.append(worker_health(i, None, e))
+        return health_report(self.expert_placement, entries)
 
     def shutdown(self) -> None:
         if self.frontend is not None:  # tear the channel graph down while both ends are alive

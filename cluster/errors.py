@@ -94,7 +94,12 @@ class UnavailableError(MixserveError):
 
 
 class ExpertWorkerError(UnavailableError):
-    """An expert worker died or did not answer; requests in flight fail, later ones succeed once it is back."""
+    """An expert worker died or did not answer; requests in flight fail (unless another copy of its experts takes
+    over: ``expert_replicas``), later ones succeed once it is back. ``worker`` names it when one worker is at fault."""
+
+    def __init__(self, message: str, *, worker: int | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker
 
 
 class EngineStoppedError(UnavailableError):

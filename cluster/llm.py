@@ -107,6 +107,14 @@ class LLM:
             }
         ]
 
+    def health(self, timeout_s: float = 3.0) -> dict:
+        """``ok``, one entry per expert worker (``ok``, its load time and pid, or the error) and the
+        ``missing_experts`` ([layer, expert] with no live copy); in-process experts are always there."""
+        if self._cluster is not None:
+            return self._cluster.health(timeout_s)
+        self._local()
+        return {"ok": True, "workers": [], "missing_experts": []}
+
     def frontend_info(self) -> dict:
         if self._cluster is not None:
             return self._cluster.frontend_info()

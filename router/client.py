@@ -8,6 +8,12 @@ Two ways to call it: :meth:`ExpertClient.forward` (blocking) or :meth:`ExpertCli
 as the messages are on their way; :meth:`Pending.result` waits for the partials and combines them. The model uses
 ``submit`` to keep two micro-batches in flight (the frontend computes one while the workers run the other).
 
+Redundant experts (``placement.replicas`` R > 1): :meth:`ExpertClient.plan` sends each expert's rows to one live
+copy, balancing routed tokens across copies (:func:`router.dispatch.choose_replicas`); when a worker fails a layer,
+:meth:`Pending.result` marks it down and sends the whole layer again to the remaining copies, within the same step.
+A transport re-admits a down worker once it answers again (:meth:`ExpertClient.refresh`). With R = 1 every expert
+has one worker and a failure fails the step.
+
 Transports: :class:`LocalExperts` here (in-process, no Ray: W = 0, the reference path); ``router.object_ref``
 (Ray actor calls), ``router.channel`` (Ray Compiled Graph channels) and ``router.rdt`` (Ray Direct Transport).
 
@@ -17,6 +23,7 @@ Shapes: T tokens, D hidden, K experts per token, N_w distinct tokens sent to wor
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -24,10 +31,13 @@ from typing import Protocol
 
 import torch
 
+from cluster.errors import ExpertWorkerError
 from cluster.placement import ExpertPlacement
 from router import dispatch
 from router.dispatch import WorkerMessage
 from router.gate import Routing
+
+log = logging.getLogger("mixserve")
 
 TRANSPORTS = ("object_ref", "channel", "gloo", "nccl")
 
@@ -52,18 +62,31 @@ class Pending:
     """One layer's expert output in flight: :meth:`result` waits and returns the combined output [T, D]."""
 
     def __init__(
-        self, messages: list[WorkerMessage], exchange: Exchange, like: torch.Tensor, client: ExpertClient
+        self, *, client: ExpertClient, layer: int, x: torch.Tensor, routing: Routing, messages: list[WorkerMessage]
     ) -> None:
+        self.client, self.layer, self.x, self.routing = client, layer, x, routing
         self.messages = messages
-        self.exchange = exchange
-        self.like = like
-        self.client = client
+        self.exchange = client.start(layer, x, messages)
 
     def result(self) -> torch.Tensor:
+        """The combined output; a worker that fails the layer is failed over to the other copies of its experts
+        (at most once per worker), else its :class:`ExpertWorkerError` propagates."""
         t0 = time.perf_counter()
-        partials = self.exchange.wait()
-        self.client.waited_s += time.perf_counter() - t0
-        return dispatch.combine(self.messages, partials, like=self.like)
+        try:
+            for _ in range(self.client.placement.num_workers):
+                try:
+                    partials = self.exchange.wait()
+                    break
+                except ExpertWorkerError as e:
+                    if not self.client.fail_over(e):
+                        raise
+                    self.messages = self.client.plan(self.layer, self.routing)
+                    self.exchange = self.client.start(self.layer, self.x, self.messages)
+            else:
+                partials = self.exchange.wait()
+        finally:
+            self.client.waited_s += time.perf_counter() - t0
+        return dispatch.combine(self.messages, partials, like=self.x)
 
     def discard(self) -> None:
         """Wait for the exchange and drop what comes back (a step that fails must not leave replies unread)."""
@@ -84,20 +107,56 @@ class ExpertClient(ABC):
     def __init__(self, placement: ExpertPlacement) -> None:
         self.placement = placement
         self.waited_s = 0.0  # seconds spent in Pending.result waiting for replies (benchmarks read it)
-        # [E] int64 per layer: the worker of each expert
+        # [E] int64 per layer: the (primary) worker of each expert
         self._worker_of_expert = [placement.worker_tensor(i) for i in range(placement.num_layers)]
+        # [L][E]: the workers holding each expert (primary first)
+        self._holders = [
+            [placement.holders(layer, e) for e in range(placement.num_experts)] for layer in range(placement.num_layers)
+        ]
+        self.down: set[int] = set()  # workers failed over and not answering again yet (replicas > 1 only)
+        self.failovers = 0  # layers sent again to other copies after a worker failed them
 
     def plan(self, layer: int, routing: Routing) -> list[WorkerMessage]:
-        """routing.ids/weights [T, K] -> one message per worker that has rows."""
-        where = self._worker_of_expert[layer]
-        if where.device != routing.ids.device:
-            where = self._worker_of_expert[layer] = where.to(routing.ids.device)
+        """routing.ids/weights [T, K] -> one message per worker that has rows.
+
+        R = 1: each expert's one worker. R > 1: a live copy per expert, balanced by routed tokens; an expert with
+        rows and no live copy is an :class:`ExpertWorkerError`."""
+        if self.placement.replicas == 1:
+            where = self._worker_of_expert[layer]
+            if where.device != routing.ids.device:
+                where = self._worker_of_expert[layer] = where.to(routing.ids.device)
+            return dispatch.plan(routing, where)
+        if self.down:
+            self.refresh()
+        live = set(range(self.placement.num_workers)) - self.down
+        counts = torch.bincount(routing.ids.reshape(-1), minlength=self.placement.num_experts).tolist()  # [E]
+        chosen = dispatch.choose_replicas(counts, self._holders[layer], live)  # [E]
+        orphans = [e for e, w in enumerate(chosen) if w < 0 and counts[e] > 0]
+        if orphans:
+            raise ExpertWorkerError(
+                f"layer {layer} experts {orphans} have no live copy: expert workers {sorted(self.down)} are down"
+            )
+        where = torch.tensor([max(w, 0) for w in chosen], dtype=torch.int64, device=routing.ids.device)
         return dispatch.plan(routing, where)
+
+    def fail_over(self, error: ExpertWorkerError) -> bool:
+        """Take the failed worker out of routing when its experts have other copies; False when they do not (R = 1,
+        or the error names no worker), and the step fails."""
+        w = error.worker
+        if self.placement.replicas == 1 or w is None or w in self.down:
+            return False
+        self.down.add(w)
+        self.failovers += 1
+        log.warning("expert worker %d failed (%s); other copies of its experts take over until it answers", w, error)
+        return True
+
+    def refresh(self) -> None:
+        """Re-admit down workers that answer again (transports that can probe their workers override this)."""
+        return None
 
     def submit(self, layer: int, x: torch.Tensor, routing: Routing) -> Pending:
         """x [T, D] normalised hidden states, routing.ids/weights [T, K] -> the layer's output in flight."""
-        messages = self.plan(layer, routing)
-        return Pending(messages, self.start(layer, x, messages), like=x, client=self)
+        return Pending(client=self, layer=layer, x=x, routing=routing, messages=self.plan(layer, routing))
 
     def forward(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [T, D] normalised hidden states, routing.ids/weights [T, K] -> weighted expert output [T, D]."""

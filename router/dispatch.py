@@ -71,3 +71,26 @@ def combine(messages: list[WorkerMessage], partials: list[torch.Tensor], like: t
         # tokens of one message are distinct: accumulate-put (index_add_ stalls under CPU contention)
         out.index_put_((m.tokens.to(out.device),), p.to(device=out.device, dtype=out.dtype), accumulate=True)
     return out
+
+
+def choose_replicas(counts: list[int], holders: list[tuple[int, ...]], live: set[int]) -> list[int]:
+    """One live worker per expert for this layer, balancing routed tokens across the copies.
+
+    counts [E] tokens routed to each expert; holders [E] the workers holding each expert (primary first); live the
+    workers taken to be up. Heaviest expert first, each goes to its live holder with the fewest tokens so far (ties:
+    the holder listed first). An expert with no live holder gets -1.
+
+    Example (E=4, every expert on workers 0 and 1, all live): counts [5, 3, 2, 1] -> [0, 1, 1, 0]
+    (5 -> w0; 3 -> w1; 2 -> w1, 5 vs 3; 1 -> w0 or w1 at 5 each: w0 is listed first).
+    """
+    load: dict[int, int] = {}
+    out = [-1] * len(counts)
+    for e in sorted(range(len(counts)), key=lambda e: -counts[e]):
+        best = -1
+        for w in holders[e]:
+            if w in live and (best < 0 or load.get(w, 0) < load.get(best, 0)):
+                best = w
+        if best >= 0:
+            load[best] = load.get(best, 0) + counts[e]
+        out[e] = best
+    return out

@@ -3,14 +3,20 @@
 Wrapped with ``ray.remote`` by :mod:`cluster.cluster`. The constructor takes the checkpoint path and the worker's
 share, never weights, so Ray can restart a dead worker and it reloads exactly its experts.
 
+Restart cost: the worker times its own load (``load_seconds``, bytes, MB/s), logs one line on stderr (Ray's worker
+log) and reports it through :meth:`ExpertWorker.status`, which the frontend's health check reads (``/health``,
+``/metrics``).
+
 Threads: torch's intra-op pool is sized from the CPUs Ray gave this actor (at least one), so W workers on one node
 share its cores instead of each starting one thread per core.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 import time
 from collections import deque
 
@@ -21,6 +27,8 @@ import torch
 from cluster.config import ModelConfig
 from router import wire
 from workers.expert import ExpertShard
+
+log = logging.getLogger("mixserve.worker")
 
 
 class ExpertWorker:
@@ -47,8 +55,25 @@ class ExpertWorker:
         self.threads = cpu_threads(ctx.get_assigned_resources())
         torch.set_num_threads(self.threads)
         config = ModelConfig.from_dir(model)
+        t0 = time.perf_counter()
         self.shard = ExpertShard.load(
             model, config, experts, dtype=dtype, device=self.device, progress=progress, label=f"worker {worker}"
+        )
+        self.load_seconds = time.perf_counter() - t0
+        self.started_at = time.time()
+        self.restarted = ctx.was_current_actor_reconstructed
+        _log_to_stderr()
+        mb = self.shard.nbytes() / 1e6
+        log.info(
+            "expert worker %d (pid %d, %s): loaded %d experts, %.1f MB in %.2f s (%.0f MB/s)%s",
+            worker,
+            self.pid,
+            self.device,
+            len(experts),
+            mb,
+            self.load_seconds,
+            mb / max(self.load_seconds, 1e-9),
+            " after a restart" if self.restarted else "",
         )
 
     def run(
@@ -99,6 +124,25 @@ class ExpertWorker:
 
     def ping(self) -> bool:
         return True
+
+    def status(self) -> dict:
+        """What the health check reports: load time of this incarnation, its pid and start time."""
+        return {
+            "load_seconds": self.load_seconds,
+            "loaded_bytes": self.shard.nbytes(),
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "restarted": self.restarted,
+        }
+
+
+def _log_to_stderr() -> None:
+    """Send this module's INFO lines to stderr once (a Ray worker's root logger is unconfigured)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def cpu_threads(assigned: dict[str, float]) -> int:

@@ -19,10 +19,11 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from cluster.builder import build_frontend
-from cluster.cluster import expert_client, launch_workers
+from cluster.cluster import expert_client, health_report, launch_workers, worker_health
 from cluster.config import ModelConfig
 from cluster.engine import AsyncEngine, RequestOutput
 from cluster.errors import InternalError, MixserveError
+from cluster.placement import ExpertPlacement
 from cluster.sampling import SamplingParams
 from cluster.serve.args import AppArgs
 
@@ -40,16 +41,18 @@ class FrontendServer:
         config = self.args.cluster_config()
         self.pg = None
         self.workers: list = []
+        self.placement: ExpertPlacement | None = None
         experts = None
         if config.expert_workers > 0:
-            placement = config.placement(ModelConfig.from_dir(config.model))
-            _, self.pg, self.workers = launch_workers(
+            self.placement = placement = config.placement(ModelConfig.from_dir(config.model))
+            group = launch_workers(
                 config,
                 placement=placement,
                 frontend_bundle=False,
                 # Named so operators (and tests) can find them: mixserve-expert-<replica>-<worker>.
                 name_prefix=f"mixserve-expert-{uuid.uuid4().hex[:8]}-",
             )
+            self.pg, self.workers = group.pg, group.handles
             experts = expert_client(
                 config.model_copy(
                     update={"worker_timeout_s": min(config.worker_timeout_s, self.args.request_timeout_s)}
@@ -89,17 +92,19 @@ class FrontendServer:
         self.engine.abort(request_id)
 
     async def health(self, timeout_s: float = 3.0) -> dict:
-        """Every expert worker must answer a ping within ``timeout_s`` (all pinged at once)."""
+        """:func:`~cluster.cluster.health_report`: every worker asked for its status at once, ``timeout_s`` each;
+        ok while every expert has a copy on a worker that answered."""
 
-        async def ping(i: int, handle: Any) -> dict:
+        async def status(i: int, handle: Any) -> dict:
             try:
-                await asyncio.wait_for(handle.ping.remote(), timeout=timeout_s)
-                return {"worker": i, "ok": True}
+                return worker_health(i, await asyncio.wait_for(handle.status.remote(), timeout=timeout_s))
             except Exception as e:
-                return {"worker": i, "ok": False, "error": type(e).__name__}
+                return worker_health(i, None, e)
 
-        workers = list(await asyncio.gather(*(ping(i, h) for i, h in enumerate(self.workers))))
-        return {"ok": all(w["ok"] for w in workers), "workers": workers}
+        workers = list(await asyncio.gather(*(status(i, h) for i, h in enumerate(self.workers))))
+        if self.placement is None:
+            return {"ok": True, "workers": workers, "missing_experts": []}
+        return health_report(self.placement, workers)
 
     async def stats(self) -> dict:
         core = self.frontend.core
@@ -107,6 +112,7 @@ class FrontendServer:
             "engine": core.stats(),
             "expert_load": self.frontend.expert_load(),
             "workers": len(self.workers),
+            "failovers": self.frontend.experts.failovers,
             "max_model_len": core.max_model_len,
         }
 

@@ -9,7 +9,6 @@ older than :data:`STALE_S` means the frontend stopped answering: 503.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -22,16 +21,18 @@ WORKER_PING_TIMEOUT_S = 1.0
 
 
 async def probe(frontend: Any, timeout_s: float = STALE_S) -> tuple[int, HealthResponse]:
-    """(HTTP status, body) from one round trip: 503 "unavailable" when the frontend does not answer in time,
-    503 "degraded" when a worker does not."""
+    """(HTTP status, body) from one round trip: 503 "unavailable" when the frontend does not answer in time;
+    "degraded" when a worker does not: 200 while its experts have live copies elsewhere, else 503 naming the
+    missing experts."""
     try:
         h = await asyncio.wait_for(frontend.health.remote(timeout_s=WORKER_PING_TIMEOUT_S), timeout=timeout_s)
     except Exception as e:
         return 503, HealthResponse(status="unavailable", error=type(e).__name__)
     workers = [WorkerHealth.model_validate(w) for w in h["workers"]]
     if not h["ok"]:
-        return 503, HealthResponse(status="degraded", workers=workers)
-    return 200, HealthResponse(status="ok", workers=workers)
+        missing = [(int(layer), int(e)) for layer, e in h["missing_experts"]]
+        return 503, HealthResponse(status="degraded", workers=workers, missing_experts=missing)
+    return 200, HealthResponse(status="ok" if all(w.ok for w in workers) else "degraded", workers=workers)
 
 
 class HealthMonitor:
@@ -71,15 +72,7 @@ class HealthMonitor:
         waited = "" if self.last is None else f" for {time.monotonic() - self.last[0]:.0f}s"
         return 503, HealthResponse(status="unavailable", error=f"the frontend has not answered a health check{waited}")
 
-    def workers_up(self) -> tuple[int, int] | None:
-        """(workers answering, workers) from the latest result, None before the first one."""
+    def latest(self) -> HealthResponse | None:
+        """The latest body when it is recent enough (``/metrics`` reads the workers from it), else None."""
         result = self.fresh()
-        if result is None or result[1].workers is None:
-            return None
-        workers = result[1].workers
-        return sum(1 for w in workers if w.ok), len(workers)
-
-    def close(self) -> None:
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                self._task.cancel()
+        return None if result is None else result[1]

@@ -253,7 +253,7 @@ class Ingress:
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics_text(self) -> Response:
         self.ctx.health.start()
-        text = self.ctx.metrics.render(await frontend_snapshot(self.frontend), self.ctx.health.workers_up())
+        text = self.ctx.metrics.render(await frontend_snapshot(self.frontend), self.ctx.health.latest())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- gRPC (Ray Serve's gRPC proxy calls these by the names of service mixserve.v1.Generation) -------------

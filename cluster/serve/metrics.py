@@ -6,7 +6,10 @@ application), as vLLM's do. Latency histograms are measured where the client see
 request (a choice of an ``n > 1`` request is one); engine figures (running / waiting requests, KV-cache usage,
 preemptions, prefix cache, tokens, finished requests by reason) and routed tokens per (layer, expert) come from the
 frontend's ``stats()`` at scrape time. mixserve's own: ``mixserve:api_requests_total{endpoint,status}``,
-``mixserve:routed_tokens_total{layer,expert}``, ``mixserve:expert_workers_up`` / ``mixserve:expert_workers``.
+``mixserve:routed_tokens_total{layer,expert}``, ``mixserve:expert_workers_up`` / ``mixserve:expert_workers``,
+``mixserve:expert_worker_load_seconds{worker}`` (how long each worker's current incarnation took to load its
+experts: the restart cost), ``mixserve:missing_experts`` ((layer, expert) pairs with no live copy) and
+``mixserve:expert_failovers_total`` (layers sent again to other copies of their experts after a worker failed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from cluster.serve.responses import HealthResponse
 
 log = logging.getLogger("mixserve")
 
@@ -114,7 +119,7 @@ class _FrontendCollector:
         self.labels = [model_name, ENGINE]
         self.max_num_seqs = max_num_seqs
         self.snapshot: dict | None = None
-        self.workers: tuple[int, int] | None = None  # (up, total)
+        self.health: HealthResponse | None = None
 
     def _gauge(self, name: str, doc: str, value: float) -> Metric:
         g = GaugeMetricFamily(name, doc, labels=LABELS)
@@ -127,12 +132,30 @@ class _FrontendCollector:
         return c
 
     def collect(self) -> Iterator[Metric]:
-        if self.workers is not None:
-            yield self._gauge("mixserve:expert_workers_up", "Expert workers answering a health ping.", self.workers[0])
-            yield self._gauge("mixserve:expert_workers", "Expert workers of the application.", self.workers[1])
+        workers = self.health.workers if self.health is not None else None
+        if workers is not None:
+            up = sum(1 for w in workers if w.ok)
+            yield self._gauge("mixserve:expert_workers_up", "Expert workers answering a health check.", up)
+            yield self._gauge("mixserve:expert_workers", "Expert workers of the application.", len(workers))
+            missing = len(self.health.missing_experts or []) if self.health is not None else 0
+            yield self._gauge("mixserve:missing_experts", "(layer, expert) pairs with no live copy.", missing)
+            g = GaugeMetricFamily(
+                "mixserve:expert_worker_load_seconds",
+                "Seconds the worker's current process took to load its experts (its restart cost).",
+                labels=[*LABELS, "worker"],
+            )
+            for w in workers:
+                if w.load_seconds is not None:
+                    g.add_metric([*self.labels, str(w.worker)], w.load_seconds)
+            yield g
         snap = self.snapshot
         if snap is None:
             return
+        yield self._counter(
+            "mixserve:expert_failovers",
+            "Layers sent again to other copies of their experts after a worker failed them.",
+            snap.get("failovers", 0),
+        )
         eng: dict[str, Any] = snap.get("engine", {})
         running = eng.get("running", 0)
         yield self._gauge("mixserve:num_requests_running", "Number of requests in model execution batches.", running)
@@ -237,9 +260,9 @@ class ServeMetrics:
             self._lengths[0].observe(prompt_tokens)
             self._lengths[1].observe(generation_tokens)
 
-    def render(self, snapshot: dict | None, workers: tuple[int, int] | None) -> bytes:
+    def render(self, snapshot: dict | None, health: HealthResponse | None) -> bytes:
         self.frontend.snapshot = snapshot
-        self.frontend.workers = workers
+        self.frontend.health = health
         return generate_latest(self.registry)
 
 

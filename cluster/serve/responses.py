@@ -18,9 +18,9 @@ def finish_reason(reason: str | None) -> FinishReason | None:
     return cast("FinishReason | None", reason)
 
 
-def _omit_none() -> Any:
+def _omit_none(description: str | None = None) -> Any:
     """A field left out of the JSON when None (stream deltas and usage are absent, not null, as OpenAI sends)."""
-    return Field(None, exclude_if=lambda v: v is None)
+    return Field(None, exclude_if=lambda v: v is None, description=description)
 
 
 class Usage(BaseModel):
@@ -211,11 +211,17 @@ class WorkerHealth(BaseModel):
     worker: int
     ok: bool
     error: str | None = _omit_none()
+    load_seconds: float | None = _omit_none(description="how long this worker took to load its experts")
+    pid: int | None = _omit_none()
 
 
 class HealthResponse(BaseModel):
+    """ok: every worker answers. degraded: some worker does not; 200 while every expert still has a live copy
+    (``expert_replicas`` > 1), 503 with the ``missing_experts`` otherwise. unavailable: the frontend does not answer."""
+
     status: Literal["ok", "degraded", "unavailable"]
     workers: list[WorkerHealth] | None = _omit_none()
+    missing_experts: list[tuple[int, int]] | None = _omit_none(description="[layer, expert] pairs with no live copy")
     error: str | None = _omit_none()
 
 

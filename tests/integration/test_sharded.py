@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -259,3 +261,38 @@ def test_channel_killed_worker_fails_fast_recovers_and_shuts_down_clean(ray_inst
     for a in actors:
         with pytest.raises(ray_instance.exceptions.RayActorError):
             ray_instance.get(a.ping.remote(), timeout=10)
+
+
+def test_with_two_copies_a_sigkilled_worker_fails_no_request(ray_instance, ckpt):
+    """expert_replicas=2: SIGKILL of a worker mid-generation -> the layer goes to the other copy within the step,
+    every sequence finishes with W = 0's tokens; Ray restarts the worker, health turns ok with its new pid."""
+    folder, _ = ckpt
+    long = SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)
+    with LLM(folder, progress=False) as solo:
+        expected = [o.token_ids for o in solo.generate(PROMPTS, long)]
+    with LLM(folder, expert_workers=2, expert_replicas=2, progress=False) as llm:
+        placement = llm.placement()
+        every = [(layer, e) for layer in range(2) for e in range(8)]
+        assert [sorted(p["experts"]) for p in placement] == [every, every]  # W = R = 2: both hold every expert
+        before = llm.health()
+        assert before["ok"] and [w["ok"] for w in before["workers"]] == [True, True]
+        victim_pid = placement[1]["pid"]
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(out=llm.generate(PROMPTS, long)))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive(), "the generation ended before the kill: make it longer"
+        os.kill(victim_pid, signal.SIGKILL)
+        t.join(timeout=120)
+        assert not t.is_alive()
+        assert [o.token_ids for o in result["out"]] == expected
+        assert [o.finish_reason for o in result["out"]] == ["length"] * 3
+        assert llm.frontend_info()["failovers"] == 1  # one layer was sent again, then worker 1 was left out
+        deadline = time.monotonic() + 60
+        while not (h := llm.health())["ok"] or not all(w["ok"] for w in h["workers"]):
+            assert time.monotonic() < deadline, h
+            time.sleep(0.5)
+        assert h["workers"][1]["pid"] != victim_pid and h["workers"][1]["load_seconds"] > 0
+        assert h["missing_experts"] == []
+        assert [o.token_ids for o in llm.generate(PROMPTS, long)] == expected
+        assert llm.frontend_info()["workers_down"] == []  # routed to again once it answered a probe

@@ -27,7 +27,12 @@ def test_health_turns_503_when_a_worker_dies_and_200_when_back(served):
         r = httpx.get(f"{base}/health", timeout=30)
         if r.status_code == 503:
             saw_503 = True
-            assert r.json()["status"] in ("degraded", "unavailable")
+            body = r.json()
+            assert body["status"] in ("degraded", "unavailable")
+            if body["status"] == "degraded":  # worker 1 holds experts 4-7 of every layer, with no other copy
+                assert [w["ok"] for w in body["workers"]] == [True, False]
+                assert {e for _, e in body["missing_experts"]} == {4, 5, 6, 7}
+                assert len(body["missing_experts"]) % 4 == 0
         elif saw_503 and r.status_code == 200:
             break
         time.sleep(0.1)

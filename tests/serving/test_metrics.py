@@ -34,6 +34,9 @@ OURS = {
     "mixserve:routed_tokens": ("counter", {"layer", "expert"}),
     "mixserve:expert_workers_up": ("gauge", set()),
     "mixserve:expert_workers": ("gauge", set()),
+    "mixserve:missing_experts": ("gauge", set()),
+    "mixserve:expert_worker_load_seconds": ("gauge", {"worker"}),
+    "mixserve:expert_failovers": ("counter", set()),
     "mixserve:api_requests": ("counter", {"endpoint", "status"}),
 }
 BUCKETS = {
@@ -55,7 +58,8 @@ def test_metrics_parse_with_vllm_names_types_labels_and_buckets(served):
     base, _, _ = served
     for body in ({"prompt": "metrics", "max_tokens": 5, "temperature": 0},
                  {"prompt": "stream", "max_tokens": 3, "stream": True}):  # fmt: skip
-        assert post(base, "/v1/completions", body).status_code == 200
+        r = post(base, "/v1/completions", body)
+        assert r.status_code == 200, r.text
     families = scrape(base)
     for name, (kind, extra) in {**VLLM_LIKE, **OURS}.items():
         assert name in families, name
@@ -107,6 +111,10 @@ def test_metric_values_follow_the_requests(served):
     routed = value(after, "mixserve:routed_tokens", "mixserve:routed_tokens_total", layer="1")
     assert routed > value(before, "mixserve:routed_tokens", "mixserve:routed_tokens_total", layer="1")
     assert value(after, "mixserve:expert_workers_up", "mixserve:expert_workers_up") == 2
+    assert value(after, "mixserve:missing_experts", "mixserve:missing_experts") == 0
+    loads = [s for s in after["mixserve:expert_worker_load_seconds"].samples]
+    assert sorted(s.labels["worker"] for s in loads) == ["0", "1"]
+    assert all(0 < s.value < 120 for s in loads), loads
     usage = value(after, "mixserve:kv_cache_usage_perc", "mixserve:kv_cache_usage_perc")
     assert 0 <= usage <= 1
     assert value(after, "mixserve:num_requests_running", "mixserve:num_requests_running") >= 0

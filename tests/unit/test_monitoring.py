@@ -12,6 +12,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.serve.metrics import ServeMetrics
+from cluster.serve.responses import HealthResponse, WorkerHealth
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "mixserve.json"
@@ -29,7 +30,8 @@ def exported() -> dict[str, set[str]]:
     m.finished(e2e_s=1.0, queue_s=0.1, prompt_tokens=5, generation_tokens=7, max_model_len=4096)
     engine = {"running": 1, "waiting": 0, "kv_cache_usage": 0.5, "num_preemptions": 0, "prefix_cache_queries": 3,
               "prefix_cache_hits": 1, "prompt_tokens": 5, "generation_tokens": 7, "finished_stop": 1}  # fmt: skip
-    text = m.render({"engine": engine, "expert_load": [[1, 2], [3, 4]]}, (2, 2)).decode()
+    health = HealthResponse(status="ok", workers=[WorkerHealth(worker=0, ok=True, load_seconds=1.5, pid=7)])
+    text = m.render({"engine": engine, "expert_load": [[1, 2], [3, 4]], "failovers": 0}, health).decode()
     out: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

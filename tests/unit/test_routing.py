@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster import LLM, SamplingParams
-from cluster.placement import ExpertPlacement, PlacementError
+from cluster.errors import ExpertWorkerError
+from cluster.placement import ExpertPlacement, PlacementError, interleave_nodes
 from cluster.step import SeqChunk
 from cluster.tiny_model import TinyModelSpec, write_tiny_model
 from router import wire
-from router.dispatch import WorkerMessage, combine, plan
+from router.client import LocalExperts
+from router.dispatch import WorkerMessage, choose_replicas, combine, plan
 from router.gate import ExpertLoad, Routing, route
 from workers.expert_worker import cpu_threads
 from workers.kv_cache import plan_step
@@ -182,3 +186,118 @@ def test_two_micro_batches_give_the_same_tokens_and_logits_in_process(tmp_path):
         assert p.logprobs is not None and s.logprobs is not None
         for a, b in zip(p.logprobs, s.logprobs, strict=True):
             assert abs(a.logprob - b.logprob) < 1e-5 and [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_replicas_live_on_distinct_workers_and_missing_lists_what_has_no_live_copy():
+    p = ExpertPlacement.contiguous(num_layers=2, num_experts=8, num_workers=4, replicas=2)
+    assert p.holders(0, 0) == (0, 1) and p.holders(1, 7) == (3, 0)
+    assert p.experts_of(1) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert p.missing({0, 1, 2, 3}) == [] and p.missing({0, 2}) == []  # every expert has a copy on 0 or 2
+    assert p.missing({0, 1}) == [(0, 4), (0, 5), (1, 4), (1, 5)]  # experts 4, 5 live on workers 2 and 3 only
+    one = ExpertPlacement.contiguous(num_layers=1, num_experts=4, num_workers=2)
+    assert one.missing({0}) == [(0, 2), (0, 3)]
+    with pytest.raises(PlacementError, match="replicas <= expert workers"):
+        ExpertPlacement.contiguous(num_layers=1, num_experts=4, num_workers=2, replicas=3)
+
+
+def test_interleave_nodes_puts_neighbouring_workers_on_different_nodes():
+    assert interleave_nodes(["a", "a", "b", "b"]) == [0, 2, 1, 3]
+    assert interleave_nodes(["a", "b", "c"]) == [0, 1, 2]
+    assert interleave_nodes(["a", "a", "a", "b"]) == [0, 3, 1, 2]
+    assert interleave_nodes(["x", "x"]) == [0, 1]
+
+
+def test_choose_replicas_docstring_example_and_dead_holders():
+    assert choose_replicas([5, 3, 2, 1], [(0, 1)] * 4, {0, 1}) == [0, 1, 1, 0]
+    assert choose_replicas([5, 3, 2, 1], [(0, 1), (1, 0), (0, 1), (1, 0)], {1}) == [1, 1, 1, 1]
+    assert choose_replicas([5, 0], [(0,), (1,)], {0}) == [0, -1]
+
+
+@given(
+    counts=st.lists(st.integers(0, 50), min_size=2, max_size=8),
+    workers=st.integers(2, 4),
+    data=st.data(),
+)
+def test_choose_replicas_picks_a_live_holder_and_balances_full_copies(counts, workers, data):
+    E = len(counts)
+    placement = ExpertPlacement.contiguous(
+        num_layers=1, num_experts=E, num_workers=min(workers, E), replicas=min(workers, E)
+    )
+    holders = [placement.holders(0, e) for e in range(E)]
+    live = set(data.draw(st.sets(st.integers(0, placement.num_workers - 1), min_size=1)))
+    chosen = choose_replicas(counts, holders, live)
+    assert all(w in live and w in holders[e] for e, w in enumerate(chosen))
+    # every worker holds every expert here: greedy heaviest-first keeps the spread within the largest expert
+    load = [sum(c for c, w in zip(counts, chosen, strict=True) if w == v) for v in sorted(live)]
+    assert max(load) - min(load) <= max(counts)
+
+
+class _FlakyExperts(LocalExperts):
+    """In-process experts where the workers in ``dead`` fail every message as a dead Ray actor would."""
+
+    def __init__(self, placement, shards, dead):
+        super().__init__(placement, shards)
+        self.dead = set(dead)
+        self.sent: list[int] = []
+
+    def start(self, layer, x, messages):
+        self.sent += [m.worker for m in messages]
+        for m in messages:
+            if m.worker in self.dead:
+                return _Fails(m.worker)
+        return super().start(layer, x, messages)
+
+
+class _Fails:
+    def __init__(self, worker):
+        self.worker = worker
+
+    def wait(self):
+        raise ExpertWorkerError(f"expert worker {self.worker} is unavailable", worker=self.worker)
+
+
+def _moe_setup(replicas):
+    torch.manual_seed(5)
+    T, D, E, K, W = 12, 8, 4, 2, 2
+    experts = [torch.nn.Linear(D, D, bias=False) for _ in range(E)]
+
+    class Shard:
+        def run(self, layer, x, rows, ids, weights):
+            out = torch.zeros_like(x)
+            for row, e, w in zip(rows.tolist(), ids.tolist(), weights.tolist(), strict=True):
+                out[row] += w * experts[e](x[row])
+            return out
+
+    placement = ExpertPlacement.contiguous(num_layers=1, num_experts=E, num_workers=W, replicas=replicas)
+    x = torch.randn(T, D)
+    routing = route(x, torch.randn(E, D), K)
+    dense = torch.zeros(T, D)
+    for t in range(T):
+        for k in range(K):
+            dense[t] += routing.weights[t, k] * experts[routing.ids[t, k]](x[t])
+    return placement, {w: Shard() for w in range(W)}, x, routing, dense
+
+
+def test_a_dead_worker_is_failed_over_to_the_other_copy_within_the_step():
+    placement, shards, x, routing, dense = _moe_setup(replicas=2)
+    with torch.no_grad():
+        healthy = _FlakyExperts(placement, shards, dead=[])
+        assert torch.allclose(healthy.forward(0, x, routing), dense, atol=1e-6)
+        assert sorted(set(healthy.sent)) == [0, 1]  # balanced: both copies get rows
+        client = _FlakyExperts(placement, shards, dead=[1])
+        assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)
+        assert client.down == {1} and client.failovers == 1
+        client.sent.clear()
+        assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)
+        assert client.sent == [0] and client.failovers == 1  # the down worker gets nothing more
+        both = _FlakyExperts(placement, shards, dead=[0, 1])
+        with pytest.raises(ExpertWorkerError, match=r"have no live copy: expert workers \[0, 1\] are down"):
+            both.forward(0, x, routing)
+
+
+def test_without_copies_a_dead_worker_fails_the_step():
+    placement, shards, x, routing, _ = _moe_setup(replicas=1)
+    client = _FlakyExperts(placement, shards, dead=[1])
+    with pytest.raises(ExpertWorkerError, match="expert worker 1 is unavailable"):
+        client.forward(0, x, routing)
+    assert client.down == set() and client.failovers == 0

@@ -256,7 +256,7 @@ _S = {"role": "system", "content": "s"}
         ([_U, _S, _A, _U], r"message 1: a system message is only allowed as the first message"),
         ([_S, _S, _U], r"message 1: a system message is only allowed as the first message"),
         ([_S], r"no user message"),
-        ([{"role": "tool", "content": "x"}], r"message 0: unknown role 'tool'"),
+        ([{"role": "tool", "content": "x"}], r"message 0: a tool result \(role 'tool'\): .*has no tool calls"),
         ([_U, {"role": "bot", "content": "x"}], r"message 1: unknown role 'bot'"),
         ([{"content": "x"}], r"message 0: unknown role None"),
         ([{"role": "user", "content": None}], r"message 0: content must be a string, got NoneType"),
