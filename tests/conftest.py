@@ -16,6 +16,8 @@ RAY_GPUS = 4  # logical GPUs so placement across GPUs is testable on a CPU machi
 def ensure_local_ray():
     import ray
 
+    from cluster.serve.grpc_bind import GRPC_HOST_ENV, HOOK
+
     if not ray.is_initialized():
         ray.init(
             address="local",  # a new instance even if a `ray start` cluster runs on this machine
@@ -24,6 +26,8 @@ def ensure_local_ray():
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
+            # as `mixserve serve` starts Ray: Serve's gRPC proxy binds 127.0.0.1, not every interface
+            runtime_env={"worker_process_setup_hook": HOOK, "env_vars": {GRPC_HOST_ENV: "127.0.0.1"}},
         )
     return ray
 

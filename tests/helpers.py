@@ -75,3 +75,21 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses listening on ``port``, from /proc/net/tcp and tcp6 ("0.0.0.0", "::", "127.0.0.1", ...)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if int(hex_port, 16) != port or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            if width == 32 and address.upper().startswith("0000000000000000FFFF0000"):  # ::ffff:a.b.c.d
+                width, address = 8, address[-8:]
+            if width == 8:
+                found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+            else:
+                found.add("::" if int(address, 16) == 0 else address)
+    return found

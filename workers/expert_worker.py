@@ -61,11 +61,10 @@ class ExpertWorker:
         )
         self.load_seconds = time.perf_counter() - t0
         self.started_at = time.time()
-        self.restarted = ctx.was_current_actor_reconstructed
         _log_to_stderr()
         mb = self.shard.nbytes() / 1e6
         log.info(
-            "expert worker %d (pid %d, %s): loaded %d experts, %.1f MB in %.2f s (%.0f MB/s)%s",
+            "expert worker %d (pid %d, %s): loaded %d experts, %.1f MB in %.2f s (%.0f MB/s)",
             worker,
             self.pid,
             self.device,
@@ -73,7 +72,6 @@ class ExpertWorker:
             mb,
             self.load_seconds,
             mb / max(self.load_seconds, 1e-9),
-            " after a restart" if self.restarted else "",
         )
 
     def run(
@@ -132,7 +130,6 @@ class ExpertWorker:
             "loaded_bytes": self.shard.nbytes(),
             "pid": self.pid,
             "started_at": self.started_at,
-            "restarted": self.restarted,
         }
 
 

@@ -1,9 +1,10 @@
 """``mixserve serve``: start or join Ray, deploy the application with HTTP and gRPC, print the URLs, stop on Ctrl-C.
 
-Closed by default: HTTP binds ``--host`` (127.0.0.1 unless told otherwise). Ray Serve's gRPC proxy cannot bind a
-host (Ray 2.60 binds ``[::]:<port>``, every interface, in ``ray.serve._private.grpc_util.start_grpc_server``): the
-command says so at startup, and ``--grpc-port 0`` turns gRPC off. Serving on a non-loopback address without an API
-key prints a warning. The gRPC proxy's message size limit is set from ``--max-request-bytes`` when this command
+Closed by default: HTTP and gRPC bind ``--host`` (127.0.0.1 unless told otherwise). Ray Serve 2.60's gRPC proxy
+takes no host (it binds ``[::]:<port>``); this command starts Ray with :mod:`cluster.serve.grpc_bind` as the job's
+worker setup hook, so the proxy it starts binds ``--host`` too (joining a cluster whose Serve already runs keeps that
+proxy as it is: a warning says so). ``--grpc-port 0`` turns gRPC off. Serving on a non-loopback address without an
+API key prints a warning. The gRPC proxy's message size limit is set from ``--max-request-bytes`` when this command
 starts Ray (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, read by the proxy process).
 """
 
@@ -21,6 +22,7 @@ from ray import serve
 
 from cluster.errors import MixserveError
 from cluster.options import add_options, options_from
+from cluster.serve import grpc_bind
 from cluster.serve.app import GRPC_SERVICER, build_app
 from cluster.serve.args import AppArgs, parse_args
 from cluster.serve.auth import ApiKeys, keys_from_env
@@ -33,32 +35,37 @@ GRPC_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API and gRPC (default: built-in tiny model)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP and gRPC bind address (default: loopback only)")
     p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument(
-        "--grpc-port", type=int, default=9000, help="gRPC port; 0 turns gRPC off (Ray binds it on every interface)"
-    )
+    p.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (bound on --host); 0 turns gRPC off")
     p.add_argument("--address", default=None, help="Ray address to join (default: start a local Ray)")
     add_options(p, AppArgs, skip=("expert_placement",))
     p.set_defaults(func=serve_main)
 
 
-def startup_warnings(host: str, grpc_port: int, api_keys: int) -> list[str]:
+def startup_warnings(host: str, grpc_port: int, api_keys: int, *, joining: bool = False) -> list[str]:
     """What an operator must know about who can reach this server."""
     out = []
-    if grpc_port and host not in ALL_INTERFACES:
+    if grpc_port and joining:
         out.append(
-            f"gRPC port {grpc_port} listens on every interface, not only on {host}: Ray Serve's gRPC proxy cannot "
-            "bind a host. Use --grpc-port 0 to turn gRPC off, an API key, or a firewall."
+            f"joining a Ray cluster: if Serve already runs there, its gRPC proxy keeps the address it was started "
+            f"with (Ray's own: every interface), not {host}"
         )
-    if not api_keys and (host not in LOOPBACK or grpc_port):
+    if not api_keys and host not in LOOPBACK:
         where = "every interface" if host in ALL_INTERFACES else host
-        exposed = f"HTTP on {where}" if host not in LOOPBACK else ""
-        exposed = " and ".join(x for x in (exposed, "gRPC on every interface" if grpc_port else "") if x)
+        served = "HTTP and gRPC" if grpc_port else "HTTP"
         out.append(
-            f"no API key: anyone who reaches {exposed} can generate. Set MIXSERVE_API_KEY, --api-key-file or --api-key."
+            f"no API key: anyone who reaches {served} on {where} can generate. Set MIXSERVE_API_KEY, --api-key-file "
+            "or --api-key."
         )
     return out
+
+
+def ray_runtime_env(host: str) -> dict:
+    """The job's runtime environment: Serve's gRPC proxy binds ``host`` (all interfaces: Ray's own binding)."""
+    if host in ALL_INTERFACES:
+        return {}
+    return {"worker_process_setup_hook": grpc_bind.HOOK, "env_vars": {grpc_bind.GRPC_HOST_ENV: host}}
 
 
 def serve_main(a: argparse.Namespace) -> int:
@@ -78,14 +85,20 @@ def serve_main(a: argparse.Namespace) -> int:
         return 2
     if parsed.model is None:
         print(f"mixserve serve: no --model given; serving the built-in tiny model ({default_model_dir()})")
-    for warning in startup_warnings(a.host, a.grpc_port, len(keys)):
+    for warning in startup_warnings(a.host, a.grpc_port, len(keys), joining=bool(a.address)):
         print(f"mixserve serve: WARNING: {warning}", file=sys.stderr)
+    runtime_env = ray_runtime_env(a.host)
     if a.address:
-        ray.init(address=a.address)
+        ray.init(address=a.address, runtime_env=runtime_env)
     else:
         os.environ[GRPC_MESSAGE_SIZE_ENV] = str(parsed.max_request_bytes)  # inherited by the gRPC proxy process
         # Logical CPUs for the actors (ingress, frontend, W workers) even on a 2-core machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 + a.expert_workers), include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, 4 + a.expert_workers),
+            include_dashboard=False,
+            runtime_env=runtime_env,
+        )
     # Ctrl-C / SIGTERM from here on: finish the step in progress, then shut down cleanly.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,7 +116,7 @@ def serve_main(a: argparse.Namespace) -> int:
     print(f"mixserve is serving {', '.join(parsed.served_model_name)}")
     print(f"  OpenAI HTTP API: http://{host}:{a.http_port}/v1   (health: /health, metrics: /metrics)")
     if a.grpc_port:
-        print(f"  gRPC:            {host}:{a.grpc_port}   (service mixserve.v1.Generation; every interface)")
+        print(f"  gRPC:            {host}:{a.grpc_port}   (service mixserve.v1.Generation)")
     else:
         print("  gRPC:            off (--grpc-port 0)")
     print("Ctrl-C stops.", flush=True)

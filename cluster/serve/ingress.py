@@ -147,8 +147,9 @@ class Ingress:
         )
         if not keys.enabled:
             log.warning(
-                "mixserve: no API key configured: anyone who reaches the HTTP or gRPC port can generate "
-                "(Ray Serve's gRPC proxy listens on every interface); set api_key_env / api_key_file / api_key"
+                "mixserve: no API key configured: anyone who reaches the HTTP or gRPC port can generate (the gRPC "
+                "proxy binds every interface unless Ray was started as `mixserve serve` starts it); set api_key_env "
+                "/ api_key_file / api_key"
             )
 
     async def _serve(

@@ -32,6 +32,14 @@ def test_spread_places_workers_on_both_nodes(tmp_path):
             assert len(nodes) == 2, llm.placement()
             out = llm.generate(["hello"], SamplingParams(max_tokens=8, temperature=0))
             assert out[0].token_ids == reference[0].token_ids
+        # two copies of every expert: workers w and w + 1 hold an expert's copies, so they go to different nodes
+        # (the 2/2 split leaves one pair, the wrap-around from worker 2 to worker 0, on one node)
+        with LLM(folder, expert_workers=3, expert_replicas=2, placement_strategy="SPREAD", progress=False) as llm:
+            nodes = [p["node_id"] for p in llm.placement()]
+            assert nodes[0] != nodes[1] and nodes[1] != nodes[2], nodes
+            assert llm.generate(["hello"], SamplingParams(max_tokens=8, temperature=0))[0].token_ids == (
+                reference[0].token_ids
+            )
         with LLM(folder, expert_workers=2, placement_strategy="STRICT_PACK", progress=False) as llm:
             assert len({p["node_id"] for p in llm.placement()}) == 1
     finally:

@@ -12,7 +12,8 @@ from cluster import LLM, SamplingParams
 from cluster.errors import AppArgsError
 from cluster.options import options_from
 from cluster.serve.args import AppArgs, parse_args
-from cluster.serve.cli import add_serve_command, startup_warnings
+from cluster.serve.cli import add_serve_command, ray_runtime_env, startup_warnings
+from cluster.serve.grpc_bind import grpc_address
 from cluster.tiny_model import TinyModelSpec, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,14 +94,25 @@ def test_serve_flags_for_list_fields():
 
 
 def test_startup_warnings_say_what_is_exposed():
-    loopback_grpc = startup_warnings("127.0.0.1", 9000, api_keys=1)
-    assert len(loopback_grpc) == 1 and "every interface" in loopback_grpc[0] and "--grpc-port 0" in loopback_grpc[0]
-    assert startup_warnings("127.0.0.1", 0, api_keys=0) == []  # HTTP on loopback only, gRPC off
+    assert startup_warnings("127.0.0.1", 9000, api_keys=0) == []  # HTTP and gRPC on loopback only
     assert startup_warnings("0.0.0.0", 9000, api_keys=2) == []  # everything bound everywhere, with keys
     open_http = startup_warnings("0.0.0.0", 0, api_keys=0)
-    assert len(open_http) == 1 and "no API key" in open_http[0] and "HTTP on every interface" in open_http[0]
+    assert len(open_http) == 1 and "no API key: anyone who reaches HTTP on every interface" in open_http[0]
     both = startup_warnings("10.0.0.5", 9000, api_keys=0)
-    assert len(both) == 2 and "HTTP on 10.0.0.5 and gRPC on every interface" in both[1]
+    assert len(both) == 1 and "HTTP and gRPC on 10.0.0.5" in both[0]
+    joining = startup_warnings("127.0.0.1", 9000, api_keys=1, joining=True)
+    assert len(joining) == 1 and "keeps the address it was started with" in joining[0]
+    assert startup_warnings("127.0.0.1", 0, api_keys=1, joining=True) == []
+
+
+def test_ray_runtime_env_binds_grpc_to_the_host():
+    assert ray_runtime_env("127.0.0.1") == {
+        "worker_process_setup_hook": "cluster.serve.grpc_bind.bind_grpc_host",
+        "env_vars": {"MIXSERVE_GRPC_HOST": "127.0.0.1"},
+    }
+    assert ray_runtime_env("0.0.0.0") == {}
+    assert grpc_address("127.0.0.1", "[::]:9000") == "127.0.0.1:9000"
+    assert grpc_address("::1", "[::]:9000") == "[::1]:9000"
 
 
 def test_serve_takes_object_refs_or_channels():
