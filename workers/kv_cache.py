@@ -69,9 +69,10 @@ class LayerKV:
     def gather(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks of each table row laid end to end: k, v [B, NB * bs, Hkv, Dh] (copies)."""
         B, NB = tables.shape
-        k = self.k[tables]  # [B, NB, bs, Hkv, Dh]
-        v = self.v[tables]
-        return k.view(B, NB * k.shape[2], *k.shape[3:]), v.view(B, NB * v.shape[2], *v.shape[3:])
+        flat = tables.reshape(-1)  # index_select copies whole blocks: ~5x faster on CPU than k[tables]
+        k = self.k.index_select(0, flat)  # [B * NB, bs, Hkv, Dh]
+        v = self.v.index_select(0, flat)
+        return k.view(B, NB * k.shape[1], *k.shape[2:]), v.view(B, NB * v.shape[1], *v.shape[2:])
 
 
 class KVCache:

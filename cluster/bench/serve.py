@@ -37,7 +37,7 @@ APP_NAME = "mixserve-bench"
 class Options(Common):
     """load generator against the OpenAI HTTP API (deploys a local server by default)"""
 
-    cluster_flags = ("expert_workers", "max_num_seqs", "max_num_batched_tokens", "gpus_per_worker")
+    cluster_flags = ("expert_workers", "transport", "max_num_seqs", "max_num_batched_tokens", "gpus_per_worker")
     cluster_defaults = {"expert_workers": 2, "max_num_seqs": 32}
     url: str | None = opt(None, "base URL of a running server (default: deploy one in-process)")
     baseline_url: str | None = opt(None, "with --url: a W=0 server to compare at the highest level")
