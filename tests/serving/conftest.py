@@ -27,6 +27,23 @@ MAX_REQUEST_BYTES = 1024 * 1024
 ENV_KEYS_VAR = "MIXSERVE_TEST_API_KEYS"
 ENV_KEYS = ("env-key-1", "env-key-2")
 FILE_KEYS = ("file-key-1", "file-key-2")
+# JSON schemas of the two functions the tool-call tests offer (HTTP and gRPC)
+WEATHER_ARGS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME_ARGS = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "maxLength": 6}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
 # Set while the test modules are collected, before Ray starts: Ray's processes (the ingress replica, the gRPC
 # proxy) inherit this environment. The gRPC proxy's message limit is the application's request limit.
 os.environ.setdefault(ENV_KEYS_VAR, " , ".join(ENV_KEYS))

@@ -15,7 +15,7 @@ from cluster import SamplingParams
 from cluster.serve.grpc_servicer import http_body
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
-from tests.serving.conftest import API_KEY, MODEL_NAME, post
+from tests.serving.conftest import API_KEY, MODEL_NAME, TIME_ARGS, WEATHER_ARGS, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
@@ -207,22 +207,6 @@ def test_tokenize(stub, reference_llm):
 # --------------------------------------------------------------------------- parity with HTTP: n, best_of, echo, tools
 # The same request over gRPC and over HTTP on the same server (greedy, or seeded) gives the same choices.
 
-WEATHER_ARGS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 10},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME_ARGS = {
-    "type": "object",
-    "properties": {"zone": {"type": "string", "maxLength": 6}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
 SCHEMAS = {"get_weather": WEATHER_ARGS, "get_time": TIME_ARGS}
 HTTP_TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER_ARGS}},

@@ -14,26 +14,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.serving.conftest import API_KEY, MODEL_NAME
+from tests.serving.conftest import API_KEY, MODEL_NAME, TIME_ARGS, WEATHER_ARGS
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 USER = [{"role": "user", "content": "What is the weather in Paris, and what time is it?"}]
-WEATHER_ARGS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 10},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME_ARGS = {
-    "type": "object",
-    "properties": {"zone": {"type": "string", "maxLength": 6}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
 TOOLS: list[Any] = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER_ARGS}},
     {"type": "function", "function": {"name": "get_time", "description": "Time", "parameters": TIME_ARGS}},
