@@ -141,12 +141,15 @@ class ExpertClient(ABC):
 
     def fail_over(self, error: ExpertWorkerError) -> bool:
         """Take the failed worker out of routing when its experts have other copies; False when they do not (R = 1,
-        or the error names no worker), and the step fails."""
+        or the error names no worker), and the step fails. A layer sent before the worker was taken out (the other
+        micro-batch in flight) fails over the same way."""
         w = error.worker
-        if self.placement.replicas == 1 or w is None or w in self.down:
+        if self.placement.replicas == 1 or w is None:
             return False
-        self.down.add(w)
         self.failovers += 1
+        if w in self.down:
+            return True
+        self.down.add(w)
         log.warning("expert worker %d failed (%s); other copies of its experts take over until it answers", w, error)
         return True
 

@@ -295,6 +295,17 @@ def test_a_dead_worker_is_failed_over_to_the_other_copy_within_the_step():
             both.forward(0, x, routing)
 
 
+def test_two_layers_in_flight_to_a_dead_worker_both_fail_over():
+    """Two micro-batches in flight: both were sent to worker 1 before the first reply showed it dead."""
+    placement, shards, x, routing, dense = _moe_setup(replicas=2)
+    client = _FlakyExperts(placement, shards, dead=[1])
+    with torch.no_grad():
+        first, second = client.submit(0, x, routing), client.submit(0, x, routing)
+        assert torch.allclose(first.result(), dense, atol=1e-6)
+        assert torch.allclose(second.result(), dense, atol=1e-6)
+    assert client.down == {1} and client.failovers == 2
+
+
 def test_without_copies_a_dead_worker_fails_the_step():
     placement, shards, x, routing, _ = _moe_setup(replicas=1)
     client = _FlakyExperts(placement, shards, dead=[1])
