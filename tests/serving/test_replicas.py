@@ -1,9 +1,10 @@
 """Redundant experts and a killed frontend, through the real Serve application (HTTP on 127.0.0.1).
 
 A second application on the shared Serve instance serves the main test model with two expert workers that each
-hold a copy of every expert (``expert_replicas=2``). SIGKILL of a worker process under 16 streams fails no request
-and changes no token; killing the frontend replica makes Serve start a new one, which replaces its workers (the
-old ones die with their owner: no orphaned actors, no second placement group) and serves the same tokens.
+hold a copy of every expert (``expert_replicas=2``). SIGKILL of a worker process under 16 streams (12 HTTP, 4 gRPC)
+fails no request and changes no token; killing the frontend replica makes Serve start a new one, which replaces
+its workers (the old ones die with their owner: no orphaned actors, no second placement group) and serves the same
+tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
 import ray
@@ -21,6 +23,8 @@ from ray import serve
 
 from cluster import SamplingParams
 from cluster.serve.app import build_app
+from cluster.serve.proto import mixserve_pb2 as pb
+from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
 from tests.serving.conftest import API_KEY, metric, post, wait_healthy, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
@@ -78,13 +82,28 @@ def stream_text(base: str, prompt: list[int]) -> tuple[int, str, str | None]:
     return 200, text, reason
 
 
+def grpc_stream_text(target: str, prompt: list[int]) -> tuple[int, str, str | None]:
+    """(status, text, finish_reason) of one greedy GenerateStream: 200 when it finished, else the gRPC code's value."""
+    request = pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    metadata = (("authorization", f"Bearer {API_KEY}"), ("application", APP))
+    text, reason = "", None
+    with grpc.insecure_channel(target) as channel:
+        try:
+            for reply in pb_grpc.GenerationStub(channel).GenerateStream(request, metadata=metadata, timeout=120):
+                text += reply.text
+                reason = reply.finish_reason or reason
+        except grpc.RpcError as e:
+            return e.code().value[0], e.details() or "", None
+    return 200, text, reason
+
+
 def health(base: str) -> tuple[int, dict]:
     r = httpx.get(f"{base}/health", timeout=30)
     return r.status_code, r.json()
 
 
-def test_sigkill_of_a_worker_under_16_streams_fails_no_request(replicated, reference_llm):
-    base = replicated
+def test_sigkill_of_a_worker_under_16_streams_fails_no_request(replicated, serve_instance, reference_llm):
+    base, target = replicated, serve_instance[1]
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     expected = [o.text for o in reference_llm.generate(prompts(), greedy)]
     status, h = health(base)
@@ -93,8 +112,8 @@ def test_sigkill_of_a_worker_under_16_streams_fails_no_request(replicated, refer
     failovers = metric(base, "mixserve:expert_failovers_total")
     results: list = [None] * STREAMS
 
-    def run(i: int) -> None:
-        results[i] = stream_text(base, prompts()[i])
+    def run(i: int) -> None:  # every fourth stream over gRPC
+        results[i] = grpc_stream_text(target, prompts()[i]) if i % 4 == 3 else stream_text(base, prompts()[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(STREAMS)]
     for t in threads:
