@@ -62,7 +62,12 @@ class FrontendServer:
             )
         self.frontend = build_frontend(config, experts=experts, progress=True)
         self.engine = AsyncEngine(self.frontend.core)
-        log.info("mixserve frontend ready: %s, %d expert workers", config.model, config.expert_workers)
+        log.info(
+            "mixserve frontend ready: %s, %d expert workers, %d copies of each expert",
+            config.model,
+            config.expert_workers,
+            config.expert_replicas,
+        )
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
