@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cluster import SamplingParams
-from cluster.serve.grpc_servicer import http_body
+from cluster.serve.grpc_request import http_body
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
 from tests.serving.conftest import API_KEY, MODEL_NAME, TIME_ARGS, WEATHER_ARGS, post
