@@ -402,22 +402,35 @@ class ExpertCluster:
     def expert_load(self) -> list[list[int]]:
         return self._call(lambda fe: fe.expert_load.remote())
 
-    def placement(self) -> list[dict]:
-        return ray.get([w.info.remote() for w in self.workers])
+    def _ask(self, method: str, timeout_s: float) -> list[tuple[Any, BaseException | None]]:
+        """``method`` of every worker at once: (reply, None) or (None, the error; GetTimeoutError after
+        ``timeout_s`` in all), in worker order."""
+        refs = [getattr(w, method).remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out: list[tuple[Any, BaseException | None]] = []
+        for ref in refs:
+            if ref not in ready:
+                out.append((None, GetTimeoutError()))
+                continue
+            try:
+                out.append((ray.get(ref), None))
+            except Exception as e:
+                out.append((None, e))
+        return out
+
+    def placement(self, timeout_s: float = 10.0) -> list[dict]:
+        """Each worker's ``info()``; a worker that does not answer within ``timeout_s`` is
+        ``{"worker": w, "experts": <its share>, "error": <why>}``."""
+        return [
+            reply
+            if error is None
+            else {"worker": w, "experts": self.expert_placement.experts_of(w), "error": type(error).__name__}
+            for w, (reply, error) in enumerate(self._ask("info", timeout_s))
+        ]
 
     def health(self, timeout_s: float = 3.0) -> dict:
         """:func:`health_report` of the workers, each asked for its status at once (``timeout_s`` in all)."""
-        refs = [w.status.remote() for w in self.workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        entries = []
-        for i, ref in enumerate(refs):
-            if ref not in ready:
-                entries.append(worker_health(i, None, GetTimeoutError()))
-                continue
-            try:
-                entries.append(worker_health(i, ray.get(ref)))
-            except Exception as e:
-                entries.append(worker_health(i, None, e))
+        entries = [worker_health(w, reply, error) for w, (reply, error) in enumerate(self._ask("status", timeout_s))]
         return health_report(self.expert_placement, entries)
 
     def shutdown(self) -> None:

@@ -92,10 +92,11 @@ class LLM:
             return self._cluster.logits(list(token_ids))
         return self._local().core.logits(list(token_ids))
 
-    def placement(self) -> list[dict]:
-        """Per worker: its experts, node id, GPU ids and bytes of expert weights it holds."""
+    def placement(self, timeout_s: float = 10.0) -> list[dict]:
+        """Per worker: its experts, node id, GPU ids and bytes of expert weights it holds (a worker that does not
+        answer within ``timeout_s``: its experts and the error)."""
         if self._cluster is not None:
-            return self._cluster.placement()
+            return self._cluster.placement(timeout_s)
         info = self._local().info()
         return [
             {

@@ -100,6 +100,10 @@ def test_removed_node_worker_is_re_placed_where_there_is_room_else_health_names_
             assert h["missing_experts"] == [[layer, e] for layer in range(2) for e in range(2)]  # worker 0's
             time.sleep(3)
             assert llm.health()["missing_experts"] == h["missing_experts"]  # no room: it stays missing
+            t0 = time.monotonic()
+            down = llm.placement(timeout_s=2)  # answers, naming the worker that does not
+            assert time.monotonic() - t0 < 10 and "error" in down[0] and "error" not in down[1]
+            assert down[0]["experts"] == [(layer, e) for layer in range(2) for e in range(2)]
 
             cluster.add_node(**small)
             _wait(lambda: llm.health()["ok"], "worker 0 was not re-placed on the new node")
