@@ -37,7 +37,9 @@ from router.dispatch import WorkerMessage
 log = logging.getLogger("mixserve")
 
 PROBE_INTERVAL_S = 0.5
-RETRY_WAIT_S = 2.0
+# A live worker answers the retry in milliseconds; a restarting one cannot (a new process imports torch and loads
+# its experts: seconds), so the retry never turns into waiting for a restart.
+RETRY_WAIT_S = 0.5
 
 
 class RayExperts(ExpertClient):

@@ -14,12 +14,19 @@ from tests.serving.conftest import API_KEY, metric, wait_until
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 
 
+def _worker(w: int):
+    """The main application's expert worker ``w`` (named mixserve-expert-<replica id>-<w>; the listing's order is
+    not the workers' order)."""
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mixserve-expert-")]
+    assert len(names) == 2, names
+    (mine,) = [a for a in names if a["name"].endswith(f"-{w}")]
+    return ray.get_actor(mine["name"], namespace=mine["namespace"])
+
+
 def test_health_turns_503_when_a_worker_dies_and_200_when_back(served):
     base, _, _ = served
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mixserve-expert-")]
-    assert len(names) == 2, names
-    victim = ray.get_actor(names[1]["name"], namespace=names[1]["namespace"])
+    victim = _worker(1)
     ray.kill(victim, no_restart=False)
     saw_503 = False
     deadline = time.monotonic() + 60
@@ -50,8 +57,7 @@ def test_health_turns_503_when_a_worker_dies_and_200_when_back(served):
 
 def test_request_in_flight_when_a_worker_dies_gets_503_fast(served):
     base, _, _ = served
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mixserve-expert-")]
-    victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    victim = _worker(0)
     result: dict = {}
 
     def long_request():
