@@ -41,7 +41,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayC
 from cluster.errors import ExpertWorkerError
 from cluster.placement import ExpertPlacement
 from router import wire
-from router.client import ExpertClient
+from router.client import RemoteExperts
 from router.dispatch import WorkerMessage
 
 log = logging.getLogger("mixserve")
@@ -49,7 +49,7 @@ log = logging.getLogger("mixserve")
 MAX_INFLIGHT = 4  # executions sent before their replies are read (two micro-batches need 2)
 
 
-class ChannelExperts(ExpertClient):
+class ChannelExperts(RemoteExperts):
     """Not thread-safe: one engine thread drives it (as it drives the model)."""
 
     def __init__(
@@ -60,11 +60,7 @@ class ChannelExperts(ExpertClient):
         timeout_s: float = 60.0,
         overlap_min_batch: int = 0,
     ) -> None:
-        super().__init__(placement)
-        self.handles = list(handles)
-        self.timeout_s = timeout_s
-        self.overlap_min_batch = overlap_min_batch
-        self.echo = False  # benchmarks: workers send the rows back without computing
+        super().__init__(placement, handles, timeout_s=timeout_s, overlap_min_batch=overlap_min_batch)
         self._graph: Any = None
         self._generation = 0  # bumped whenever the graph is dropped: replies of an older graph never come
         self._teardown: threading.Thread | None = None  # a failed graph being torn down in the background

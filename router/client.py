@@ -26,8 +26,8 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -176,6 +176,26 @@ class ExpertClient(ABC):
     def close(self) -> None:
         """Release what the transport holds (compiled graphs, groups); the workers themselves stay up."""
         return None
+
+
+class RemoteExperts(ExpertClient):
+    """Base of the transports to expert-worker actors: their handles (index = worker id), how long a layer may
+    take before the worker counts as failed, the micro-batch threshold, and ``echo`` (benchmarks: the workers send
+    the rows back without computing)."""
+
+    def __init__(
+        self,
+        placement: ExpertPlacement,
+        handles: Sequence[Any],
+        *,
+        timeout_s: float = 60.0,
+        overlap_min_batch: int = 0,
+    ) -> None:
+        super().__init__(placement)
+        self.handles = list(handles)
+        self.timeout_s = timeout_s
+        self.overlap_min_batch = overlap_min_batch
+        self.echo = False
 
 
 class Shard(Protocol):

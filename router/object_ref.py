@@ -31,7 +31,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from cluster.errors import ExpertWorkerError
 from cluster.placement import ExpertPlacement
 from router import wire
-from router.client import ExpertClient
+from router.client import RemoteExperts
 from router.dispatch import WorkerMessage
 
 log = logging.getLogger("mixserve")
@@ -42,7 +42,7 @@ PROBE_INTERVAL_S = 0.5
 RETRY_WAIT_S = 0.5
 
 
-class RayExperts(ExpertClient):
+class RayExperts(RemoteExperts):
     """A worker that died or does not answer within ``timeout_s`` becomes :class:`ExpertWorkerError` naming it, so
     the requests of that step fail fast instead of hanging; an exception raised by a live worker's code propagates
     as Ray's ``RayTaskError`` (a bug: the engine turns it into an ``InternalError`` per request and logs it)."""
@@ -55,11 +55,7 @@ class RayExperts(ExpertClient):
         timeout_s: float = 60.0,
         overlap_min_batch: int = 0,
     ) -> None:
-        super().__init__(placement)
-        self.handles = list(handles)
-        self.timeout_s = timeout_s
-        self.overlap_min_batch = overlap_min_batch
-        self.echo = False  # benchmarks: the workers' echo (same payload back, no compute) instead of run
+        super().__init__(placement, handles, timeout_s=timeout_s, overlap_min_batch=overlap_min_batch)
         self._probes: dict[int, tuple[float, Any]] = {}  # down worker -> (monotonic time sent, ping ref)
 
     def refresh(self) -> None:

@@ -28,13 +28,13 @@ from ray.experimental.collective import create_collective_group, destroy_collect
 
 from cluster.errors import ExpertWorkerError
 from cluster.placement import ExpertPlacement
-from router.client import ExpertClient
+from router.client import RemoteExperts
 from router.dispatch import WorkerMessage
 
 BACKENDS = {"gloo": "torch_gloo", "nccl": "nccl"}
 
 
-class RdtExperts(ExpertClient):
+class RdtExperts(RemoteExperts):
     """The frontend actor that owns this client must expose ``rdt_stage(key)`` and ``rdt_absorb(key, partial)``
     methods that call :meth:`stage` and :meth:`absorb` (see ``cluster.cluster.FrontendActor``)."""
 
@@ -47,14 +47,10 @@ class RdtExperts(ExpertClient):
         timeout_s: float = 60.0,
         overlap_min_batch: int = 0,
     ) -> None:
-        super().__init__(placement)
         if backend not in BACKENDS:
             raise ValueError(f"RDT backend {backend!r} is unknown; use gloo or nccl")
-        self.handles = list(handles)
+        super().__init__(placement, handles, timeout_s=timeout_s, overlap_min_batch=overlap_min_batch)
         self.backend = backend
-        self.timeout_s = timeout_s
-        self.overlap_min_batch = overlap_min_batch
-        self.echo = False  # benchmarks: the workers' echo (same payload back, no compute) instead of run
         self._group = None
         self._staged: dict[int, torch.Tensor] = {}
         self._received: dict[int, torch.Tensor] = {}
