@@ -93,3 +93,16 @@ def listening_addresses(port: int) -> set[str]:
             else:
                 found.add("::" if int(address, 16) == 0 else address)
     return found
+
+
+# A JSON schema for the structured-output tests; bounded, so that a random model finishes well within max_tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}

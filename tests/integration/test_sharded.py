@@ -20,6 +20,18 @@ PROMPTS = [[1, 415, 2936, 9060, 285, 1142], [1, 330, 1000, 2000, 77, 8, 9, 10, 1
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
+def generate_once_back(llm: LLM, timeout_s: float = 60.0) -> list:
+    """GREEDY over PROMPTS, retried while a restarting worker still fails it (at most ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return llm.generate(PROMPTS, GREEDY)
+        except ExpertWorkerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sharded")
@@ -126,15 +138,7 @@ def test_killed_worker_fails_fast_then_recovers(ray_instance, ckpt, reference, t
         assert ("expert worker 1" if transport == "object_ref" else "expert worker") in str(result["outcome"])
         assert time.monotonic() - killed_at < 15
         # Ray restarts the worker, which reloads its experts; the next request succeeds, same tokens as before.
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                out = llm.generate(PROMPTS, GREEDY)
-                break
-            except ExpertWorkerError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        out = generate_once_back(llm)
         assert [o.token_ids for o in out] == reference["tokens"]
         assert llm.placement()[1]["expert_bytes"] > 0
 
@@ -245,15 +249,7 @@ def test_channel_killed_worker_fails_fast_recovers_and_shuts_down_clean(ray_inst
     assert "expert worker" in str(result["outcome"])
     assert time.monotonic() - killed_at < 15
     # Ray restarts the worker; the graph is compiled again on the next step; same tokens as before.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            out = llm.generate(PROMPTS, GREEDY)
-            break
-        except ExpertWorkerError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    out = generate_once_back(llm)
     assert [o.token_ids for o in out] == reference["tokens"]
     # Shutdown tears the graph down and leaves no actor behind.
     actors = [llm._cluster.frontend, *llm._cluster.workers]

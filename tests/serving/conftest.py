@@ -8,6 +8,7 @@ import os
 import socket
 import time
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,10 +16,12 @@ from ray import serve
 
 from cluster import LLM
 from cluster.serve.app import GRPC_SERVICER, build_app
+from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
 from tests.conftest import ensure_local_ray
 from tests.helpers import hf_mixtral
 
 API_KEY = "test-key-123"
+GRPC_AUTH = (("authorization", f"Bearer {API_KEY}"),)
 MODEL_NAME = "mixtral-test"
 ALIAS = "mixtral-alias"
 CORS_ORIGIN = "https://app.example"
@@ -139,6 +142,15 @@ def served(serve_instance, tmp_path_factory):
     wait_healthy(f"{base}/health")
     yield base, grpc_target, folder
     serve.delete("mixserve")
+
+
+@pytest.fixture(scope="session")
+def stub(served):
+    """A gRPC stub of the main application (send GRPC_AUTH as metadata)."""
+    _, target, _ = served
+    channel = grpc.insecure_channel(target)
+    yield pb_grpc.GenerationStub(channel)
+    channel.close()
 
 
 @pytest.fixture(scope="session")

@@ -14,23 +14,13 @@ import pytest
 from cluster import SamplingParams
 from cluster.serve.grpc_request import http_body
 from cluster.serve.proto import mixserve_pb2 as pb
-from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
-from tests.serving.conftest import API_KEY, MODEL_NAME, TIME_ARGS, WEATHER_ARGS, post
+from tests.serving.conftest import GRPC_AUTH, MODEL_NAME, TIME_ARGS, WEATHER_ARGS, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
-AUTH = (("authorization", f"Bearer {API_KEY}"),)
-
-
-@pytest.fixture(scope="module")
-def stub(served):
-    _, target, _ = served
-    channel = grpc.insecure_channel(target)
-    yield pb_grpc.GenerationStub(channel)
-    channel.close()
 
 
 def test_unary_matches_llm(stub, reference_llm):
-    r = stub.Generate(pb.GenerateRequest(prompt="Hello there", max_tokens=16, temperature=0), metadata=AUTH)
+    r = stub.Generate(pb.GenerateRequest(prompt="Hello there", max_tokens=16, temperature=0), metadata=GRPC_AUTH)
     ref = reference_llm.generate("Hello there", SamplingParams(max_tokens=16, temperature=0))[0]
     assert list(r.token_ids) == ref.token_ids
     assert r.text == ref.text
@@ -46,7 +36,7 @@ def test_stream_matches_llm(stub, reference_llm):
     replies = list(
         stub.GenerateStream(
             pb.GenerateRequest(prompt_token_ids=ids, max_tokens=20, temperature=0, ignore_eos=True, logprobs=2),
-            metadata=AUTH,
+            metadata=GRPC_AUTH,
         )
     )
     ref = reference_llm.generate([ids], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
@@ -60,52 +50,58 @@ def test_stream_matches_llm(stub, reference_llm):
 
 def test_chat_messages(stub, reference_llm):
     msgs = [pb.ChatMessage(role="user", content="Say hi")]
-    r = stub.Generate(pb.GenerateRequest(messages=msgs, max_tokens=8, temperature=0), metadata=AUTH)
+    r = stub.Generate(pb.GenerateRequest(messages=msgs, max_tokens=8, temperature=0), metadata=GRPC_AUTH)
     ids = reference_llm.tokenizer.encode_chat([{"role": "user", "content": "Say hi"}])
     assert list(r.prompt_token_ids) == ids
     assert list(r.token_ids) == reference_llm.generate([ids], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
 
 
 BAD = [
-    ("no prompt", pb.GenerateRequest(max_tokens=4), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
+    ("no prompt", pb.GenerateRequest(max_tokens=4), GRPC_AUTH, grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
     (
         "two prompts",
         pb.GenerateRequest(prompt="a", prompt_token_ids=[1]),
-        AUTH,
+        GRPC_AUTH,
         grpc.StatusCode.INVALID_ARGUMENT,
         "exactly one",
     ),
     (
         "max_tokens 0",
         pb.GenerateRequest(prompt="a", max_tokens=0),
-        AUTH,
+        GRPC_AUTH,
         grpc.StatusCode.INVALID_ARGUMENT,
         "max_tokens",
     ),
-    ("top_p 2", pb.GenerateRequest(prompt="a", top_p=2.0), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ("top_p 2", pb.GenerateRequest(prompt="a", top_p=2.0), GRPC_AUTH, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     (
         "negative temperature",
         pb.GenerateRequest(prompt="a", temperature=-1),
-        AUTH,
+        GRPC_AUTH,
         grpc.StatusCode.INVALID_ARGUMENT,
         "temperature",
     ),
-    ("too long", pb.GenerateRequest(prompt="a", max_tokens=5000), AUTH, grpc.StatusCode.INVALID_ARGUMENT, "4096"),
+    ("too long", pb.GenerateRequest(prompt="a", max_tokens=5000), GRPC_AUTH, grpc.StatusCode.INVALID_ARGUMENT, "4096"),
     (
         "bad token id",
         pb.GenerateRequest(prompt_token_ids=[1, 999999]),
-        AUTH,
+        GRPC_AUTH,
         grpc.StatusCode.INVALID_ARGUMENT,
         "token ids",
     ),
     (
         "bad chat",
         pb.GenerateRequest(messages=[pb.ChatMessage(role="assistant", content="x")]),
-        AUTH,
+        GRPC_AUTH,
         grpc.StatusCode.INVALID_ARGUMENT,
         "message",
     ),
-    ("unknown model", pb.GenerateRequest(prompt="a", model="gpt-4"), AUTH, grpc.StatusCode.NOT_FOUND, "does not exist"),
+    (
+        "unknown model",
+        pb.GenerateRequest(prompt="a", model="gpt-4"),
+        GRPC_AUTH,
+        grpc.StatusCode.NOT_FOUND,
+        "does not exist",
+    ),
     ("missing key", pb.GenerateRequest(prompt="a"), (), grpc.StatusCode.UNAUTHENTICATED, "API key"),
     (
         "wrong key",
@@ -129,7 +125,7 @@ def test_error_codes(stub, name, request_, metadata, code, needle, method):
 
 
 def test_model_name_accepted(stub):
-    r = stub.Generate(pb.GenerateRequest(prompt="a", model=MODEL_NAME, max_tokens=2), metadata=AUTH)
+    r = stub.Generate(pb.GenerateRequest(prompt="a", model=MODEL_NAME, max_tokens=2), metadata=GRPC_AUTH)
     assert len(r.token_ids) == 2
 
 
@@ -145,7 +141,7 @@ def test_sampling_fields_match_llm(stub, reference_llm):
         min_tokens=10,
         logit_bias={330: 3.0},
     )
-    r = stub.Generate(request, metadata=AUTH)
+    r = stub.Generate(request, metadata=GRPC_AUTH)
     params = SamplingParams(
         max_tokens=10,
         temperature=0,
@@ -158,7 +154,7 @@ def test_sampling_fields_match_llm(stub, reference_llm):
     )
     assert list(r.token_ids) == reference_llm.generate("Once upon a time", params)[0].token_ids
     forced = stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=4, temperature=0, logit_bias={1000: 100}),
-                           metadata=AUTH)  # fmt: skip
+                           metadata=GRPC_AUTH)  # fmt: skip
     assert list(forced.token_ids) == [1000] * 4
 
 
@@ -176,20 +172,20 @@ def test_sampling_fields_match_llm(stub, reference_llm):
 )
 def test_bad_sampling_fields_are_invalid_argument(stub, request_, needle):
     with pytest.raises(grpc.RpcError) as info:
-        stub.Generate(request_, metadata=AUTH)
+        stub.Generate(request_, metadata=GRPC_AUTH)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in info.value.details()
 
 
 def test_tokenize(stub, reference_llm):
     tok = reference_llm.tokenizer
-    r = stub.Tokenize(pb.TokenizeRequest(prompt="Hello world", return_token_strs=True), metadata=AUTH)
+    r = stub.Tokenize(pb.TokenizeRequest(prompt="Hello world", return_token_strs=True), metadata=GRPC_AUTH)
     assert list(r.tokens) == tok.encode("Hello world") and r.count == len(r.tokens) and r.max_model_len == 4096
     assert list(r.token_strs) == [tok.id_to_piece(i) for i in r.tokens]
-    r = stub.Tokenize(pb.TokenizeRequest(prompt="Hello", add_special_tokens=False), metadata=AUTH)
+    r = stub.Tokenize(pb.TokenizeRequest(prompt="Hello", add_special_tokens=False), metadata=GRPC_AUTH)
     assert list(r.tokens) == tok.encode("Hello", bos=False) and not r.token_strs
     msgs = [pb.ChatMessage(role="user", content="Say hi")]
-    r = stub.Tokenize(pb.TokenizeRequest(messages=msgs, model=MODEL_NAME), metadata=AUTH)
+    r = stub.Tokenize(pb.TokenizeRequest(messages=msgs, model=MODEL_NAME), metadata=GRPC_AUTH)
     assert list(r.tokens) == tok.encode_chat([{"role": "user", "content": "Say hi"}])
     for bad, code in (
         (pb.TokenizeRequest(), grpc.StatusCode.INVALID_ARGUMENT),
@@ -197,7 +193,7 @@ def test_tokenize(stub, reference_llm):
         (pb.TokenizeRequest(prompt="a", model="gpt-4"), grpc.StatusCode.NOT_FOUND),
     ):
         with pytest.raises(grpc.RpcError) as info:
-            stub.Tokenize(bad, metadata=AUTH)
+            stub.Tokenize(bad, metadata=GRPC_AUTH)
         assert info.value.code() == code
     with pytest.raises(grpc.RpcError) as info:
         stub.Tokenize(pb.TokenizeRequest(prompt="a"))
@@ -307,7 +303,7 @@ def assembled(replies: list[Any]) -> dict[int, dict[str, Any]]:
 
 def test_n_completions_match_http(stub, http):
     r = stub.Generate(pb.GenerateRequest(prompt="Hello there", n=3, seed=7, temperature=1, max_tokens=8, logprobs=1),
-                      metadata=AUTH)  # fmt: skip
+                      metadata=GRPC_AUTH)  # fmt: skip
     h = http("/v1/completions", {"prompt": "Hello there", "n": 3, "seed": 7, "temperature": 1, "max_tokens": 8,
                                  "logprobs": 1}).json()  # fmt: skip
     assert [c.index for c in r.choices] == [0, 1, 2]
@@ -323,7 +319,7 @@ def test_n_completions_match_http(stub, http):
     stream = assembled(
         list(
             stub.GenerateStream(
-                pb.GenerateRequest(prompt="Hello there", n=3, seed=7, temperature=1, max_tokens=8), metadata=AUTH
+                pb.GenerateRequest(prompt="Hello there", n=3, seed=7, temperature=1, max_tokens=8), metadata=GRPC_AUTH
             )
         )  # fmt: skip
     )
@@ -336,7 +332,7 @@ def test_n_completions_match_http(stub, http):
 
 def test_n_chat_matches_http(stub, http):
     r = stub.Generate(pb.GenerateRequest(messages=GRPC_USER, n=2, seed=3, temperature=1, max_tokens=10, logprobs=2),
-                      metadata=AUTH)  # fmt: skip
+                      metadata=GRPC_AUTH)  # fmt: skip
     h = http("/v1/chat/completions", {"messages": USER, "n": 2, "seed": 3, "temperature": 1, "max_tokens": 10,
                                       "logprobs": True, "top_logprobs": 2}).json()  # fmt: skip
     assert [c.text for c in r.choices] == [c["message"]["content"] for c in h["choices"]]
@@ -357,7 +353,7 @@ def test_best_of_matches_http(stub, http):
     body = {"prompt": "The city of", "n": 2, "best_of": 5, "seed": 11, "temperature": 1, "max_tokens": 6}
     h = http("/v1/completions", {**body, "logprobs": 0}).json()
     r = stub.Generate(pb.GenerateRequest(prompt="The city of", n=2, best_of=5, seed=11, temperature=1, max_tokens=6,
-                                         logprobs=0), metadata=AUTH)  # fmt: skip
+                                         logprobs=0), metadata=GRPC_AUTH)  # fmt: skip
     assert [c.index for c in r.choices] == [0, 1]
     assert [c.text for c in r.choices] == [c["text"] for c in h["choices"]]
     for c, hc in zip(r.choices, h["choices"], strict=True):
@@ -367,7 +363,7 @@ def test_best_of_matches_http(stub, http):
     assert r.usage.completion_tokens == h["usage"]["completion_tokens"]  # all 5 candidates count
     # without logprobs: the same two choices, no logprobs in the reply
     plain = stub.Generate(pb.GenerateRequest(prompt="The city of", n=2, best_of=5, seed=11, temperature=1,
-                                             max_tokens=6), metadata=AUTH)  # fmt: skip
+                                             max_tokens=6), metadata=GRPC_AUTH)  # fmt: skip
     assert [c.text for c in plain.choices] == [c.text for c in r.choices]
     assert all(not c.logprobs for c in plain.choices)
 
@@ -377,7 +373,7 @@ def test_echo_with_prompt_logprobs_matches_http(stub, http, reference_llm):
     h = http("/v1/completions", {"prompt": prompt, "echo": True, "logprobs": 2, "temperature": 0,
                                  "max_tokens": 5}).json()["choices"][0]  # fmt: skip
     request = pb.GenerateRequest(prompt=prompt, echo=True, logprobs=2, temperature=0, max_tokens=5)
-    r = stub.Generate(request, metadata=AUTH)
+    r = stub.Generate(request, metadata=GRPC_AUTH)
     ids = reference_llm.tokenizer.encode(prompt)
     assert list(r.prompt_token_ids) == ids and len(r.prompt_logprobs) == len(ids)
     assert r.text == h["text"] and r.text.startswith(prompt)
@@ -386,7 +382,7 @@ def test_echo_with_prompt_logprobs_matches_http(stub, http, reference_llm):
     assert_same_logprobs(
         grpc_completion_logprobs(r.prompt_logprobs, r.logprobs), http_completion_logprobs(h["logprobs"])
     )
-    (s,) = assembled(list(stub.GenerateStream(request, metadata=AUTH))).values()
+    (s,) = assembled(list(stub.GenerateStream(request, metadata=GRPC_AUTH))).values()
     assert s["text"] == r.text and s["token_ids"] == list(r.token_ids)
     assert_same_logprobs(
         grpc_completion_logprobs(s["prompt_logprobs"], s["logprobs"]),
@@ -394,7 +390,7 @@ def test_echo_with_prompt_logprobs_matches_http(stub, http, reference_llm):
     )
     # echo without logprobs: the prompt's text, no prompt logprobs
     bare = stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, echo=True, temperature=0, max_tokens=5),
-                         metadata=AUTH)  # fmt: skip
+                         metadata=GRPC_AUTH)  # fmt: skip
     h2 = http("/v1/completions", {"prompt": ids, "echo": True, "temperature": 0, "max_tokens": 5}).json()
     assert bare.text == h2["choices"][0]["text"] == r.text and not bare.prompt_logprobs and not bare.logprobs
 
@@ -419,7 +415,7 @@ NAMED_HTTP = {"type": "function", "function": {"name": "get_weather"}}
 def test_tool_calls_match_http_and_validate(stub, http, grpc_choice, http_choice, seed):
     request = pb.GenerateRequest(messages=GRPC_USER, tools=GRPC_TOOLS, tool_choice=grpc_choice, n=2, seed=seed,
                                  temperature=1, max_tokens=160)  # fmt: skip
-    r = stub.Generate(request, metadata=AUTH)
+    r = stub.Generate(request, metadata=GRPC_AUTH)
     h = http("/v1/chat/completions", {"messages": USER, "tools": HTTP_TOOLS, "tool_choice": http_choice, "n": 2,
                                       "seed": seed, "temperature": 1, "max_tokens": 160}).json()  # fmt: skip
     assert [_grpc_calls(c.tool_calls) for c in r.choices] == [_http_calls(c["message"]) for c in h["choices"]]
@@ -433,7 +429,7 @@ def test_tool_calls_match_http_and_validate(stub, http, grpc_choice, http_choice
         if grpc_choice is NAMED_GRPC:
             assert [k.function.name for k in c.tool_calls] == ["get_weather"]
     # streamed: the pieces assemble into the same calls, one choice at a time
-    stream = assembled(list(stub.GenerateStream(request, metadata=AUTH)))
+    stream = assembled(list(stub.GenerateStream(request, metadata=GRPC_AUTH)))
     for c in r.choices:
         s = stream[c.index]
         whole = [{"id": k.id, "type": k.type, "name": k.function.name, "arguments": k.function.arguments}
@@ -444,7 +440,7 @@ def test_tool_calls_match_http_and_validate(stub, http, grpc_choice, http_choice
 
 def test_tool_choice_none_and_tool_history_match_http(stub, http):
     r = stub.Generate(pb.GenerateRequest(messages=GRPC_USER, tools=GRPC_TOOLS, tool_choice=pb.ToolChoice(mode="none"),
-                                         temperature=0, max_tokens=8), metadata=AUTH)  # fmt: skip
+                                         temperature=0, max_tokens=8), metadata=GRPC_AUTH)  # fmt: skip
     h = http("/v1/chat/completions", {"messages": USER, "tools": HTTP_TOOLS, "tool_choice": "none", "temperature": 0,
                                       "max_tokens": 8}).json()  # fmt: skip
     assert r.text == h["choices"][0]["message"]["content"] and not r.tool_calls
@@ -473,7 +469,7 @@ def test_tool_choice_none_and_tool_history_match_http(stub, http):
     for method in ("Generate", "GenerateStream"):
         with pytest.raises(grpc.RpcError) as info:
             list_if_stream(getattr(stub, method)(pb.GenerateRequest(messages=grpc_history, max_tokens=4),
-                                                 metadata=AUTH))  # fmt: skip
+                                                 metadata=GRPC_AUTH))  # fmt: skip
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details() == message
 
 
@@ -485,7 +481,7 @@ def test_tokenize_with_tools_matches_http(stub, served):
     base, _, _ = served
     h = post(base, "/tokenize", {"messages": USER, "tools": HTTP_TOOLS})
     with pytest.raises(grpc.RpcError) as info:
-        stub.Tokenize(pb.TokenizeRequest(messages=GRPC_USER, tools=GRPC_TOOLS), metadata=AUTH)
+        stub.Tokenize(pb.TokenizeRequest(messages=GRPC_USER, tools=GRPC_TOOLS), metadata=GRPC_AUTH)
     assert h.status_code == 400 and h.json()["error"]["param"] == "tools"  # v1: no place for tools
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == h.json()["error"]["message"]
@@ -551,7 +547,7 @@ BAD_PARITY = [
 def test_bad_values_are_invalid_argument_naming_the_param(stub, http, name, request_, same_http, param):
     method = "GenerateStream" if name == "best_of in a stream" else "Generate"
     with pytest.raises(grpc.RpcError) as info:
-        list_if_stream(getattr(stub, method)(request_, metadata=AUTH))
+        list_if_stream(getattr(stub, method)(request_, metadata=GRPC_AUTH))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = info.value.details()
     assert param in details, details

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from cluster.serve.proto import mixserve_pb2 as pb
-from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
 from tests.helpers import listening_addresses
 from tests.serving.conftest import API_KEY, ENV_KEYS, FILE_KEYS, MAX_REQUEST_BYTES, post
 
@@ -121,14 +120,6 @@ def test_http_and_grpc_bind_the_given_host(served):
     assert listening_addresses(http_port) == {"127.0.0.1"}  # serve_instance started HTTP on 127.0.0.1
     # Ray Serve 2.60's proxy alone would bind [::]:<port>; the setup hook makes it bind the host
     assert listening_addresses(grpc_port) == {"127.0.0.1"}
-
-
-@pytest.fixture(scope="module")
-def stub(served):
-    _, target, _ = served
-    channel = grpc.insecure_channel(target)
-    yield pb_grpc.GenerationStub(channel)
-    channel.close()
 
 
 def test_grpc_message_over_the_limit_is_refused(stub):

@@ -15,22 +15,10 @@ import pytest
 from openai import OpenAI
 
 from cluster.serve.proto import mixserve_pb2 as pb
-from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
-from tests.serving.conftest import API_KEY, MODEL_NAME, post
+from tests.helpers import SCHEMA
+from tests.serving.conftest import API_KEY, GRPC_AUTH, MODEL_NAME, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
-AUTH = (("authorization", f"Bearer {API_KEY}"),)
-# Bounded, so that a random model finishes well within max_tokens.
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 REGEX = r"[a-z]{3}-[0-9]{2}"
 
 
@@ -172,27 +160,19 @@ def test_bad_specs_are_400_naming_their_field(served, client, path, body, param)
         assert info.value.body["param"] == param
 
 
-@pytest.fixture(scope="module")
-def stub(served):
-    _, target, _ = served
-    channel = grpc.insecure_channel(target)
-    yield pb_grpc.GenerationStub(channel)
-    channel.close()
-
-
 def test_grpc_structured_output(stub):
     for seed in range(4):
         r = stub.Generate(
             pb.GenerateRequest(
                 prompt="JSON:", max_tokens=96, temperature=1.0, seed=seed, json_schema=json.dumps(SCHEMA)
             ),
-            metadata=AUTH,
+            metadata=GRPC_AUTH,
         )
         assert r.finish_reason == "stop"
         jsonschema.validate(json.loads(r.text), SCHEMA)
     replies = list(
         stub.GenerateStream(
-            pb.GenerateRequest(prompt="Code:", max_tokens=32, temperature=1.0, seed=1, regex=REGEX), metadata=AUTH
+            pb.GenerateRequest(prompt="Code:", max_tokens=32, temperature=1.0, seed=1, regex=REGEX), metadata=GRPC_AUTH
         )
     )
     assert re.fullmatch(REGEX, "".join(r.text for r in replies))
@@ -200,7 +180,7 @@ def test_grpc_structured_output(stub):
         pb.GenerateRequest(
             prompt="A colour?", max_tokens=8, temperature=1.0, seed=2, choice=pb.Choices(choices=["red", "green"])
         ),
-        metadata=AUTH,
+        metadata=GRPC_AUTH,
     )
     assert r.text in ("red", "green")
 
@@ -215,6 +195,6 @@ def test_grpc_structured_output(stub):
 )
 def test_grpc_bad_spec_is_invalid_argument(stub, request_fields, needle):
     with pytest.raises(grpc.RpcError) as info:
-        stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=8, **request_fields), metadata=AUTH)
+        stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=8, **request_fields), metadata=GRPC_AUTH)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in (info.value.details() or "")

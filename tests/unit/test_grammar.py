@@ -13,17 +13,7 @@ from cluster import LLM, SamplingParams
 from cluster.errors import SamplingParamsError
 from cluster.sampling import StructuredOutput
 from cluster.tiny_model import TinyModelSpec, write_tiny_model
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
+from tests.helpers import SCHEMA
 
 
 @pytest.fixture(scope="module")
