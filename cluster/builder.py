@@ -296,6 +296,7 @@ def build_frontend(config: ClusterConfig, *, experts: ExpertClient | None = None
         sliding_window=model_config.sliding_window,
         grammar=LLGuidanceGrammars(tokenizer, model_config.vocab_size),
     )
+    experts.connect()
     return Frontend(
         config=config,
         model_config=model_config,

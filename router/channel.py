@@ -16,7 +16,8 @@ group); see the README's limitations.
 
 Faults: a reply that does not come within ``timeout_s``, or a worker that died, fails the layer with
 :class:`ExpertWorkerError` (within about a second of the death: Ray reports the actor unavailable); the graph is
-torn down and compiled again on the next call, once every worker answers a ping (Ray restarts dead workers).
+torn down and compiled again on the next call, once every worker answers (Ray restarts dead workers); a worker
+that dies while the graph is being compiled fails that call instead of leaving a graph that waits on it.
 An exception raised by a live worker's code comes back as Ray's ``RayTaskError`` (a bug, not an outage).
 
 One graph per set of workers at a time: an actor cannot serve two compiled graphs.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +38,14 @@ import numpy as np
 import ray
 import torch
 from ray.dag import InputNode, MultiOutputNode
-from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError, RayTaskError
+from ray.exceptions import (
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayActorError,
+    RayChannelError,
+    RayChannelTimeoutError,
+    RayTaskError,
+)
 
 from cluster.errors import ExpertWorkerError
 from cluster.placement import ExpertPlacement
@@ -73,18 +82,62 @@ class ChannelExperts(RemoteExperts):
                 if self._teardown is not None:  # an actor serves one graph at a time: the old one must be gone
                     self._teardown.join(timeout=self.timeout_s)
                     self._teardown = None
-                try:  # a restarted worker must be up (it reloads its experts) before it can join a graph
-                    ray.get([h.ping.remote() for h in self.handles], timeout=self.timeout_s)
-                except (GetTimeoutError, RayActorError) as e:
-                    raise ExpertWorkerError(
-                        f"expert workers are unavailable (one died or is restarting): {type(e).__name__}"
-                    ) from None
+                before = self._pids()  # a restarted worker must be up (it reloads its experts) to join a graph
                 with InputNode() as inp:
                     dag = MultiOutputNode([h.run_packed.bind(inp[w]) for w, h in enumerate(self.handles)])
-                self._graph = dag.experimental_compile(
-                    _submit_timeout=self.timeout_s, _max_inflight_executions=MAX_INFLIGHT
-                )
+                try:
+                    graph = dag.experimental_compile(
+                        _submit_timeout=self.timeout_s, _max_inflight_executions=MAX_INFLIGHT
+                    )
+                except (RayActorError, RayChannelError, GetTimeoutError) as e:
+                    worker = self._worker_of(e)
+                    raise ExpertWorkerError(
+                        f"expert workers {[] if worker is None else [worker]} died while the channel graph was being "
+                        f"compiled: {type(e).__name__}",
+                        worker=worker,
+                    ) from None
+                # A worker that died while the graph was being compiled leaves Ray's graph waiting on a process that
+                # is gone: its first read would block for ~20 s before Ray notices. The workers answer ordinary
+                # calls beside the graph's loop, so ask again: the same processes must still be there.
+                try:
+                    after = self._pids()
+                except ExpertWorkerError:
+                    after = None
+                if after != before:  # torn down in the background, as after any failure
+                    self._teardown = threading.Thread(target=_teardown, args=(graph,), daemon=True)
+                    self._teardown.start()
+                    died = [
+                        w for w, (a, b) in enumerate(zip(before, after or [None] * len(before), strict=True)) if a != b
+                    ]
+                    raise ExpertWorkerError(
+                        f"expert workers {died} died while the channel graph was being compiled",
+                        worker=died[0] if len(died) == 1 else None,
+                    )
+                self._graph = graph
             return self._graph
+
+    def _pids(self) -> list[int]:
+        """Each worker's process id, once every worker answers within the timeout. A worker Ray is restarting
+        can answer ``ActorUnavailableError`` before it is back: asked again until the timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                replies = ray.get([h.status.remote() for h in self.handles], timeout=deadline - time.monotonic())
+                return [s["pid"] for s in replies]
+            except ActorUnavailableError as e:
+                if time.monotonic() + 0.2 >= deadline:
+                    raise self._unavailable(e) from None
+                time.sleep(0.2)
+            except (GetTimeoutError, RayActorError) as e:
+                raise self._unavailable(e) from None
+
+    @staticmethod
+    def _unavailable(e: Exception) -> ExpertWorkerError:
+        return ExpertWorkerError(f"expert workers are unavailable (one died or is restarting): {type(e).__name__}")
+
+    def connect(self) -> None:
+        """Compile the graph now, so the first request does not wait for it."""
+        self._compiled()
 
     def close(self) -> None:
         """Tear the graph down (the workers stay up and serve ordinary calls again)."""
@@ -107,13 +160,17 @@ class ChannelExperts(RemoteExperts):
             if graph is not None:
                 self._teardown = threading.Thread(target=_teardown, args=(graph,), name="channel-teardown", daemon=True)
                 self._teardown.start()
-        worker = next((w for w, h in enumerate(self.handles) if _actor_id(h) == getattr(e, "actor_id", None)), None)
+        worker = self._worker_of(e)
         who = "an expert worker" if worker is None else f"expert worker {worker}"
         if isinstance(e, (RayChannelTimeoutError, GetTimeoutError)):
             return ExpertWorkerError(f"{who} did not answer layer {layer} within {self.timeout_s:.0f}s")
         return ExpertWorkerError(
             f"{who} is unavailable on layer {layer} (it died or is restarting): {type(e).__name__}"
         )
+
+    def _worker_of(self, e: Exception) -> int | None:
+        """The worker a Ray error names, if it names one of ours."""
+        return next((w for w, h in enumerate(self.handles) if _actor_id(h) == getattr(e, "actor_id", None)), None)
 
     # -- the ExpertClient interface ----------------------------------------------------------------------------
     def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> _Flight:

@@ -173,6 +173,11 @@ class ExpertClient(ABC):
     def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> Exchange:
         """Put each message's rows of x [T, D] on its way to its worker; return without waiting for the replies."""
 
+    def connect(self) -> None:
+        """Set the transport up before the first layer (the channel transport compiles its graph), so the first
+        request does not pay for it. The builder calls it once the model is loaded."""
+        return None
+
     def close(self) -> None:
         """Release what the transport holds (compiled graphs, groups); the workers themselves stay up."""
         return None
