@@ -121,6 +121,8 @@ class ExpertClient(ABC):
 
         R = 1: each expert's one worker. R > 1: a live copy per expert, balanced by routed tokens; an expert with
         rows and no live copy is an :class:`ExpertWorkerError`."""
+        if self.placement.num_workers == 1:
+            return dispatch.plan_one_worker(routing)
         if self.placement.replicas == 1:
             where = self._worker_of_expert[layer]
             if where.device != routing.ids.device:
@@ -220,4 +222,7 @@ class LocalExperts(ExpertClient):
         self.shards = dict(shards)
 
     def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> Exchange:
-        return Done([self.shards[m.worker].run(layer, x[m.tokens], m.rows, m.experts, m.weights) for m in messages])
+        def rows_of(m: WorkerMessage) -> torch.Tensor:  # a message of every token (sorted, distinct) is all of x
+            return x if m.tokens.numel() == x.shape[0] else x[m.tokens]
+
+        return Done([self.shards[m.worker].run(layer, rows_of(m), m.rows, m.experts, m.weights) for m in messages])

@@ -64,8 +64,26 @@ def plan(routing: Routing, worker_of_expert: torch.Tensor) -> list[WorkerMessage
     return messages
 
 
+def plan_one_worker(routing: Routing, worker: int = 0) -> list[WorkerMessage]:
+    """:func:`plan` when every expert lives on one worker: every token goes to it, in step order, so the
+    distinct-token bookkeeping is skipped (same message as :func:`plan` gives).
+
+    Example (T=2, K=2): ids [[3, 0], [0, 1]] -> tokens [0, 1]; experts [0, 0, 1, 3]; rows [0, 1, 1, 0].
+    """
+    T, K = routing.ids.shape
+    flat_e = routing.ids.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_e, stable=True)  # [T*K]
+    rows = torch.div(order, K, rounding_mode="floor")  # token of each sorted assignment
+    tokens = torch.arange(T, device=flat_e.device)
+    return [WorkerMessage(worker, tokens, rows, flat_e[order], routing.weights.reshape(-1)[order])]
+
+
 def combine(messages: list[WorkerMessage], partials: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Sum every worker's partial outputs [N_w, D] back into [T, D] (same dtype and shape as ``like``)."""
+    """Sum every worker's partial outputs [N_w, D] back into [T, D] (same dtype and shape as ``like``). One
+    message holding every token (in order: tokens are sorted and distinct) is its own sum, copied (a transport's
+    partial can be a read-only view of a received buffer)."""
+    if len(messages) == 1 and messages[0].tokens.numel() == like.shape[0]:
+        return partials[0].to(device=like.device, dtype=like.dtype, copy=True)
     out = torch.zeros_like(like)
     for m, p in zip(messages, partials, strict=True):
         # tokens of one message are distinct: accumulate-put (index_add_ stalls under CPU contention)

@@ -70,7 +70,8 @@ class Attention:
 
     The step's keys and values are written to the paged cache first; then every group reads its queries' keys
     from the cache (one gather per group, one kernel call per group: all decodes together, each prefill chunk
-    alone).
+    alone). A step with one group (all decodes, or one chunk) holds its queries in step order: no gather of the
+    queries and no scatter of the output.
     """
 
     def __init__(self, *, backend: str, num_heads: int, head_dim: int, window: int | None) -> None:
@@ -83,14 +84,16 @@ class Attention:
     def __call__(self, plan: StepPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
         T, H, Dh = q.shape
         kv.write(plan, k, v)
+        if len(plan.groups) == 1:  # its rows are 0..T-1 in order (see workers.kv_cache.plan_step)
+            (g,) = plan.groups
+            return self._group(g, q.unflatten(0, tuple(g.rows.shape)), kv).reshape(T, H, Dh)
         out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
         for g in plan.groups:
-            out[g.rows.reshape(-1)] = self._group(g, q, kv).reshape(-1, H, Dh)
+            out[g.rows.reshape(-1)] = self._group(g, q[g.rows], kv).reshape(-1, H, Dh)
         return out
 
-    def _group(self, g: AttentionGroup, q: torch.Tensor, kv: LayerKV) -> torch.Tensor:
-        """The group's queries over its gathered keys -> [B, n, H, Dh]."""
-        qg = q[g.rows]  # [B, n, H, Dh]
+    def _group(self, g: AttentionGroup, qg: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        """The group's queries qg [B, n, H, Dh] over its gathered keys -> [B, n, H, Dh]."""
         kg, vg = kv.gather(g.tables)  # [B, L, Hkv, Dh]
         if self.backend == "flash_attention_2":
             return self._flash(g, qg, kg, vg)

@@ -75,9 +75,10 @@ class SelfAttention(nn.Module):
         """x [T, D] -> [T, D]; writes this step's keys and values into ``kv``."""
         c = self.config
         T = x.shape[0]
-        q, k, v = F.linear(x, self.qkv_proj).split((c.q_size, c.kv_size, c.kv_size), dim=-1)
-        q = apply_rope(q.reshape(T, c.num_heads, c.head_dim), cos, sin)  # [T, H, Dh]
-        k = apply_rope(k.reshape(T, c.num_kv_heads, c.head_dim), cos, sin)  # [T, Hkv, Dh]
+        qk, v = F.linear(x, self.qkv_proj).split((c.q_size + c.kv_size, c.kv_size), dim=-1)
+        # q's and k's heads rotated together: one set of elementwise ops instead of two
+        qk = apply_rope(qk.reshape(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # [T, H + Hkv, Dh]
+        q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]  # [T, H, Dh], [T, Hkv, Dh]
         v = v.reshape(T, c.num_kv_heads, c.head_dim)
         out = self.attention(plan, q, k, v, kv)  # [T, H, Dh]
         return F.linear(out.reshape(T, c.q_size), self.o_proj)

@@ -15,7 +15,7 @@ from cluster.step import SeqChunk
 from cluster.tiny_model import TinyModelSpec, write_tiny_model
 from router import wire
 from router.client import LocalExperts
-from router.dispatch import WorkerMessage, choose_replicas, combine, plan
+from router.dispatch import WorkerMessage, choose_replicas, combine, plan, plan_one_worker
 from router.gate import ExpertLoad, Routing, route
 from workers.expert_worker import cpu_threads
 from workers.kv_cache import plan_step
@@ -70,6 +70,33 @@ def test_plan_and_combine_equal_the_dense_sum():
             out[row] += w * experts[e](x[m.tokens[row]])
         partials.append(out)
     assert torch.allclose(combine(msgs, partials, like=x), dense, atol=1e-6)
+
+
+def test_plan_one_worker_docstring_example():
+    (m,) = plan_one_worker(Routing(torch.tensor([[3, 0], [0, 1]]), torch.tensor([[0.6, 0.4], [0.7, 0.3]])))
+    assert (m.worker, m.tokens.tolist(), m.experts.tolist(), m.rows.tolist()) == (0, [0, 1], [0, 0, 1, 3], [0, 1, 1, 0])
+    assert m.weights.tolist() == pytest.approx([0.4, 0.7, 0.3, 0.6])
+
+
+@given(t=st.integers(1, 40), k=st.integers(1, 3), e=st.integers(3, 8), seed=st.integers(0, 2**16))
+def test_plan_one_worker_gives_the_general_plans_message(t, k, e, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])  # [T, K] distinct per token
+    routing = Routing(ids, torch.rand(t, k, generator=g))
+    (fast,) = plan_one_worker(routing)
+    (general,) = plan(routing, torch.zeros(e, dtype=torch.int64))
+    for name in ("worker", "tokens", "rows", "experts", "weights"):
+        assert torch.equal(torch.as_tensor(getattr(fast, name)), torch.as_tensor(getattr(general, name))), name
+
+
+def test_combine_of_one_message_with_every_token_is_a_copy_of_its_partial():
+    partial = torch.randn(3, 4)
+    msgs = [WorkerMessage(0, torch.arange(3), torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3))]
+    out = combine(msgs, [partial], like=torch.zeros(3, 4, dtype=torch.float64))
+    assert out.dtype == torch.float64 and torch.equal(out, partial.double())
+    assert out.data_ptr() != partial.data_ptr()
+    half = [WorkerMessage(0, torch.tensor([1]), torch.tensor([0]), torch.tensor([0]), torch.ones(1))]
+    assert combine(half, [partial[:1]], like=torch.zeros(3, 4)).tolist() == [[0.0] * 4, partial[0].tolist(), [0.0] * 4]
 
 
 def test_expert_load_counts():
