@@ -10,6 +10,10 @@ Floor: recorded decode steps replayed on the model's own tensors, best-of-N: [B,
 parameter of the model (fused qkv, o and gate per layer, lm_head; the embedding only when tied), then per layer
 ``ExpertShard.run`` with exactly the rows that step routed to each expert (the model's ExpertLoad counts); median
 over up to 4 steps. weight_bytes: those matrices plus the experts hit.
+Interleaved (the goal's ratio): the batch runs once more with every full-batch decode step followed at once by the
+floor replay of that very step (its routed rows); decode step p50 over replay p50. Both are timed in the same
+seconds, so the VM's drift (+-15% between runs minutes apart) moves both alike; the best-of-N floor above is the
+lower bound, which a median step never reaches on a noisy machine.
 (b) Mixed workload (fixed seed): all requests at once to our continuous batching against transformers in static
 batches in submission order (left padded, each runs to its longest max_tokens; only each row's own max_tokens are
 useful). Our forward passes by kind and batch size; full-batch decode forwards against their floor.
@@ -210,6 +214,34 @@ def side(runs: list[tuple[float, list[float]]], tokens: int, floor_ms: float) ->
     }
 
 
+def interleaved(fe: Frontend, rec: Recorder, floor: Floor, work: list[tuple[list[int], int]], batch: int) -> dict:
+    """The work once more, step by step: each full-batch decode step (schedule, forward, sample) and right after it
+    the floor replay of its routed rows; their p50s and the ratio (see the module docstring)."""
+    core = fe.core
+    for i, (p, n) in enumerate(work):
+        core.add_request(f"interleaved-{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    steps: list[float] = []
+    replays: list[float] = []
+    finished = 0
+    while finished < len(work):
+        first = len(rec.steps)
+        t0 = time.perf_counter()
+        outs = core.step()
+        seconds = time.perf_counter() - t0
+        finished += sum(o.finished for o in outs)
+        new = rec.steps[first:]
+        if len(new) == 1 and new[0].decode and new[0].tokens == batch:
+            replay = floor.pass_of(batch, new[0].routed)
+            with torch.inference_mode():
+                t1 = time.perf_counter()
+                replay()
+                h.sync()
+                replays.append(time.perf_counter() - t1)
+            steps.append(seconds)
+    step_ms, floor_ms = h.summary_ms(steps)["p50"], h.summary_ms(replays)["p50"]
+    return {"steps": len(steps), "step_ms_p50": step_ms, "floor_ms_p50": floor_ms, "ratio": h.ratio(step_ms, floor_ms)}
+
+
 def bench_fixed(o: Options, fe: Frontend, rec: Recorder, hf: Any, floor: Floor, batch: int, run: h.Run) -> dict:
     prompts = random_prompts([o.prompt_len] * batch, fe.model_config.vocab_size, o.seed + batch)
     work = [(p, o.new_tokens) for p in prompts]
@@ -224,6 +256,8 @@ def bench_fixed(o: Options, fe: Frontend, rec: Recorder, hf: Any, floor: Floor, 
     decode = [[s for s in steps if s.decode and s.tokens == batch] for _, steps, _ in ours]
     run(f"(a) batch {batch}: floor")
     fl = floor.measure(batch, decode[0], o.floor_iters)
+    run(f"(a) batch {batch}: decode steps interleaved with their floor replays")
+    fl["interleaved"] = interleaved(fe, rec, floor, work, batch)
     tokens = batch * o.new_tokens
     a = side([(t, [s.step_s for s in d]) for (t, _, _), d in zip(ours, decode, strict=True)], tokens, fl["floor_ms"])
     b = side([(t, steps) for t, steps, _ in theirs], tokens, fl["floor_ms"])
@@ -293,8 +327,9 @@ def goals_of(fixed: list[dict[str, Any]], mixed: dict[str, Any] | None) -> list[
         text = f"engine tokens/s >= transformers at batch {r['batch']} (ours/theirs)"
         out.append(h.goal(text, r["tokens_per_s_ratio"], 1.0, at_least=True))
     for r in fixed:
-        text = f"engine decode step <= 1.15x floor at batch {r['batch']}"
-        out.append(h.goal(text, r["ours"]["step_over_floor"], 1.15, at_least=False))
+        text = f"engine decode step <= 1.15x floor at batch {r['batch']} (interleaved p50s)"
+        best = f"p50 step over the best-of-N floor: {h.fmt(r['ours']['step_over_floor'])}"
+        out.append(h.goal(text, r["floor"]["interleaved"]["ratio"], 1.15, at_least=False, note=best))
     if mixed is not None:
         text = "mixed workload tokens/s >= 4x transformers static batches"
         out.append(h.goal(text, mixed["tokens_per_s_ratio"], 4.0, at_least=True))
@@ -304,7 +339,10 @@ def goals_of(fixed: list[dict[str, Any]], mixed: dict[str, Any] | None) -> list[
 def tables(fixed: list[dict[str, Any]], mixed: dict[str, Any] | None) -> list[str]:
     rows = [{"batch": r["batch"], "engine": n, **r[n], **r["floor"]} for r in fixed for n in ("ours", "transformers")]
     cols = ["batch", "engine", "tokens_per_s", "step_ms_p50", "floor_ms", "step_over_floor"]
-    out = [h.table(rows, cols, title="(a) fixed batches: decode steps against the floor")]
+    out = [h.table(rows, cols, title="(a) fixed batches: decode steps against the best-of-N floor")]
+    rows = [{"batch": r["batch"], **r["floor"]["interleaved"]} for r in fixed]
+    cols = ["batch", "steps", "step_ms_p50", "floor_ms_p50", "ratio"]
+    out.append(h.table(rows, cols, title="(a) ours: each decode step followed by its floor replay"))
     if mixed is not None:
         title = f"(b) mixed: {mixed['requests']} requests"
         out.append(h.table([mixed["ours"], mixed["transformers"]], ["engine", "total_s", "tokens_per_s"], title=title))
