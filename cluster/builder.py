@@ -66,6 +66,14 @@ class ClusterConfig(EngineConfig):
         "0: off; None: 256 with GPU workers, off with CPU workers (measured slower there)",
     )
     gpus_per_worker: float | None = Field(None, ge=0, description="None: 1 when the cluster has enough GPUs, else 0")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs each expert worker asks Ray for; its torch threads: that count rounded down"
+    )
+    frontend_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs the frontend asks Ray for (offline actor or Serve replica); its torch threads follow",
+    )
     placement_strategy: Strategy = Field("PACK", description="Ray placement-group strategy for the workers")
     expert_placement: tuple[tuple[int, ...], ...] | None = Field(
         None, description="[layer][expert] -> worker; None places contiguous blocks"
@@ -220,6 +228,7 @@ class Frontend:
             "block_size": self.runner.block_size,
             "max_model_len": self.core.max_model_len,
             "engine": self.core.stats(),
+            "threads": torch.get_num_threads(),
             "failovers": self.experts.failovers,
             "workers_down": sorted(self.experts.down),
         }

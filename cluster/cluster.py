@@ -8,6 +8,7 @@ each actor uses whatever GPU Ray assigned it (never a hard-coded device id).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,17 +35,18 @@ from router.channel import ChannelExperts
 from router.client import ExpertClient
 from router.object_ref import RayExperts
 from router.rdt import RdtExperts
-from workers.expert_worker import ExpertWorker
+from workers.expert_worker import ExpertWorker, use_assigned_cpus
 
 FRONTEND_BUNDLE = 0
 
 
 def cluster_resources(config: ClusterConfig) -> WorkerResources:
-    return resolve_resources(
+    gpus = resolve_resources(
         expert_workers=config.expert_workers,
         gpus_per_worker=config.gpus_per_worker,
         total_gpus=float(ray.cluster_resources().get("GPU", 0)),
     )
+    return dataclasses.replace(gpus, cpus_per_worker=config.cpus_per_worker, frontend_cpus=config.frontend_cpus)
 
 
 def reserve(bundles: list[dict[str, float]], *, strategy: str, timeout_s: float = 120.0) -> PlacementGroup:
@@ -139,7 +141,9 @@ def launch_workers(
     resources = cluster_resources(config)
     bundles = []
     if frontend_bundle:
-        bundles.append({"CPU": 1.0, **({"GPU": resources.frontend_gpus} if resources.frontend_gpus else {})})
+        bundles.append(
+            {"CPU": resources.frontend_cpus, **({"GPU": resources.frontend_gpus} if resources.frontend_gpus else {})}
+        )
     for _ in range(placement.num_workers):
         gpu = {"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}
         bundles.append({"CPU": resources.cpus_per_worker, **gpu})
@@ -217,6 +221,7 @@ class FrontendActor:
     """Ray actor body for the offline API's frontend: the built frontend with an expert client over the workers."""
 
     def __init__(self, *, config: ClusterConfig, placement: ExpertPlacement, handles: list) -> None:
+        use_assigned_cpus()
         self.frontend = build_frontend(config, experts=expert_client(config, placement, handles), progress=False)
         self._lock = threading.Lock()
 
@@ -322,7 +327,7 @@ class ExpertCluster:
         self.frontend = (
             ray.remote(enable_tensor_transport=True)(FrontendActor)  # pyright: ignore[reportCallIssue]
             .options(
-                num_cpus=1,
+                num_cpus=self.resources.frontend_cpus,
                 num_gpus=self.resources.frontend_gpus,
                 max_concurrency=8,
                 max_restarts=-1,

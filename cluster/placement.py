@@ -153,6 +153,7 @@ class WorkerResources:
     gpus_per_worker: float
     frontend_gpus: float
     cpus_per_worker: float = 1.0
+    frontend_cpus: float = 1.0
 
 
 def resolve_resources(*, expert_workers: int, gpus_per_worker: float | None, total_gpus: float) -> WorkerResources:

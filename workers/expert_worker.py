@@ -52,8 +52,7 @@ class ExpertWorker:
         self.node_id = ctx.get_node_id()
         self.pid = os.getpid()
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=65536)  # (start, seconds) of each packed run
-        self.threads = cpu_threads(ctx.get_assigned_resources())
-        torch.set_num_threads(self.threads)
+        self.threads = use_assigned_cpus()
         config = ModelConfig.from_dir(model)
         t0 = time.perf_counter()
         self.shard = ExpertShard.load(
@@ -140,6 +139,14 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+def use_assigned_cpus() -> int:
+    """Set this actor's torch threads to its Ray CPUs (:func:`cpu_threads`), so the actors on a node do not
+    oversubscribe its cores; returns the count."""
+    threads = cpu_threads(ray.get_runtime_context().get_assigned_resources())
+    torch.set_num_threads(threads)
+    return threads
 
 
 def cpu_threads(assigned: dict[str, float]) -> int:

@@ -44,7 +44,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         name="Frontend",
         num_replicas=1,
         max_ongoing_requests=queue + 64,
-        ray_actor_options={"num_cpus": 1, "num_gpus": _frontend_gpus(a)},
+        ray_actor_options={"num_cpus": a.frontend_cpus, "num_gpus": _frontend_gpus(a)},
         health_check_timeout_s=60,
     ).bind(plain)
     ingress = serve.deployment(

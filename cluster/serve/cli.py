@@ -11,6 +11,7 @@ starts Ray (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, read by the proxy process).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -92,10 +93,11 @@ def serve_main(a: argparse.Namespace) -> int:
         ray.init(address=a.address, runtime_env=runtime_env)
     else:
         os.environ[GRPC_MESSAGE_SIZE_ENV] = str(parsed.max_request_bytes)  # inherited by the gRPC proxy process
-        # Logical CPUs for the actors (ingress, frontend, W workers) even on a 2-core machine.
+        # Logical CPUs for the actors (ingress, frontend, W workers, Serve's own) even on a 2-core machine.
+        wanted = math.ceil(parsed.frontend_cpus + parsed.expert_workers * parsed.cpus_per_worker) + 3
         ray.init(
             address="local",
-            num_cpus=max(os.cpu_count() or 1, 4 + a.expert_workers),
+            num_cpus=max(os.cpu_count() or 1, wanted),
             include_dashboard=False,
             runtime_env=runtime_env,
         )

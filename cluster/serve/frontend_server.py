@@ -26,6 +26,7 @@ from cluster.errors import InternalError, MixserveError
 from cluster.placement import ExpertPlacement
 from cluster.sampling import SamplingParams
 from cluster.serve.args import AppArgs
+from workers.expert_worker import use_assigned_cpus
 
 log = logging.getLogger("mixserve")
 
@@ -38,6 +39,7 @@ class FrontendServer:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs(**args)
+        use_assigned_cpus()  # torch threads = the replica's frontend_cpus
         config = self.args.cluster_config()
         self.pg = None
         self.workers: list = []

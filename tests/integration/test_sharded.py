@@ -99,6 +99,16 @@ def test_four_workers_get_four_distinct_gpus(ray_instance, ckpt):
         assert all(len(g) == 1 for g in gpu_ids)
         assert len(set(gpu_ids)) == 4
         assert llm.frontend_info()["gpu_ids"] == []  # all four logical GPUs went to the workers
+        # one Ray CPU each by default, so one torch thread each: 5 actors do not oversubscribe a small node
+        assert llm.frontend_info()["threads"] == 1 and [p["threads"] for p in placement] == [1] * 4
+
+
+def test_frontend_and_worker_cpus_set_their_torch_threads(ray_instance, ckpt, reference):
+    folder, _ = ckpt
+    with LLM(folder, expert_workers=2, gpus_per_worker=0, cpus_per_worker=2, frontend_cpus=3, progress=False) as llm:
+        assert llm.frontend_info()["threads"] == 3
+        assert [p["threads"] for p in llm.placement()] == [2, 2]
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference["tokens"]
 
 
 def test_explicit_placement_map(ray_instance, ckpt):

@@ -115,6 +115,19 @@ def test_ray_runtime_env_binds_grpc_to_the_host():
     assert grpc_address("::1", "[::]:9000") == "[::1]:9000"
 
 
+def test_frontend_cpus_size_the_frontend_replica():
+    from cluster.serve.app import build_app
+
+    def frontend_options(app) -> dict:
+        ingress = app._bound_deployment  # the ingress deployment, bound to the frontend's
+        (frontend,) = [a for a in ingress.init_args if hasattr(a, "_bound_deployment")]
+        return frontend._bound_deployment.ray_actor_options
+
+    assert frontend_options(build_app({}))["num_cpus"] == 1
+    assert frontend_options(build_app({"frontend_cpus": 4, "cpus_per_worker": 2}))["num_cpus"] == 4
+    assert parse_args({"cpus_per_worker": 2}).cluster_config().cpus_per_worker == 2
+
+
 def test_serve_takes_object_refs_or_channels():
     assert parse_args({"transport": "channel"}).transport == "channel"
     assert parse_args({}).transport == "object_ref"
