@@ -192,8 +192,8 @@ def overlap_min_batch(config: ClusterConfig) -> int:
 
 def expert_client(config: ClusterConfig, placement: ExpertPlacement, handles: Sequence[Any]) -> ExpertClient:
     """The client for ``config.transport``, in the process that will drive it (it compiles its graph or creates
-    its group there, on first use). RDT clients must live in an actor with rdt_stage / rdt_absorb. Call its
-    ``close()`` before killing the workers."""
+    its group there: a channel graph when the frontend is built, an RDT group on first use). RDT clients must live
+    in an actor with rdt_stage / rdt_absorb. Call its ``close()`` before killing the workers."""
     common = {"timeout_s": config.worker_timeout_s, "overlap_min_batch": overlap_min_batch(config)}
     if config.transport == "object_ref":
         return RayExperts(placement, handles, **common)

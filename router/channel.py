@@ -91,10 +91,9 @@ class ChannelExperts(RemoteExperts):
                     )
                 except (RayActorError, RayChannelError, GetTimeoutError) as e:
                     worker = self._worker_of(e)
+                    who = "an expert worker" if worker is None else f"expert worker {worker}"
                     raise ExpertWorkerError(
-                        f"expert workers {[] if worker is None else [worker]} died while the channel graph was being "
-                        f"compiled: {type(e).__name__}",
-                        worker=worker,
+                        f"{who} failed while the channel graph was being compiled: {type(e).__name__}", worker=worker
                     ) from None
                 # A worker that died while the graph was being compiled leaves Ray's graph waiting on a process that
                 # is gone: its first read would block for ~20 s before Ray notices. The workers answer ordinary
@@ -106,9 +105,11 @@ class ChannelExperts(RemoteExperts):
                 if after != before:  # torn down in the background, as after any failure
                     self._teardown = threading.Thread(target=_teardown, args=(graph,), daemon=True)
                     self._teardown.start()
-                    died = [
-                        w for w, (a, b) in enumerate(zip(before, after or [None] * len(before), strict=True)) if a != b
-                    ]
+                    if after is None:
+                        raise ExpertWorkerError(
+                            "expert workers did not all answer after the channel graph was compiled"
+                        )
+                    died = [w for w, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
                     raise ExpertWorkerError(
                         f"expert workers {died} died while the channel graph was being compiled",
                         worker=died[0] if len(died) == 1 else None,
@@ -122,7 +123,8 @@ class ChannelExperts(RemoteExperts):
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                replies = ray.get([h.status.remote() for h in self.handles], timeout=deadline - time.monotonic())
+                refs = [h.status.remote() for h in self.handles]
+                replies = ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))  # never < 0: Ray's "forever"
                 return [s["pid"] for s in replies]
             except ActorUnavailableError as e:
                 if time.monotonic() + 0.2 >= deadline:
@@ -136,8 +138,12 @@ class ChannelExperts(RemoteExperts):
         return ExpertWorkerError(f"expert workers are unavailable (one died or is restarting): {type(e).__name__}")
 
     def connect(self) -> None:
-        """Compile the graph now, so the first request does not wait for it."""
-        self._compiled()
+        """Compile the graph now, so the first request does not wait for it. A worker that is down (or dies
+        meanwhile) does not fail the frontend's start: the graph is then compiled by the first request."""
+        try:
+            self._compiled()
+        except ExpertWorkerError as e:
+            log.warning("channel graph not compiled at start (%s); the first request compiles it", e)
 
     def close(self) -> None:
         """Tear the graph down (the workers stay up and serve ordinary calls again)."""

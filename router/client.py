@@ -177,7 +177,8 @@ class ExpertClient(ABC):
 
     def connect(self) -> None:
         """Set the transport up before the first layer (the channel transport compiles its graph), so the first
-        request does not pay for it. The builder calls it once the model is loaded."""
+        request does not pay for it. The builder calls it once the model is loaded; it never raises (what it could
+        not set up is set up by the first request)."""
         return None
 
     def close(self) -> None:

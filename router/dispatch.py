@@ -66,7 +66,7 @@ def plan(routing: Routing, worker_of_expert: torch.Tensor) -> list[WorkerMessage
 
 def plan_one_worker(routing: Routing, worker: int = 0) -> list[WorkerMessage]:
     """:func:`plan` when every expert lives on one worker: every token goes to it, in step order, so the
-    distinct-token bookkeeping is skipped (same message as :func:`plan` gives).
+    distinct-token bookkeeping is skipped (for T >= 1, the same message as :func:`plan` gives; steps are never empty).
 
     Example (T=2, K=2): ids [[3, 0], [0, 1]] -> tokens [0, 1]; experts [0, 0, 1, 3]; rows [0, 1, 1, 0].
     """

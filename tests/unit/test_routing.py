@@ -94,7 +94,8 @@ def test_combine_of_one_message_with_every_token_is_a_copy_of_its_partial():
     msgs = [WorkerMessage(0, torch.arange(3), torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3))]
     out = combine(msgs, [partial], like=torch.zeros(3, 4, dtype=torch.float64))
     assert out.dtype == torch.float64 and torch.equal(out, partial.double())
-    assert out.data_ptr() != partial.data_ptr()
+    same = combine(msgs, [partial], like=torch.zeros(3, 4))  # same dtype and device: still a copy, not the partial
+    assert torch.equal(same, partial) and same.data_ptr() != partial.data_ptr()
     half = [WorkerMessage(0, torch.tensor([1]), torch.tensor([0]), torch.tensor([0]), torch.ones(1))]
     assert combine(half, [partial[:1]], like=torch.zeros(3, 4)).tolist() == [[0.0] * 4, partial[0].tolist(), [0.0] * 4]
 
