@@ -174,3 +174,21 @@ def test_offline_n_and_best_of(tmp_path):
     assert [o.token_ids for o in best] == [o.token_ids for o in ranked[:2]]
     assert all(o.logprobs is None for o in best)  # kept only to rank
     assert sp.n == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_rms_norm_gives_the_bits_of_transformers_four_ops(dtype):
+    """workers.layers.rms_norm uses torch's one rms_norm kernel; on CPU it must give exactly what transformers'
+    MixtralRMSNorm computes (float32: x * rsqrt(mean(x^2) + eps), cast back, times the weight)."""
+    import torch
+
+    from workers.layers import rms_norm
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    for rows, width in ((1, 512), (7, 4096), (33, 1000)):
+        x = (torch.randn(rows, width, generator=g) * 10 * torch.rand(rows, 1, generator=g)).to(dt)
+        w = (1 + 0.1 * torch.randn(width, generator=g)).to(dt)
+        h = x.to(torch.float32)
+        want = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
+        assert torch.equal(rms_norm(x, w, 1e-5), want)
