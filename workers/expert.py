@@ -43,9 +43,15 @@ class ExpertShard:
     """A set of (layer, expert) SwiGLU experts. Per layer the shard's experts are stacked: w13 [E_l, 2F, D]
     (w1 and w3 fused) and w2 [E_l, D, F], so one message runs through all of them in two grouped matmuls."""
 
-    def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        *,
+        num_experts: int | None = None,
+    ) -> None:
         """``weights``: (layer, expert) -> (w1, w2, w3). It is emptied as the stacks fill, so memory never holds
-        more than the shard plus one expert."""
+        more than the shard plus one expert. ``num_experts``: the model's experts per layer, when known; a layer
+        whose experts are all here then takes the router's ids as they are (see ``_LayerExperts.local_index``)."""
         self._layers: dict[int, _LayerExperts] = {}
         for layer in sorted({layer for layer, _ in weights}):
             ids = sorted(e for lay, e in weights if lay == layer)
@@ -56,7 +62,8 @@ class ExpertShard:
             for i, e in enumerate(ids):
                 w1, w2, w3 = weights.pop((layer, e))
                 w13s[i, :f], w13s[i, f:], w2s[i] = w1, w3, w2
-            self._layers[layer] = _LayerExperts(ids, w13s, w2s)
+            complete = num_experts is not None and ids == list(range(num_experts))
+            self._layers[layer] = _LayerExperts(ids, w13s, w2s, complete=complete)
 
     @classmethod
     def load(
@@ -79,7 +86,7 @@ class ExpertShard:
         for layer, e in pairs:
             p = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
             weights[(layer, e)] = tuple(tensors.pop(p + w + ".weight").to(device) for w in ("w1", "w2", "w3"))
-        return cls(weights)
+        return cls(weights, num_experts=config.num_experts)
 
     @property
     def experts(self) -> list[tuple[int, int]]:
@@ -133,15 +140,19 @@ class ExpertShard:
 class _LayerExperts:
     """One layer's experts of a shard: ids (sorted), w13 [E_l, 2F, D], w2 [E_l, D, F]."""
 
-    def __init__(self, ids: list[int], w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def __init__(self, ids: list[int], w13: torch.Tensor, w2: torch.Tensor, *, complete: bool = False) -> None:
         self.ids = ids
         self.w13 = w13
         self.w2 = w2
         self._local = torch.full((max(ids) + 1,), -1, dtype=torch.int64)
         self._local[torch.tensor(ids)] = torch.arange(len(ids))
+        self.complete = complete  # every expert of the layer, ids 0..E-1: an id is its own position
 
     def local_index(self, experts: torch.Tensor) -> torch.Tensor | None:
-        """Expert ids [A] -> positions in this layer's stack [A]; None when one is not held."""
+        """Expert ids [A] -> positions in this layer's stack [A]; None when one is not held. A complete layer holds
+        every id the router can give: returned as they are, unchecked (on a GPU each check waits for the device)."""
+        if self.complete:
+            return experts
         if int(experts.max()) >= self._local.numel() or int(experts.min()) < 0:
             return None
         local = self._local.to(experts.device)[experts]

@@ -42,6 +42,25 @@ def test_shard_equals_the_weighted_swiglu_sum(monkeypatch, grouped, dtype):
     assert got.dtype == dtype and got[3].abs().max() == 0  # token 3 was routed to none of these experts
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_a_complete_layer_takes_the_router_ids_as_positions(monkeypatch, grouped):
+    """With every expert of a layer (0..E-1) the ids are the stack positions (no checks); the result is the
+    reference sum, and a layer short of any expert keeps its checks."""
+    if not grouped:
+        monkeypatch.setattr(expert, "GROUPED_MM", None)
+    g = torch.Generator().manual_seed(1)
+    D, Fi, E = 16, 24, 4
+    w = {e: tuple(torch.randn(*s, generator=g) * 0.3 for s in ((Fi, D), (D, Fi), (Fi, D))) for e in range(E)}
+    shard = ExpertShard({(0, e): w[e] for e in range(E)} | {(1, e): w[e] for e in range(E - 1)}, num_experts=E)
+    assert [shard._layers[0].complete, shard._layers[1].complete] == [True, False]
+    x = torch.randn(3, D, generator=g)
+    rows, experts, weights = torch.tensor([0, 2, 1, 0, 2]), torch.tensor([0, 0, 2, 3, 3]), torch.rand(5, generator=g)
+    got = shard.run(0, x, rows, experts, weights).double()
+    torch.testing.assert_close(got, reference(x, rows, experts, weights, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="not all held"):
+        shard.run(1, x, rows, experts, weights)  # layer 1 lacks expert 3
+
+
 def test_an_expert_the_shard_does_not_hold_is_an_error():
     w = tuple(torch.ones(2, 2) for _ in range(3))
     shard = ExpertShard({(0, 1): w})
