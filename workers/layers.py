@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, cast back, then scaled (as transformers' MixtralRMSNorm: x * rsqrt(mean(x^2) +
-    eps), here in torch's one-kernel ``F.rms_norm``, which gives the same bits as those four ops on CPU)."""
-    return weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps).to(x.dtype)
+    eps)), here in torch's one-kernel ``F.rms_norm``, which computes in float32 for bf16/fp16 inputs too and gives
+    the same bits as those ops on CPU (tests/unit/test_parity.py checks it)."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 # ---------------------------------------------------------------------- RoPE
