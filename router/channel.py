@@ -31,7 +31,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -48,7 +47,6 @@ from ray.exceptions import (
 )
 
 from cluster.errors import ExpertWorkerError
-from cluster.placement import ExpertPlacement
 from router import wire
 from router.client import RemoteExperts
 from router.dispatch import WorkerMessage
@@ -61,15 +59,7 @@ MAX_INFLIGHT = 4  # executions sent before their replies are read (two micro-bat
 class ChannelExperts(RemoteExperts):
     """Not thread-safe: one engine thread drives it (as it drives the model)."""
 
-    def __init__(
-        self,
-        placement: ExpertPlacement,
-        handles: Sequence[Any],
-        *,
-        timeout_s: float = 60.0,
-        overlap_min_batch: int = 0,
-    ) -> None:
-        super().__init__(placement, handles, timeout_s=timeout_s, overlap_min_batch=overlap_min_batch)
+    def _init_transport(self) -> None:
         self._graph: Any = None
         self._generation = 0  # bumped whenever the graph is dropped: replies of an older graph never come
         self._teardown: threading.Thread | None = None  # a failed graph being torn down in the background

@@ -204,6 +204,11 @@ class RemoteExperts(ExpertClient):
         self.timeout_s = timeout_s
         self.overlap_min_batch = overlap_min_batch
         self.echo = False
+        self._init_transport()
+
+    def _init_transport(self) -> None:
+        """The transport's own state, set once the shared fields are (subclasses override it)."""
+        return None
 
 
 class Shard(Protocol):
@@ -223,7 +228,8 @@ class LocalExperts(ExpertClient):
         self.shards = dict(shards)
 
     def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> Exchange:
-        def rows_of(m: WorkerMessage) -> torch.Tensor:  # a message of every token (sorted, distinct) is all of x
-            return x if m.tokens.numel() == x.shape[0] else x[m.tokens]
-
-        return Done([self.shards[m.worker].run(layer, rows_of(m), m.rows, m.experts, m.weights) for m in messages])
+        partials = []
+        for m in messages:
+            xs = x if m.has_every_token(x.shape[0]) else x[m.tokens]  # [N_w, D]
+            partials.append(self.shards[m.worker].run(layer, xs, m.rows, m.experts, m.weights))
+        return Done(partials)

@@ -39,6 +39,10 @@ class WorkerMessage:
     experts: torch.Tensor
     weights: torch.Tensor
 
+    def has_every_token(self, num_tokens: int) -> bool:
+        """Whether ``tokens`` is all of 0..T-1 (they are sorted and distinct, so then they are in step order)."""
+        return self.tokens.numel() == num_tokens
+
 
 def plan(routing: Routing, worker_of_expert: torch.Tensor) -> list[WorkerMessage]:
     """Group the step's assignments by worker; workers with nothing routed get no message.
@@ -82,7 +86,7 @@ def combine(messages: list[WorkerMessage], partials: list[torch.Tensor], like: t
     """Sum every worker's partial outputs [N_w, D] back into [T, D] (same dtype and shape as ``like``). One
     message holding every token (in order: tokens are sorted and distinct) is its own sum, copied (a transport's
     partial can be a read-only view of a received buffer)."""
-    if len(messages) == 1 and messages[0].tokens.numel() == like.shape[0]:
+    if len(messages) == 1 and messages[0].has_every_token(like.shape[0]):
         return partials[0].to(device=like.device, dtype=like.dtype, copy=True)
     out = torch.zeros_like(like)
     for m, p in zip(messages, partials, strict=True):

@@ -38,22 +38,17 @@ class ExpertLoad:
     device (on a GPU: no copy to the host, so no wait for the GPU, at every layer), read back by :meth:`snapshot`."""
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
-        self._shape = (num_layers, num_experts)
-        self._counts: dict[torch.device, torch.Tensor] = {}  # device -> [L, E] int64
+        self._counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)  # [L, E], moved to the ids' device
         self._lock = threading.Lock()
 
     def add(self, layer: int, ids: torch.Tensor) -> None:
-        counts = torch.bincount(ids.reshape(-1), minlength=self._shape[1])  # [E]
+        counts = torch.bincount(ids.reshape(-1), minlength=self._counts.shape[1])  # [E]
         with self._lock:
-            acc = self._counts.get(ids.device)
-            if acc is None:
-                acc = self._counts[ids.device] = torch.zeros(self._shape, dtype=torch.int64, device=ids.device)
-            acc[layer] += counts
+            if self._counts.device != ids.device:
+                self._counts = self._counts.to(ids.device)
+            self._counts[layer] += counts
 
     def snapshot(self) -> list[list[int]]:
         """[layer][expert] -> tokens routed so far."""
         with self._lock:
-            total = torch.zeros(self._shape, dtype=torch.int64)
-            for acc in self._counts.values():
-                total += acc.cpu()
-            return total.tolist()
+            return self._counts.tolist()

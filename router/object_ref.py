@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,6 @@ import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.errors import ExpertWorkerError
-from cluster.placement import ExpertPlacement
 from router import wire
 from router.client import RemoteExperts
 from router.dispatch import WorkerMessage
@@ -47,15 +45,7 @@ class RayExperts(RemoteExperts):
     the requests of that step fail fast instead of hanging; an exception raised by a live worker's code propagates
     as Ray's ``RayTaskError`` (a bug: the engine turns it into an ``InternalError`` per request and logs it)."""
 
-    def __init__(
-        self,
-        placement: ExpertPlacement,
-        handles: Sequence[Any],
-        *,
-        timeout_s: float = 60.0,
-        overlap_min_batch: int = 0,
-    ) -> None:
-        super().__init__(placement, handles, timeout_s=timeout_s, overlap_min_batch=overlap_min_batch)
+    def _init_transport(self) -> None:
         self._probes: dict[int, tuple[float, Any]] = {}  # down worker -> (monotonic time sent, ping ref)
 
     def refresh(self) -> None:
