@@ -1,6 +1,6 @@
 """mixserve: expert-sharded serving of Mixtral-architecture MoE models on Ray.
 
-The public names load lazily, so ``import cluster.errors`` or ``import cluster.config`` pulls in neither torch's
+The public names load lazily, so ``import cluster.errors`` or ``import cluster.config.model`` pulls in neither torch's
 model code, the engine nor Ray.
 """
 
@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cluster.engine import RequestOutput
+    from cluster.engine.sampling import SamplingParams
     from cluster.llm import LLM
-    from cluster.sampling import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
 
-_LAZY = {"LLM": "cluster.llm", "RequestOutput": "cluster.engine", "SamplingParams": "cluster.sampling"}
+_LAZY = {"LLM": "cluster.llm", "RequestOutput": "cluster.engine", "SamplingParams": "cluster.engine.sampling"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,16 +10,17 @@ from pathlib import Path
 import torch
 
 from cluster.bench import add_bench_command
-from cluster.builder import ClusterConfig, build_frontend
-from cluster.config import ConfigError
+from cluster.checkpoint.tiny_model import BENCH_SPEC, TinyModelSpec, default_model_dir, write_tiny_model
+from cluster.config.cluster import ClusterConfig
+from cluster.config.model import ConfigError
+from cluster.config.options import add_options, options_from
 from cluster.engine import AsyncEngine
+from cluster.engine.sampling import SamplingParams
 from cluster.errors import MixserveError
 from cluster.llm import LLM
-from cluster.options import add_options, options_from
-from cluster.sampling import SamplingParams
+from cluster.runtime.frontend import build_frontend
 from cluster.serve.cli import add_serve_command
-from cluster.tiny_model import BENCH_SPEC, TinyModelSpec, default_model_dir, write_tiny_model
-from cluster.tokenizer import Tokenizer
+from cluster.text.tokenizer import Tokenizer
 
 # Config fields that are not command-line flags here: the model is its own flag, a placement map is no flag.
 _NOT_FLAGS = ("model", "expert_placement")
@@ -78,7 +79,7 @@ def _generate(a: argparse.Namespace) -> int:
 
 def _generate_or_raise(a: argparse.Namespace) -> int:
     options = options_from(a, ClusterConfig, skip=_NOT_FLAGS)
-    config = ClusterConfig.create(model=str(a.model or default_model_dir()), **options)
+    config = ClusterConfig.create(model=str(a.model or default_model_dir()), **options)  # names a bad flag
     params = SamplingParams(
         max_tokens=a.max_tokens,
         temperature=a.temperature,
@@ -87,8 +88,8 @@ def _generate_or_raise(a: argparse.Namespace) -> int:
         seed=a.seed,
         stop=tuple(a.stop),
     )
-    if config.expert_workers:  # sharded: the offline API over Ray, printed when done
-        with LLM(config.model, **options) as llm:
+    if config.parallel.expert_workers:  # sharded: the offline API over Ray, printed when done
+        with LLM(str(config.load.model), **options) as llm:
             out = llm.generate([_prompt_ids(llm.tokenizer, a)], params)[0]
             print(out.text)
         print(f"[finish_reason={out.finish_reason}]", file=sys.stderr)

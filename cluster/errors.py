@@ -1,7 +1,7 @@
 """Every error mixserve raises on purpose, in one hierarchy.
 
-The classes say what went wrong; the serving edge (:mod:`cluster.serve.errors`) maps each class to one HTTP status
-and one gRPC code in a single table. Anything that is not a :class:`MixserveError` is a bug in our code and is
+The classes say what went wrong; the serving edge (:mod:`cluster.serve.ingress.errors`) maps each class to one HTTP
+status and one gRPC code in a single table. Anything that is not a :class:`MixserveError` is a bug in our code and is
 reported as an internal error with a request id (the traceback goes to the server log, never to the client).
 
     MixserveError

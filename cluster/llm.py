@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
-from cluster.builder import ClusterConfig, Frontend, build_frontend
-from cluster.config import ModelConfig
-from cluster.engine import RequestOutput
+from cluster.checkpoint.locate import resolve
+from cluster.config.cluster import ClusterConfig
+from cluster.engine import fanout
+from cluster.engine.request import RequestOutput
+from cluster.engine.sampling import SamplingParams
 from cluster.errors import InvalidRequestError
-from cluster.sampling import SamplingParams
-from cluster.tokenizer import Tokenizer
+from cluster.runtime.local import LocalFrontend
+from cluster.text.tokenizer import Tokenizer
 
 PromptLike = str | Sequence[str] | Sequence[Sequence[int]]
 
@@ -22,25 +23,25 @@ PromptLike = str | Sequence[str] | Sequence[Sequence[int]]
 class LLM:
     """A Mixtral-architecture model ready to generate.
 
-    ``options`` are the fields of :class:`~cluster.builder.ClusterConfig` (dtype, expert_workers, transport,
-    engine limits, placement, ...); an unknown or invalid one is a ``SetupError`` naming it.
+    ``options`` are the options of :class:`~cluster.config.cluster.ClusterConfig` (dtype, expert_workers,
+    transport, engine limits, placement, ...); an unknown or invalid one is a ``SetupError`` naming it.
     ``expert_workers=0`` (the default) runs everything in this process, the reference path;
-    ``expert_workers=W >= 1`` starts W expert-worker actors and a frontend actor on Ray (an already-initialised
-    Ray, ``address=``, or a new local one) and routes every layer's tokens between them.
+    ``expert_workers=W >= 1`` starts a frontend actor with W expert-worker actors on Ray (an already-initialised
+    Ray, ``address=``, or a new local one sized for them) and routes every layer's tokens between them.
     """
 
     def __init__(self, model: str | Path, *, address: str | None = None, progress: bool = True, **options: Any) -> None:
-        self.config = ClusterConfig.create(model=str(model), **options)
-        self.tokenizer = Tokenizer.from_dir(self.config.model, tokenizer=self.config.tokenizer)
-        self._frontend: Frontend | None = None
-        self._cluster = None
-        if self.config.expert_workers == 0:
-            self._frontend = build_frontend(self.config, progress=progress)
+        self.config = resolve(ClusterConfig.create(model=str(model), **options))
+        load = self.config.load
+        assert load.model is not None
+        self.tokenizer = Tokenizer.from_dir(load.model, tokenizer=load.tokenizer)
+        self._frontend: Any = None
+        if self.config.parallel.expert_workers == 0:
+            self._frontend = LocalFrontend(self.config, progress=progress)
         else:
-            from cluster.cluster import ExpertCluster  # imports Ray: only for a sharded model
+            from cluster.runtime.offline import RemoteFrontend  # imports Ray: only for a sharded model
 
-            placement = self.config.placement(ModelConfig.from_dir(self.config.model))
-            self._cluster = ExpertCluster.start(self.config, placement, address=address, progress=progress)
+            self._frontend = RemoteFrontend.start(self.config, address=address, progress=progress)
 
     # ------------------------------------------------------------------ API
     def _encode(self, prompts: PromptLike) -> list[list[int]]:
@@ -62,8 +63,8 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Finished :class:`RequestOutput` s in prompt order: ``n`` per prompt (one by default; with a seed,
-        choice j samples with seed + j; with ``best_of`` > n, the n most likely of best_of, best first). Prompts
-        are batched continuously.
+        choice j samples with seed + j; with ``best_of`` > n, the n most likely of best_of, best first:
+        ``cluster.engine.fanout``). Prompts are batched continuously.
 
         A request that fails in a step raises its error (``ExpertWorkerError`` when a worker was lost).
         """
@@ -76,104 +77,58 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(ids):
                 raise InvalidRequestError(f"{len(params)} sampling params for {len(ids)} prompts")
-        flat_ids, flat_params, spans = expand_choices(ids, params)
-        if self._cluster is not None:
-            outs = self._cluster.generate(flat_ids, flat_params)
-        else:
-            outs = self._local().core.generate(flat_ids, flat_params)
+        flat_ids = [p for p, sp in zip(ids, params, strict=True) for _ in range(sp.candidates)]
+        flat_params = [c for sp in params for c in fanout.expand(sp)]
+        outs = self._live().generate(flat_ids, flat_params)
         for o in outs:
             if o.error is not None:
                 raise o.error
-        return [o for span in spans for o in pick(outs, span)]
+        kept: list[RequestOutput] = []
+        start = 0
+        for sp in params:
+            kept += fanout.chosen(outs[start : start + sp.candidates], sp)
+            start += sp.candidates
+        return kept
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence float32 logits, shape [len(token_ids), vocab]."""
-        if self._cluster is not None:
-            return self._cluster.logits(list(token_ids))
-        return self._local().core.logits(list(token_ids))
+        return self._live().logits(list(token_ids))
+
+    def apply_model(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(model)`` run where the model is (this process, or the frontend actor), between calls; its result
+        comes back (as vLLM's ``LLM.apply_model``). ``model`` is ``workers.model.MixtralModel``."""
+        return self._live().apply(lambda runtime: fn(runtime.frontend.model))
 
     def placement(self, timeout_s: float = 10.0) -> list[dict]:
-        """Per worker: its experts, node id, GPU ids and bytes of expert weights it holds (a worker that does not
-        answer within ``timeout_s``: its experts and the error)."""
-        if self._cluster is not None:
-            return self._cluster.placement(timeout_s)
-        info = self._local().info()
-        return [
-            {
-                "worker": "in-process",
-                "experts": "all",
-                "node_id": None,
-                "gpu_ids": [],
-                "expert_bytes": info["expert_bytes"],
-            }
-        ]
+        """Per worker: its experts, node id, GPU ids, pid and bytes of expert weights it holds (a worker that does
+        not answer within ``timeout_s``: its experts and the error)."""
+        return self._live().placement(timeout_s)
 
     def health(self, timeout_s: float = 3.0) -> dict:
         """``ok``, one entry per expert worker (``ok``, its load time and pid, or the error) and the
         ``missing_experts`` ([layer, expert] with no live copy); in-process experts are always there."""
-        if self._cluster is not None:
-            return self._cluster.health(timeout_s)
-        self._local()
-        return {"ok": True, "workers": [], "missing_experts": []}
+        return self._live().health(timeout_s)
 
     def frontend_info(self) -> dict:
-        if self._cluster is not None:
-            return self._cluster.frontend_info()
-        return self._local().info()
+        """The frontend's device, memory, KV cache, engine counters, threads, failovers, node and GPUs."""
+        return self._live().info()
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed so far, [layer][expert]."""
-        if self._cluster is not None:
-            return self._cluster.expert_load()
-        return self._local().expert_load()
+        return self._live().expert_load()
 
-    def _local(self) -> Frontend:
+    def _live(self) -> Any:
         if self._frontend is None:
             raise RuntimeError("this LLM has been shut down")
         return self._frontend
 
     def shutdown(self) -> None:
-        if self._cluster is not None:
-            self._cluster.shutdown()
-            self._cluster = None
-        self._frontend = None
+        if self._frontend is not None:
+            self._frontend.shutdown()
+            self._frontend = None
 
     def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-Span = tuple[int, int, SamplingParams]  # (first engine request, candidates, the prompt's params)
-
-
-def expand_choices(
-    prompts: list[list[int]], params: list[SamplingParams]
-) -> tuple[list[list[int]], list[SamplingParams], list[Span]]:
-    """One engine request per candidate: best_of (else n) per prompt, candidate j seeded with seed + j (logprobs
-    kept to rank best_of candidates, dropped again by :func:`pick`)."""
-    flat_ids: list[list[int]] = []
-    flat_params: list[SamplingParams] = []
-    spans: list[Span] = []
-    for p, sp in zip(prompts, params, strict=True):
-        k = sp.best_of or sp.n
-        spans.append((len(flat_ids), k, sp))
-        for j in range(k):
-            seed = sp.seed + j if sp.seed is not None and k > 1 else sp.seed
-            logprobs = 0 if k > sp.n and sp.logprobs is None else sp.logprobs
-            flat_params.append(dataclasses.replace(sp, seed=seed, n=1, best_of=None, logprobs=logprobs))
-            flat_ids.append(p)
-    return flat_ids, flat_params, spans
-
-
-def pick(outs: list[RequestOutput], span: Span) -> list[RequestOutput]:
-    """A prompt's n outputs: all its candidates, or with best_of the n most likely (highest summed logprob)."""
-    start, k, sp = span
-    group = outs[start : start + k]
-    if k > sp.n:
-        group = sorted(group, key=lambda o: -sum(lp.logprob for lp in o.logprobs or []))[: sp.n]
-        if sp.logprobs is None:
-            for o in group:
-                o.logprobs = o.new_logprobs = None
-    return group

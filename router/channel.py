@@ -48,15 +48,15 @@ from ray.exceptions import (
 
 from cluster.errors import ExpertWorkerError
 from router import wire
-from router.client import RemoteExperts
 from router.dispatch import WorkerMessage
+from router.transport import RemoteTransport
 
 log = logging.getLogger("mixserve")
 
 MAX_INFLIGHT = 4  # executions sent before their replies are read (two micro-batches need 2)
 
 
-class ChannelExperts(RemoteExperts):
+class ChannelTransport(RemoteTransport):
     """Not thread-safe: one engine thread drives it (as it drives the model)."""
 
     def _init_transport(self) -> None:
@@ -187,7 +187,7 @@ class _Flight:
 
     def __init__(
         self,
-        client: ChannelExperts,
+        client: ChannelTransport,
         layer: int,
         refs: list,
         messages: list[WorkerMessage],

@@ -5,15 +5,16 @@ travels (``router.wire``): one uint8 NumPy array per call holding the worker's r
 (bf16/fp16 as 2 bytes per value) and its assignments as int32/float32; the reply is the partial output [N_w, D] as
 raw bytes. Measured on the 2-core box (contended; min / median of 200 echo calls, bench model, W=1): T=8
 1.7 / 3.2 ms packed against 3.8 / 6.4 ms for the same message as five pickled torch tensors; T=64 3.4 / 6.6 ms
-against 5.7 / 9.7 ms. The refs are futures: :meth:`RayExperts.start` returns as soon as the calls are submitted,
+against 5.7 / 9.7 ms. The refs are futures: :meth:`ObjectRefTransport.start` returns as soon as the calls are submitted,
 so two micro-batches can be in flight.
 
 ``ActorUnavailableError`` (Ray: the worker is unreachable, maybe restarting; also seen on the first call to a worker
 Ray has just restarted, after it answered a ping) is retried once for up to :data:`RETRY_WAIT_S` when the experts
-have no other copy; with copies, the layer fails over at once.
+have no other copy (``retry_unavailable``); with copies, the layer fails over at once.
 
-With redundant experts, a worker taken out of routing (``ExpertClient.down``) is probed with ``ping`` at most every
-:data:`PROBE_INTERVAL_S`; it is routed to again once a ping returns (Ray restarted it and it reloaded its experts).
+With copies of experts, a worker left out of routing (``router.replicas``) is probed with ``ping`` at most every
+:data:`PROBE_INTERVAL_S`; :meth:`ObjectRefTransport.readmit` reports it once a ping returns (Ray restarted it and it
+reloaded its experts).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from cluster.errors import ExpertWorkerError
 from router import wire
-from router.client import RemoteExperts
 from router.dispatch import WorkerMessage
+from router.transport import RemoteTransport
 
 log = logging.getLogger("mixserve")
 
@@ -40,7 +41,7 @@ PROBE_INTERVAL_S = 0.5
 RETRY_WAIT_S = 0.5
 
 
-class RayExperts(RemoteExperts):
+class ObjectRefTransport(RemoteTransport):
     """A worker that died or does not answer within ``timeout_s`` becomes :class:`ExpertWorkerError` naming it, so
     the requests of that step fail fast instead of hanging; an exception raised by a live worker's code propagates
     as Ray's ``RayTaskError`` (a bug: the engine turns it into an ``InternalError`` per request and logs it)."""
@@ -48,10 +49,12 @@ class RayExperts(RemoteExperts):
     def _init_transport(self) -> None:
         self._probes: dict[int, tuple[float, Any]] = {}  # down worker -> (monotonic time sent, ping ref)
 
-    def refresh(self) -> None:
-        """Re-admit each down worker whose ping has returned; ping again the ones whose ping failed."""
+    def readmit(self, down: set[int]) -> set[int]:
+        """The workers of ``down`` whose ping has returned; the ones whose ping failed (still restarting) are pinged
+        again after the interval. Never waits."""
         now = time.monotonic()
-        for w in sorted(self.down):
+        back = set()
+        for w in sorted(down):
             sent, ref = self._probes.get(w, (0.0, None))
             if ref is not None:
                 ready, _ = ray.wait([ref], timeout=0)
@@ -62,12 +65,12 @@ class RayExperts(RemoteExperts):
                 except Exception:  # still restarting: ping again after the interval
                     self._probes[w] = (sent, None)
                 else:
-                    self.down.discard(w)
+                    back.add(w)
                     del self._probes[w]
-                    log.info("expert worker %d answers again; routing to it", w)
                     continue
             if now - sent >= PROBE_INTERVAL_S:
                 self._probes[w] = (now, self.handles[w].ping.remote())
+        return back
 
     def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> _Refs:
         bufs = [wire.pack(layer, x, m, echo=self.echo) for m in messages]
@@ -80,7 +83,7 @@ class _Refs:
 
     def __init__(
         self,
-        client: RayExperts,
+        client: ObjectRefTransport,
         layer: int,
         refs: list,
         messages: list[WorkerMessage],
@@ -116,7 +119,7 @@ class _Refs:
                     f"expert worker {m.worker} did not answer layer {layer} within {timeout_s:.0f}s", worker=m.worker
                 ) from None
             except RayActorError as e:
-                retry = isinstance(e, ActorUnavailableError) and self.client.placement.replicas == 1
+                retry = isinstance(e, ActorUnavailableError) and self.client.retry_unavailable
                 if retry and (again := self._retry(i, deadline)) is not None:
                     out.append(wire.unpack_rows(again, int(m.tokens.numel()), self.d, self.dtype).to(self.device))
                     continue

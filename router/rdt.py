@@ -6,10 +6,12 @@ RDT objects on a two-sided transport can only be passed from one actor task to a
 small tasks: ``stage`` on itself returns the rows for that worker as an RDT object; the worker's ``run``
 takes it and returns its partial output as an RDT object; ``absorb`` on the frontend takes that and parks it
 where the waiting layer picks it up. Every call of a layer is issued before any is awaited, and
-:meth:`RdtExperts.start` returns once they are issued (two micro-batches can be in flight).
+:meth:`RdtTransport.start` returns once they are issued (two micro-batches can be in flight).
 
-The group is created on first use from inside the frontend (the process that submits the transfers must know
-it), and rebuilt after a worker restarts.
+The frontend's own tasks are its host hooks (:class:`RdtHostHooks`, the registry row's ``host_hooks``): the actor
+that drives this transport includes that mixin and provides ``expert_transport()``. The group is created on first
+use from inside that actor (the process that submits the transfers must know it). Ray stops both ends of a failed
+transfer (the frontend actor included), so after a failure the whole frontend and its workers are replaced.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -27,37 +28,25 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.experimental.collective import create_collective_group, destroy_collective_group, get_collective_groups
 
 from cluster.errors import ExpertWorkerError
-from cluster.placement import ExpertPlacement
-from router.client import RemoteExperts
 from router.dispatch import WorkerMessage
+from router.transport import RemoteTransport
 
-BACKENDS = {"gloo": "torch_gloo", "nccl": "nccl"}
 
+class RdtTransport(RemoteTransport):
+    """Base of the two RDT transports; ``backend`` is the tensor transport Ray uses, ``group_backend`` the
+    collective group's backend."""
 
-class RdtExperts(RemoteExperts):
-    """The frontend actor that owns this client must expose ``rdt_stage(key)`` and ``rdt_absorb(key, partial)``
-    methods that call :meth:`stage` and :meth:`absorb` (see ``cluster.cluster.FrontendActor``)."""
+    backend = ""
+    group_backend = ""
 
-    def __init__(
-        self,
-        placement: ExpertPlacement,
-        handles: Sequence[Any],
-        *,
-        backend: str = "gloo",
-        timeout_s: float = 60.0,
-        overlap_min_batch: int = 0,
-    ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"RDT backend {backend!r} is unknown; use gloo or nccl")
-        super().__init__(placement, handles, timeout_s=timeout_s, overlap_min_batch=overlap_min_batch)
-        self.backend = backend
+    def _init_transport(self) -> None:
         self._group = None
         self._staged: dict[int, torch.Tensor] = {}
         self._received: dict[int, torch.Tensor] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
-    # -- called on the frontend actor through its own handle (its rdt_stage / rdt_absorb methods) -------------
+    # -- called on the host actor through its own handle (RdtHostHooks) -----------------------------------------
     def stage(self, key: int) -> torch.Tensor:
         return self._staged.pop(key)
 
@@ -65,7 +54,7 @@ class RdtExperts(RemoteExperts):
         self._received[key] = partial
         return True
 
-    # -- the ExpertClient interface ----------------------------------------------------------------------------
+    # -- the Transport interface -------------------------------------------------------------------------------
     def _me(self) -> Any:
         return ray.get_runtime_context().current_actor
 
@@ -78,7 +67,7 @@ class RdtExperts(RemoteExperts):
             for g in get_collective_groups([self._me()]):
                 with contextlib.suppress(Exception):
                     destroy_collective_group(g)
-            self._group = create_collective_group([self._me(), *self.handles], backend=BACKENDS[self.backend])
+            self._group = create_collective_group([self._me(), *self.handles], backend=self.group_backend)
 
     def _invalidate(self) -> None:
         with self._lock:
@@ -89,7 +78,7 @@ class RdtExperts(RemoteExperts):
     def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> _Transfers:
         try:
             self._ensure_group()
-        except Exception as e:
+        except (GetTimeoutError, RayActorError) as e:  # a worker is gone or not back yet: an outage (503)
             raise ExpertWorkerError(f"expert workers unavailable for the RDT collective group: {e!r}") from None
         me = self._me()
         method = "echo" if self.echo else "run"
@@ -108,10 +97,36 @@ class RdtExperts(RemoteExperts):
         return _Transfers(self, layer, done, keys)
 
 
+class GlooTransport(RdtTransport):
+    backend = "gloo"
+    group_backend = "torch_gloo"
+
+
+class NcclTransport(RdtTransport):
+    backend = "nccl"
+    group_backend = "nccl"
+
+
+class RdtHostHooks:
+    """Mixin for the actor that drives an :class:`RdtTransport`: the frontend's own tasks that hand tensors to and
+    from the collective group. The actor provides ``expert_transport()``, the transport it drives."""
+
+    def rdt_stage(self, key: int) -> torch.Tensor:
+        return self._rdt().stage(key)
+
+    def rdt_absorb(self, key: int, partial: torch.Tensor) -> bool:
+        return self._rdt().absorb(key, partial)
+
+    def _rdt(self) -> RdtTransport:
+        transport = getattr(self, "expert_transport")()  # noqa: B009 (the host's method, not the mixin's)
+        assert isinstance(transport, RdtTransport), "RDT hooks are called only by an RDT transport"
+        return transport
+
+
 class _Transfers:
     """One layer's RDT transfers in flight; :meth:`wait` collects the partials the frontend absorbed."""
 
-    def __init__(self, client: RdtExperts, layer: int, done: list, keys: list[tuple[int, int]]) -> None:
+    def __init__(self, client: RdtTransport, layer: int, done: list, keys: list[tuple[int, int]]) -> None:
         self.client, self.layer, self.done, self.keys = client, layer, done, keys
 
     def wait(self) -> list[torch.Tensor]:

@@ -3,10 +3,63 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+
+RAY_CPUS = 16  # logical CPUs: more actors than the 2 physical cores, as in CI
+RAY_GPUS = 4  # logical GPUs so placement across GPUs is testable on a CPU machine
+
+
+def ensure_local_ray():
+    import ray
+
+    from cluster.serve.grpc_bind import GRPC_HOST_ENV, HOOK
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",  # a new instance even if a `ray start` cluster runs on this machine
+            num_cpus=RAY_CPUS,
+            num_gpus=RAY_GPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            # as `mixserve serve` starts Ray: Serve's gRPC proxy binds 127.0.0.1, not every interface
+            runtime_env={"worker_process_setup_hook": HOOK, "env_vars": {GRPC_HOST_ENV: "127.0.0.1"}},
+        )
+    return ray
+
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T],
+    message: str,
+    timeout_s: float = 30.0,
+    interval_s: float = 0.1,
+    *,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Poll ``condition()`` until it returns something true and return that; fail with ``message`` after
+    ``timeout_s``. An exception of a type in ``ignore`` counts as "not yet" (a server still starting, a worker still
+    restarting)."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+            last = value
+        except ignore as e:
+            last = e
+        assert time.monotonic() < deadline, f"{message} (within {timeout_s:g} s; last: {last!r})"
+        time.sleep(interval_s)
 
 
 def hf_mixtral(folder: Path, *, seed: int = 0, shard_size: str | None = None, v4_config: bool = False, **overrides):
@@ -16,7 +69,7 @@ def hf_mixtral(folder: Path, *, seed: int = 0, shard_size: str | None = None, v4
 
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from cluster.tokenizer import default_model_file
+    from cluster.text.tokenizer import default_model_file
 
     kw = dict(
         vocab_size=32000,
@@ -75,6 +128,23 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+# Largest |logits - reference| with both sides in the same dtype (tiny models, logits of magnitude ~1): fp32 agrees to
+# rounding; bf16 keeps 8 bits of mantissa, so one rounding step at 1.0 is 2**-8 ~ 0.004 and a few of them add up.
+LOGITS_TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 4e-3}
+
+
+def assert_greedy_follows(model, prompt: list[int], tokens: list[int], *, margin: float) -> None:
+    """Greedy ``tokens`` after ``prompt`` are what the reference ``model`` picks at every position given the same
+    prefix (teacher-forced), except where its best two logits are within ``margin`` (a near-tie either side of a
+    rounding step may break either way)."""
+    logits = hf_logits(model, prompt + tokens[:-1])[len(prompt) - 1 :]  # [len(tokens), V]: row j predicts tokens[j]
+    top2 = logits.topk(2, dim=-1)
+    for j, tok in enumerate(tokens):
+        best, second = top2.values[j].tolist()
+        if best - second >= margin:
+            assert tok == int(top2.indices[j, 0]), f"token {j}: {tok}, the reference picks {int(top2.indices[j, 0])}"
 
 
 def listening_addresses(port: int) -> set[str]:

@@ -1,6 +1,6 @@
 """The tokenizers bundled with mistral-common, loaded once per test process (tekken takes seconds to load).
 
-``mixserve(name)`` is mixserve's :class:`~cluster.tokenizer.Tokenizer` of a bundled file; ``reference(name)`` is
+``mixserve(name)`` is mixserve's :class:`~cluster.text.tokenizer.Tokenizer` of a bundled file; ``reference(name)`` is
 mistral-common's own ``MistralTokenizer`` of the same file, the independent reference.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import mistral_common
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from cluster.tokenizer import Tokenizer
+from cluster.text.tokenizer import Tokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
 FILES = {

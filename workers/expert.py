@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.checkpoint import LoadRole, load_tensors, parse_dtype
-from cluster.config import ModelConfig
+from cluster.checkpoint.load import LoadRole, load_tensors, parse_dtype
+from cluster.config.model import ModelConfig
 
 # torch's grouped GEMM: a private API (the one transformers v5 uses for MoE experts); None where torch lacks it
 GROUPED_MM = getattr(torch, "_grouped_mm", None)

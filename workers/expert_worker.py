@@ -1,7 +1,7 @@
 """The expert-worker Ray actor: one worker's experts of every layer, loaded by the worker itself.
 
-Wrapped with ``ray.remote`` by :mod:`cluster.cluster`. The constructor takes the checkpoint path and the worker's
-share, never weights, so Ray can restart a dead worker and it reloads exactly its experts.
+Wrapped with ``ray.remote`` by :mod:`cluster.runtime.offline`. The constructor takes the checkpoint path and the
+worker's share, never weights, so Ray can restart a dead worker and it reloads exactly its experts.
 
 Restart cost: the worker times its own load (``load_seconds``, bytes, MB/s), logs one line on stderr (Ray's worker
 log) and reports it through :meth:`ExpertWorker.status`, which the frontend's health check reads (``/health``,
@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from cluster.config import ModelConfig
+from cluster.config.model import ModelConfig
 from router import wire
 from workers.expert import ExpertShard
 
@@ -117,6 +117,7 @@ class ExpertWorker:
             "expert_bytes": self.shard.nbytes(),
             "pid": self.pid,
             "threads": self.threads,
+            "actor_name": ray.get_runtime_context().get_actor_name(),
         }
 
     def ping(self) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.step import FREED, SeqChunk
+from cluster.engine.step import FREED, SeqChunk
 
 
 @dataclass

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.checkpoint import LoadRole, load_tensors, parse_dtype
-from cluster.config import ModelConfig
+from cluster.checkpoint.load import LoadRole, load_tensors, parse_dtype
+from cluster.config.model import ModelConfig
 from cluster.errors import CheckpointError
 from router.client import ExpertClient, Pending
 from router.gate import ExpertLoad, route
@@ -170,7 +170,7 @@ class MixtralModel(nn.Module):
         return model
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu") -> None:
-        """Fill every parameter from Hugging Face tensor names (``cluster.checkpoint`` maps the original Mistral
+        """Fill every parameter from Hugging Face tensor names (``cluster.checkpoint.load`` maps the original Mistral
         names to these). Every tensor given must be used and every parameter filled, with the right shape."""
         c = self.config
         names = {

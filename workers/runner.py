@@ -1,15 +1,15 @@
 """The executor of step batches: a :class:`~workers.model.MixtralModel` over a paged KV cache.
 
-Implements ``cluster.step.Executor``: the scheduler hands out KV blocks and sends :class:`~cluster.step.StepBatch`
-es; the runner lays each batch out for attention (:func:`~workers.kv_cache.plan_step`) once, runs the model and
-returns the sampled rows' logits.
+Implements ``cluster.engine.step.Executor``: the scheduler hands out KV blocks and sends
+:class:`~cluster.engine.step.StepBatch` es; the runner lays each batch out for attention
+(:func:`~workers.kv_cache.plan_step`) once, runs the model and returns the sampled rows' logits.
 """
 
 from __future__ import annotations
 
 import torch
 
-from cluster.step import StepBatch
+from cluster.engine.step import StepBatch
 from workers.kv_cache import KVCache, plan_step
 from workers.model import MixtralModel
 

@@ -1,13 +1,13 @@
 """``mixserve bench dispatch``: one layer's all-to-all on the sharded path against its floor.
 
 First the floor: a raw OS pipe round trip between this process and a child process (a length-prefixed echo, the
-same bytes each way as a layer's messages), per T. Then for each W and transport a real ``ExpertCluster`` is
-started (W ``ExpertWorker`` actors and the ``FrontendActor`` with its expert client). Inside the frontend actor
-(``__ray_call__``), per T and per layer: random hidden states x [T, D] through the layer's own post-attention
-RMSNorm, routed by its own gate (``router.gate.route``); then:
+same bytes each way as a layer's messages), per T. Then for each W and transport the offline API's sharded cluster
+is started (``cluster.runtime.offline.RemoteFrontend``: the frontend actor with its W expert workers). Inside the
+frontend actor (``apply_model``), per T and per layer: random hidden states x [T, D] through the layer's own
+post-attention RMSNorm, routed by its own gate (``router.gate.route``); then:
 
 - forward: ``experts.forward(layer, x, routing)`` (dispatch plan, exchange with the workers' ``run``, combine);
-- echo: the same call with the client's ``echo`` on (the workers send the same payload back, no compute; over RDT
+- echo: the same call with the transport's ``echo`` on (the workers send the same payload back, no compute; over RDT
   through the same stage/absorb path, over channels through the same graph);
 - empty: an exchange with an empty message for every worker (the transport's fixed cost per layer);
 - compute: each worker's message through ``ExpertWorker.run`` timed inside that worker process (no transport), one
@@ -22,6 +22,7 @@ bytes. Goals: forward / (compute_sum + echo) per transport; for the channel tran
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import subprocess
@@ -35,18 +36,15 @@ import torch
 
 from cluster.bench import harness as h
 from cluster.bench.harness import Common, opt
-from cluster.builder import ClusterConfig
-from cluster.cluster import ExpertCluster, FrontendActor
-from cluster.config import ModelConfig
+from cluster.config.cluster import ClusterConfig
+from cluster.config.transports import NAMES as TRANSPORTS
+from cluster.runtime.offline import RemoteFrontend
 from router import dispatch
-from router.channel import ChannelExperts
-from router.client import TRANSPORTS
 from router.dispatch import WorkerMessage
 from router.gate import route
-from router.object_ref import RayExperts
-from router.rdt import RdtExperts
+from router.transport import RemoteTransport
 from workers.expert_worker import ExpertWorker
-from workers.model import DecoderLayer
+from workers.model import DecoderLayer, MixtralModel
 
 
 @dataclass
@@ -103,11 +101,12 @@ def time_runs(worker: ExpertWorker, jobs: list[tuple], iters: int, warmup: int) 
         return [h.time_calls(lambda j=j: worker.run(*j), iters, warmup=warmup) for j in jobs]
 
 
-def measure(actor: FrontendActor, tokens: list[int], iters: int, warmup: int, seed: int) -> list[dict[str, Any]]:
-    """Inside the frontend actor (``__ray_call__``): one row per T (see the module docstring)."""
-    model, client = actor.frontend.model, actor.frontend.experts
-    assert isinstance(client, (RayExperts, RdtExperts, ChannelExperts))
-    real = list(client.handles)
+def measure(model: MixtralModel, tokens: list[int], iters: int, warmup: int, seed: int) -> list[dict[str, Any]]:
+    """Inside the frontend actor (``LLM.apply_model``): one row per T (see the module docstring)."""
+    client = model.experts
+    transport = client.transport
+    assert isinstance(transport, RemoteTransport)
+    real = list(transport.handles)
     none = torch.zeros(0, dtype=torch.int64)
     empty = [WorkerMessage(w, none, none, none, torch.zeros(0)) for w in range(len(real))]
     rows = []
@@ -124,7 +123,7 @@ def measure(actor: FrontendActor, tokens: list[int], iters: int, warmup: int, se
         for it in range(warmup + iters):
             for i, case in enumerate(cases):
                 for kind in ("forward", "echo", "empty"):
-                    client.echo = kind == "echo"
+                    transport.echo = kind == "echo"
                     t0 = time.perf_counter()
                     if kind == "empty":
                         client.exchange(case[0], case[1], empty)
@@ -132,7 +131,7 @@ def measure(actor: FrontendActor, tokens: list[int], iters: int, warmup: int, se
                         client.forward(*case)
                     if it >= warmup:
                         seconds[kind][i].append(time.perf_counter() - t0)
-        client.echo = False
+        transport.echo = False
         per_layer: list[list[float]] = [[] for _ in cases]  # median compute seconds of each worker with rows
         for w, handle in enumerate(real):
             jobs, where = [], []
@@ -184,9 +183,10 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
             for transport in transports:
                 config = ClusterConfig.create(model=model, expert_workers=w, transport=transport, **cluster)
                 r(f"W={w} {transport}: starting the cluster, then T={o.tokens}")
-                c = ExpertCluster.start(config, config.placement(ModelConfig.from_dir(model)), progress=False)
+                c = RemoteFrontend.start(config, progress=False)
                 try:
-                    timed = ray.get(c.frontend.__ray_call__.remote(measure, tokens, o.iters, o.warmup, o.seed))
+                    job = functools.partial(measure, tokens=tokens, iters=o.iters, warmup=o.warmup, seed=o.seed)
+                    timed = c.apply(lambda rt, job=job: job(rt.frontend.model))
                 finally:
                     c.shutdown()
                 r(f"W={w} {transport}: the pipe floor of each T's bytes")

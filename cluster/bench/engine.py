@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from cluster.bench import harness as h
 from cluster.bench import kv
 from cluster.bench.harness import Common, opt
-from cluster.builder import ClusterConfig, Frontend, build_frontend
-from cluster.checkpoint import parse_dtype
-from cluster.sampling import SamplingParams
-from cluster.step import Executor, StepBatch
-from router.client import LocalExperts
+from cluster.checkpoint.load import parse_dtype
+from cluster.checkpoint.locate import resolve
+from cluster.config.cluster import ClusterConfig
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.step import Executor, StepBatch
+from cluster.runtime.frontend import Frontend, build_frontend
+from router.transport import LocalTransport
 
 
 @dataclass
@@ -161,8 +163,9 @@ class Floor:
         model = fe.model
         tied = model.lm_head is None  # untied, a step reads only its rows of the embedding: no matrix product
         self.mats = [p for n, p in model.named_parameters() if p.dim() == 2 and (tied or n != "embed_tokens")]
-        assert isinstance(fe.experts, LocalExperts), "the engine benchmark runs every expert in-process (W = 0)"
-        (self.shard,) = fe.experts.shards.values()
+        transport = fe.experts.transport
+        assert isinstance(transport, LocalTransport), "the engine benchmark runs every expert in-process (W = 0)"
+        (self.shard,) = transport.shards.values()
         self.expert_bytes = self.shard.nbytes() / len(self.shard.experts)  # type: ignore[attr-defined]
         self.model = model
 
@@ -300,7 +303,7 @@ def bench_mixed(o: Options, fe: Frontend, rec: Recorder, hf: Any, floor: Floor, 
         batch = work[i : i + o.hf_batch]
         hf_total += hf_generate(hf, [p for p, _ in batch], max(n for _, n in batch))[0]
     passes = forward_passes(steps)
-    full = [s for s in steps if s.decode and s.tokens == fe.config.max_num_seqs]
+    full = [s for s in steps if s.decode and s.tokens == fe.config.engine.max_num_seqs]
     if full:
         run(f"(b) mixed: floor of the decode steps at the full batch ({len(full)} steps)")
         fl = floor.measure(full[0].tokens, full, o.floor_iters)
@@ -355,18 +358,18 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     if o.prompt_len < 2 or o.new_tokens < 2:
         raise SystemExit("mixserve bench engine: --prompt-len and --new-tokens must be >= 2")
     r = h.Run("engine", o)
-    config = ClusterConfig.create(model=h.model_dir(o.model), **cluster)
-    r(f"loading {config.model} (ours, then transformers)")
+    config = resolve(ClusterConfig.create(model=h.model_dir(o.model), **cluster))
+    r(f"loading {config.load.model} (ours, then transformers)")
     fe = build_frontend(config, progress=False)
     fe.core.executor = cast(Executor, rec := Recorder(fe))  # the runner's executor contract, by delegation
-    hf = load_hf(config.model, config.dtype, fe.device, o.hf_experts_implementation)
+    hf = load_hf(str(config.load.model), config.load.dtype, fe.device, o.hf_experts_implementation)
     floor = Floor(fe)
     fixed = [bench_fixed(o, fe, rec, hf, floor, b, r) for b in h.ints(o.batch_sizes, "batch-sizes")]
     mixed = bench_mixed(o, fe, rec, hf, floor, r) if o.mixed_requests else None
     prefix = kv.bench_prefix(o, config, r) if o.prefix_requests else None
     capacity = kv.bench_capacity(o, config, r) if o.capacity_requests else None
     hf_impl = {k: getattr(hf.config, f"_{k}", None) for k in ("attn_implementation", "experts_implementation")}
-    settings = {"cluster": config.model_dump(), "ours": fe.info(), "transformers": hf_impl}
+    settings = {"cluster": config.options(), "ours": fe.info(), "transformers": hf_impl}
     goals = goals_of(fixed, mixed) + kv.goals_of(prefix, capacity)
     results = {"fixed": fixed, "mixed": mixed, "prefix_sharing": prefix, "capacity": capacity}
     out = tables(fixed, mixed) + kv.tables(prefix, capacity)

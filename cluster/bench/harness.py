@@ -25,17 +25,17 @@ from typing import Any, ClassVar
 import ray
 import torch
 
-from cluster.builder import ClusterConfig
+from cluster.checkpoint.tiny_model import BENCH_SPEC, default_model_dir, write_tiny_model
+from cluster.config.cluster import ClusterConfig
+from cluster.config.options import add_options, options_from
 from cluster.errors import MixserveError
-from cluster.options import add_options, options_from
-from cluster.tiny_model import BENCH_SPEC, default_model_dir, write_tiny_model
 
 RESULTS_DIR = Path("bench-results")
 CONTENDED_US = 100.0  # contention probe p90 above this: other processes held the cores
 
 
 def opt(default: Any, help: str) -> Any:
-    """A dataclass field whose help text becomes its ``--flag``'s (``cluster.options``)."""
+    """A dataclass field whose help text becomes its ``--flag``'s (``cluster.config.options``)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -59,7 +59,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, options: type[Common
     epilog = "bench defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in defaults.items())
     p = sub.add_parser(name, help=doc, description=doc, epilog=epilog if defaults else None)
     add_options(p, options)
-    skip = set(ClusterConfig.model_fields) - set(options.cluster_flags)
+    skip = set(ClusterConfig.owners()) - set(options.cluster_flags)
     add_options(p, ClusterConfig, skip=skip)
     p.set_defaults(**defaults)
 

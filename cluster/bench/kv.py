@@ -17,8 +17,9 @@ import statistics
 from typing import Any
 
 from cluster.bench import harness as h
-from cluster.builder import ClusterConfig, build_frontend
-from cluster.sampling import SamplingParams
+from cluster.config.cluster import ClusterConfig
+from cluster.engine.sampling import SamplingParams
+from cluster.runtime.frontend import build_frontend
 
 
 def bench_prefix(o: Any, config: ClusterConfig, run: h.Run) -> dict[str, Any]:
@@ -33,9 +34,9 @@ def bench_prefix(o: Any, config: ClusterConfig, run: h.Run) -> dict[str, Any]:
     for caching in (False, True):
         name = "prefix caching" if caching else "no prefix caching"
         run(f"(c) prefix sharing: {len(prompts)} requests with a {o.prefix_len}-token system prompt, {name}")
-        fe = build_frontend(config.model_copy(update={"enable_prefix_caching": caching}), progress=False)
+        fe = build_frontend(config.with_options(enable_prefix_caching=caching), progress=False)
         fe.core.generate(prompts[:1], params[:1])  # warm-up (and, with caching, nothing shared yet: a fresh run)
-        fe = build_frontend(config.model_copy(update={"enable_prefix_caching": caching}), progress=False)
+        fe = build_frontend(config.with_options(enable_prefix_caching=caching), progress=False)
         outs = fe.core.generate(prompts, params)
         ttft = [o.metrics["ttft"] * 1e3 for o in outs]
         stats = fe.core.stats()
@@ -61,8 +62,8 @@ def bench_capacity(o: Any, config: ClusterConfig, run: h.Run) -> dict[str, Any]:
     fe = build_frontend(config, progress=False)
     max_len = fe.core.max_model_len
     slots = o.capacity_slots  # what the slot cache could hold in these bytes
-    blocks = slots * -(-max_len // config.block_size)
-    paged = config.model_copy(update={"num_kv_blocks": blocks, "max_num_seqs": o.capacity_requests})
+    blocks = slots * -(-max_len // config.engine.block_size)
+    paged = config.with_options(num_kv_blocks=blocks, max_num_seqs=o.capacity_requests)
     fe = build_frontend(paged, progress=False)
     rng = random.Random(o.seed + 11)
     prompt_len = o.capacity_len // 2

@@ -1,5 +1,6 @@
-"""``mixserve bench memory``: resident memory of the frontend actor and of each expert worker of a sharded
-``ExpertCluster`` (the one the offline ``LLM(expert_workers=W)`` runs), against the parameter bytes each should hold.
+"""``mixserve bench memory``: resident memory of the frontend actor and of each expert worker of the sharded cluster
+the offline ``LLM(expert_workers=W)`` runs (``cluster.runtime.offline.RemoteFrontend``), against the parameter bytes
+each should hold.
 
 RSS (VmRSS) and peak RSS (VmHWM) from /proc/<pid>/status, read inside each actor process (``__ray_call__``) after
 one short greedy generation. Parameter bytes from the model config: a worker holds expert_param_count x bytes per
@@ -19,11 +20,12 @@ import ray
 
 from cluster.bench import harness as h
 from cluster.bench.harness import Common, opt
-from cluster.builder import ClusterConfig
-from cluster.checkpoint import parse_dtype
-from cluster.cluster import ExpertCluster
-from cluster.config import ModelConfig
-from cluster.sampling import SamplingParams
+from cluster.checkpoint.load import parse_dtype
+from cluster.checkpoint.locate import resolve
+from cluster.config.cluster import ClusterConfig
+from cluster.config.model import ModelConfig
+from cluster.engine.sampling import SamplingParams
+from cluster.runtime.offline import RemoteFrontend
 
 MB = 1024 * 1024
 ALLOWANCE_MB = 600
@@ -60,24 +62,26 @@ def process(role: str, rss: dict[str, Any], params: int, held: int, baseline: in
 
 
 def run(o: Options, cluster: dict[str, Any]) -> dict:
-    config = ClusterConfig.create(model=h.model_dir(o.model), **cluster)
-    if config.expert_workers < 1:
+    config = resolve(ClusterConfig.create(model=h.model_dir(o.model), **cluster))
+    parallel, load = config.parallel, config.load
+    if parallel.expert_workers < 1:
         raise SystemExit("mixserve bench memory: --expert-workers must be >= 1 (the sharded path)")
     r = h.Run("memory", o)
-    mc = ModelConfig.from_dir(config.model)
-    itemsize = parse_dtype(config.dtype).itemsize
-    with h.local_ray(config.expert_workers + 3):
+    with h.local_ray(parallel.expert_workers + 3):
         r("baseline: an idle Ray worker process")
         baseline: dict[str, Any] = ray.get(ray.remote(num_cpus=1)(rss_of).remote())
-        r(f"starting the cluster (W={config.expert_workers}), one generation of {o.warm_tokens} tokens")
-        c = ExpertCluster.start(config, config.placement(mc), progress=False)
+        r(f"starting the cluster (W={parallel.expert_workers}), one generation of {o.warm_tokens} tokens")
+        c = RemoteFrontend.start(config, progress=False)
         try:
             c.generate([[1, 100, 200, 300]], [SamplingParams(max_tokens=o.warm_tokens, temperature=0, ignore_eos=True)])
-            info, workers = c.frontend_info(), c.placement()
-            worker_rss = ray.get([w.__ray_call__.remote(rss_of) for w in c.workers])
-            frontend_rss: dict[str, Any] = ray.get(c.frontend.__ray_call__.remote(rss_of))
+            info, workers = c.info(), c.placement()
+            worker_rss = c.apply(lambda rt: ray.get([w.__ray_call__.remote(rss_of) for w in rt.pool.handles]))
+            frontend_rss: dict[str, Any] = c.apply(lambda rt: rss_of())
         finally:
             c.shutdown()
+    assert load.model is not None
+    mc = ModelConfig.from_dir(load.model)
+    itemsize = parse_dtype(load.dtype).itemsize
     rows = []
     for w, rss in zip(workers, worker_rss, strict=True):
         params = mc.expert_param_count() * itemsize * len(w["experts"])
@@ -98,6 +102,4 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     cols = ["role", "pid", "rss_mb", "peak_mb", "params_mb", "kv_mb", "rss_minus_params_mb", "above_baseline_mb"]
     tables = [h.table(rows, cols, title="resident memory per process")]
     results = {"baseline": baseline, "processes": rows, "frontend_info": info}
-    return r.finish(
-        settings={"cluster": config.model_dump()}, method=__doc__, results=results, goals=goals, tables=tables
-    )
+    return r.finish(settings={"cluster": config.options()}, method=__doc__, results=results, goals=goals, tables=tables)

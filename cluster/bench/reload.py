@@ -21,9 +21,9 @@ import torch
 
 from cluster.bench import harness as h
 from cluster.bench.harness import Common, opt
-from cluster.config import ModelConfig
-from cluster.placement import ExpertPlacement
-from cluster.tiny_model import TinyModelSpec, write_tiny_model
+from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
+from cluster.config.model import ModelConfig
+from router.placement import ExpertPlacement
 from workers.expert import ExpertShard
 
 MB = 1024 * 1024

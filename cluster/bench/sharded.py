@@ -1,13 +1,13 @@
 """``mixserve bench sharded``: the decode step of the sharded model against the in-process one (W = 0).
 
 Offline, on the bench model: for each W (0 first: the baseline) and transport a frontend is built (W = 0:
-``build_frontend`` in this process; W >= 1: a real ``ExpertCluster``, measured inside its frontend actor through
-``__ray_call__``). Per setting, ``EngineCore.generate`` runs ``batch`` random prompts of ``prompt_len`` tokens to
-``new_tokens`` greedy tokens each (EOS ignored), after one untimed warm-up run (W = 0 with ``baseline_threads`` torch
-threads, by default the one thread the frontend actor gets from its Ray CPU); the engine's executor is wrapped only
-to time each call. decode step = median executor call over the full-batch decode steps of every repeat (the
-forward pass with its dispatch; the scheduler and sampler are the same code for every W). Two micro-batches in
-flight (``overlap``) are switched on the running frontend (``ExpertClient.overlap_min_batch``: ``batch`` when on,
+``build_frontend`` in this process; W >= 1: the offline API's sharded cluster, measured inside its frontend actor
+through ``RemoteFrontend.apply``). Per setting, ``EngineCore.generate`` runs ``batch`` random prompts of ``prompt_len``
+tokens to ``new_tokens`` greedy tokens each (EOS ignored), after one untimed warm-up run (W = 0 with
+``baseline_threads`` torch threads, by default the one thread the frontend actor gets from its Ray CPU); the engine's
+executor is wrapped only to time each call. decode step = median executor call over the full-batch decode steps of every
+repeat (the forward pass with its dispatch; the scheduler and sampler are the same code for every W). Two micro-batches
+in flight (``overlap``) are switched on the running frontend (``ExpertClient.overlap_min_batch``: ``batch`` when on,
 0 when off), so both settings share a cluster. ratio = decode step / W = 0's decode step. Every setting must give
 W = 0's tokens (``same_tokens``). Per decode step also: worker compute = the slowest worker's ``run_packed`` time
 within the step (the workers log (start, seconds) of each call on the node's monotonic clock, the one
@@ -29,12 +29,14 @@ import torch
 
 from cluster.bench import harness as h
 from cluster.bench.harness import Common, opt
-from cluster.builder import ClusterConfig, Frontend, build_frontend
-from cluster.cluster import ExpertCluster, FrontendActor
-from cluster.config import ModelConfig
-from cluster.sampling import SamplingParams
-from cluster.step import StepBatch
-from router.client import TRANSPORTS
+from cluster.config.cluster import ClusterConfig
+from cluster.config.model import ModelConfig
+from cluster.config.transports import NAMES as TRANSPORTS
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.step import StepBatch
+from cluster.runtime.frontend import Frontend, build_frontend
+from cluster.runtime.offline import RemoteFrontend
+from cluster.runtime.runtime import FrontendRuntime
 
 
 @dataclass
@@ -121,10 +123,9 @@ def measure(
     return row
 
 
-def measure_in_actor(actor: FrontendActor, *args: Any) -> dict[str, Any]:
-    """:func:`measure` inside the frontend actor (``__ray_call__``)."""
-    experts = actor.frontend.experts
-    return measure(actor.frontend, *args, workers=list(getattr(experts, "handles", [])))
+def measure_in_actor(runtime: FrontendRuntime, *args: Any) -> dict[str, Any]:
+    """:func:`measure` inside the frontend actor (``RemoteFrontend.apply``)."""
+    return measure(runtime.frontend, *args, workers=list(runtime.pool.handles if runtime.pool else []))
 
 
 def run(o: Options, cluster: dict[str, Any]) -> dict:
@@ -155,11 +156,11 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
             for transport in transports:
                 config = ClusterConfig.create(model=model, expert_workers=w, transport=transport, **cluster)
                 r(f"W={w} {transport}: starting the cluster, then overlap {o.overlap}")
-                c = ExpertCluster.start(config, config.placement(cfg), progress=False)
+                c = RemoteFrontend.start(config, progress=False)
                 try:
                     for mode in modes:
                         overlap = o.batch if mode == "on" else 0
-                        got: dict[str, Any] = ray.get(c.frontend.__ray_call__.remote(measure_in_actor, *args, overlap))
+                        got: dict[str, Any] = c.apply(lambda rt, overlap=overlap: measure_in_actor(rt, *args, overlap))
                         rows.append({"workers": w, "transport": transport, "overlap": mode, **got})
                 finally:
                     c.shutdown()

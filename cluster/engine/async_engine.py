@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 from cluster.engine.core import EngineCore
 from cluster.engine.request import RequestOutput
+from cluster.engine.sampling import SamplingParams
 from cluster.errors import EngineStoppedError, InvalidRequestError
-from cluster.sampling import SamplingParams
 
 
 class AsyncEngine:

@@ -20,7 +20,7 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-from cluster.step import FREED
+from cluster.engine.step import FREED
 
 
 def block_hashes(tokens: Sequence[int], block_size: int, *, start: int = 0, parent: bytes = b"") -> list[bytes]:

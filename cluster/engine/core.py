@@ -1,7 +1,7 @@
 """The synchronous engine: scheduler + executor + sampling + detokenizing, one step at a time.
 
 ``add_request`` / ``abort`` / ``step``. Requests join between steps and leave as soon as they finish, so a long
-request never holds up a short one. The executor is anything that follows ``cluster.step.Executor``: the model
+request never holds up a short one. The executor is anything that follows ``cluster.engine.step.Executor``: the model
 runner in production, a fake in the scheduler's tests.
 """
 
@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from cluster.config.engine import EngineConfig
 from cluster.engine.blocks import BlockPool
-from cluster.engine.config import EngineConfig
 from cluster.engine.request import Request, RequestOutput
+from cluster.engine.sampling import GrammarCompiler, SamplingParams, SamplingRow, TokenLogprob, logprobs_of, sample
 from cluster.engine.scheduler import Scheduler
+from cluster.engine.step import Executor, SeqChunk, StepBatch
 from cluster.errors import (
     EngineOverloadedError,
     InternalError,
@@ -27,9 +29,7 @@ from cluster.errors import (
     MixserveError,
     PromptTooLongError,
 )
-from cluster.sampling import GrammarCompiler, SamplingParams, SamplingRow, TokenLogprob, logprobs_of, sample
-from cluster.step import Executor, SeqChunk, StepBatch
-from cluster.tokenizer import Tokenizer
+from cluster.text.tokenizer import Tokenizer
 
 log = logging.getLogger("mixserve")
 
@@ -74,6 +74,12 @@ class EngineCore:
 
     # ------------------------------------------------------------------ intake (any thread)
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if params.candidates != 1:
+            raise InvalidRequestError(
+                f"one engine request is one choice: expand n={params.n} / best_of={params.best_of} with "
+                "cluster.engine.fanout first",
+                param="n",
+            )
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):

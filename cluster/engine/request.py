@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cluster.engine.sampling import SamplingParams, TokenLogprob, TokenMatcher, new_generator
 from cluster.errors import MixserveError
-from cluster.sampling import SamplingParams, TokenLogprob, TokenMatcher, new_generator
-from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+from cluster.text.detokenizer import IncrementalDetokenizer
+from cluster.text.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -52,7 +53,7 @@ class Request:
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob] = []  # of prompt tokens 1.. (with params.prompt_logprobs)
         self.computed = 0  # tokens already in the KV cache
-        self.blocks: list[int] = []  # block table (cluster.step.SeqChunk.blocks), owned by the scheduler
+        self.blocks: list[int] = []  # block table (cluster.engine.step.SeqChunk.blocks), owned by the scheduler
         self.hashes: list[bytes] = []  # prefix-cache hash chain of the full blocks registered so far
         self.prompt_hashes: list[bytes] = []  # hash chain of every full block it has to compute (set at admission)
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission

@@ -19,11 +19,11 @@ import collections
 import threading
 import time
 
+from cluster.config.engine import EngineConfig
 from cluster.engine.blocks import BlockPool, block_hashes
-from cluster.engine.config import EngineConfig
 from cluster.engine.request import Request
+from cluster.engine.step import FREED, SeqChunk
 from cluster.errors import EngineOverloadedError, InvalidRequestError
-from cluster.step import FREED, SeqChunk
 
 DEFER = -1  # _admit: wait a step, the prefix is being computed
 

@@ -9,11 +9,11 @@ import ray
 from ray import serve
 from ray.serve import Application
 
+from cluster.config.serving import AppArgs, parse_args
 from cluster.errors import PlacementError
-from cluster.placement import resolve_resources
-from cluster.serve.args import AppArgs, parse_args
-from cluster.serve.frontend_server import FrontendServer
-from cluster.serve.ingress import Ingress
+from cluster.runtime.resources import resolve_resources
+from cluster.serve.frontend import FrontendServer
+from cluster.serve.ingress.deployment import Ingress
 
 __all__ = ["GRPC_SERVICER", "build_app", "parse_args"]
 
@@ -28,23 +28,23 @@ def _frontend_gpus(a: AppArgs) -> float:
     total = float(ray.cluster_resources().get("GPU", 0))
     try:
         return resolve_resources(
-            expert_workers=a.expert_workers, gpus_per_worker=a.gpus_per_worker, total_gpus=total
+            expert_workers=a.parallel.expert_workers, gpus_per_worker=a.parallel.gpus_per_worker, total_gpus=total
         ).frontend_gpus
     except PlacementError:
-        return 0.0  # the frontend replica's launch_workers reports what is missing
+        return 0.0  # the frontend replica's pool reports what is missing when it starts its workers
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The application: an ingress (HTTP + gRPC) bound to one frontend deployment that owns its expert workers."""
     a = parse_args(args)
-    plain = a.model_dump()
-    queue = a.max_num_seqs + a.max_queued_requests
+    plain = a.options()  # flat and JSON-able: what Serve passes to each replica, parsed there again
+    queue = a.engine.max_num_seqs + a.engine.max_queued_requests
     frontend = serve.deployment(
         FrontendServer,
         name="Frontend",
         num_replicas=1,
         max_ongoing_requests=queue + 64,
-        ray_actor_options={"num_cpus": a.frontend_cpus, "num_gpus": _frontend_gpus(a)},
+        ray_actor_options={"num_cpus": a.parallel.frontend_cpus, "num_gpus": _frontend_gpus(a)},
         health_check_timeout_s=60,
     ).bind(plain)
     ingress = serve.deployment(

@@ -11,7 +11,6 @@ starts Ray (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, read by the proxy process).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -21,13 +20,15 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from cluster.checkpoint.locate import resolve
+from cluster.checkpoint.tiny_model import default_model_dir
+from cluster.config.options import add_options, options_from
+from cluster.config.serving import AppArgs, parse_args
 from cluster.errors import MixserveError
-from cluster.options import add_options, options_from
+from cluster.runtime.ray_start import start_local_ray
 from cluster.serve import grpc_bind
 from cluster.serve.app import GRPC_SERVICER, build_app
-from cluster.serve.args import AppArgs, parse_args
-from cluster.serve.auth import ApiKeys, keys_from_env
-from cluster.tiny_model import default_model_dir
+from cluster.serve.ingress.auth import ApiKeys, keys_from_env
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ALL_INTERFACES = ("0.0.0.0", "::", "")
@@ -69,38 +70,60 @@ def ray_runtime_env(host: str) -> dict:
     return {"worker_process_setup_hook": grpc_bind.HOOK, "env_vars": {grpc_bind.GRPC_HOST_ENV: host}}
 
 
-def serve_main(a: argparse.Namespace) -> int:
+def _arguments(a: argparse.Namespace) -> dict:
+    """The application's arguments from the flags (a model's folder name is its served name by default)."""
     args = options_from(a, AppArgs, skip=("expert_placement",))
     if "served_model_name" not in args and a.model:
         args["served_model_name"] = [Path(a.model).resolve().name]
     if a.address and a.api_key_env and os.environ.get(a.api_key_env):
         # The joined cluster's processes do not see this shell's environment: pass its keys along.
         args["api_key"] = [*args.get("api_key", []), *keys_from_env(os.environ[a.api_key_env])]
-    try:
-        parsed = parse_args(args)
-        keys = ApiKeys.from_args(parsed)  # reads api_key_file now: a missing file fails here, not in a replica
-        if parsed.model:
-            parsed.cluster_config()  # model folder, config and dtype: fail here, with a clear message, not in a replica
-    except MixserveError as e:
-        print(f"mixserve serve: {e}", file=sys.stderr)
-        return 2
-    if parsed.model is None:
-        print(f"mixserve serve: no --model given; serving the built-in tiny model ({default_model_dir()})")
-    for warning in startup_warnings(a.host, a.grpc_port, len(keys), joining=bool(a.address)):
-        print(f"mixserve serve: WARNING: {warning}", file=sys.stderr)
+    return args
+
+
+def _check(args: dict) -> tuple[AppArgs, ApiKeys]:
+    """Everything that can be checked before Ray starts, so that it fails here with a clear message, not in a
+    replica: the arguments, the API key file, and (given a model) its folder, config and dtype."""
+    parsed = parse_args(args)
+    keys = ApiKeys.from_args(parsed)
+    if parsed.load.model:
+        resolve(parsed.cluster_config())
+    return parsed, keys
+
+
+def _start_ray(a: argparse.Namespace, parsed: AppArgs) -> None:
     runtime_env = ray_runtime_env(a.host)
     if a.address:
         ray.init(address=a.address, runtime_env=runtime_env)
+        return
+    os.environ[GRPC_MESSAGE_SIZE_ENV] = str(parsed.serving.max_request_bytes)  # inherited by the gRPC proxy
+    # room for the ingress (0.5 CPU), Serve's controller and proxies besides the frontend and its workers
+    start_local_ray(parsed.parallel, extra_cpus=3, runtime_env=runtime_env)
+
+
+def _print_urls(a: argparse.Namespace, parsed: AppArgs) -> None:
+    host = "127.0.0.1" if a.host in ALL_INTERFACES else a.host
+    print(f"mixserve is serving {', '.join(parsed.serving.served_model_name)}")
+    print(f"  OpenAI HTTP API: http://{host}:{a.http_port}/v1   (health: /health, metrics: /metrics)")
+    if a.grpc_port:
+        print(f"  gRPC:            {host}:{a.grpc_port}   (service mixserve.v1.Generation)")
     else:
-        os.environ[GRPC_MESSAGE_SIZE_ENV] = str(parsed.max_request_bytes)  # inherited by the gRPC proxy process
-        # Logical CPUs for the actors (ingress, frontend, W workers, Serve's own) even on a 2-core machine.
-        wanted = math.ceil(parsed.frontend_cpus + parsed.expert_workers * parsed.cpus_per_worker) + 3
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, wanted),
-            include_dashboard=False,
-            runtime_env=runtime_env,
-        )
+        print("  gRPC:            off (--grpc-port 0)")
+    print("Ctrl-C stops.", flush=True)
+
+
+def serve_main(a: argparse.Namespace) -> int:
+    args = _arguments(a)
+    try:
+        parsed, keys = _check(args)
+    except MixserveError as e:
+        print(f"mixserve serve: {e}", file=sys.stderr)
+        return 2
+    if parsed.load.model is None:
+        print(f"mixserve serve: no --model given; serving the built-in tiny model ({default_model_dir()})")
+    for warning in startup_warnings(a.host, a.grpc_port, len(keys), joining=bool(a.address)):
+        print(f"mixserve serve: WARNING: {warning}", file=sys.stderr)
+    _start_ray(a, parsed)
     # Ctrl-C / SIGTERM from here on: finish the step in progress, then shut down cleanly.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -114,14 +137,7 @@ def serve_main(a: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
         return 1
-    host = "127.0.0.1" if a.host in ALL_INTERFACES else a.host
-    print(f"mixserve is serving {', '.join(parsed.served_model_name)}")
-    print(f"  OpenAI HTTP API: http://{host}:{a.http_port}/v1   (health: /health, metrics: /metrics)")
-    if a.grpc_port:
-        print(f"  gRPC:            {host}:{a.grpc_port}   (service mixserve.v1.Generation)")
-    else:
-        print("  gRPC:            off (--grpc-port 0)")
-    print("Ctrl-C stops.", flush=True)
+    _print_urls(a, parsed)
     stop.wait()
     print("stopping ...", flush=True)
     serve.shutdown()

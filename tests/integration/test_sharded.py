@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from cluster.config import ModelConfig
+from cluster.config.model import ModelConfig
 from cluster.errors import ExpertWorkerError
-from tests.helpers import hf_greedy, hf_logits, hf_mixtral
+from tests.helpers import hf_greedy, hf_logits, hf_mixtral, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -25,14 +25,50 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 def generate_once_back(llm: LLM, timeout_s: float = 60.0) -> list:
     """GREEDY over PROMPTS, retried while a restarting worker still fails it (at most ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    return wait_until(
+        lambda: llm.generate(PROMPTS, GREEDY), "the cluster never served again", timeout_s, 0.5,
+        ignore=(ExpertWorkerError,),
+    )  # fmt: skip
+
+
+def kill_while_generating(
+    llm: LLM, pid: int, params: SamplingParams, prompts: list[list[int]] = PROMPTS, *, timeout_s: float = 30
+) -> dict:
+    """Start ``llm.generate(prompts, params)`` in a thread, SIGKILL process ``pid`` once the generation is decoding
+    (checked, not slept for), and wait for the call to end (``timeout_s`` at most). Returns ``outcome`` (the
+    outputs, or the exception raised), ``killed_at`` and ``ended_at`` (monotonic seconds)."""
+    result: dict = {}
+    before = llm.frontend_info()["engine"]["generation_tokens"]
+
+    def call() -> None:
         try:
-            return llm.generate(PROMPTS, GREEDY)
-        except ExpertWorkerError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            result["outcome"] = llm.generate(prompts, params)
+        except ExpertWorkerError as e:
+            result["outcome"] = e
+        result["ended_at"] = time.monotonic()
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_until(
+        lambda: llm.frontend_info()["engine"]["generation_tokens"] > before + 2 * len(prompts),
+        "the generation never started decoding",
+    )
+    assert t.is_alive(), "the generation ended before the kill: make it longer"
+    result["killed_at"] = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=timeout_s)
+    assert not t.is_alive(), "the request hung after the kill"
+    return result
+
+
+def assert_actors_gone(names: list[str]) -> None:
+    """No named actor of these names is left (an actor killed for good leaves the named-actor listing)."""
+    import ray
+
+    wait_until(
+        lambda: not {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} & set(names),
+        f"actors {names} are still there",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,47 +149,33 @@ def test_frontend_and_worker_cpus_set_their_torch_threads(ray_instance, ckpt, re
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference["tokens"]
 
 
-def test_explicit_placement_map(ray_instance, ckpt):
+def test_explicit_placement_map(ray_instance, ckpt, reference):
     folder, _ = ckpt
     cfg = ModelConfig.from_dir(folder)
     mapping = [[(e + layer) % 2 for e in range(cfg.num_experts)] for layer in range(cfg.num_layers)]
     with LLM(folder, expert_workers=2, expert_placement=mapping, progress=False) as llm:
         placement = llm.placement()
         assert placement[0]["experts"] == [(0, 0), (0, 2), (0, 4), (0, 6), (1, 1), (1, 3), (1, 5), (1, 7)]
-        assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids is not None
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == reference["tokens"]
 
 
 @pytest.mark.parametrize("transport", ["object_ref", "gloo"])
 def test_killed_worker_fails_fast_then_recovers(ray_instance, ckpt, reference, transport):
     folder, _ = ckpt
     with LLM(folder, expert_workers=2, transport=transport, progress=False) as llm:
-        victim = llm._cluster.workers[1]
-        result: dict = {}
-
-        def long_request():
-            t0 = time.monotonic()
-            try:
-                llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3000, temperature=0, ignore_eos=True))
-                result["outcome"] = "finished"
-            except ExpertWorkerError as e:
-                result["outcome"] = e
-            result["elapsed"] = time.monotonic() - t0
-
-        t = threading.Thread(target=long_request)
-        t.start()
-        time.sleep(1.0)
-        killed_at = time.monotonic()
-        ray_instance.kill(victim, no_restart=False)
-        t.join(timeout=30)
-        assert not t.is_alive(), "the request hung after its worker died"
+        victim = llm.placement()[1]["pid"]
+        long = SamplingParams(max_tokens=3000, temperature=0, ignore_eos=True)
+        result = kill_while_generating(llm, victim, long, [PROMPTS[0]])
         assert isinstance(result["outcome"], ExpertWorkerError), result
         # object refs name the worker; over RDT Ray also stops the frontend (both ends of the failed transfer)
         assert ("expert worker 1" if transport == "object_ref" else "expert worker") in str(result["outcome"])
-        assert time.monotonic() - killed_at < 15
-        # Ray restarts the worker, which reloads its experts; the next request succeeds, same tokens as before.
+        assert result["ended_at"] - result["killed_at"] < 15
+        # Ray restarts the worker (over RDT the whole frontend and its workers are replaced); the next request
+        # succeeds, same tokens as before.
         out = generate_once_back(llm)
         assert [o.token_ids for o in out] == reference["tokens"]
-        assert llm.placement()[1]["expert_bytes"] > 0
+        after = llm.placement()
+        assert after[1]["expert_bytes"] > 0 and after[1]["pid"] != victim
 
 
 # -- the channel transport (Ray Compiled Graphs), with and without two micro-batches in flight ------------------
@@ -196,15 +218,8 @@ def channel_clusters(ckpt):
         llm.shutdown()
 
 
-def frontend_call(llm: LLM, fn):
-    """fn(FrontendActor) run inside the frontend actor."""
-    import ray
-
-    return ray.get(llm._cluster.frontend.__ray_call__.remote(fn))
-
-
 def set_overlap(llm: LLM, min_batch: int) -> None:
-    frontend_call(llm, lambda fe: setattr(fe.frontend.experts, "overlap_min_batch", min_batch))
+    llm.apply_model(lambda model: setattr(model.experts, "overlap_min_batch", min_batch))
 
 
 def assert_same_logprobs(got, want, tol: float = 2e-5) -> None:
@@ -226,9 +241,9 @@ def test_channel_matches_in_process_with_and_without_overlap(
     llm = channel_clusters(workers)
     for overlap in (2, 0):
         set_overlap(llm, overlap)
-        before = frontend_call(llm, lambda fe: fe.frontend.model.micro_batched_steps)
+        before = llm.frontend_info()["micro_batched_steps"]
         out = llm.generate(PROMPTS, GREEDY_LP)  # chunked prefill next to decodes, then decode batches of 3
-        split = frontend_call(llm, lambda fe: fe.frontend.model.micro_batched_steps) - before
+        split = llm.frontend_info()["micro_batched_steps"] - before
         assert (split > 0) == (overlap > 0), (overlap, split)
         assert_same_logprobs(out, chunked_reference)
         assert [o.token_ids for o in out] == reference["tokens"]
@@ -241,35 +256,20 @@ def test_channel_matches_in_process_with_and_without_overlap(
 def test_channel_killed_worker_fails_fast_recovers_and_shuts_down_clean(ray_instance, reference, channel_clusters):
     llm = channel_clusters(2)
     set_overlap(llm, 2)
-    victim = llm._cluster.workers[1]
-    result: dict = {}
-
-    def long_request():
-        try:
-            llm.generate(PROMPTS, SamplingParams(max_tokens=3000, temperature=0, ignore_eos=True))
-            result["outcome"] = "finished"
-        except ExpertWorkerError as e:
-            result["outcome"] = e
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(1.0)
-    killed_at = time.monotonic()
-    ray_instance.kill(victim, no_restart=False)
-    t.join(timeout=30)
-    assert not t.is_alive(), "the request hung after its worker died"
+    placement = llm.placement()
+    long = SamplingParams(max_tokens=3000, temperature=0, ignore_eos=True)
+    result = kill_while_generating(llm, placement[1]["pid"], long)
     assert isinstance(result["outcome"], ExpertWorkerError), result
     assert "expert worker" in str(result["outcome"])
-    assert time.monotonic() - killed_at < 15
+    assert result["ended_at"] - result["killed_at"] < 15
     # Ray restarts the worker; the graph is compiled again on the next step; same tokens as before.
     out = generate_once_back(llm)
     assert [o.token_ids for o in out] == reference["tokens"]
     # Shutdown tears the graph down and leaves no actor behind.
-    actors = [llm._cluster.frontend, *llm._cluster.workers]
+    names = [llm.frontend_info()["actor_name"], *(p["actor_name"] for p in llm.placement())]
+    assert all(names) and len(set(names)) == 3
     llm.shutdown()
-    for a in actors:
-        with pytest.raises(ray_instance.exceptions.RayActorError):
-            ray_instance.get(a.ping.remote(), timeout=10)
+    assert_actors_gone(names)
 
 
 def test_channel_worker_dying_while_the_graph_compiles_fails_that_call(ray_instance, ckpt, monkeypatch, caplog):
@@ -280,16 +280,19 @@ def test_channel_worker_dying_while_the_graph_compiles_fails_that_call(ray_insta
     in experimental_mutable_object_provider.cc), so that moment is covered by the test with stand-in workers
     below.)"""
     import router.channel as channel
-    from cluster.builder import ClusterConfig, local_experts
-    from cluster.cluster import expert_client, launch_workers
+    from cluster.checkpoint.locate import resolve
+    from cluster.config.cluster import ClusterConfig
+    from cluster.runtime.frontend import local_experts
+    from cluster.runtime.pool import ExpertPool
+    from cluster.runtime.resources import expert_placement
+    from cluster.runtime.transports import expert_client
     from router.gate import Routing
 
     folder, _ = ckpt
-    config = ClusterConfig(model=str(folder), expert_workers=2, transport="channel", gpus_per_worker=0).resolved()
+    config = resolve(ClusterConfig.create(model=str(folder), expert_workers=2, transport="channel", gpus_per_worker=0))
     model_config = ModelConfig.from_dir(folder)
-    placement = config.placement(model_config)
-    group = launch_workers(config, placement=placement, frontend_bundle=False)
-    client = expert_client(config, placement, group.handles)
+    pool = ExpertPool.launch(config, expert_placement(config.parallel, model_config))
+    client = expert_client(config, pool.placement, pool.handles)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, model_config.hidden_size, generator=g)
     ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])  # [T, K]: every worker gets rows
@@ -297,14 +300,14 @@ def test_channel_worker_dying_while_the_graph_compiles_fails_that_call(ray_insta
     real_node = channel.MultiOutputNode
 
     def kill_worker_1_as_the_graph_is_bound():
-        deadline = time.monotonic() + 60
-        while True:  # worker 1's current process (a restarted worker can answer ActorUnavailableError at first)
-            try:
-                victim = ray_instance.get(group.handles[1].status.remote(), timeout=60)["pid"]
-                break
-            except ray_instance.exceptions.ActorUnavailableError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        # worker 1's current process (a restarted worker can answer ActorUnavailableError at first)
+        victim = wait_until(
+            lambda: ray_instance.get(pool.handles[1].status.remote(), timeout=60)["pid"],
+            "worker 1 never answered",
+            60,
+            0.2,
+            ignore=(ray_instance.exceptions.ActorUnavailableError,),
+        )
 
         def kill_then_bind(nodes):
             os.kill(victim, signal.SIGKILL)
@@ -331,11 +334,7 @@ def test_channel_worker_dying_while_the_graph_compiles_fails_that_call(ray_insta
         torch.testing.assert_close(client.forward(1, x, routing), local.forward(1, x, routing), atol=1e-5, rtol=0)
     finally:
         client.close()
-        for h in group.handles:
-            ray_instance.kill(h, no_restart=True)
-        from ray.util.placement_group import remove_placement_group
-
-        remove_placement_group(group.pg)
+        pool.shutdown()
 
 
 def test_channel_worker_replaced_while_the_graph_compiled_is_caught_by_a_second_look(ray_instance, monkeypatch):
@@ -345,7 +344,6 @@ def test_channel_worker_replaced_while_the_graph_compiled_is_caught_by_a_second_
     from types import SimpleNamespace
 
     import router.channel as channel
-    from cluster.placement import ExpertPlacement
 
     class Worker:
         def __init__(self, pids: list[int]) -> None:
@@ -361,18 +359,27 @@ def test_channel_worker_replaced_while_the_graph_compiled_is_caught_by_a_second_
             return False
 
     torn: list[bool] = []
-    graph = SimpleNamespace(teardown=lambda: torn.append(True))
-    monkeypatch.setattr(channel, "InputNode", Inputs)
-    monkeypatch.setattr(
-        channel, "MultiOutputNode", lambda nodes: SimpleNamespace(experimental_compile=lambda **kw: graph)
+    compiled: list[bool] = []
+    graph = SimpleNamespace(
+        teardown=lambda: torn.append(True), execute=lambda *args: [ray_instance.put(None) for _ in args]
     )
-    placement = ExpertPlacement.contiguous(num_layers=1, num_experts=2, num_workers=2)
-    client = channel.ChannelExperts(placement, [Worker([10, 10]), Worker([20, 21])], timeout_s=5)
+
+    def compile_graph(**kw):
+        compiled.append(True)
+        return graph
+
+    monkeypatch.setattr(channel, "InputNode", Inputs)
+    monkeypatch.setattr(channel, "MultiOutputNode", lambda nodes: SimpleNamespace(experimental_compile=compile_graph))
+    # worker 1: pid 20 before the first compile, 21 after it; 22 before and after the second
+    transport = channel.ChannelTransport([Worker([10] * 4), Worker([20, 21, 22, 22])], timeout_s=5)
+    x = torch.zeros(1, 4)
     with pytest.raises(ExpertWorkerError, match=r"expert workers \[1\] died while the channel graph") as err:
-        client._compiled()  # what a request's first layer does (connect() logs this instead)
-    assert err.value.worker == 1 and client._graph is None
-    client.close()  # waits for the background teardown
-    assert torn == [True]
+        transport.start(0, x, [])  # what a request's first layer does (connect() logs this instead)
+    assert err.value.worker == 1 and compiled == [True]
+    assert transport.start(0, x, []).wait() == []  # the failed graph was not kept: a new one is compiled
+    assert compiled == [True, True]
+    transport.close()  # waits for the background teardown of the first graph, then tears the second down
+    assert torn == [True, True]
 
 
 def test_with_two_copies_a_sigkilled_worker_fails_no_request(ray_instance, ckpt):
@@ -389,21 +396,17 @@ def test_with_two_copies_a_sigkilled_worker_fails_no_request(ray_instance, ckpt)
         before = llm.health()
         assert before["ok"] and [w["ok"] for w in before["workers"]] == [True, True]
         victim_pid = placement[1]["pid"]
-        result: dict = {}
-        t = threading.Thread(target=lambda: result.update(out=llm.generate(PROMPTS, long)))
-        t.start()
-        time.sleep(0.5)
-        assert t.is_alive(), "the generation ended before the kill: make it longer"
-        os.kill(victim_pid, signal.SIGKILL)
-        t.join(timeout=120)
-        assert not t.is_alive()
-        assert [o.token_ids for o in result["out"]] == expected
-        assert [o.finish_reason for o in result["out"]] == ["length"] * 3
+        out = kill_while_generating(llm, victim_pid, long, timeout_s=120)["outcome"]
+        assert not isinstance(out, Exception), out
+        assert [o.token_ids for o in out] == expected
+        assert [o.finish_reason for o in out] == ["length"] * 3
         assert llm.frontend_info()["failovers"] == 1  # one layer was sent again, then worker 1 was left out
-        deadline = time.monotonic() + 60
-        while not (h := llm.health())["ok"] or not all(w["ok"] for w in h["workers"]):
-            assert time.monotonic() < deadline, h
-            time.sleep(0.5)
+        h = wait_until(
+            lambda: (h := llm.health())["ok"] and all(w["ok"] for w in h["workers"]) and h,
+            "health never turned ok again",
+            60,
+            0.5,
+        )
         assert h["workers"][1]["pid"] != victim_pid and h["workers"][1]["load_seconds"] > 0
         assert h["missing_experts"] == []
         assert [o.token_ids for o in llm.generate(PROMPTS, long)] == expected

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from cluster.serve.frontend_server import FrontendServer
-from cluster.step import StepBatch
+from cluster.engine.step import StepBatch
+from cluster.serve.frontend import FrontendServer
 
 POISON_TOKEN = 31337
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cluster.cli import main
-from tests.serving.conftest import API_KEY
+from tests.serving.helpers import API_KEY
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 

@@ -16,7 +16,7 @@ import torch
 
 from cluster.cli import main
 from tests.helpers import listening_addresses
-from tests.serving.conftest import free_port
+from tests.serving.helpers import free_port
 
 BIN = Path(sys.executable).parent
 

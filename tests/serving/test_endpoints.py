@@ -10,16 +10,8 @@ import pytest
 from openai import NotFoundError, OpenAI
 
 from cluster import SamplingParams
-from cluster.serve.responses import DetokenizeResponse, ModelCard, TokenizeResponse, VersionResponse
-from tests.serving.conftest import (
-    ALIAS,
-    API_KEY,
-    CORS_ORIGIN,
-    ENV_KEYS,
-    FILE_KEYS,
-    MODEL_NAME,
-    post,
-)
+from cluster.serve.ingress.openai_api.responses import DetokenizeResponse, ModelCard, TokenizeResponse, VersionResponse
+from tests.serving.helpers import ALIAS, API_KEY, CORS_ORIGIN, ENV_KEYS, FILE_KEYS, MODEL_NAME, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 AUTH = {"authorization": f"Bearer {API_KEY}"}

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from cluster import errors as E
-from cluster.serve.body import validation_error
-from cluster.serve.errors import (
+from cluster.serve.ingress.body import validation_error
+from cluster.serve.ingress.errors import (
     ERROR_TABLE,
     INTERNAL,
     GrpcStatusError,
@@ -23,7 +23,7 @@ from cluster.serve.errors import (
     kind_of,
     set_grpc_status,
 )
-from cluster.serve.responses import ErrorResponse
+from cluster.serve.ingress.openai_api.responses import ErrorResponse
 
 S = grpc.StatusCode
 EXPECTED = [

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from cluster import SamplingParams
-from cluster.serve.grpc_request import http_body
+from cluster.serve.ingress.grpc_api.request import http_body
 from cluster.serve.proto import mixserve_pb2 as pb
-from tests.serving.conftest import GRPC_AUTH, MODEL_NAME, TIME_ARGS, WEATHER_ARGS, post
+from tests.serving.helpers import GRPC_AUTH, MODEL_NAME, TIME_ARGS, WEATHER_ARGS, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 

@@ -15,11 +15,11 @@ import pytest
 
 from cluster.serve.proto import mixserve_pb2 as pb
 from tests.helpers import listening_addresses
-from tests.serving.conftest import API_KEY, ENV_KEYS, FILE_KEYS, MAX_REQUEST_BYTES, post
+from tests.serving.helpers import API_KEY, ENV_KEYS, FILE_KEYS, MAX_REQUEST_BYTES, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 CONTEXT = 4096
-CHARS_PER_TOKEN = 32  # cluster.serve.body.MAX_CHARS_PER_TOKEN
+CHARS_PER_TOKEN = 32  # cluster.serve.ingress.body.MAX_CHARS_PER_TOKEN
 
 
 def nested(depth: int) -> str:

@@ -9,7 +9,8 @@ import httpx
 import pytest
 import ray
 
-from tests.serving.conftest import API_KEY, metric, wait_until
+from tests.helpers import wait_until
+from tests.serving.helpers import API_KEY, metric
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 

@@ -18,12 +18,12 @@ import httpx
 import pytest
 from ray import serve
 
-from cluster.serve.ingress import Ingress
+from cluster.serve.ingress.deployment import Ingress
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
 from tests.helpers import hf_mixtral
-from tests.serving.conftest import wait_healthy
 from tests.serving.faulty_frontend import POISON_TOKEN, FaultyFrontendServer
+from tests.serving.helpers import wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 

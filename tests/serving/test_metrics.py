@@ -7,8 +7,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.serve.metrics import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, build_1_2_5_buckets
-from tests.serving.conftest import MODEL_NAME, post
+from cluster.serve.ingress.metrics import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, build_1_2_5_buckets
+from tests.serving.helpers import MODEL_NAME, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 

@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 
 from cluster import SamplingParams
-from cluster.serve.responses import (
+from cluster.serve.ingress.openai_api.responses import (
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
     CompletionResponse,
@@ -18,7 +18,8 @@ from cluster.serve.responses import (
     ErrorResponse,
     ModelList,
 )
-from tests.serving.conftest import ALIAS, API_KEY, MODEL_NAME, metric, wait_until
+from tests.helpers import wait_until
+from tests.serving.helpers import ALIAS, API_KEY, MODEL_NAME, metric
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 

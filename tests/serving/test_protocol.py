@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from cluster.engine.sampling import TokenLogprob
 from cluster.errors import (
     AppArgsError,
     AuthenticationError,
@@ -18,21 +19,20 @@ from cluster.errors import (
     PromptTooLongError,
     SamplingParamsError,
 )
-from cluster.sampling import TokenLogprob
-from cluster.serve import auth
-from cluster.serve.auth import ApiKeys, check_model
-from cluster.serve.body import MAX_JSON_DEPTH, check_prompt_chars, parse_body
-from cluster.serve.logprobs import chat_logprobs, completion_logprobs, piece_text
-from cluster.serve.protocol import ChatCompletionRequest, CompletionRequest
-from cluster.serve.responses import (
+from cluster.serve.ingress import auth
+from cluster.serve.ingress.auth import ApiKeys, check_model
+from cluster.serve.ingress.body import MAX_JSON_DEPTH, check_prompt_chars, parse_body
+from cluster.serve.ingress.openai_api.logprobs import chat_logprobs, completion_logprobs, piece_text
+from cluster.serve.ingress.openai_api.protocol import ChatCompletionRequest, CompletionRequest
+from cluster.serve.ingress.openai_api.responses import (
     ChatCompletionStreamResponse,
     ChatDelta,
     ChatStreamChoice,
     CompletionStreamResponse,
     Usage,
 )
-from cluster.serve.streams import sse_event
-from cluster.tokenizer import Tokenizer
+from cluster.serve.ingress.streams import sse_event
+from cluster.text.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ from cluster import SamplingParams
 from cluster.serve.app import build_app
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
-from tests.serving.conftest import API_KEY, metric, post, wait_healthy, wait_until
+from tests.helpers import wait_until
+from tests.serving.helpers import API_KEY, metric, post, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 

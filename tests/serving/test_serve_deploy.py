@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serving.conftest import free_port
+from tests.serving.helpers import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving, pytest.mark.slow]
 

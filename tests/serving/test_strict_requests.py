@@ -9,8 +9,8 @@ import pytest
 from openai import OpenAI
 
 from cluster import SamplingParams
-from cluster.serve.protocol import NO_EFFECT
-from tests.serving.conftest import API_KEY, MODEL_NAME, post
+from cluster.serve.ingress.openai_api.protocol import NO_EFFECT
+from tests.serving.helpers import API_KEY, MODEL_NAME, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 PROMPT = "The quick brown fox"

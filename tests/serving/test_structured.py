@@ -16,7 +16,7 @@ from openai import OpenAI
 
 from cluster.serve.proto import mixserve_pb2 as pb
 from tests.helpers import SCHEMA
-from tests.serving.conftest import API_KEY, GRPC_AUTH, MODEL_NAME, post
+from tests.serving.helpers import API_KEY, GRPC_AUTH, MODEL_NAME, post
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 REGEX = r"[a-z]{3}-[0-9]{2}"

@@ -15,12 +15,12 @@ from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 
 from cluster.engine import RequestOutput
 from cluster.errors import InvalidRequestError, SamplingParamsError
-from cluster.serve.body import parse_body
-from cluster.serve.protocol import ChatCompletionRequest, CompletionRequest
-from cluster.serve.structured import Constraint, renamed, request_constraint
-from cluster.serve.tool_output import MessageStream, array_calls, final_message
-from cluster.serve.tools import ToolPlan, calls_schema, plan_tools
-from cluster.tokenizer import Tokenizer
+from cluster.serve.ingress.body import parse_body
+from cluster.serve.ingress.openai_api.protocol import ChatCompletionRequest, CompletionRequest
+from cluster.serve.ingress.openai_api.structured import Constraint, renamed, request_constraint
+from cluster.serve.ingress.openai_api.tool_output import MessageStream, array_calls, final_message
+from cluster.serve.ingress.openai_api.tools import ToolPlan, calls_schema, plan_tools
+from cluster.text.tokenizer import Tokenizer
 from tests.tokenizer_refs import mixserve, reference
 
 WEATHER = {

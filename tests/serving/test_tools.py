@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.serving.conftest import API_KEY, MODEL_NAME, TIME_ARGS, WEATHER_ARGS
+from tests.serving.helpers import API_KEY, MODEL_NAME, TIME_ARGS, WEATHER_ARGS
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 USER = [{"role": "user", "content": "What is the weather in Paris, and what time is it?"}]

@@ -9,12 +9,13 @@ import pytest
 import yaml
 
 from cluster import LLM, SamplingParams
+from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
+from cluster.config.options import options_from
+from cluster.config.serving import AppArgs, parse_args
+from cluster.config.transports import NAMES, TRANSPORTS
 from cluster.errors import AppArgsError
-from cluster.options import options_from
-from cluster.serve.args import AppArgs, parse_args
 from cluster.serve.cli import add_serve_command, ray_runtime_env, startup_warnings
 from cluster.serve.grpc_bind import grpc_address
-from cluster.tiny_model import TinyModelSpec, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_config_args_are_valid():
     config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
     args = parse_args(config["applications"][0]["args"])
-    assert args.expert_workers == 2 and args.model is None
+    assert args.parallel.expert_workers == 2 and args.load.model is None
 
 
 @pytest.mark.parametrize(
@@ -53,12 +54,12 @@ def test_offline_generate_takes_more_prompts_than_the_queue(tmp_path):
 
 def test_serving_args_take_one_or_many_values():
     a = parse_args({"api_key": "k", "served_model_name": "m"})
-    assert a.api_key == ["k"] and a.served_model_name == ["m"] and a.model_name == "m"
+    assert a.serving.api_key == ["k"] and a.serving.served_model_name == ["m"] and a.model_name == "m"
     a = parse_args({"served_model_name": ["m", "alias"], "cors_allowed_origins": ["*"], "api_key": None})
-    assert a.model_name == "m" and a.cors_allowed_origins == ["*"] and a.api_key == []
+    assert a.model_name == "m" and a.serving.cors_allowed_origins == ["*"] and a.serving.api_key == []
     d = parse_args(None)
-    assert d.api_key == [] and d.api_key_env == "MIXSERVE_API_KEY" and d.api_key_file is None
-    assert d.cors_allowed_origins == [] and d.max_request_bytes == 4 * 1024 * 1024
+    assert d.serving.api_key == [] and d.serving.api_key_env == "MIXSERVE_API_KEY" and d.serving.api_key_file is None
+    assert d.serving.cors_allowed_origins == [] and d.serving.max_request_bytes == 4 * 1024 * 1024
 
 
 @pytest.mark.parametrize(
@@ -88,7 +89,7 @@ def test_serve_flags_for_list_fields():
     assert parse_args(args).model_name == "m"
     defaults = options_from(p.parse_args(["serve"]), AppArgs, skip=skip)
     assert "api_key" not in defaults and "served_model_name" not in defaults  # the config's own defaults apply
-    assert parse_args(defaults).served_model_name == ["mixserve-tiny"]
+    assert parse_args(defaults).serving.served_model_name == ["mixserve-tiny"]
     ns = p.parse_args(["serve", "--cors-allowed-origins", "https://a.example", "--max-request-bytes", "2048"])
     assert options_from(ns, AppArgs, skip=skip)["cors_allowed_origins"] == ["https://a.example"]
 
@@ -125,9 +126,18 @@ def test_frontend_cpus_size_the_frontend_replica():
 
     assert frontend_options(build_app({}))["num_cpus"] == 1
     assert frontend_options(build_app({"frontend_cpus": 4, "cpus_per_worker": 2}))["num_cpus"] == 4
-    assert parse_args({"cpus_per_worker": 2}).cluster_config().cpus_per_worker == 2
+    assert parse_args({"cpus_per_worker": 2}).cluster_config().parallel.cpus_per_worker == 2
 
 
-def test_serve_takes_object_refs_or_channels():
-    assert parse_args({"transport": "channel"}).transport == "channel"
-    assert parse_args({}).transport == "object_ref"
+@pytest.mark.parametrize("name", NAMES)
+def test_serve_takes_every_transport_the_registry_allows_in_serve(name):
+    spec = TRANSPORTS[name]
+    if spec.serve:
+        assert parse_args({"transport": name}).parallel.transport == name
+    else:
+        with pytest.raises(AppArgsError, match=f"transport: {name} is not available in Serve") as err:
+            parse_args({"transport": name})
+        assert spec.why_not_serve in str(err.value)
+    assert parse_args({}).parallel.transport == "object_ref"
+    with pytest.raises(AppArgsError, match="transport: Value error, unknown transport 'pigeon'"):
+        parse_args({"transport": "pigeon"})

@@ -12,8 +12,8 @@ import pytest
 from cluster.bench import add_bench_command
 from cluster.bench.harness import ints, table
 from cluster.bench.serve import goals_of
+from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
 from cluster.cli import main
-from cluster.tiny_model import TinyModelSpec, write_tiny_model
 
 REPORT_KEYS = {"benchmark", "created", "machine", "versions", "settings", "method", "results", "goals"}
 SPEC = TinyModelSpec(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, experts=4, max_position_embeddings=256)

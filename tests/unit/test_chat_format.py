@@ -20,9 +20,9 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from cluster.chat_format import mistral_call_id
 from cluster.errors import ChatFormatError
-from cluster.tokenizer import Tokenizer
+from cluster.text.chat_format import mistral_call_id
+from cluster.text.tokenizer import Tokenizer
 from tests.tokenizer_refs import DATA, FILES, mixserve, reference
 
 TOOL_VERSIONS = ["v2", "v3", "v7", "tekken"]

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from cluster.chat_template import ChatTemplate
 from cluster.errors import ChatFormatError, SetupError
-from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+from cluster.text.chat_template import ChatTemplate
+from cluster.text.detokenizer import IncrementalDetokenizer
+from cluster.text.tokenizer import Tokenizer
 from tests.tokenizer_refs import DATA
 
 # Mistral-like: system prompt folded into the first user turn, tools before the last user turn, tool calls and

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import cluster.checkpoint as ckpt
-from cluster.checkpoint import (
+import cluster.checkpoint.load as ckpt
+from cluster.checkpoint.load import (
     CheckpointError,
     LoadRole,
     discover,
@@ -23,8 +23,8 @@ from cluster.checkpoint import (
     permute_rotary,
     unpermute_rotary,
 )
-from cluster.config import ModelConfig
-from cluster.tiny_model import TinyModelSpec, random_weights, write_checkpoint, write_tiny_model
+from cluster.checkpoint.tiny_model import TinyModelSpec, random_weights, write_checkpoint, write_tiny_model
+from cluster.config.model import ModelConfig
 
 SPEC = TinyModelSpec(hidden=32, intermediate=64, heads=4, kv_heads=2, layers=2, experts=4)
 CONFIG = SPEC.config()
@@ -68,7 +68,7 @@ def mistral_dir(tmp_path_factory) -> Path:
 
 
 class ReadSpy:
-    """Wraps ``safe_open`` in cluster.checkpoint and records every tensor whose data is read."""
+    """Wraps ``safe_open`` in cluster.checkpoint.load and records every tensor whose data is read."""
 
     def __init__(self, monkeypatch):
         self.read: list[str] = []
@@ -667,5 +667,5 @@ def test_checkpoint_nbytes(sharded_dir):
 
 
 def test_safe_open_is_what_we_spy_on():
-    # The spy above patches cluster.checkpoint.safe_open; make sure that is the safetensors function.
+    # The spy above patches cluster.checkpoint.load.safe_open; make sure that is the safetensors function.
     assert ckpt.safe_open is safe_open

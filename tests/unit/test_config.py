@@ -9,7 +9,7 @@ import re
 import pytest
 import transformers
 
-from cluster.config import ConfigError, ModelConfig
+from cluster.config.model import ConfigError, ModelConfig
 
 # Small sizes; hidden / heads = 8.
 SMALL = dict(

@@ -21,9 +21,9 @@ import yaml
 from pydantic import BaseModel
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.config.serving import AppArgs
 from cluster.errors import AppArgsError
 from cluster.serve.app import parse_args
-from cluster.serve.args import AppArgs
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
@@ -281,14 +281,16 @@ def test_serve_config_validates_with_ray_serve_schema():
 
 def test_serve_config_args_are_the_tiny_default():
     a = app_args(load_serve_config())
-    assert a.model is None  # null = the built-in tiny default model
-    assert a.expert_workers == 2 and a.dtype == "float32"
-    assert a.served_model_name == ["mixserve-tiny"]
-    assert a.gpus_per_worker is None  # auto: runs on a CPU-only machine
-    assert a.placement_strategy == "PACK"
-    assert (a.max_num_seqs, a.max_num_batched_tokens, a.max_queued_requests) == (16, 512, 256)
-    assert a.max_model_len is None and a.request_timeout_s == 120.0
-    assert a.api_key == [] and a.api_key_env == "MIXSERVE_API_KEY" and a.api_key_file is None  # no key inline
+    assert a.load.model is None  # null = the built-in tiny default model
+    assert a.parallel.expert_workers == 2 and a.load.dtype == "float32"
+    assert a.serving.served_model_name == ["mixserve-tiny"]
+    assert a.parallel.gpus_per_worker is None  # auto: runs on a CPU-only machine
+    assert a.parallel.placement_strategy == "PACK"
+    assert (a.engine.max_num_seqs, a.engine.max_num_batched_tokens, a.engine.max_queued_requests) == (16, 512, 256)
+    assert a.engine.max_model_len is None and a.serving.request_timeout_s == 120.0
+    assert (
+        a.serving.api_key == [] and a.serving.api_key_env == "MIXSERVE_API_KEY" and a.serving.api_key_file is None
+    )  # no key inline
 
 
 def test_args_check_is_the_application_parser():
@@ -339,11 +341,11 @@ def test_rayservice_serve_config_validates_and_matches_serve_config():
 
 def test_rayservice_args_are_mixtral_8x7b():
     a = app_args(rayservice_serve_config(load_rayservice()))
-    assert a.model == "/models/Mixtral-8x7B-Instruct-v0.1"
-    assert a.dtype == "bfloat16" and a.expert_workers == 4 and a.gpus_per_worker == 1
-    assert 8 % a.expert_workers == 0, "Mixtral has 8 experts per layer"
-    assert a.served_model_name == ["mixtral-8x7b-instruct"]
-    assert (a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len) == (32, 2048, 8192)
+    assert a.load.model == "/models/Mixtral-8x7B-Instruct-v0.1"
+    assert a.load.dtype == "bfloat16" and a.parallel.expert_workers == 4 and a.parallel.gpus_per_worker == 1
+    assert 8 % a.parallel.expert_workers == 0, "Mixtral has 8 experts per layer"
+    assert a.serving.served_model_name == ["mixtral-8x7b-instruct"]
+    assert (a.engine.max_num_seqs, a.engine.max_num_batched_tokens, a.engine.max_model_len) == (32, 2048, 8192)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,9 +436,9 @@ def test_head_does_no_work_and_workers_have_the_gpus():
         assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
         assert "num-gpus" not in g.get("rayStartParams", {}), "let KubeRay derive num-gpus from the GPU limit"
     # One frontend GPU plus the expert workers' GPUs.
-    assert args.gpus_per_worker is not None, "the production file pins gpus_per_worker"
-    assert total >= args.expert_workers + 1
-    assert total >= args.expert_workers * args.gpus_per_worker + 1
+    assert args.parallel.gpus_per_worker is not None, "the production file pins gpus_per_worker"
+    assert total >= args.parallel.expert_workers + 1
+    assert total >= args.parallel.expert_workers * args.parallel.gpus_per_worker + 1
 
 
 def test_head_ports_and_services():
@@ -462,7 +464,7 @@ def test_head_ports_and_services():
 def test_weights_volume_and_image():
     rs = load_rayservice()
     cluster = rs["spec"]["rayClusterConfig"]
-    model = app_args(rayservice_serve_config(rs)).model
+    model = app_args(rayservice_serve_config(rs)).load.model
     assert model is not None
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for template in templates:
@@ -554,8 +556,8 @@ def test_rayservice_reads_the_api_keys_from_a_secret_never_inline():
     rs = load_rayservice()
     cfg = rayservice_serve_config(rs)
     a = app_args(cfg)
-    assert a.api_key == [] and a.api_key_file is not None
-    folder = str(Path(a.api_key_file).parent)
+    assert a.serving.api_key == [] and a.serving.api_key_file is not None
+    folder = str(Path(a.serving.api_key_file).parent)
     cluster = rs["spec"]["rayClusterConfig"]
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for template in templates:  # the ingress replica may run in any pod: each one mounts the Secret
@@ -566,7 +568,7 @@ def test_rayservice_reads_the_api_keys_from_a_secret_never_inline():
         assert volume["secret"]["secretName"] == "mixserve-api-keys"
         assert not volume["secret"].get("optional", False), "a missing Secret must stop the pod, not open the API"
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
-        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(a.max_request_bytes)
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(a.serving.max_request_bytes)
     assert "kubectl create secret generic mixserve-api-keys" in RAYSERVICE.read_text()
     assert "mixserve-api-keys" in KUBERNETES_MD.read_text()
 
@@ -589,5 +591,5 @@ def test_rayservice_says_what_is_exposed_and_a_network_policy_enforces_it():
 def test_serve_config_keeps_keys_out_and_binds_loopback():
     cfg = load_serve_config()
     a = app_args(cfg)
-    assert a.api_key == [] and cfg["http_options"]["host"] == "127.0.0.1"
+    assert a.serving.api_key == [] and cfg["http_options"]["host"] == "127.0.0.1"
     assert "EVERY" in SERVE_CONFIG.read_text()  # says plainly that the gRPC proxy binds every interface

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.builder import ClusterConfig, Frontend, build_frontend
+from cluster.checkpoint.tiny_model import TinyModelSpec, random_weights, write_checkpoint, write_tiny_model
 from cluster.engine import AsyncEngine, EngineCore, RequestOutput
+from cluster.engine.sampling import SamplingParams
 from cluster.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError, PromptTooLongError
-from cluster.sampling import SamplingParams
-from cluster.tiny_model import TinyModelSpec, random_weights, write_checkpoint, write_tiny_model
-from cluster.tokenizer import Tokenizer, default_model_file
+from cluster.runtime.frontend import ClusterConfig, Frontend, build_frontend
+from cluster.text.tokenizer import Tokenizer, default_model_file
 
 SPEC = TinyModelSpec(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, max_position_embeddings=512)
 WINDOW = 8
@@ -65,7 +65,7 @@ def byte_heavy_ids() -> list[int]:
 
 
 def frontend(folder: Path, **engine) -> Frontend:
-    return build_frontend(ClusterConfig(model=str(folder), attention_backend="sdpa", **engine), progress=False)
+    return build_frontend(ClusterConfig.create(model=str(folder), attention_backend="sdpa", **engine), progress=False)
 
 
 class Alone:

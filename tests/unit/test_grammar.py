@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 
 from cluster import LLM, SamplingParams
+from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
+from cluster.engine.sampling import StructuredOutput
 from cluster.errors import SamplingParamsError
-from cluster.sampling import StructuredOutput
-from cluster.tiny_model import TinyModelSpec, write_tiny_model
 from tests.helpers import SCHEMA
 
 

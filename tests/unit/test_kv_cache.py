@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.step import FREED, SeqChunk
+from cluster.engine.step import FREED, SeqChunk
 from workers.attention import Attention
 from workers.kv_cache import KVCache, plan_step
 

@@ -1,6 +1,7 @@
 """The monitoring files: every query of the Grafana dashboard (deploy/grafana/mixserve.json) names series and labels
-that mixserve's /metrics really exports (rendered here from cluster.serve.metrics and parsed with prometheus_client's
-parser), and the PodMonitor (deploy/kuberay/podmonitor.yaml) selects the RayService's head pod on a port it has."""
+that mixserve's /metrics really exports (rendered here from cluster.serve.ingress.metrics and parsed with
+prometheus_client's parser), and the PodMonitor (deploy/kuberay/podmonitor.yaml) selects the RayService's head pod on a
+port it has."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.serve.metrics import ServeMetrics
-from cluster.serve.responses import HealthResponse, WorkerHealth
+from cluster.serve.ingress.health import HealthResponse, WorkerHealth
+from cluster.serve.ingress.metrics import ServeMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "mixserve.json"

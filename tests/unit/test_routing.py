@@ -9,14 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cluster import LLM, SamplingParams
+from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
+from cluster.engine.step import SeqChunk
 from cluster.errors import ExpertWorkerError
-from cluster.placement import ExpertPlacement, PlacementError, interleave_nodes
-from cluster.step import SeqChunk
-from cluster.tiny_model import TinyModelSpec, write_tiny_model
 from router import wire
-from router.client import LocalExperts
+from router.client import ExpertClient
 from router.dispatch import WorkerMessage, choose_replicas, combine, plan, plan_one_worker
 from router.gate import ExpertLoad, Routing, route
+from router.placement import ExpertPlacement, PlacementError, interleave_nodes
+from router.transport import LocalTransport
 from workers.expert_worker import cpu_threads
 from workers.kv_cache import plan_step
 from workers.model import split_plan, split_point
@@ -202,13 +203,13 @@ def test_split_plan_gives_each_half_its_own_layout():
 def test_two_micro_batches_give_the_same_tokens_and_logits_in_process(tmp_path):
     folder = write_tiny_model(tmp_path / "m", TinyModelSpec(hidden=64, intermediate=128, layers=2, experts=4))
     llm = LLM(folder, dtype="float32", max_num_batched_tokens=8, max_num_seqs=4, progress=False)
-    model = llm._local().model
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
     prompts = [[1, 415, 2936, 9060], [1, 330, 1000, 2000, 77, 8, 9, 10, 11, 12, 13], [1, 5], [1, 7, 9]]
     plain = llm.generate(prompts, params)
-    model.experts.overlap_min_batch = 2  # in-process experts answer at once: this checks the cut, not the overlap
+    # in-process experts answer at once: this checks the cut, not the overlap
+    llm.apply_model(lambda model: setattr(model.experts, "overlap_min_batch", 2))
     split = llm.generate(prompts, params)
-    assert model.micro_batched_steps > 0
+    assert llm.frontend_info()["micro_batched_steps"] > 0
     for p, s in zip(plain, split, strict=True):
         assert p.token_ids == s.token_ids
         assert p.logprobs is not None and s.logprobs is not None
@@ -260,11 +261,11 @@ def test_choose_replicas_picks_a_live_holder_and_balances_full_copies(counts, wo
     assert max(load) - min(load) <= max(counts)
 
 
-class _FlakyExperts(LocalExperts):
+class _FlakyTransport(LocalTransport):
     """In-process experts where the workers in ``dead`` fail every message as a dead Ray actor would."""
 
-    def __init__(self, placement, shards, dead):
-        super().__init__(placement, shards)
+    def __init__(self, shards, dead):
+        super().__init__(shards)
         self.dead = set(dead)
         self.sent: list[int] = []
 
@@ -274,6 +275,16 @@ class _FlakyExperts(LocalExperts):
             if m.worker in self.dead:
                 return _Fails(m.worker)
         return super().start(layer, x, messages)
+
+
+def _flaky_client(placement, shards, dead) -> ExpertClient:
+    return ExpertClient(placement, _FlakyTransport(shards, dead))
+
+
+def _sent(client: ExpertClient) -> list[int]:
+    transport = client.transport
+    assert isinstance(transport, _FlakyTransport)
+    return transport.sent
 
 
 class _Fails:
@@ -309,16 +320,16 @@ def _moe_setup(replicas):
 def test_a_dead_worker_is_failed_over_to_the_other_copy_within_the_step():
     placement, shards, x, routing, dense = _moe_setup(replicas=2)
     with torch.no_grad():
-        healthy = _FlakyExperts(placement, shards, dead=[])
+        healthy = _flaky_client(placement, shards, dead=[])
         assert torch.allclose(healthy.forward(0, x, routing), dense, atol=1e-6)
-        assert sorted(set(healthy.sent)) == [0, 1]  # balanced: both copies get rows
-        client = _FlakyExperts(placement, shards, dead=[1])
+        assert sorted(set(_sent(healthy))) == [0, 1]  # balanced: both copies get rows
+        client = _flaky_client(placement, shards, dead=[1])
         assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)
         assert client.down == {1} and client.failovers == 1
-        client.sent.clear()
+        _sent(client).clear()
         assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)
-        assert client.sent == [0] and client.failovers == 1  # the down worker gets nothing more
-        both = _FlakyExperts(placement, shards, dead=[0, 1])
+        assert _sent(client) == [0] and client.failovers == 1  # the down worker gets nothing more
+        both = _flaky_client(placement, shards, dead=[0, 1])
         with pytest.raises(ExpertWorkerError, match=r"have no live copy: expert workers \[0, 1\] are down"):
             both.forward(0, x, routing)
 
@@ -326,7 +337,7 @@ def test_a_dead_worker_is_failed_over_to_the_other_copy_within_the_step():
 def test_two_layers_in_flight_to_a_dead_worker_both_fail_over():
     """Two micro-batches in flight: both were sent to worker 1 before the first reply showed it dead."""
     placement, shards, x, routing, dense = _moe_setup(replicas=2)
-    client = _FlakyExperts(placement, shards, dead=[1])
+    client = _flaky_client(placement, shards, dead=[1])
     with torch.no_grad():
         first, second = client.submit(0, x, routing), client.submit(0, x, routing)
         assert torch.allclose(first.result(), dense, atol=1e-6)
@@ -336,7 +347,7 @@ def test_two_layers_in_flight_to_a_dead_worker_both_fail_over():
 
 def test_without_copies_a_dead_worker_fails_the_step():
     placement, shards, x, routing, _ = _moe_setup(replicas=1)
-    client = _FlakyExperts(placement, shards, dead=[1])
+    client = _flaky_client(placement, shards, dead=[1])
     with pytest.raises(ExpertWorkerError, match="expert worker 1 is unavailable"):
         client.forward(0, x, routing)
     assert client.down == set() and client.failovers == 0

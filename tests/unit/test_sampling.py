@@ -1,7 +1,7 @@
 """SamplingParams validation and the batched sampler, checked against independent references.
 
 The reference distributions are computed here in plain Python floats (math.exp), not with torch, so a wrong
-temperature, a top-k/top-p off by one or a renormalisation bug in ``cluster.sampling.sample`` shows up as a
+temperature, a top-k/top-p off by one or a renormalisation bug in ``cluster.engine.sampling.sample`` shows up as a
 mismatch; penalties, min_p, min_tokens and logit_bias are checked against transformers' logits processors or
 against their definitions written out here.
 """
@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
-from cluster.sampling import (
+from cluster.engine.sampling import (
     MAX_LOGPROBS,
     SamplingParams,
     SamplingParamsError,

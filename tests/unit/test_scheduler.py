@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.engine import EngineConfig, EngineCore, RequestOutput
+from cluster.engine.sampling import SamplingParams, StructuredOutput
+from cluster.engine.step import FREED, StepBatch
 from cluster.errors import (
     EngineOverloadedError,
     ExpertWorkerError,
@@ -21,9 +23,7 @@ from cluster.errors import (
     PromptTooLongError,
     SamplingParamsError,
 )
-from cluster.sampling import SamplingParams, StructuredOutput
-from cluster.step import FREED, StepBatch
-from cluster.tokenizer import Tokenizer, default_model_file
+from cluster.text.tokenizer import Tokenizer, default_model_file
 
 VOCAB = 32000
 EOS = 2

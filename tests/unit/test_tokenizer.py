@@ -1,4 +1,4 @@
-"""Tests for cluster.tokenizer, with sentencepiece and mistral-common as independent references."""
+"""Tests for cluster.text.tokenizer, with sentencepiece and mistral-common as independent references."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from cluster.errors import SetupError
-from cluster.tokenizer import (
+from cluster.text.detokenizer import IncrementalDetokenizer
+from cluster.text.tokenizer import (
     ChatFormatError,
-    IncrementalDetokenizer,
     Tokenizer,
     default_model_file,
     find_tokenizer_file,

@@ -12,7 +12,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage
 from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerBase
 
-from cluster.tool_calls import ParsedOutput, new_call_id, parse_generated, parse_tool_calls
+from cluster.text.tool_calls import ParsedOutput, new_call_id, parse_generated, parse_tool_calls
 from tests.tokenizer_refs import mixserve, reference
 
 CALLS = [

@@ -1,0 +1,28 @@
+"""Where the model comes from and how it is loaded: the checkpoint folder (or a cached Hugging Face id), dtype,
+tokenizer, frontend device and attention backend. The first part of :class:`~cluster.config.cluster.ClusterConfig`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionBackend = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+
+
+class LoadConfig(BaseModel):
+    """The checkpoint and how to load it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(
+        None,
+        description="checkpoint folder (config.json or params.json, safetensors, tokenizer), or a Hugging Face model "
+        "id already in the local Hugging Face cache; None: the built-in tiny model",
+    )
+    dtype: Dtype = Field("auto", description="weights and activations; auto: the checkpoint's own (see resolve_dtype)")
+    download: bool = Field(False, description="let a Hugging Face model id be downloaded when it is not cached")
+    tokenizer: str | None = Field(None, description="tokenizer file or folder; None: the checkpoint's own")
+    device: str | None = Field(None, description="frontend device; None: cuda when available, else cpu")
+    attention_backend: AttentionBackend = Field("auto", description="auto: flash-attention-2 when usable, else sdpa")

@@ -1,0 +1,120 @@
+"""The frontend as a Ray Serve deployment: a :class:`~cluster.runtime.runtime.FrontendRuntime` (its expert pool,
+client and frontend, as the offline API's frontend actor holds one) with the continuous-batching engine running
+in a background thread.
+
+Stream contract of :meth:`FrontendServer.generate` (what the ingress consumes): the first item is ``"accepted"``
+or the :class:`~cluster.errors.MixserveError` that refused the request; then :class:`~cluster.engine.RequestOutput`
+items until one is finished. A finished output with ``finish_reason == "error"`` carries its error
+(``ExpertWorkerError`` when a worker failed, ``InternalError`` when the step failed otherwise)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.config.serving import AppArgs
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.request import RequestOutput
+from cluster.engine.sampling import SamplingParams
+from cluster.errors import InternalError, MixserveError
+from cluster.runtime.runtime import FrontendRuntime
+from workers.expert_worker import use_assigned_cpus
+
+log = logging.getLogger("mixserve")
+
+ACCEPTED = "accepted"
+
+
+class FrontendServer:
+    """Deployment body: starts the runtime (W expert workers, named ``mixserve-expert-<replica>-<w>``, and the
+    non-expert weights) and serves ``generate`` as an async stream (see the module docstring)."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = AppArgs.from_options(args)
+        use_assigned_cpus()  # torch threads = the replica's frontend_cpus
+        config = self.args.cluster_config()
+        # a layer never waits longer for a worker than the request itself may take
+        timeout = min(config.parallel.worker_timeout_s, self.args.serving.request_timeout_s)
+        config = config.with_options(worker_timeout_s=timeout)
+        self.runtime = FrontendRuntime(config, name_prefix=f"mixserve-expert-{uuid.uuid4().hex[:8]}-")
+        self.frontend = self.runtime.frontend
+        self.engine = AsyncEngine(self.frontend.core)
+        self._healing: threading.Thread | None = None
+        parallel = config.parallel
+        log.info(
+            "mixserve frontend ready: %s, %d expert workers over %s, %d copies of each expert",
+            config.load.model,
+            parallel.expert_workers,
+            parallel.transport,
+            parallel.expert_replicas,
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[str | MixserveError | RequestOutput]:
+        try:
+            stream = await self.engine.generate(prompt_token_ids, params, request_id)
+        except MixserveError as e:
+            yield e
+            return
+        except Exception:
+            log.exception("request %s could not be queued", request_id)
+            yield InternalError(
+                f"internal error queueing request {request_id}; see the server log", request_id=request_id
+            )
+            return
+        started = False
+        try:
+            yield ACCEPTED
+            started = True
+            async for out in stream:  # leaving this loop early aborts the request (AsyncEngine's stream)
+                yield out
+        finally:
+            if not started:  # cancelled at acceptance: the engine's stream was never read
+                self.engine.cancel(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    async def health(self, timeout_s: float = 3.0) -> dict:
+        """The runtime's health report (every worker asked at once, ``timeout_s`` in all; ok while every expert has
+        a copy on a worker that answered). A worker Ray will not restart is replaced in the background."""
+        report = await asyncio.to_thread(self.runtime.health, timeout_s)
+        if any(w.get("dead") for w in report["workers"]) and not (self._healing and self._healing.is_alive()):
+            self._healing = threading.Thread(target=self._heal, name="mixserve-heal", daemon=True)
+            self._healing.start()
+        return report
+
+    def _heal(self) -> None:
+        try:
+            self.runtime.heal()
+        except Exception:
+            log.exception("replacing expert workers failed; the next health check tries again")
+
+    async def stats(self) -> dict:
+        core = self.frontend.core
+        return {
+            "engine": core.stats(),
+            "expert_load": self.frontend.expert_load(),
+            "workers": self.runtime.workers,
+            "failovers": self.frontend.experts.failovers,
+            "max_model_len": core.max_model_len,
+        }
+
+    def model_info(self) -> dict:
+        return {
+            "max_model_len": self.frontend.core.max_model_len,
+            "vocab_size": self.frontend.model_config.vocab_size,
+            "model_path": self.frontend.config.load.model,
+        }
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.engine.shutdown()
+        with contextlib.suppress(Exception):
+            self.runtime.close()  # the transport (a compiled graph) goes before its actors

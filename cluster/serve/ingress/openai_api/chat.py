@@ -1,0 +1,108 @@
+"""POST /v1/chat/completions: the messages (and tools) in the model's chat format, ``n`` choices, whole or streamed;
+structured output (:mod:`cluster.serve.ingress.openai_api.structured`) and tool calls
+(:mod:`cluster.serve.ingress.openai_api.tools`,
+:mod:`cluster.serve.ingress.openai_api.tool_output`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi.responses import Response
+
+from cluster.engine import RequestOutput
+from cluster.errors import PromptTooLongError
+from cluster.serve.ingress.context import ServeContext
+from cluster.serve.ingress.openai_api.logprobs import chat_logprobs
+from cluster.serve.ingress.openai_api.protocol import ChatCompletionRequest
+from cluster.serve.ingress.openai_api.responses import (
+    ChatCompletionChoice,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatStreamChoice,
+    FinishReason,
+    Usage,
+    json_response,
+)
+from cluster.serve.ingress.openai_api.structured import request_constraint, submit_constrained
+from cluster.serve.ingress.openai_api.tool_output import MessageStream, final_message
+from cluster.serve.ingress.openai_api.tools import plan_tools
+from cluster.serve.ingress.streams import sse_response
+
+ENDPOINT = "chat_completions"
+
+
+async def create_chat_completion(ctx: ServeContext, req: ChatCompletionRequest, request_id: str, t0: float) -> Response:
+    """Without max_tokens a choice may use what is left of the context after the prompt (as OpenAI does)."""
+    plan = plan_tools(req, ctx.tokenizer)
+    constraint = request_constraint(req, plan.constraint)
+    prompt = await ctx.encode_chat(req.chat(), tools=plan.prompt_tools)  # ChatFormatError: 400, messages / tools
+    context = await ctx.frontend.max_model_len()
+    if len(prompt) >= context:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {context} tokens; the messages take {len(prompt)}",
+            param="messages",
+        )
+    params = req.params(
+        max_tokens_default=context - len(prompt),
+        vocab_size=await ctx.frontend.vocab_size(),
+        structured=constraint.output if constraint else None,
+    )
+    choices = await submit_constrained(ctx, [prompt], params, req.n, request_id, constraint)
+    created = int(time.time())
+
+    if not req.stream:
+        finals: dict[int, RequestOutput] = {}
+        async for c, out in ctx.frontend.merged(choices, t0):
+            if out.finished:
+                finals[c.index] = out
+        results = []
+        for i, out in sorted(finals.items()):
+            message, reason = final_message(plan, ctx.tokenizer, out)
+            lp = chat_logprobs(ctx.tokenizer, out.logprobs)
+            results.append(ChatCompletionChoice(index=i, message=message, logprobs=lp, finish_reason=reason))
+        return json_response(
+            ChatCompletionResponse(
+                id=request_id,
+                created=created,
+                model=ctx.model_name,
+                choices=results,
+                usage=Usage.of(len(prompt), sum(len(o.token_ids) for o in finals.values())),
+            )
+        )
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(
+        index: int, delta: ChatDelta, finish: FinishReason | None = None, logprobs: ChatLogprobs | None = None
+    ) -> ChatCompletionStreamResponse:
+        choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+        return ChatCompletionStreamResponse(id=request_id, created=created, model=ctx.model_name, choices=[choice])
+
+    async def events() -> AsyncIterator[ChatCompletionStreamResponse]:
+        completion_tokens = 0
+        streams = {c.index: MessageStream(plan, ctx.tokenizer) for c in choices}
+        for c in choices:
+            yield chunk(c.index, ChatDelta(role="assistant", content=""))
+        async for c, out in ctx.frontend.merged(choices, t0):
+            completion_tokens += len(out.new_token_ids)
+            lp = chat_logprobs(ctx.tokenizer, out.new_logprobs)
+            deltas, reason = streams[c.index].feed(out)
+            if lp is not None and not deltas:
+                deltas = [ChatDelta()]
+            for k, delta in enumerate(deltas):  # this step's logprobs ride on its first delta
+                yield chunk(c.index, delta, logprobs=lp if k == 0 else None)
+            if out.finished:
+                yield chunk(c.index, ChatDelta(), reason)
+        if include_usage:
+            yield ChatCompletionStreamResponse(
+                id=request_id,
+                created=created,
+                model=ctx.model_name,
+                choices=[],
+                usage=Usage.of(len(prompt), completion_tokens),
+            )
+
+    return sse_response(events(), request_id=request_id, on_done=lambda status: ctx.metrics.count(ENDPOINT, status))
