@@ -14,7 +14,7 @@ from cluster.checkpoint.tiny_model import BENCH_SPEC, TinyModelSpec, default_mod
 from cluster.config.cluster import ClusterConfig
 from cluster.config.model import ConfigError
 from cluster.config.options import add_options, options_from
-from cluster.engine import AsyncEngine
+from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import MixserveError
 from cluster.llm import LLM

@@ -492,12 +492,12 @@ _P = {"prompt": "a", "max_tokens": 2}
 _C = {"messages": USER, "max_tokens": 2}
 BAD_PARITY = [
     ("n 0", pb.GenerateRequest(prompt="a", max_tokens=2, n=0), ("/v1/completions", {**_P, "n": 0}), "n"),
-    ("n 17", pb.GenerateRequest(messages=GRPC_USER, max_tokens=2, n=17), ("/v1/chat/completions", {**_C, "n": 17}),
-     "n"),
+    ("n 129", pb.GenerateRequest(messages=GRPC_USER, max_tokens=2, n=129),
+     ("/v1/chat/completions", {**_C, "n": 129}), "n"),
     ("best_of < n", pb.GenerateRequest(prompt="a", max_tokens=2, n=3, best_of=2),
      ("/v1/completions", {**_P, "n": 3, "best_of": 2}), "best_of"),
-    ("best_of 17", pb.GenerateRequest(prompt="a", max_tokens=2, best_of=17),
-     ("/v1/completions", {**_P, "best_of": 17}), "best_of"),
+    ("best_of 129", pb.GenerateRequest(prompt="a", max_tokens=2, best_of=129),
+     ("/v1/completions", {**_P, "best_of": 129}), "best_of"),
     ("best_of in a stream", pb.GenerateRequest(prompt="a", max_tokens=2, best_of=2),
      ("/v1/completions", {**_P, "best_of": 2, "stream": True}), "best_of"),
     ("echo with messages", pb.GenerateRequest(messages=GRPC_USER, echo=True), None, "echo"),

@@ -130,7 +130,7 @@ BAD_INPUTS = [
     ("temperature < 0", "/v1/completions", {"prompt": "x", "temperature": -0.5}, None, None, 400, "temperature"),
     ("top_p zero", "/v1/completions", {"prompt": "x", "top_p": 0}, None, None, 400, "top_p"),
     ("top_p above one", "/v1/completions", {"prompt": "x", "top_p": 1.5}, None, None, 400, "top_p"),
-    ("n too large", "/v1/completions", {"prompt": "x", "n": 100}, None, None, 400, "n must be"),
+    ("n too large", "/v1/completions", {"prompt": "x", "n": 129}, None, None, 400, "n must be an integer in [1, 128]"),
     ("prompt too long", "/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 4}, None, None, 400, "context"),
     ("prompt+max_tokens too long", "/v1/completions", {"prompt": "x", "max_tokens": 5000}, None, None, 400, "4096"),
     ("unknown model", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, None, None, 404, "does not exist"),

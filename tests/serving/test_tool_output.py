@@ -13,7 +13,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MistralRequest
 from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 
-from cluster.engine import RequestOutput
+from cluster.engine.request import RequestOutput
 from cluster.errors import InvalidRequestError, SamplingParamsError
 from cluster.serve.ingress.body import parse_body
 from cluster.serve.ingress.openai_api.protocol import ChatCompletionRequest, CompletionRequest

@@ -9,6 +9,8 @@ from cluster import LLM, SamplingParams
 from cluster.checkpoint.load import LoadRole, load_tensors
 from cluster.checkpoint.tiny_model import write_checkpoint
 from cluster.config.model import ModelConfig
+from cluster.engine.sampling import MAX_CHOICES
+from cluster.errors import SamplingParamsError
 from tests.helpers import LOGITS_TOL, assert_greedy_follows, hf_greedy, hf_logits, hf_mixtral
 
 # name -> (weights seed, MixtralConfig overrides). Fixed seeds, so a failing case is rebuilt identically on a rerun
@@ -182,6 +184,9 @@ def test_offline_n_and_best_of(tmp_path):
     assert [o.token_ids for o in best] == [o.token_ids for o in ranked[:2]]
     assert all(o.logprobs is None for o in best)  # kept only to rank
     assert sp.n == 1
+    with pytest.raises(SamplingParamsError, match=r"n must be an integer in \[1, 128\], got 129") as err:
+        SamplingParams(n=MAX_CHOICES + 1)
+    assert err.value.param == "n"  # the one limit: HTTP and gRPC refuse 129 too (tests/serving/test_grpc.py)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

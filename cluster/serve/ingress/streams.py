@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +21,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from ray.exceptions import RayTaskError
 
-from cluster.engine import RequestOutput
+from cluster.engine import fanout
+from cluster.engine.request import RequestOutput
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import InternalError, MixserveError, RequestTimeoutError, UnavailableError
 from cluster.serve.ingress.errors import api_error
@@ -106,16 +106,15 @@ class FrontendClient:
             raise InternalError(f"the frontend answered {type(first).__name__} instead of accepting")
         return gen
 
-    async def submit_all(self, prompts: list[list[int]], params: SamplingParams, n: int, base_id: str) -> list[Choice]:
-        """``n`` choices per prompt, numbered prompt-major; with a seed, choice j samples with seed + j."""
+    async def submit_all(self, prompts: list[list[int]], params: SamplingParams, base_id: str) -> list[Choice]:
+        """``params.candidates`` engine requests per prompt (``cluster.engine.fanout.expand``: n, or best_of;
+        with a seed, candidate j samples with seed + j), numbered prompt-major."""
         choices: list[Choice] = []
+        candidates = fanout.expand(params)
         try:
             for pi, ids in enumerate(prompts):
-                for j in range(n):
-                    p = params
-                    if n > 1 and params.seed is not None:
-                        p = dataclasses.replace(params, seed=params.seed + j)
-                    index = pi * n + j
+                for j, p in enumerate(candidates):
+                    index = pi * len(candidates) + j
                     rid = f"{base_id}-{index}"
                     choices.append(Choice(index, ids, rid, await self.submit(ids, p, rid)))
         except BaseException:

@@ -161,9 +161,7 @@ class Job:
     """A GenerateRequest ready to run: its prompt ids, sampling parameters and how its choices are returned."""
 
     prompt: list[int]
-    params: SamplingParams
-    n: int  # choices returned
-    candidates: int  # engine requests (best_of when it asks for more than n)
+    params: SamplingParams  # with n and best_of (cluster.engine.fanout)
     constraint: Constraint | None
     plan: ToolPlan | None  # messages: how the assistant message uses tools; None with a prompt
     echo: bool
@@ -198,10 +196,10 @@ async def prepare(ctx: ServeContext, request: pb.GenerateRequest, *, stream: boo
             vocab_size=vocab,
             structured=structured.output if structured else None,
         )
-        return Job(ids, params, chat.n, chat.n, structured, plan, False, logprobs)
+        return Job(ids, params, structured, plan, False, logprobs)
     completion = validate(body, CompletionRequest)
     (item,) = completion.prompts()
     params = completion.params(vocab_size=vocab, structured=own.output if own else None)
     ids = await ctx.encode(item) if isinstance(item, str) else list(item)
     _check_fits(ids, context, "prompt")
-    return Job(ids, params, completion.n, completion.candidates, own, None, completion.echo, logprobs)
+    return Job(ids, params, own, None, completion.echo, logprobs)

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from cluster.engine import RequestOutput
+from cluster.engine.request import RequestOutput
 from cluster.engine.sampling import TokenLogprob
 from cluster.errors import InvalidRequestError
 from cluster.serve.ingress.auth import check_model
@@ -133,7 +133,7 @@ async def _start(
     """Check and submit; the job, its engine requests and the echoed prompt text ('' without echo)."""
     _admit(ctx, request, grpc_context)
     job = await prepare(ctx, request, stream=stream)
-    choices = await submit_constrained(ctx, [job.prompt], job.params, job.candidates, rid, job.constraint)
+    choices = await submit_constrained(ctx, [job.prompt], job.params, rid, job.constraint)
     echo = await ctx.decode(job.prompt) if job.echo else ""
     return job, choices, echo
 
@@ -145,7 +145,7 @@ async def _generate(ctx: ServeContext, request: pb.GenerateRequest, grpc_context
     async for c, out in ctx.frontend.merged(choices, t0):
         if out.finished:
             finals[c.index] = out
-    kept = best_of(finals, n=job.n, candidates=job.candidates)
+    kept = best_of(finals, job.params)
     fields = [_choice_fields(ctx, job, k, finals[i], echo) for k, i in enumerate(kept)]
     return pb.GenerateReply(
         request_id=rid,

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import Response
 
-from cluster.engine import RequestOutput
+from cluster.engine.request import RequestOutput
 from cluster.errors import PromptTooLongError
 from cluster.serve.ingress.context import ServeContext
 from cluster.serve.ingress.openai_api.logprobs import chat_logprobs
@@ -50,7 +50,7 @@ async def create_chat_completion(ctx: ServeContext, req: ChatCompletionRequest, 
         vocab_size=await ctx.frontend.vocab_size(),
         structured=constraint.output if constraint else None,
     )
-    choices = await submit_constrained(ctx, [prompt], params, req.n, request_id, constraint)
+    choices = await submit_constrained(ctx, [prompt], params, request_id, constraint)
     created = int(time.time())
 
     if not req.stream:

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import Response
 
-from cluster.engine import RequestOutput
+from cluster.engine import fanout
+from cluster.engine.request import RequestOutput
+from cluster.engine.sampling import SamplingParams
 from cluster.errors import PromptTooLongError
 from cluster.serve.ingress.context import ServeContext
 from cluster.serve.ingress.openai_api.logprobs import completion_logprobs, echoed_logprobs, joined
@@ -43,7 +45,7 @@ async def create_completion(ctx: ServeContext, req: CompletionRequest, request_i
                 f"this model's maximum context length is {context} tokens; the prompt has {len(ids)}", param="prompt"
             )
         prompts.append(ids)
-    choices = await submit_constrained(ctx, prompts, params, req.candidates, request_id, constraint)
+    choices = await submit_constrained(ctx, prompts, params, request_id, constraint)
     created = int(time.time())
     prompt_tokens = sum(len(p) for p in prompts)
     echo = {c.index: (await ctx.decode(c.prompt_ids) if req.echo else "") for c in choices}
@@ -64,7 +66,7 @@ async def create_completion(ctx: ServeContext, req: CompletionRequest, request_i
         async for c, out in ctx.frontend.merged(choices, t0):
             if out.finished:
                 finals[c.index] = out
-        kept = best_of(finals, n=req.n, candidates=req.candidates)
+        kept = best_of(finals, params)
         return json_response(
             CompletionResponse(
                 id=request_id,
@@ -115,14 +117,12 @@ async def create_completion(ctx: ServeContext, req: CompletionRequest, request_i
     return sse_response(events(), request_id=request_id, on_done=lambda status: ctx.metrics.count(ENDPOINT, status))
 
 
-def best_of(finals: dict[int, RequestOutput], *, n: int, candidates: int) -> list[int]:
-    """Choice indices to return, prompt by prompt: all of them, or with best_of the n whose tokens are the most
-    likely (highest sum of log-probabilities), best first. Example: n=1, candidates=3, sums (-4, -2, -9) -> [1]."""
-    if candidates == n:
-        return sorted(finals)
+def best_of(finals: dict[int, RequestOutput], params: SamplingParams) -> list[int]:
+    """Choice indices (prompt-major, ``params.candidates`` per prompt) to return, prompt by prompt, as
+    :func:`cluster.engine.fanout.keep` picks them."""
+    k = params.candidates
     kept = []
-    for first in range(0, len(finals), candidates):
-        group = [i for i in range(first, first + candidates) if i in finals]
-        group.sort(key=lambda i: -sum(lp.logprob for lp in finals[i].logprobs or []))
-        kept += group[:n]
+    for first in range(0, len(finals), k):
+        group = list(range(first, first + k))
+        kept += [group[i] for i in fanout.keep([finals[i] for i in group], params)]
     return kept

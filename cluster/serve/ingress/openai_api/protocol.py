@@ -101,11 +101,11 @@ class _Sampling(_Strict):
         logprobs: int | None,
         vocab_size: int,
         structured: StructuredOutput | None = None,
+        best_of: int | None = None,
     ) -> SamplingParams:
-        """SamplingParamsError (a 400 naming the parameter) when a value is out of range. ``structured``: the
-        constraint :func:`cluster.serve.ingress.openai_api.structured.request_constraint` chose for the request."""
-        if not 1 <= self.n <= 16:
-            raise InvalidRequestError("n must be between 1 and 16", param="n")
+        """SamplingParamsError (a 400 naming the parameter) when a value is out of range (n and best_of too: one
+        limit, ``SamplingParams``'). ``structured``: the constraint
+        :func:`cluster.serve.ingress.openai_api.structured.request_constraint` chose for the request."""
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
         bias = []
@@ -137,6 +137,8 @@ class _Sampling(_Strict):
             min_tokens=given(self.min_tokens, 0),
             logit_bias=tuple(bias),
             structured_output=structured,
+            n=self.n,
+            best_of=best_of,
         )
 
 
@@ -164,28 +166,21 @@ class CompletionRequest(_Sampling):
                 raise InvalidRequestError("prompt token list must not be empty", param="prompt")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
-        if self.best_of is not None:
-            if not self.n <= self.best_of <= 16:
-                raise InvalidRequestError(f"best_of must be between n ({self.n}) and 16", param="best_of")
-            if self.stream and self.best_of > self.n:
-                raise InvalidRequestError(
-                    "best_of cannot be used with stream (the best are known at the end)", param="best_of"
-                )
+        if self.best_of is not None and self.stream and self.best_of > self.n:
+            raise InvalidRequestError(
+                "best_of cannot be used with stream (the best are known at the end)", param="best_of"
+            )
         return items
 
-    @property
-    def candidates(self) -> int:
-        """Completions generated per prompt: best_of when it asks for more than n (the n most likely are kept)."""
-        return self.best_of if self.best_of is not None else self.n
-
     def params(self, *, vocab_size: int, structured: StructuredOutput | None = None) -> SamplingParams:
-        """With echo and logprobs, the prompt's tokens are scored too; with best_of > n, every generated token's
-        logprob is kept to rank the candidates."""
-        logprobs = self.logprobs
-        if logprobs is None and self.candidates > self.n:
-            logprobs = 0
+        """With echo and logprobs, the prompt's tokens are scored too; n and best_of are the fan-out's
+        (``cluster.engine.fanout``)."""
         params = self.sampling_params(
-            max_tokens_default=16, logprobs=logprobs, vocab_size=vocab_size, structured=structured
+            max_tokens_default=16,
+            logprobs=self.logprobs,
+            vocab_size=vocab_size,
+            structured=structured,
+            best_of=self.best_of,
         )
         if self.echo and self.logprobs is not None:
             params = dataclasses.replace(params, prompt_logprobs=self.logprobs)

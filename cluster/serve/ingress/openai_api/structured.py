@@ -100,12 +100,11 @@ async def submit_constrained(
     ctx: ServeContext,
     prompts: list[list[int]],
     params: SamplingParams,
-    n: int,
     request_id: str,
     constraint: Constraint | None,
 ) -> list[Choice]:
     """:meth:`FrontendClient.submit_all`, with a bad spec reported on its own field."""
     try:
-        return await ctx.frontend.submit_all(prompts, params, n, request_id)
+        return await ctx.frontend.submit_all(prompts, params, request_id)
     except SamplingParamsError as e:
         raise renamed(e, constraint) from None

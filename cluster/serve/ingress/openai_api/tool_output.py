@@ -26,7 +26,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cluster.engine import RequestOutput
+from cluster.engine.request import RequestOutput
 from cluster.serve.ingress.openai_api.responses import (
     ChatDelta,
     ChatMessage,
