@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cluster.checkpoint.load import expected_shapes, hf_to_mistral_name, unpermute_rotary
+from cluster.checkpoint.load import expected_shapes
+from cluster.checkpoint.names import hf_to_mistral_name, unpermute_rotary
 from cluster.config.model import ModelConfig
 from cluster.text.tokenizer import default_model_file
 

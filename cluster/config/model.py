@@ -12,14 +12,12 @@ Both become one frozen :class:`ModelConfig`. Every value is type-checked and cro
 
 from __future__ import annotations
 
-import builtins
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
+from cluster.config.json_fields import FieldReader, read_json, require_object
 from cluster.errors import ConfigError
 
 CheckpointFormat = Literal["hf", "mistral"]
@@ -62,17 +60,17 @@ class ModelConfig:
             raise ConfigError(f"model path {str(folder)!r} is not a directory")
         hf = folder / "config.json"
         if hf.is_file():
-            return cls.from_hf_dict(_read_json(hf), source=str(hf))
+            return cls.from_hf_dict(read_json(hf), source=str(hf))
         params = folder / "params.json"
         if params.is_file():
-            return cls.from_mistral_params(_read_json(params), source=str(params))
+            return cls.from_mistral_params(read_json(params), source=str(params))
         raise ConfigError(f"{folder}: no config.json (Hugging Face) or params.json (Mistral) found")
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
         """Build from a transformers ``MixtralConfig`` dict (v4 or v5 style)."""
-        _require_object(d, source)
-        r = _Reader(d, source)
+        require_object(d, source)
+        r = FieldReader(d, source)
         model_type = d.get("model_type")
         if model_type is not None and model_type != "mixtral":
             raise ConfigError(f"{source}: model_type is {model_type!r}; only 'mixtral' is supported")
@@ -116,12 +114,12 @@ class ModelConfig:
     @classmethod
     def from_mistral_params(cls, d: dict[str, Any], *, source: str = "params.json") -> ModelConfig:
         """Build from the original Mistral release's ``params.json``."""
-        _require_object(d, source)
-        r = _Reader(d, source)
+        require_object(d, source)
+        r = FieldReader(d, source)
         moe = d.get("moe")
         if not isinstance(moe, dict):
             raise ConfigError(f"{source}: field 'moe' must be an object with num_experts and num_experts_per_tok")
-        m = _Reader(moe, f"{source} (moe)")
+        m = FieldReader(moe, f"{source} (moe)")
         dim = r.int("dim")
         heads = r.int("n_heads")
         head_dim = r.int("head_dim", optional=True)
@@ -212,85 +210,6 @@ class ModelConfig:
         }
 
 
-# ---------------------------------------------------------------------- helpers
-def _require_object(d: Any, source: str) -> None:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a JSON object at the top level, got {type(d).__name__}")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return data
-
-
-class _Reader:
-    """Typed field access with errors that name the file and field.
-
-    ``default=None`` (the default) makes a field required; ``optional=True`` makes a missing or null field None.
-    """
-
-    def __init__(self, d: dict[str, Any], source: str) -> None:
-        self.d = d
-        self.source = source
-
-    def _get(self, name: str, default: object, optional: builtins.bool) -> object:
-        if name not in self.d:
-            if optional:
-                return None
-            if default is None:
-                raise ConfigError(f"{self.source}: required field {name!r} is missing")
-            return default
-        return self.d[name]
-
-    @overload
-    def int(
-        self,
-        name: str,
-        *,
-        default: builtins.int | None = None,
-        optional: Literal[False] = False,
-        allow_null_default: builtins.bool = False,
-    ) -> builtins.int: ...
-
-    @overload
-    def int(self, name: str, *, optional: Literal[True]) -> builtins.int | None: ...
-
-    def int(
-        self,
-        name: str,
-        *,
-        default: builtins.int | None = None,
-        optional: builtins.bool = False,
-        allow_null_default: builtins.bool = False,
-    ) -> builtins.int | None:
-        v = self._get(name, default, optional)
-        if v is None:
-            if optional:
-                return None
-            if allow_null_default and default is not None:
-                return default
-        if isinstance(v, builtins.bool) or not isinstance(v, builtins.int):
-            raise ConfigError(f"{self.source}: field {name!r} must be an integer, got {v!r}")
-        return v
-
-    def float(self, name: str, *, default: builtins.float | None = None) -> builtins.float:
-        v = self._get(name, default, False)
-        if isinstance(v, builtins.bool) or not isinstance(v, (builtins.int, builtins.float)) or not math.isfinite(v):
-            raise ConfigError(f"{self.source}: field {name!r} must be a finite number, got {v!r}")
-        return builtins.float(v)
-
-    def bool(self, name: str, *, default: builtins.bool | None = None) -> builtins.bool:
-        v = self._get(name, default, False)
-        if not isinstance(v, builtins.bool):
-            raise ConfigError(f"{self.source}: field {name!r} must be true or false, got {v!r}")
-        return v
-
-
 def _hf_rope_theta(d: dict[str, Any], source: str) -> float:
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
@@ -308,12 +227,12 @@ def _hf_rope_theta(d: dict[str, Any], source: str) -> float:
                 f"{source}: rope_parameters.rope_type {rope_type!r} (RoPE scaling) is not supported; only 'default' is"
             )
         if "rope_theta" not in params and d.get("rope_theta") is not None:
-            return _Reader(d, source).float("rope_theta")
-        return _Reader(params, f"{source} (rope_parameters)").float("rope_theta", default=1e6)
-    return _Reader(d, source).float("rope_theta", default=1e6)
+            return FieldReader(d, source).float("rope_theta")
+        return FieldReader(params, f"{source} (rope_parameters)").float("rope_theta", default=1e6)
+    return FieldReader(d, source).float("rope_theta", default=1e6)
 
 
-def _hf_kv_heads(r: _Reader, heads: int) -> int:
+def _hf_kv_heads(r: FieldReader, heads: int) -> int:
     if "num_key_value_heads" not in r.d:
         return 8
     return r.int("num_key_value_heads", default=heads, allow_null_default=True)

@@ -13,18 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cluster.checkpoint.load as ckpt
-from cluster.checkpoint.load import (
-    CheckpointError,
-    LoadRole,
-    discover,
-    expected_shapes,
-    load_tensors,
-    parse_dtype,
-    permute_rotary,
-    unpermute_rotary,
-)
+from cluster.checkpoint.files import checkpoint_nbytes, discover
+from cluster.checkpoint.load import LoadRole, expected_shapes, load_tensors, parse_dtype
+from cluster.checkpoint.names import mistral_to_hf_name, permute_rotary, unpermute_rotary
 from cluster.checkpoint.tiny_model import TinyModelSpec, random_weights, write_checkpoint, write_tiny_model
 from cluster.config.model import ModelConfig
+from cluster.errors import CheckpointError
 
 SPEC = TinyModelSpec(hidden=32, intermediate=64, heads=4, kv_heads=2, layers=2, experts=4)
 CONFIG = SPEC.config()
@@ -200,7 +194,7 @@ def test_role_reads_only_its_tensors(request, monkeypatch, layout, which):
     assert len(spy.read) == len(set(spy.read)) == len(got)  # each wanted tensor read once, nothing else
     if layout == "mistral":
         assert all(not k.startswith("model.") for k in spy.read)  # stored (Mistral) names
-        assert set(got) == {ckpt.mistral_to_hf_name(k) for k in spy.read}
+        assert set(got) == {mistral_to_hf_name(k) for k in spy.read}
     else:
         assert set(spy.read) == set(got)
     if which == "experts":
@@ -662,7 +656,7 @@ def test_progress_default_is_on_and_can_be_off(hf_dir, capsys):
 
 def test_checkpoint_nbytes(sharded_dir):
     total = sum(p.stat().st_size for p in sharded_dir.glob("*.safetensors"))
-    assert ckpt.checkpoint_nbytes(sharded_dir) == total
+    assert checkpoint_nbytes(sharded_dir) == total
     assert total > sum(t.numel() * 4 for t in REF.values())
 
 

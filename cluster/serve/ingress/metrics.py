@@ -132,22 +132,7 @@ class _FrontendCollector:
         return c
 
     def collect(self) -> Iterator[Metric]:
-        workers = self.health.workers if self.health is not None else None
-        if workers is not None:
-            up = sum(1 for w in workers if w.ok)
-            yield self._gauge("mixserve:expert_workers_up", "Expert workers answering a health check.", up)
-            yield self._gauge("mixserve:expert_workers", "Expert workers of the application.", len(workers))
-            missing = len(self.health.missing_experts or []) if self.health is not None else 0
-            yield self._gauge("mixserve:missing_experts", "(layer, expert) pairs with no live copy.", missing)
-            g = GaugeMetricFamily(
-                "mixserve:expert_worker_load_seconds",
-                "Seconds the worker's current process took to load its experts (its restart cost).",
-                labels=[*LABELS, "worker"],
-            )
-            for w in workers:
-                if w.load_seconds is not None:
-                    g.add_metric([*self.labels, str(w.worker)], w.load_seconds)
-            yield g
+        yield from self._pool()
         snap = self.snapshot
         if snap is None:
             return
@@ -156,7 +141,38 @@ class _FrontendCollector:
             "Layers sent again to other copies of their experts after a worker failed them.",
             snap.get("failovers", 0),
         )
-        eng: dict[str, Any] = snap.get("engine", {})
+        yield from self._engine(snap.get("engine", {}))
+        c = CounterMetricFamily(
+            "mixserve:routed_tokens", "Tokens routed to each expert of each layer.", labels=[*LABELS, "layer", "expert"]
+        )
+        for layer, row in enumerate(snap.get("expert_load", [])):
+            for expert, n in enumerate(row):
+                c.add_metric([*self.labels, str(layer), str(expert)], n)
+        yield c
+
+    def _pool(self) -> Iterator[Metric]:
+        """The expert workers, from the latest health check."""
+        health = self.health
+        if health is None or health.workers is None:
+            return
+        workers = health.workers
+        up = sum(1 for w in workers if w.ok)
+        yield self._gauge("mixserve:expert_workers_up", "Expert workers answering a health check.", up)
+        yield self._gauge("mixserve:expert_workers", "Expert workers of the application.", len(workers))
+        missing = len(health.missing_experts or [])
+        yield self._gauge("mixserve:missing_experts", "(layer, expert) pairs with no live copy.", missing)
+        g = GaugeMetricFamily(
+            "mixserve:expert_worker_load_seconds",
+            "Seconds the worker's current process took to load its experts (its restart cost).",
+            labels=[*LABELS, "worker"],
+        )
+        for w in workers:
+            if w.load_seconds is not None:
+                g.add_metric([*self.labels, str(w.worker)], w.load_seconds)
+        yield g
+
+    def _engine(self, eng: dict[str, Any]) -> Iterator[Metric]:
+        """The engine's gauges and counters (vLLM's names with the mixserve: prefix)."""
         running = eng.get("running", 0)
         yield self._gauge("mixserve:num_requests_running", "Number of requests in model execution batches.", running)
         yield self._gauge(
@@ -185,13 +201,6 @@ class _FrontendCollector:
         )
         for reason in FINISH_REASONS:
             c.add_metric([*self.labels, reason], eng.get(f"finished_{reason}", 0))
-        yield c
-        c = CounterMetricFamily(
-            "mixserve:routed_tokens", "Tokens routed to each expert of each layer.", labels=[*LABELS, "layer", "expert"]
-        )
-        for layer, row in enumerate(snap.get("expert_load", [])):
-            for expert, n in enumerate(row):
-                c.add_metric([*self.labels, str(layer), str(expert)], n)
         yield c
 
 

@@ -28,8 +28,8 @@ from cluster.serve.ingress.openai_api.responses import (
 )
 from cluster.serve.ingress.openai_api.structured import request_constraint, submit_constrained
 from cluster.serve.ingress.openai_api.tool_output import MessageStream, final_message
-from cluster.serve.ingress.openai_api.tools import plan_tools
-from cluster.serve.ingress.streams import sse_response
+from cluster.serve.ingress.openai_api.tools import ToolPlan, plan_tools
+from cluster.serve.ingress.streams import Choice, sse_response
 
 ENDPOINT = "chat_completions"
 
@@ -51,58 +51,77 @@ async def create_chat_completion(ctx: ServeContext, req: ChatCompletionRequest, 
         structured=constraint.output if constraint else None,
     )
     choices = await submit_constrained(ctx, [prompt], params, request_id, constraint)
-    created = int(time.time())
-
+    job = _Chat(ctx, req, plan, request_id=request_id, t0=t0, prompt=prompt, choices=choices)
     if not req.stream:
+        return await job.whole()
+    return sse_response(job.events(), request_id=request_id, on_done=lambda status: ctx.metrics.count(ENDPOINT, status))
+
+
+class _Chat:
+    """A submitted chat completion: its choices and how their messages are reported, whole or streamed."""
+
+    def __init__(
+        self,
+        ctx: ServeContext,
+        req: ChatCompletionRequest,
+        plan: ToolPlan,
+        *,
+        request_id: str,
+        t0: float,
+        prompt: list[int],
+        choices: list[Choice],
+    ) -> None:
+        self.ctx, self.req, self.plan, self.request_id, self.t0 = ctx, req, plan, request_id, t0
+        self.prompt, self.choices = prompt, choices
+        self.created = int(time.time())
+
+    async def whole(self) -> Response:
+        ctx = self.ctx
         finals: dict[int, RequestOutput] = {}
-        async for c, out in ctx.frontend.merged(choices, t0):
+        async for c, out in ctx.frontend.merged(self.choices, self.t0):
             if out.finished:
                 finals[c.index] = out
         results = []
         for i, out in sorted(finals.items()):
-            message, reason = final_message(plan, ctx.tokenizer, out)
+            message, reason = final_message(self.plan, ctx.tokenizer, out)
             lp = chat_logprobs(ctx.tokenizer, out.logprobs)
             results.append(ChatCompletionChoice(index=i, message=message, logprobs=lp, finish_reason=reason))
+        usage = Usage.of(len(self.prompt), sum(len(o.token_ids) for o in finals.values()))
         return json_response(
             ChatCompletionResponse(
-                id=request_id,
-                created=created,
-                model=ctx.model_name,
-                choices=results,
-                usage=Usage.of(len(prompt), sum(len(o.token_ids) for o in finals.values())),
+                id=self.request_id, created=self.created, model=ctx.model_name, choices=results, usage=usage
             )
         )
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
     def chunk(
-        index: int, delta: ChatDelta, finish: FinishReason | None = None, logprobs: ChatLogprobs | None = None
+        self, index: int, delta: ChatDelta, finish: FinishReason | None = None, logprobs: ChatLogprobs | None = None
     ) -> ChatCompletionStreamResponse:
         choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
-        return ChatCompletionStreamResponse(id=request_id, created=created, model=ctx.model_name, choices=[choice])
+        return ChatCompletionStreamResponse(
+            id=self.request_id, created=self.created, model=self.ctx.model_name, choices=[choice]
+        )
 
-    async def events() -> AsyncIterator[ChatCompletionStreamResponse]:
+    async def events(self) -> AsyncIterator[ChatCompletionStreamResponse]:
+        ctx, req = self.ctx, self.req
         completion_tokens = 0
-        streams = {c.index: MessageStream(plan, ctx.tokenizer) for c in choices}
-        for c in choices:
-            yield chunk(c.index, ChatDelta(role="assistant", content=""))
-        async for c, out in ctx.frontend.merged(choices, t0):
+        streams = {c.index: MessageStream(self.plan, ctx.tokenizer) for c in self.choices}
+        for c in self.choices:
+            yield self.chunk(c.index, ChatDelta(role="assistant", content=""))
+        async for c, out in ctx.frontend.merged(self.choices, self.t0):
             completion_tokens += len(out.new_token_ids)
             lp = chat_logprobs(ctx.tokenizer, out.new_logprobs)
             deltas, reason = streams[c.index].feed(out)
             if lp is not None and not deltas:
                 deltas = [ChatDelta()]
             for k, delta in enumerate(deltas):  # this step's logprobs ride on its first delta
-                yield chunk(c.index, delta, logprobs=lp if k == 0 else None)
+                yield self.chunk(c.index, delta, logprobs=lp if k == 0 else None)
             if out.finished:
-                yield chunk(c.index, ChatDelta(), reason)
-        if include_usage:
+                yield self.chunk(c.index, ChatDelta(), reason)
+        if req.stream_options and req.stream_options.include_usage:
             yield ChatCompletionStreamResponse(
-                id=request_id,
-                created=created,
+                id=self.request_id,
+                created=self.created,
                 model=ctx.model_name,
                 choices=[],
-                usage=Usage.of(len(prompt), completion_tokens),
+                usage=Usage.of(len(self.prompt), completion_tokens),
             )
-
-    return sse_response(events(), request_id=request_id, on_done=lambda status: ctx.metrics.count(ENDPOINT, status))

@@ -24,97 +24,119 @@ from cluster.serve.ingress.openai_api.responses import (
     json_response,
 )
 from cluster.serve.ingress.openai_api.structured import request_constraint, submit_constrained
-from cluster.serve.ingress.streams import sse_response
+from cluster.serve.ingress.streams import Choice, sse_response
 
 ENDPOINT = "completions"
 
 
 async def create_completion(ctx: ServeContext, req: CompletionRequest, request_id: str, t0: float) -> Response:
     """``request_id`` is the response id; choice i runs as engine request ``<request_id>-<i>``."""
-    items = req.prompts()
     constraint = request_constraint(req)
     params = req.params(
         vocab_size=await ctx.frontend.vocab_size(), structured=constraint.output if constraint else None
     )
+    prompts = await _encode_prompts(ctx, req)
+    choices = await submit_constrained(ctx, prompts, params, request_id, constraint)
+    echo = {c.index: (await ctx.decode(c.prompt_ids) if req.echo else "") for c in choices}
+    job = _Completion(ctx, req, params, request_id=request_id, t0=t0, choices=choices, echo=echo)
+    if not req.stream:
+        return await job.whole()
+    return sse_response(job.events(), request_id=request_id, on_done=lambda status: ctx.metrics.count(ENDPOINT, status))
+
+
+async def _encode_prompts(ctx: ServeContext, req: CompletionRequest) -> list[list[int]]:
+    """Every prompt's token ids; a prompt that cannot fit stops the request before the next one is tokenized."""
     context = await ctx.frontend.max_model_len()
     prompts: list[list[int]] = []
-    for item in items:  # a prompt that cannot fit stops the request before the next one is tokenized
+    for item in req.prompts():
         ids = await ctx.encode(item) if isinstance(item, str) else list(item)
         if len(ids) >= context:
             raise PromptTooLongError(
                 f"this model's maximum context length is {context} tokens; the prompt has {len(ids)}", param="prompt"
             )
         prompts.append(ids)
-    choices = await submit_constrained(ctx, prompts, params, request_id, constraint)
-    created = int(time.time())
-    prompt_tokens = sum(len(p) for p in prompts)
-    echo = {c.index: (await ctx.decode(c.prompt_ids) if req.echo else "") for c in choices}
-    prompt_ids = {c.index: c.prompt_ids for c in choices}
-    scored = req.echo and req.logprobs is not None
+    return prompts
 
-    def logprobs_of(i: int, out: RequestOutput, offset: int, *, with_prompt: bool) -> CompletionLogprobs | None:
-        """The choice's logprobs: the echoed prompt's (``with_prompt``), then its completion's."""
+
+class _Completion:
+    """A submitted completion request: its choices, echoed prompts and how they are reported, whole or streamed."""
+
+    def __init__(
+        self,
+        ctx: ServeContext,
+        req: CompletionRequest,
+        params: SamplingParams,
+        *,
+        request_id: str,
+        t0: float,
+        choices: list[Choice],
+        echo: dict[int, str],
+    ) -> None:
+        self.ctx, self.req, self.params, self.request_id, self.t0 = ctx, req, params, request_id, t0
+        self.choices, self.echo = choices, echo
+        self.prompt_ids = {c.index: c.prompt_ids for c in choices}
+        self.prompt_tokens = sum(len(c.prompt_ids) for c in choices) // max(1, params.candidates)
+        self.created = int(time.time())
+        self.scored = req.echo and req.logprobs is not None  # the echoed prompt's tokens are scored too
+
+    def logprobs_of(self, i: int, out: RequestOutput, offset: int, *, with_prompt: bool) -> CompletionLogprobs | None:
+        """Choice ``i``'s logprobs: the echoed prompt's (``with_prompt``), then its completion's."""
+        req, tok = self.req, self.ctx.tokenizer
         if req.logprobs is None:
             return None
-        mine = completion_logprobs(ctx.tokenizer, out.new_logprobs if req.stream else out.logprobs, offset)
+        mine = completion_logprobs(tok, out.new_logprobs if req.stream else out.logprobs, offset)
         if with_prompt and out.prompt_logprobs is not None:
-            return joined(echoed_logprobs(ctx.tokenizer, prompt_ids[i], out.prompt_logprobs), mine)
+            return joined(echoed_logprobs(tok, self.prompt_ids[i], out.prompt_logprobs), mine)
         return mine
 
-    if not req.stream:
+    async def whole(self) -> Response:
         finals: dict[int, RequestOutput] = {}
-        async for c, out in ctx.frontend.merged(choices, t0):
+        async for c, out in self.ctx.frontend.merged(self.choices, self.t0):
             if out.finished:
                 finals[c.index] = out
-        kept = best_of(finals, params)
+        choices = [
+            CompletionChoice(
+                index=k,
+                text=self.echo[i] + finals[i].text,
+                logprobs=self.logprobs_of(i, finals[i], len(self.echo[i]), with_prompt=self.scored),
+                finish_reason=finish_reason(finals[i].finish_reason),
+            )
+            for k, i in enumerate(best_of(finals, self.params))
+        ]
+        usage = Usage.of(self.prompt_tokens, sum(len(o.token_ids) for o in finals.values()))
         return json_response(
             CompletionResponse(
-                id=request_id,
-                created=created,
-                model=ctx.model_name,
-                choices=[
-                    CompletionChoice(
-                        index=k,
-                        text=echo[i] + finals[i].text,
-                        logprobs=logprobs_of(i, finals[i], len(echo[i]), with_prompt=scored),
-                        finish_reason=finish_reason(finals[i].finish_reason),
-                    )
-                    for k, i in enumerate(kept)
-                ],
-                usage=Usage.of(prompt_tokens, sum(len(o.token_ids) for o in finals.values())),
+                id=self.request_id, created=self.created, model=self.ctx.model_name, choices=choices, usage=usage
             )
         )
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionStreamResponse:
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionStreamResponse:
         return CompletionStreamResponse(
-            id=request_id, created=created, model=ctx.model_name, choices=choices, usage=usage
+            id=self.request_id, created=self.created, model=self.ctx.model_name, choices=choices, usage=usage
         )
 
-    async def events() -> AsyncIterator[CompletionStreamResponse]:
+    async def events(self) -> AsyncIterator[CompletionStreamResponse]:
+        req, echo = self.req, self.echo
         completion_tokens = 0
         offsets = {i: len(t) for i, t in echo.items()}
         echoed: set[int] = set()
-        if req.echo and not scored:  # with logprobs the echo waits for the prompt's scores (the first output)
+        if req.echo and not self.scored:  # with logprobs the echo waits for the prompt's scores (the first output)
             for i, t in echo.items():
-                yield chunk([CompletionChoice(index=i, text=t)])
-        async for c, out in ctx.frontend.merged(choices, t0):
+                yield self.chunk([CompletionChoice(index=i, text=t)])
+        async for c, out in self.ctx.frontend.merged(self.choices, self.t0):
             completion_tokens += len(out.new_token_ids)
             if not out.delta_text and not out.finished and not out.new_logprobs:
                 continue
-            first = scored and c.index not in echoed
-            lp = logprobs_of(c.index, out, offsets[c.index], with_prompt=first)
+            first = self.scored and c.index not in echoed
+            lp = self.logprobs_of(c.index, out, offsets[c.index], with_prompt=first)
             if first:
                 echoed.add(c.index)
-                yield chunk([CompletionChoice(index=c.index, text=echo[c.index])])
+                yield self.chunk([CompletionChoice(index=c.index, text=echo[c.index])])
             offsets[c.index] += len(out.delta_text)
             reason = finish_reason(out.finish_reason)
-            yield chunk([CompletionChoice(index=c.index, text=out.delta_text, logprobs=lp, finish_reason=reason)])
-        if include_usage:
-            yield chunk([], Usage.of(prompt_tokens, completion_tokens))
-
-    return sse_response(events(), request_id=request_id, on_done=lambda status: ctx.metrics.count(ENDPOINT, status))
+            yield self.chunk([CompletionChoice(index=c.index, text=out.delta_text, logprobs=lp, finish_reason=reason)])
+        if req.stream_options and req.stream_options.include_usage:
+            yield self.chunk([], Usage.of(self.prompt_tokens, completion_tokens))
 
 
 def best_of(finals: dict[int, RequestOutput], params: SamplingParams) -> list[int]:
