@@ -115,6 +115,10 @@ class ExpertClient:
         old, self.transport = self.transport, transport
         return old
 
+    def fresh_step(self) -> None:
+        """See :meth:`router.transport.Transport.fresh_step` (the model runner calls it for a batch of new requests)."""
+        self.transport.fresh_step()
+
     def connect(self) -> None:
         self.transport.connect()
 

@@ -60,6 +60,12 @@ class Transport(ABC):
         that cannot probe its workers re-admits none."""
         return set()
 
+    def fresh_step(self) -> None:
+        """The next step runs only requests that have run no step before, so none depends on what the workers'
+        current processes computed: a transport that fails layers reaching a restarted worker (object refs) takes
+        the workers' processes as they are from here."""
+        return None
+
     def connect(self) -> None:
         """Set up before the first layer (the channel transport compiles its graph), so the first request does not
         pay for it. Never raises: what it could not set up is set up by the first request."""

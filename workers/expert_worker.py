@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections import deque
 
 import numpy as np
@@ -25,6 +26,7 @@ import ray
 import torch
 
 from cluster.config.model import ModelConfig
+from cluster.errors import ExpertWorkerError
 from router import wire
 from workers.expert import ExpertShard
 
@@ -51,6 +53,9 @@ class ExpertWorker:
         self.device = "cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu"
         self.node_id = ctx.get_node_id()
         self.pid = os.getpid()
+        # This process's identity: a worker Ray restarts is a new process with a new one. The object-ref transport
+        # sends the one it expects with each layer (run_packed), so a layer never silently reaches a restarted worker.
+        self.incarnation = uuid.uuid4().hex
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=65536)  # (start, seconds) of each packed run
         self.threads = use_assigned_cpus()
         config = ModelConfig.from_dir(model)
@@ -80,9 +85,19 @@ class ExpertWorker:
         d = self.device
         return self.shard.run(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d))
 
-    def run_packed(self, buf: np.ndarray | None) -> np.ndarray | None:
+    def run_packed(self, buf: np.ndarray | None, incarnation: str | None = None) -> np.ndarray | None:
         """One layer's message packed by ``router.wire`` -> the partial output [N, D] as raw bytes; None (no rows
-        for this worker) -> None."""
+        for this worker) -> None.
+
+        ``incarnation``: the process the caller expects (:meth:`status`); when this is another one (Ray restarted
+        the worker since), :class:`ExpertWorkerError` instead of an answer: the process that served the caller's
+        earlier layers died. None (the channel transport, whose graph dies with the process): no check."""
+        if incarnation is not None and incarnation != self.incarnation:
+            raise ExpertWorkerError(
+                f"expert worker {self.worker} was restarted (now pid {self.pid}): the process that served the "
+                "earlier layers died",
+                worker=self.worker,
+            )
         if buf is None:
             return None
         t0 = time.perf_counter()
@@ -116,6 +131,7 @@ class ExpertWorker:
             "device": self.device,
             "expert_bytes": self.shard.nbytes(),
             "pid": self.pid,
+            "incarnation": self.incarnation,
             "threads": self.threads,
             "actor_name": ray.get_runtime_context().get_actor_name(),
         }
@@ -124,11 +140,12 @@ class ExpertWorker:
         return True
 
     def status(self) -> dict:
-        """What the health check reports: load time of this incarnation, its pid and start time."""
+        """What the health check reports: load time of this incarnation, its pid, identity and start time."""
         return {
             "load_seconds": self.load_seconds,
             "loaded_bytes": self.shard.nbytes(),
             "pid": self.pid,
+            "incarnation": self.incarnation,
             "started_at": self.started_at,
         }
 

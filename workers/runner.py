@@ -39,6 +39,8 @@ class ModelRunner:
         return self.kv.block_size
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
+        if batch.first_step:  # no request in flight has used a worker yet: restarted ones are taken as they are
+            self.model.experts.fresh_step()
         plan = plan_step(
             batch.chunks,
             block_size=self.kv.block_size,

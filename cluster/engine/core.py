@@ -11,19 +11,18 @@ import collections
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable, Sequence
 
 import torch
 
 from cluster.config.engine import EngineConfig
+from cluster.engine import offline
 from cluster.engine.blocks import BlockPool
 from cluster.engine.request import Request, RequestOutput
 from cluster.engine.sampling import GrammarCompiler, SamplingParams, SamplingRow, TokenLogprob, logprobs_of, sample
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.step import Executor, SeqChunk, StepBatch
+from cluster.engine.step import Executor, StepBatch
 from cluster.errors import (
-    EngineOverloadedError,
     InternalError,
     InvalidRequestError,
     MixserveError,
@@ -114,7 +113,7 @@ class EngineCore:
         self.counters["requests_added"] += 1
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its slot is freed before the next step runs."""
+        """Stop a request; its KV blocks are freed before the next step runs."""
         self.scheduler.abort(request_id)
 
     # ------------------------------------------------------------------ state
@@ -176,7 +175,10 @@ class EngineCore:
             token_ids=torch.tensor(tokens, dtype=torch.int64),
             chunks=tuple(chunk for _, chunk in scheduled),
             logit_rows=torch.tensor(sample_rows + prompt_rows, dtype=torch.int64),
+            first_step=not any(req.steps for req, _ in scheduled),
         )
+        for req, _ in scheduled:
+            req.steps += 1
         try:
             logits = self.executor.execute(batch)
         except Exception as e:  # a failed step fails every request in it; the engine itself carries on
@@ -343,59 +345,11 @@ class EngineCore:
             with contextlib.suppress(Exception):
                 obs(name, value)
 
-    # ------------------------------------------------------------------ offline use
+    # ------------------------------------------------------------------ offline use (cluster.engine.offline)
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RequestOutput]:
-        """Run the prompts until all finish; outputs in prompt order.
-
-        Every prompt is validated first (a bad one fails the call before anything runs); prompts are then fed to
-        the scheduler as its queue has room, so any number of prompts can be given at once.
-        """
-        for p, sp in zip(prompts, params, strict=True):
-            self.validate(p, sp)
-        ids = [f"offline-{uuid.uuid4().hex}" for _ in prompts]
-        pending = list(zip(ids, prompts, params, strict=True))
-        pending.reverse()
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            while pending:
-                rid, p, sp = pending[-1]
-                try:
-                    self.add_request(rid, p, sp)
-                except EngineOverloadedError:
-                    break
-                pending.pop()
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[r] for r in ids]
+        """Run the prompts until all finish (idle engine only); outputs in prompt order."""
+        return offline.generate(self, prompts, params)
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Full-sequence float32 logits [len, V], prefilled in chunks in blocks of its own. Call only when idle."""
-        if not token_ids:
-            raise InvalidRequestError("token_ids is empty", param="token_ids")
-        if len(token_ids) > self.max_model_len:
-            raise PromptTooLongError(
-                f"{len(token_ids)} tokens exceed this model's maximum context length of {self.max_model_len}",
-                param="token_ids",
-            )
-        sched = self.scheduler
-        need = -(-len(token_ids) // sched.block_size)
-        if need > sched.pool.num_free:
-            raise EngineOverloadedError("not enough free KV-cache blocks for a logits request")
-        blocks = tuple(sched.pool.allocate() for _ in range(need))  # private: never registered for reuse
-        try:
-            parts = []
-            step = self.config.max_num_batched_tokens
-            for start in range(0, len(token_ids), step):
-                piece = token_ids[start : start + step]
-                end = -(-(start + len(piece)) // sched.block_size)
-                batch = StepBatch(
-                    token_ids=torch.tensor(piece, dtype=torch.int64),
-                    chunks=(SeqChunk(start=start, n=len(piece), blocks=blocks[:end]),),
-                    logit_rows=torch.arange(len(piece)),
-                )
-                parts.append(self.executor.execute(batch))
-            return torch.cat(parts)
-        finally:
-            for b in blocks:
-                sched.pool.release(b)
+        """Full-sequence float32 logits [len, V] (idle engine only)."""
+        return offline.logits(self, token_ids)

@@ -58,6 +58,7 @@ class Request:
         self.prompt_hashes: list[bytes] = []  # hash chain of every full block it has to compute (set at admission)
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.scheduled: float | None = None  # when it first got into a step
+        self.steps = 0  # steps it has run
         self.text = ""  # generated text, stop strings cut off
         self.emitted = 0  # characters of ``text`` already handed out
         self.finish_reason: FinishReason | None = None

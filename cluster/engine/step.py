@@ -39,6 +39,8 @@ class StepBatch:
     chunks           one per scheduled sequence
     logit_rows  [R]  rows of the token axis whose next-token logits are wanted (the last token of each chunk
                      that reaches its sequence's newest token)
+    first_step       no sequence of the batch has run a step before (a prefix found in the prefix cache does not
+                     count): nothing in flight depends on what the expert workers' processes computed so far
 
     Example (block size 4): a decode at position 5 of a sequence in blocks [7, 2] and a 3-token prefill of a new
     one in block [4] -> token_ids [t5, p0, p1, p2], chunks [SeqChunk(5, 1, (7, 2)), SeqChunk(0, 3, (4,))],
@@ -48,6 +50,7 @@ class StepBatch:
     token_ids: torch.Tensor
     chunks: tuple[SeqChunk, ...]
     logit_rows: torch.Tensor
+    first_step: bool = False
 
     @property
     def num_tokens(self) -> int:
