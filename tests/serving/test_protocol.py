@@ -134,6 +134,35 @@ def test_api_keys_from_arguments_environment_and_file(tmp_path, monkeypatch):
         ApiKeys(file=str(tmp_path / "missing"))
 
 
+def test_api_keys_compare_every_character(tmp_path, monkeypatch):
+    """Long keys are compared whole: a key that differs from a valid one only in its last character, one that is a
+    prefix of a valid one (longer than 8 characters), and a valid one with a character added are all refused,
+    whichever source (argument, environment, file) the valid key came from."""
+    long_keys = ["sk-mixserve-live-0123456789abcdef", "sk-mixserve-live-0123456789abcdeg"]
+    monkeypatch.setenv("LONG_KEYS", "sk-mixserve-env-00000000000000001")
+    secret = tmp_path / "keys"
+    secret.write_text("sk-mixserve-file-00000000000000001\n")
+    keys = ApiKeys(long_keys, env="LONG_KEYS", file=str(secret))
+    valid = [*long_keys, "sk-mixserve-env-00000000000000001", "sk-mixserve-file-00000000000000001"]
+    for key in valid:
+        keys.check(f"Bearer {key}")
+    refused = [
+        "sk-mixserve-live-0123456789abcdeh",  # the same 32 first characters as both valid live keys
+        "sk-mixserve-live-0123456789abcde",  # a prefix of both
+        "sk-mixserve-live-0123456789abcdefg",  # a valid key and one more character
+        "sk-mixserve-live-",
+        "sk-mixse",  # the first 8 characters
+        "sk-mixserve-env-00000000000000002",
+        "sk-mixserve-env-0000000000000000",
+        "sk-mixserve-file-00000000000000002",
+        "sk-mixserve-file-0000000000000000",
+        "Sk-mixserve-live-0123456789abcdef",  # case matters in the key (not in the scheme)
+    ]
+    for key in refused:
+        with pytest.raises(AuthenticationError, match="invalid API key"):
+            keys.check(f"Bearer {key}")
+
+
 def test_api_key_file_rotation(tmp_path, monkeypatch):
     secret = tmp_path / "keys"
     secret.write_text("old\n")

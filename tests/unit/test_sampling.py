@@ -351,6 +351,28 @@ def test_greedy_choice_follows_the_processed_logits(params):
     assert sum(a != b for a, b in zip(want[::2], want[1::2], strict=True)) > 10  # the processing mattered
 
 
+def test_frequency_penalty_counts_every_occurrence():
+    """Greedy rows where token 3 leads token 5 by 1.2: a frequency penalty of 0.5 takes 0.5 off per occurrence of a
+    token in the output (not per distinct token, and not for the prompt), so token 3 keeps the lead while it
+    occurred at most twice and loses it from the third time on; a negative penalty (-0.5 per occurrence of token
+    5) lifts 5 above 3 from its third occurrence on. Counting each distinct token once would never flip a row."""
+    V = 8
+    logits = torch.full((V,), -1.0)
+    logits[3], logits[5] = 2.0, 0.8
+    rows, batch, want = [], [], []
+    for count in range(6):
+        for penalty, repeated, filler in ((0.5, 3, 6), (-0.5, 5, 7)):
+            output = [repeated, filler] * count + [filler]  # the filler occurs too: the counts are per token
+            sp = SamplingParams(temperature=0, frequency_penalty=penalty)
+            rows.append(logits)
+            batch.append(SamplingRow(sp, None, [3, 3, 5, 5, 5], output))  # prompt occurrences do not count
+            lead = 2.0 - 0.8 - 0.5 * count  # how far 3 stays ahead of 5
+            want.append(3 if lead > 0 else 5)
+    got = sample(torch.stack(rows), batch, eos_token_id=2).tolist()
+    assert got == want
+    assert want == [3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 5]
+
+
 def test_penalised_sampling_matches_the_processed_distribution():
     logits = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
     prompt, output = [0, 3], [1, 1, 4]

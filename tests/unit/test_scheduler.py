@@ -1,8 +1,10 @@
 """The scheduler and engine core against a fake executor: no checkpoint, no model.
 
-The fake executor plays a model whose greedy next token is a fixed function of the current token, and checks
-every batch the way a KV cache would: each slot is fed its positions in order, without gaps or repeats, and a slot
-is only used while the scheduler has lent it out.
+The fake executor plays a paged model: it writes each chunk's token ids into the blocks of the chunk's block table
+and predicts the next token as a hash of every token it can read back through that table (all of them, or the
+sliding window's). Reading a position of a freed block, or one never written, fails the test, and a wrong, stale or
+wrongly shared block changes the predicted tokens. It stores token ids, not keys and values: whether a cached block
+holds the right KV for its position is checked against the real model (``test_prefix_cache.py``).
 """
 
 from __future__ import annotations
@@ -190,6 +192,53 @@ def test_running_out_of_blocks_preempts_the_newest_and_recomputes_it():
         assert final.token_ids == expected(p, 24) and final.finish_reason == "length"
         assert [t for o in outs[rid] for t in o.new_token_ids] == final.token_ids  # no token twice or lost
     assert core.kv_blocks_used == 0
+
+
+def test_preemption_takes_the_newest_running_request_not_in_the_step():
+    """Blocks of 4, a pool of 5: a and b (4 tokens) and c and d (3 tokens) are admitted in one step (4 blocks; e
+    waits for a batch place). At the first decode a takes the last free block; b needs one too, and the requests
+    not in the step yet are c and d: d, the newest, is preempted (it goes back in front of e) and b takes its
+    block, while c decodes in its own block. Nothing else is preempted and every request still gets its tokens."""
+    core, ex = engine(max_num_seqs=4, max_num_batched_tokens=16, num_blocks=5, block_size=4)
+    prompts = {"a": [1, 10, 11, 12], "b": [1, 20, 21, 22], "c": [1, 30, 31], "d": [1, 40, 41], "e": [1, 50, 51]}
+    for rid, p in prompts.items():
+        core.add_request(rid, p, GREEDY)
+    sched = core.scheduler
+    core.step()
+    assert [r.request_id for r in sched.running] == ["a", "b", "c", "d"]
+    assert [r.request_id for r in sched.waiting] == ["e"] and sched.pool.num_free == 1
+    core.step()
+    assert sched.preemptions == 1
+    assert [r.request_id for r in sched.waiting] == ["d", "e"]
+    assert [r.request_id for r in sched.running] == ["a", "b", "c"]
+    assert [(c.start, c.n) for c in ex.batches[-1].chunks] == [(4, 1), (4, 1), (3, 1)]  # a, b, c decode
+    d = sched.waiting[0]
+    assert d.computed == 0 and d.blocks == [] and len(d.output) == 1  # recomputed from scratch, token kept
+    outs: dict[str, list[RequestOutput]] = {}
+    drain(core, outs)
+    for rid, p in prompts.items():
+        assert outs[rid][-1].token_ids == expected(p, 5), rid
+    assert core.kv_blocks_used == 0
+
+
+def test_the_engine_runs_one_choice_per_request():
+    """n > 1 or best_of > 1 is expanded by cluster.engine.fanout before it reaches the engine: the engine refuses
+    it at once, naming n and pointing at fanout, and queues nothing."""
+    core, _ = engine()
+    for params in (
+        SamplingParams(n=2),
+        SamplingParams(best_of=2),
+        SamplingParams(n=3, best_of=5),
+        SamplingParams(n=4, best_of=4, seed=1),
+    ):
+        with pytest.raises(InvalidRequestError) as err:
+            core.add_request("x", [1, 5], params)
+        assert err.value.param == "n"
+        assert "cluster.engine.fanout" in err.value.message
+        assert f"n={params.n} / best_of={params.best_of}" in err.value.message
+    assert core.num_waiting == 0 and not core.has_work()
+    core.add_request("x", [1, 5], GREEDY)  # the id was never taken
+    assert core.num_waiting == 1
 
 
 def test_a_sliding_window_frees_the_blocks_it_leaves():
@@ -449,3 +498,21 @@ def test_a_grammar_decides_the_tokens_and_ends_the_request():
     nogrammar, _ = engine()
     with pytest.raises(InvalidRequestError, match="not available"):
         nogrammar.add_request("x", [1, 5], sentence)
+
+
+def test_first_step_marks_batches_whose_requests_ran_no_step_before():
+    """A batch of requests in their first step (a cached prefix does not count) says so: the expert client may then
+    take restarted workers as they are; any batch with a request that ran before does not."""
+    shared = [1] + list(range(200, 219))  # 5 full blocks of 4: cached for the second request
+    core, ex = engine(max_num_seqs=4, max_num_batched_tokens=8)
+    core.add_request("a", shared, GREEDY)  # 20 tokens: 3 prefill chunks of 8, then decodes
+    drain(core)
+    assert [b.first_step for b in ex.batches] == [True] + [False] * (len(ex.batches) - 1)
+    n = len(ex.batches)
+    core.add_request("b", shared + [9], GREEDY)  # prefix cached: its first chunk starts at 20, still its first step
+    core.step()
+    assert ex.batches[n].chunks[0].start == 20 and ex.batches[n].first_step
+    core.add_request("c", [1, 5, 6], GREEDY)  # joins b, which ran a step before
+    core.step()
+    assert not ex.batches[n + 1].first_step
+    drain(core)
