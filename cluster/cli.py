@@ -1,4 +1,8 @@
-"""The ``mixserve`` command: tiny-model, generate, serve, bench."""
+"""The ``mixserve`` command: tiny-model, generate, serve, bench.
+
+``tiny-model``, ``generate`` and ``bench engine`` at W = 0 run where Ray is not installed; there ``serve`` and the Ray
+benchmarks only say that they need it (``cluster.bench.ray_optional``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cluster.bench import add_bench_command
+from cluster.bench.ray_optional import add_or_explain
 from cluster.checkpoint.tiny_model import BENCH_SPEC, TinyModelSpec, default_model_dir, write_tiny_model
 from cluster.config.cluster import ClusterConfig
 from cluster.config.model import ConfigError
@@ -19,7 +24,6 @@ from cluster.engine.sampling import SamplingParams
 from cluster.errors import MixserveError
 from cluster.llm import LLM
 from cluster.runtime.frontend import build_frontend
-from cluster.serve.cli import add_serve_command
 from cluster.text.tokenizer import Tokenizer
 
 # Config fields that are not command-line flags here: the model is its own flag, a placement map is no flag.
@@ -122,14 +126,22 @@ def _prompt_ids(tok: Tokenizer, a: argparse.Namespace) -> list[int]:
     return tok.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from cluster.serve.cli import add_serve_command  # imports Ray: only for `mixserve serve`
+
+    add_serve_command(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mixserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mixserve", description=(__doc__ or "").partition("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny_model(sub)
     _add_generate(sub)
-    add_serve_command(sub)
+    add_or_explain(sub, "serve", _add_serve)
     add_bench_command(sub)
-    a = parser.parse_args(argv)
+    a, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(a, "takes_any_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(a.func(a)) if hasattr(a, "func") else {"tiny-model": _tiny_model, "generate": _generate}[a.command](a)
 
 

@@ -40,8 +40,9 @@ from cluster.config.cluster import ClusterConfig
 from cluster.config.transports import NAMES as TRANSPORTS
 from cluster.runtime.offline import RemoteFrontend
 from router import dispatch
+from router.client import ExpertClient
 from router.dispatch import WorkerMessage
-from router.gate import route
+from router.gate import Routing, route
 from router.transport import RemoteTransport
 from workers.expert_worker import ExpertWorker
 from workers.model import DecoderLayer, MixtralModel
@@ -101,73 +102,102 @@ def time_runs(worker: ExpertWorker, jobs: list[tuple], iters: int, warmup: int) 
         return [h.time_calls(lambda j=j: worker.run(*j), iters, warmup=warmup) for j in jobs]
 
 
+Case = tuple[int, torch.Tensor, Routing]  # (layer, post-attention-norm hidden states [T, hidden], their routing)
+
+
 def measure(model: MixtralModel, tokens: list[int], iters: int, warmup: int, seed: int) -> list[dict[str, Any]]:
     """Inside the frontend actor (``LLM.apply_model``): one row per T (see the module docstring)."""
     client = model.experts
     transport = client.transport
     assert isinstance(transport, RemoteTransport)
-    real = list(transport.handles)
-    none = torch.zeros(0, dtype=torch.int64)
-    empty = [WorkerMessage(w, none, none, none, torch.zeros(0)) for w in range(len(real))]
     rows = []
     for t in tokens:
-        g = torch.Generator().manual_seed(seed + t)
-        cases = []
-        with torch.inference_mode():
-            for i, layer in enumerate(model.layers):
-                assert isinstance(layer, DecoderLayer)
-                x = torch.randn(t, model.config.hidden_size, generator=g).to(model.device, model.dtype)
-                x = layer.post_attention_layernorm(x)
-                cases.append((i, x, route(x, layer.block_sparse_moe.gate, layer.block_sparse_moe.top_k)))
-        seconds: dict[str, list[list[float]]] = {k: [[] for _ in cases] for k in ("forward", "echo", "empty")}
-        for it in range(warmup + iters):
-            for i, case in enumerate(cases):
-                for kind in ("forward", "echo", "empty"):
-                    transport.echo = kind == "echo"
-                    t0 = time.perf_counter()
-                    if kind == "empty":
-                        client.exchange(case[0], case[1], empty)
-                    else:
-                        client.forward(*case)
-                    if it >= warmup:
-                        seconds[kind][i].append(time.perf_counter() - t0)
-        transport.echo = False
-        per_layer: list[list[float]] = [[] for _ in cases]  # median compute seconds of each worker with rows
-        for w, handle in enumerate(real):
-            jobs, where = [], []
-            for i, (layer, x, routing) in enumerate(cases):
-                for m in dispatch.plan(routing, client.placement.worker_tensor(layer)):
-                    if m.worker == w:
-                        jobs.append((layer, x[m.tokens], m.rows, m.experts, m.weights))
-                        where.append(i)
-            for i, ts in zip(where, ray.get(handle.__ray_call__.remote(time_runs, jobs, iters, warmup)), strict=True):
-                per_layer[i].append(statistics.median(ts))
-        fwd, back, nothing = (
-            statistics.fmean(statistics.median(v) for v in seconds[k]) for k in ("forward", "echo", "empty")
-        )
-        csum, cmax = statistics.fmean(sum(v) for v in per_layer), statistics.fmean(max(v) for v in per_layer)
-        sizes = [
-            sum(len(m.tokens) * x.shape[1] * x.element_size() for m in client.plan(layer, routing))
-            for layer, x, routing in cases
-        ]
-        rows.append(
-            {
-                "tokens": t,
-                "forward_s": fwd,
-                "echo_s": back,
-                "empty_s": nothing,
-                "compute_sum_s": csum,
-                "compute_max_s": cmax,
-                "overhead_s": fwd - cmax,
-                "overhead_over_echo": h.ratio(fwd - cmax, back),
-                "forward_over_compute_plus_echo": h.ratio(fwd, csum + back),
-                "strict": h.ratio(fwd, cmax + back),  # with perfectly parallel workers
-                "messages_per_layer": statistics.fmean(len(client.plan(c[0], c[2])) for c in cases),
-                "bytes_each_way": round(statistics.fmean(sizes)),  # rows of x per layer (replies are the same size)
-                "frontend_threads": torch.get_num_threads(),
-            }
-        )
+        cases = layer_cases(model, t, seed)
+        seconds = time_exchanges(client, transport, cases, iters, warmup)
+        rows.append(row_of(client, t, cases, seconds, worker_compute(client, transport, cases, iters, warmup)))
     return rows
+
+
+def layer_cases(model: MixtralModel, t: int, seed: int) -> list[Case]:
+    """One case per layer: ``t`` random hidden states through its post-attention norm and its gate's routing."""
+    g = torch.Generator().manual_seed(seed + t)
+    cases = []
+    with torch.inference_mode():
+        for i, layer in enumerate(model.layers):
+            assert isinstance(layer, DecoderLayer)
+            x = torch.randn(t, model.config.hidden_size, generator=g).to(model.device, model.dtype)
+            x = layer.post_attention_layernorm(x)
+            cases.append((i, x, route(x, layer.block_sparse_moe.gate, layer.block_sparse_moe.top_k)))
+    return cases
+
+
+def time_exchanges(
+    client: ExpertClient, transport: RemoteTransport, cases: list[Case], iters: int, warmup: int
+) -> dict[str, list[list[float]]]:
+    """Seconds of each case's ``forward``, its ``echo`` (workers send the rows back unchanged) and an ``empty``
+    message to every worker, interleaved, per kind and case, after ``warmup`` untimed rounds."""
+    none = torch.zeros(0, dtype=torch.int64)
+    empty = [WorkerMessage(w, none, none, none, torch.zeros(0)) for w in range(len(transport.handles))]
+    seconds: dict[str, list[list[float]]] = {k: [[] for _ in cases] for k in ("forward", "echo", "empty")}
+    for it in range(warmup + iters):
+        for i, case in enumerate(cases):
+            for kind in ("forward", "echo", "empty"):
+                transport.echo = kind == "echo"
+                t0 = time.perf_counter()
+                if kind == "empty":
+                    client.exchange(case[0], case[1], empty)
+                else:
+                    client.forward(*case)
+                if it >= warmup:
+                    seconds[kind][i].append(time.perf_counter() - t0)
+    transport.echo = False
+    return seconds
+
+
+def worker_compute(
+    client: ExpertClient, transport: RemoteTransport, cases: list[Case], iters: int, warmup: int
+) -> list[list[float]]:
+    """Per case, the median compute seconds of each worker that has rows in it (timed inside the worker)."""
+    per_layer: list[list[float]] = [[] for _ in cases]
+    for w, handle in enumerate(list(transport.handles)):
+        jobs, where = [], []
+        for i, (layer, x, routing) in enumerate(cases):
+            for m in dispatch.plan(routing, client.placement.worker_tensor(layer)):
+                if m.worker == w:
+                    jobs.append((layer, x[m.tokens], m.rows, m.experts, m.weights))
+                    where.append(i)
+        for i, ts in zip(where, ray.get(handle.__ray_call__.remote(time_runs, jobs, iters, warmup)), strict=True):
+            per_layer[i].append(statistics.median(ts))
+    return per_layer
+
+
+def row_of(
+    client: ExpertClient, t: int, cases: list[Case], seconds: dict[str, list[list[float]]], per_layer: list[list[float]]
+) -> dict[str, Any]:
+    """The row of one T: means over the layers of the median timings, the overheads and ratios, message sizes."""
+    fwd, back, nothing = (
+        statistics.fmean(statistics.median(v) for v in seconds[k]) for k in ("forward", "echo", "empty")
+    )
+    csum, cmax = statistics.fmean(sum(v) for v in per_layer), statistics.fmean(max(v) for v in per_layer)
+    sizes = [
+        sum(len(m.tokens) * x.shape[1] * x.element_size() for m in client.plan(layer, routing))
+        for layer, x, routing in cases
+    ]
+    return {
+        "tokens": t,
+        "forward_s": fwd,
+        "echo_s": back,
+        "empty_s": nothing,
+        "compute_sum_s": csum,
+        "compute_max_s": cmax,
+        "overhead_s": fwd - cmax,
+        "overhead_over_echo": h.ratio(fwd - cmax, back),
+        "forward_over_compute_plus_echo": h.ratio(fwd, csum + back),
+        "strict": h.ratio(fwd, cmax + back),  # with perfectly parallel workers
+        "messages_per_layer": statistics.fmean(len(client.plan(c[0], c[2])) for c in cases),
+        "bytes_each_way": round(statistics.fmean(sizes)),  # rows of x per layer (replies are the same size)
+        "frontend_threads": torch.get_num_threads(),
+    }
 
 
 def run(o: Options, cluster: dict[str, Any]) -> dict:

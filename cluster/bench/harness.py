@@ -1,5 +1,6 @@
 """What every benchmark shares: options, the bench model, Ray, machine and version info, timing and percentiles,
-goals, tables, progress lines on stderr and the JSON report.
+goals, tables, progress lines on stderr and the JSON report. Ray is imported only by :func:`local_ray`, so the
+in-process benchmark (``engine``) runs where Ray is not installed.
 
 A report is ``{"benchmark", "created", "machine", "versions", "settings", "method", "results", "goals"}``; each goal
 is ``{"goal", "measured", "threshold", "met"}`` (``met`` is None, with a ``note``, when the run could not measure it).
@@ -22,7 +23,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, ClassVar
 
-import ray
 import torch
 
 from cluster.checkpoint.tiny_model import BENCH_SPEC, default_model_dir, write_tiny_model
@@ -101,6 +101,8 @@ def model_dir(model: str | None) -> str:
 def local_ray(min_cpus: int) -> Iterator[None]:
     """A private local Ray with at least ``min_cpus`` logical CPUs for the block, unless this process has one already
     (then that one). ``address="local"`` keeps the benchmark off any cluster that ``ray start`` left running."""
+    import ray  # only the benchmarks with expert workers or Serve need Ray
+
     started = not ray.is_initialized()
     if started:
         cpus = max(os.cpu_count() or 1, min_cpus)

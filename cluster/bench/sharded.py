@@ -129,14 +129,7 @@ def measure_in_actor(runtime: FrontendRuntime, *args: Any) -> dict[str, Any]:
 
 
 def run(o: Options, cluster: dict[str, Any]) -> dict:
-    transports = [t.strip() for t in o.transports.split(",") if t.strip()]
-    if not transports or set(transports) - set(TRANSPORTS):
-        raise SystemExit(f"mixserve bench sharded: --transports takes {', '.join(TRANSPORTS)}, not {o.transports!r}")
-    modes = [m.strip() for m in o.overlap.split(",") if m.strip()]
-    if not modes or set(modes) - {"on", "off"}:
-        raise SystemExit(f"mixserve bench sharded: --overlap takes on, off or on,off, not {o.overlap!r}")
-    sharded = [x.strip() for x in o.workers.split(",") if x.strip() and x.strip() != "0"]
-    workers = h.ints(",".join(sharded), "workers") if sharded else []  # W = 0 always runs: the baseline
+    transports, modes, workers = choices(o)
     r = h.Run("sharded", o)
     model = h.model_dir(o.model)
     cfg = ModelConfig.from_dir(model)
@@ -144,30 +137,76 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(o.prompt_len)] for _ in range(o.batch)]
     args = (prompts, o.new_tokens, o.repeats)
     r(f"W=0: in-process baseline, batch {o.batch}, {o.new_tokens} new tokens")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(o.baseline_threads or threads)
-    try:
-        base = measure(build_frontend(ClusterConfig.create(model=model, **cluster), progress=False), *args, 0)
-    finally:
-        torch.set_num_threads(threads)
+    base = baseline(o, ClusterConfig.create(model=model, **cluster), args)
     rows = [{"workers": 0, "transport": "in-process", "overlap": "-", **base}]
     with h.local_ray(max(workers, default=0) + 2):
         for w in workers:
             for transport in transports:
                 config = ClusterConfig.create(model=model, expert_workers=w, transport=transport, **cluster)
                 r(f"W={w} {transport}: starting the cluster, then overlap {o.overlap}")
-                c = RemoteFrontend.start(config, progress=False)
-                try:
-                    for mode in modes:
-                        overlap = o.batch if mode == "on" else 0
-                        got: dict[str, Any] = c.apply(lambda rt, overlap=overlap: measure_in_actor(rt, *args, overlap))
-                        rows.append({"workers": w, "transport": transport, "overlap": mode, **got})
-                finally:
-                    c.shutdown()
+                rows += sharded_rows(config, args, o.batch, modes)
     for x in rows:
         x["ratio_to_w0"] = h.ratio(x["decode_step_s"], base["decode_step_s"])
         x["same_tokens"] = x.pop("tokens") == base["tokens"]
         x.update({k[:-2] + "_ms": v * 1e3 for k, v in list(x.items()) if k.endswith("_s")})
+    cols = ["workers", "transport", "overlap", "decode_step_ms", "decode_step_min_ms", "ratio_to_w0"]
+    cols += ["frontend_compute_ms", "worker_compute_ms", "decode_steps", "split_steps", "frontend_threads"]
+    cols += ["same_tokens"]
+    title = f"decode step at batch {o.batch} (median executor call; ratio to the in-process W=0 step)"
+    settings = {"cluster": cluster}
+    return r.finish(
+        settings=settings,
+        method=__doc__,
+        results={"rows": rows},
+        goals=goals_of(rows, transports),
+        tables=[h.table(rows, cols, title=title)],
+    )
+
+
+def choices(o: Options) -> tuple[list[str], list[str], list[int]]:
+    """The transports, overlap modes and W >= 1 the flags name (W = 0, the baseline, always runs); a bad value
+    exits with a message."""
+    transports = [t.strip() for t in o.transports.split(",") if t.strip()]
+    if not transports or set(transports) - set(TRANSPORTS):
+        raise SystemExit(f"mixserve bench sharded: --transports takes {', '.join(TRANSPORTS)}, not {o.transports!r}")
+    modes = [m.strip() for m in o.overlap.split(",") if m.strip()]
+    if not modes or set(modes) - {"on", "off"}:
+        raise SystemExit(f"mixserve bench sharded: --overlap takes on, off or on,off, not {o.overlap!r}")
+    sharded = [x.strip() for x in o.workers.split(",") if x.strip() and x.strip() != "0"]
+    return transports, modes, h.ints(",".join(sharded), "workers") if sharded else []
+
+
+def baseline(o: Options, config: ClusterConfig, args: tuple[list[list[int]], int, int]) -> dict[str, Any]:
+    """:func:`measure` of W = 0 in this process, with ``--baseline-threads`` torch threads (0: as many as now)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(o.baseline_threads or threads)
+    try:
+        return measure(build_frontend(config, progress=False), *args, 0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sharded_rows(
+    config: ClusterConfig, args: tuple[list[list[int]], int, int], batch: int, modes: list[str]
+) -> list[dict[str, Any]]:
+    """One sharded cluster of ``config``: :func:`measure` in its frontend actor per overlap mode (on: micro-batches
+    from ``batch`` rows), then the cluster shut down."""
+    w, transport = config.parallel.expert_workers, config.parallel.transport
+    rows = []
+    c = RemoteFrontend.start(config, progress=False)
+    try:
+        for mode in modes:
+            overlap = batch if mode == "on" else 0
+            got: dict[str, Any] = c.apply(lambda rt, overlap=overlap: measure_in_actor(rt, *args, overlap))
+            rows.append({"workers": w, "transport": transport, "overlap": mode, **got})
+    finally:
+        c.shutdown()
+    return rows
+
+
+def goals_of(rows: list[dict[str, Any]], transports: list[str]) -> list[dict]:
+    """Per transport: the best W = 2 decode step against W = 0's, and at W = 1 the step with overlap against
+    max(frontend compute, worker compute) of the step without it."""
     goals = []
     for transport in transports:
         at2 = [x for x in rows if x["workers"] == 2 and x["transport"] == transport]
@@ -185,15 +224,4 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
                 f"max of {off['frontend_compute_s'] * 1e3:.3g} and {off['worker_compute_s'] * 1e3:.3g} ms (overlap off)"
             )
             goals.append(h.goal(text, h.ratio(on["decode_step_s"], bound), 1.15, at_least=False, note=note))
-    cols = ["workers", "transport", "overlap", "decode_step_ms", "decode_step_min_ms", "ratio_to_w0"]
-    cols += ["frontend_compute_ms", "worker_compute_ms", "decode_steps", "split_steps", "frontend_threads"]
-    cols += ["same_tokens"]
-    title = f"decode step at batch {o.batch} (median executor call; ratio to the in-process W=0 step)"
-    settings = {"cluster": cluster}
-    return r.finish(
-        settings=settings,
-        method=__doc__,
-        results={"rows": rows},
-        goals=goals,
-        tables=[h.table(rows, cols, title=title)],
-    )
+    return goals

@@ -1,10 +1,13 @@
-"""Attention backend selection on a CUDA device: flash-attention-2 exactly when it can run, sdpa otherwise."""
+"""Attention backend selection on a CUDA device: flash-attention-2 exactly when it can run, sdpa otherwise; and the
+engine (``LLM`` at W = 0) really runs the backend chosen."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from cluster import LLM, SamplingParams
+from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
 from workers.attention import select_attention_backend
 
 pytestmark = pytest.mark.gpu
@@ -44,3 +47,13 @@ def test_explicit_flash_on_cuda_bf16_follows_the_import():
 def test_explicit_sdpa_and_eager_are_kept_on_cuda():
     for backend in ("sdpa", "eager"):
         assert select_attention_backend(backend, device="cuda", dtype=torch.bfloat16) == backend
+
+
+def test_the_engine_runs_the_chosen_backend_on_cuda(tmp_path):
+    write_tiny_model(tmp_path, TinyModelSpec(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, experts=4))
+    auto = "flash_attention_2" if flash_attn_imports() else "sdpa"
+    for asked, want in (("auto", auto), ("sdpa", "sdpa"), ("eager", "eager")):
+        with LLM(tmp_path, dtype="bfloat16", device="cuda", attention_backend=asked, progress=False) as llm:
+            assert llm.frontend_info()["attention_backend"] == want
+            (out,) = llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+            assert len(out.token_ids) == 3

@@ -1,5 +1,13 @@
 """bfloat16 on CUDA: ``cluster.LLM`` (W = 0) against transformers' MixtralForCausalLM in bfloat16 on CUDA.
 
+Every test runs on three engines (``VARIANTS``): the prompt prefilled whole (one step), prefilled in chunks of 8
+tokens (each chunk attending to the paged KV cache of the ones before; with several prompts, chunks share steps with
+other sequences' decode tokens), and chunked with the eager attention backend instead of the one ``auto`` picks
+(sdpa, or flash-attention-2 where it imports). Prefill: full-sequence logits (``LLM.logits``, longer than the
+sliding window) against the fp32 reference. Decode: greedy tokens against transformers' bf16 greedy tokens, and
+the log-probability of each generated token (first from the prefill's last row, then from one decode step each)
+against the fp32 reference's on the same tokens.
+
 Only the public API (``LLM.generate``, ``LLM.logits``) is used. The exact reference is transformers in float32 on
 the CPU; bf16 results, ours and transformers' alike, are judged by their distance to it. Subtle numerical slips
 (e.g. a wrong RoPE theta on this tiny random model) hide inside bf16 noise: the float32 parity tests in
@@ -40,10 +48,18 @@ def models(tmp_path_factory):
     return folder, fp32, bf16
 
 
-@pytest.fixture(scope="module")
-def llm(models):
+# name: the engine's options besides W = 0, bfloat16 and CUDA
+VARIANTS = {
+    "prefill-whole": {},
+    "prefill-chunked-8": {"max_num_batched_tokens": 8, "max_num_seqs": 4},
+    "eager-chunked-8": {"attention_backend": "eager", "max_num_batched_tokens": 8, "max_num_seqs": 4},
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def llm(request, models):
     folder, _, _ = models
-    engine = LLM(folder, expert_workers=0, dtype="bfloat16", device="cuda", progress=False)
+    engine = LLM(folder, expert_workers=0, dtype="bfloat16", device="cuda", progress=False, **VARIANTS[request.param])
     yield engine
     engine.shutdown()
 
@@ -127,3 +143,18 @@ def test_greedy_tokens_match_transformers_bf16(models, llm, tolerance):
             f"prompt {prompt}: tokens differ at {diverged} (ours {out.token_ids[:N_IDENTICAL]}, transformers "
             f"{ref[:N_IDENTICAL]}) and the fp32 margin {margin:.4f} is not a bf16 near-tie (<= {tolerance.tie:.4f})"
         )
+
+
+def test_decode_logprobs_close_to_fp32(models, llm, tolerance):
+    """Each generated token's log-probability (the prefill's last row, then one decode step per token, through the
+    KV cache) is within bf16 error of the fp32 reference's for the same context: log_softmax moves by at most twice
+    the largest logit error (the logit's own and the log-sum-exp's)."""
+    _, fp32, _ = models
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=5)
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params), strict=True):
+        assert out.logprobs is not None and len(out.logprobs) == NEW_TOKENS
+        exact = torch.log_softmax(hf_logits(fp32, prompt + out.token_ids).double(), dim=-1)
+        for i, (token, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+            assert lp.token_id == token and lp.logprob == lp.top[0][1]  # greedy: the chosen token is a top one
+            want = exact[len(prompt) - 1 + i, token].item()
+            assert abs(lp.logprob - want) <= 2 * tolerance.max_err, (prompt, i, lp.logprob, want)

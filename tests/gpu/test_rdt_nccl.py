@@ -1,16 +1,18 @@
 """Expert workers over Ray Direct Transport with NCCL, on real GPUs: the same greedy tokens as W = 0.
 
-Needs three GPUs: one for the frontend actor and one per expert worker (NCCL ranks must not share a GPU).
+Needs three GPUs: one for the frontend actor and one per expert worker (NCCL ranks must not share a GPU), and Ray:
+the whole module is skipped where Ray is not installed (the lent GPU box of ``make gpu-check`` has none).
 """
 
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from cluster import LLM, SamplingParams
 from tests.helpers import hf_mixtral
+
+ray = pytest.importorskip("ray", reason="needs Ray (NCCL expert workers); not installed here")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.ray]
 
