@@ -1,8 +1,9 @@
-"""Wire format of the channel transport: one layer's message to one worker as ONE flat byte buffer.
+"""Wire format of the object-ref and channel transports: one layer's message to one worker as ONE flat byte buffer.
 
 Ray's channels serialize a NumPy array as a single out-of-band buffer (one copy into shared memory, none out:
 the reader gets a view); a tuple of arrays or a torch tensor costs 2-4x more per call (measured, see
-``router.channel``). So a message is packed into one uint8 array, and the worker's reply is its output rows as
+``router.channel``), and over actor calls the packed array took half the time of five pickled tensors (see
+``router.object_ref``). So a message is packed into one uint8 array, and the worker's reply is its output rows as
 raw bytes. bf16/fp16 travel as 2 bytes per value, fp32 as 4; indices as int32.
 
 Layout of a message (native byte order; every field 4-byte aligned)::

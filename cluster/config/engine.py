@@ -23,7 +23,7 @@ class EngineConfig(BaseModel):
         512, ge=1, description="tokens per step: decode tokens + prefill chunks (long prompts are chunked)"
     )
     max_queued_requests: StrictInt = Field(
-        256, ge=1, description="requests waiting for a slot before new ones are refused as overload"
+        256, ge=1, description="requests waiting to run (beyond max_num_seqs) before new ones are refused as overload"
     )
     block_size: StrictInt = Field(16, ge=1, le=1024, description="positions per KV-cache block")
     enable_prefix_caching: bool = Field(

@@ -51,7 +51,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Validate and queue at once (errors raise before the first item), then yield outputs until finished.
 
-        Leaving the iteration early (client gone, task cancelled) aborts the request and frees its slot.
+        Leaving the iteration early (client gone, task cancelled) aborts the request and frees its place in the batch
+        and its KV blocks.
         """
         if self._stop:
             raise EngineStoppedError("the engine has been shut down")

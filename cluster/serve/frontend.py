@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -104,6 +105,7 @@ class FrontendServer:
             "workers": self.runtime.workers,
             "failovers": self.frontend.experts.failovers,
             "max_model_len": core.max_model_len,
+            "pid": os.getpid(),
         }
 
     def model_info(self) -> dict:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from cluster.cli import main
-from tests.helpers import listening_addresses
+from tests.helpers import listening_addresses, wait_until
 from tests.serving.helpers import free_port
 
 BIN = Path(sys.executable).parent
@@ -81,16 +80,12 @@ def test_serve_main_job_http_grpc_and_clean_stop(tmp_path):
     )
     base = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mixserve serve never became healthy"
-            time.sleep(1)
+
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            return httpx.get(f"{base}/health", timeout=5).status_code == 200
+
+        wait_until(healthy, "mixserve serve never became healthy", 180, 1, ignore=(httpx.HTTPError,))
         health = httpx.get(f"{base}/health").json()
         assert len(health["workers"]) == 2  # sharded over 2 expert workers by default
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "temperature": 0}, timeout=60)

@@ -135,17 +135,14 @@ def test_sigkill_of_a_worker_under_16_streams_fails_no_request(replicated, serve
     assert metric(base, "mixserve:missing_experts") == 0
 
 
-def _alive(class_name: str) -> list[dict]:
-    """Live actors of ``class_name`` from the GCS actor table (no dashboard needed)."""
-    return [
-        a for a in ray._private.state.actors().values() if a["ActorClassName"] == class_name and a["State"] == "ALIVE"
-    ]
+def _expert_workers() -> int:
+    """Live expert workers of every application (named mixserve-expert-<replica>-<w>; a dead actor's name is gone)."""
+    return sum(1 for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mixserve-expert-"))
 
 
 def _frontend_pid() -> int:
-    replicas = _alive(f"ServeReplica:{APP}:Frontend")
-    assert len(replicas) == 1, replicas
-    return replicas[0]["Pid"]
+    """The pid of the frontend replica that answers (the app has one)."""
+    return serve.get_deployment_handle("Frontend", app_name=APP).stats.remote().result(timeout_s=30)["pid"]
 
 
 def _worker_pids(base: str) -> list[int]:
@@ -167,21 +164,18 @@ def test_killed_frontend_replica_comes_back_with_fresh_workers_and_no_orphans(re
     wait_until(lambda: health(base)[1].get("status") == "ok", "not ok before the kill", 90, 0.3)
     old_pids = _worker_pids(base)
     # both applications' workers and placement groups (the main app: 2 workers, 1 group)
-    assert (len(_alive("ExpertWorker")), _placement_groups()) == (4, 2)
+    assert (_expert_workers(), _placement_groups()) == (4, 2)
     frontend = _frontend_pid()
     os.kill(frontend, signal.SIGKILL)
     killed_at = time.monotonic()
     wait_until(
-        lambda: [a["Pid"] for a in _alive(f"ServeReplica:{APP}:Frontend")] not in ([], [frontend]),
-        "Serve did not start a new frontend replica",
-        120,
-        0.5,
+        lambda: _frontend_pid() != frontend, "Serve did not start a new frontend replica", 120, 0.5, ignore=(Exception,)
     )
     wait_healthy(f"{base}/health", timeout_s=120)
     recovered_s = time.monotonic() - killed_at
     new_pids = _worker_pids(base)
     assert not set(new_pids) & set(old_pids), (old_pids, new_pids)  # replaced, not re-attached
-    counts = lambda: (len(_alive("ExpertWorker")), _placement_groups())  # noqa: E731
+    counts = lambda: (_expert_workers(), _placement_groups())  # noqa: E731
     wait_until(lambda: counts() == (4, 2), f"orphaned workers or groups: {counts()}", 30, 0.5)
     for pid in old_pids:
         with pytest.raises(ProcessLookupError):

@@ -13,14 +13,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.serving.helpers import free_port
+from tests.helpers import wait_until
+from tests.serving.helpers import free_port, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving, pytest.mark.slow]
 
@@ -63,15 +63,13 @@ def test_serve_deploy_then_request_then_shutdown(tmp_path):
     )
     address = f"http://127.0.0.1:{dash_port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{address}/api/version", timeout=2).status_code in (200, 401):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "ray start --head did not come up"
-            time.sleep(0.5)
+        wait_until(
+            lambda: httpx.get(f"{address}/api/version", timeout=2).status_code in (200, 401),
+            "ray start --head did not come up",
+            90,
+            0.5,
+            ignore=(httpx.HTTPError,),
+        )
         out = subprocess.run(
             [str(BIN / "serve"), "deploy", str(cfg_file), "--address", address],
             env=env,
@@ -81,15 +79,7 @@ def test_serve_deploy_then_request_then_shutdown(tmp_path):
         )
         assert out.returncode == 0, out.stderr[-2000:]
         base = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the deployed app never became healthy"
-            time.sleep(1)
+        wait_healthy(f"{base}/health", 180)
         r = httpx.post(
             f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "temperature": 0}, timeout=60
         )
@@ -105,14 +95,15 @@ def test_serve_deploy_then_request_then_shutdown(tmp_path):
             timeout=120,
         )
         assert out.returncode == 0, out.stderr[-2000:]
-        deadline = time.monotonic() + 60
-        while True:
+
+        def gone() -> bool:  # the app and its proxy are gone
             try:
                 httpx.get(f"{base}/health", timeout=2)
             except httpx.HTTPError:
-                break  # the app and its proxy are gone
-            assert time.monotonic() < deadline, "serve shutdown left the app running"
-            time.sleep(1)
+                return True
+            return False
+
+        wait_until(gone, "serve shutdown left the app running", 60, 1)
     finally:
         # SIGTERM to the whole group (ray start --block, GCS, raylet, workers); SIGKILL what lingers.
         os.killpg(head.pid, signal.SIGTERM)
