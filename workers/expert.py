@@ -2,6 +2,9 @@
 the actor that serves a shard is :class:`workers.expert_worker.ExpertWorker`.
 
 Shapes: N distinct tokens in a message, A (token, expert) assignments, D hidden, F intermediate.
+
+Quantized experts (a quantized checkpoint, or ``quantization=`` on a dense one) stay quantized in memory, each
+expert run by the kernel that suits its rows (``workers.quant``); dense experts run in grouped matmuls.
 """
 
 from __future__ import annotations
@@ -12,8 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cluster.checkpoint.expert_weights import ExpertWeights, expert_weights
 from cluster.checkpoint.load import LoadRole, load_tensors, parse_dtype
 from cluster.config.model import ModelConfig
+from cluster.config.quantization import OnLoad
+from cluster.errors import CheckpointError
+from workers.quant.experts import QuantExpert, QuantExperts
 
 # torch's grouped GEMM: a private API (the one transformers v5 uses for MoE experts); None where torch lacks it
 GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -66,6 +73,16 @@ class ExpertShard:
             self._layers[layer] = _LayerExperts(ids, w13s, w2s, complete=complete)
 
     @classmethod
+    def quantized(cls, layers: dict[int, dict[int, QuantExpert]], *, num_experts: int | None = None) -> ExpertShard:
+        """A shard of quantized experts: layer -> expert id -> :class:`QuantExpert`."""
+        shard = cls({}, num_experts=num_experts)
+        for layer, experts in sorted(layers.items()):
+            ids = sorted(experts)
+            complete = num_experts is not None and ids == list(range(num_experts))
+            shard._layers[layer] = _LayerExperts(ids, quant=QuantExperts([experts[e] for e in ids]), complete=complete)
+        return shard
+
+    @classmethod
     def load(
         cls,
         folder: str | Path,
@@ -76,9 +93,14 @@ class ExpertShard:
         device: torch.device | str = "cpu",
         progress: bool = True,
         label: str = "experts",
+        quantization: OnLoad | None = None,
     ) -> ExpertShard:
-        """Read ONLY the given experts' tensors from the checkpoint."""
+        """Read ONLY the given experts' tensors from the checkpoint. Quantized ones (the checkpoint's own, or
+        ``quantization`` of a dense checkpoint) stay quantized, one expert at a time made ready for ``device``."""
         pairs = sorted(set(experts))
+        if config.quantization is not None or quantization is not None:
+            weights = expert_weights(folder, config, pairs, quantization=quantization, progress=progress, label=label)
+            return cls._from_stored(weights, torch.device(device), parse_dtype(dtype), config.num_experts)
         tensors = load_tensors(
             folder, config, role=LoadRole.expert_shard(pairs), dtype=parse_dtype(dtype), progress=progress, label=label
         )
@@ -88,12 +110,46 @@ class ExpertShard:
             weights[(layer, e)] = tuple(tensors.pop(p + w + ".weight").to(device) for w in ("w1", "w2", "w3"))
         return cls(weights, num_experts=config.num_experts)
 
+    @classmethod
+    def _from_stored(
+        cls, weights: Iterable[tuple[tuple[int, int], ExpertWeights]], device: torch.device, dtype: torch.dtype, n: int
+    ) -> ExpertShard:
+        """Quantized experts as they come (each made ready for the device at once); dense ones, which a quantized
+        checkpoint may leave its experts, stacked as usual. Not both."""
+        quant: dict[int, dict[int, QuantExpert]] = {}
+        dense: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for (layer, e), (w1, w2, w3) in weights:
+            if isinstance(w1, torch.Tensor) and isinstance(w2, torch.Tensor) and isinstance(w3, torch.Tensor):
+                dense[(layer, e)] = tuple(w.to(device=device, dtype=dtype) for w in (w1, w2, w3))  # type: ignore[assignment]
+            elif (
+                not isinstance(w1, torch.Tensor)
+                and not isinstance(w2, torch.Tensor)
+                and not isinstance(w3, torch.Tensor)
+            ):
+                quant.setdefault(layer, {})[e] = QuantExpert(w1, w2, w3, device=device, dtype=dtype)
+            else:
+                raise CheckpointError(f"expert {e} of layer {layer}: w1, w2 and w3 are not all quantized, or all dense")
+        if quant and dense:
+            raise CheckpointError("the checkpoint stores some experts quantized and others dense; not supported")
+        return cls(dense, num_experts=n) if dense else cls.quantized(quant, num_experts=n)
+
     @property
     def experts(self) -> list[tuple[int, int]]:
         return sorted((layer, e) for layer, le in self._layers.items() for e in le.ids)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for le in self._layers.values() for t in (le.w13, le.w2))
+        """Bytes of the experts as held (quantized ones in their stored form, scales included)."""
+        return sum(le.nbytes() for le in self._layers.values())
+
+    def describe(self) -> str:
+        """How the experts are held and run: ``int4 g128: _weight_int4pack_mm_for_cpu`` (quantized), or the dtype
+        (dense)."""
+        kinds = {k for le in self._layers.values() for k in le.describe()}
+        return "; ".join(sorted(kinds)) or "none"
+
+    def kernels(self, rows: int) -> set[str]:
+        """What a message of ``rows`` rows per expert runs on: kernel names, or ``grouped matmul`` when dense."""
+        return {k for le in self._layers.values() for k in le.kernels(rows)}
 
     def run(
         self,
@@ -119,7 +175,9 @@ class ExpertShard:
         if le is None or local is None:
             raise KeyError(f"experts {sorted(set(experts.tolist()))} of layer {layer} are not all held by this shard")
         xa = x[rows]  # [A, D], grouped by expert
-        if GROUPED_MM is not None and grouped_mm_works(x.device, x.dtype):
+        if le.quant is not None:
+            y = le.quant.run(xa, local)
+        elif GROUPED_MM is not None and grouped_mm_works(x.device, x.dtype):
             ends = torch.cumsum(torch.bincount(local, minlength=len(le.ids)), 0).to(torch.int32)  # [E_l]
             gate, up = GROUPED_MM(xa, le.w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)
             y = GROUPED_MM(F.silu(gate) * up, le.w2.transpose(1, 2), offs=ends)  # [A, D]
@@ -138,15 +196,38 @@ class ExpertShard:
 
 
 class _LayerExperts:
-    """One layer's experts of a shard: ids (sorted), w13 [E_l, 2F, D], w2 [E_l, D, F]."""
+    """One layer's experts of a shard: ids (sorted) and either w13 [E_l, 2F, D] and w2 [E_l, D, F] (dense) or
+    ``quant`` (quantized experts, one per id)."""
 
-    def __init__(self, ids: list[int], w13: torch.Tensor, w2: torch.Tensor, *, complete: bool = False) -> None:
+    def __init__(
+        self,
+        ids: list[int],
+        w13: torch.Tensor | None = None,
+        w2: torch.Tensor | None = None,
+        *,
+        quant: QuantExperts | None = None,
+        complete: bool = False,
+    ) -> None:
         self.ids = ids
-        self.w13 = w13
-        self.w2 = w2
+        self.w13 = w13 if w13 is not None else torch.empty(0)
+        self.w2 = w2 if w2 is not None else torch.empty(0)
+        self.quant = quant
         self._local = torch.full((max(ids) + 1,), -1, dtype=torch.int64)
         self._local[torch.tensor(ids)] = torch.arange(len(ids))
         self.complete = complete  # every expert of the layer, ids 0..E-1: an id is its own position
+
+    def nbytes(self) -> int:
+        if self.quant is not None:
+            return self.quant.nbytes()
+        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2))
+
+    def kernels(self, rows: int) -> set[str]:
+        return self.quant.kernels(rows) if self.quant is not None else {"grouped matmul"}
+
+    def describe(self) -> set[str]:
+        return (
+            self.quant.describe() if self.quant is not None else {f"dense {str(self.w13.dtype).removeprefix('torch.')}"}
+        )
 
     def local_index(self, experts: torch.Tensor) -> torch.Tensor | None:
         """Expert ids [A] -> positions in this layer's stack [A]; None when one is not held. A complete layer holds

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from cluster.config.model import ModelConfig
+from cluster.config.quantization import OnLoad
 from cluster.errors import ExpertWorkerError
 from router import wire
 from workers.expert import ExpertShard
@@ -46,6 +47,7 @@ class ExpertWorker:
         experts: list[tuple[int, int]],
         dtype: str = "float32",
         progress: bool = False,
+        quantization: OnLoad | None = None,
     ) -> None:
         ctx = ray.get_runtime_context()
         self.worker = worker
@@ -61,7 +63,14 @@ class ExpertWorker:
         config = ModelConfig.from_dir(model)
         t0 = time.perf_counter()
         self.shard = ExpertShard.load(
-            model, config, experts, dtype=dtype, device=self.device, progress=progress, label=f"worker {worker}"
+            model,
+            config,
+            experts,
+            dtype=dtype,
+            device=self.device,
+            progress=progress,
+            label=f"worker {worker}",
+            quantization=quantization,
         )
         self.load_seconds = time.perf_counter() - t0
         self.started_at = time.time()
@@ -130,6 +139,7 @@ class ExpertWorker:
             "gpu_ids": self.gpu_ids,
             "device": self.device,
             "expert_bytes": self.shard.nbytes(),
+            "expert_format": self.shard.describe(),
             "pid": self.pid,
             "incarnation": self.incarnation,
             "threads": self.threads,

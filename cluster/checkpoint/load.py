@@ -14,21 +14,22 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import re
-import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from cluster.checkpoint.files import CheckpointFiles, discover, unreadable
 from cluster.checkpoint.names import hf_to_mistral_name, mistral_to_hf_name, permute_rotary
+from cluster.checkpoint.progress import progress_bar
+from cluster.checkpoint.quant.read import iter_modules
+from cluster.checkpoint.quant.weights import QuantWeight
+from cluster.checkpoint.roles import LoadRole, expected_shapes, role_wants
 from cluster.config.model import ModelConfig
 from cluster.errors import CheckpointError
+
+__all__ = ["LoadRole", "expected_shapes", "iter_weights", "load_tensors", "parse_dtype", "role_wants"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,99 +44,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-@dataclass(frozen=True)
-class LoadRole:
-    """Which tensors a process loads.
-
-    ``non_expert=True`` takes embeddings, attention, norms, gates and lm_head. ``experts`` is a set of
-    ``(layer, expert)`` pairs whose w1/w2/w3 are taken. Everything else is skipped on purpose.
-    """
-
-    non_expert: bool = False
-    experts: frozenset[tuple[int, int]] = field(default_factory=frozenset)
-
-    @classmethod
-    def frontend(cls) -> LoadRole:
-        return cls(non_expert=True)
-
-    @classmethod
-    def expert_shard(cls, experts: Iterable[tuple[int, int]]) -> LoadRole:
-        return cls(non_expert=False, experts=frozenset(experts))
-
-    @classmethod
-    def everything(cls, config: ModelConfig) -> LoadRole:
-        pairs = {(i, e) for i in range(config.num_layers) for e in range(config.num_experts)}
-        return cls(non_expert=True, experts=frozenset(pairs))
-
-
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face Mixtral checkpoint of this config holds, with its shape."""
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (v, d),
-        "model.norm.weight": (d,),
-    }
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        shapes[p + "self_attn.q_proj.weight"] = (config.q_size, d)
-        shapes[p + "self_attn.k_proj.weight"] = (config.kv_size, d)
-        shapes[p + "self_attn.v_proj.weight"] = (config.kv_size, d)
-        shapes[p + "self_attn.o_proj.weight"] = (d, config.q_size)
-        shapes[p + "block_sparse_moe.gate.weight"] = (config.num_experts, d)
-        for e in range(config.num_experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            shapes[q + "w1.weight"] = (f, d)
-            shapes[q + "w2.weight"] = (d, f)
-            shapes[q + "w3.weight"] = (f, d)
-    return shapes
-
-
-def role_wants(role: LoadRole, hf_name: str) -> bool:
-    m = _EXPERT_RE.match(hf_name)
-    if m:
-        return (int(m.group(1)), int(m.group(2))) in role.experts
-    return role.non_expert
-
-
-class _LogLines:
-    """A file for tqdm when stderr is not a terminal (Ray's log files): each redraw becomes one whole line,
-    instead of carriage returns that pile up into one unreadable line."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
-        if line:
-            self.stream.write(line + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def _progress(total: int, label: str, enabled: bool) -> tqdm:
-    """A tqdm bar over the tensors this process loads, with the bytes so far: one line per process, redrawn in place
-    on a terminal, a line every 10 s (and the last one) in a log file such as Ray's."""
-    tty = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        desc=f"[mixserve] loading {label}",
-        bar_format="{desc}: {n_fmt}/{total_fmt} tensors{postfix} |{bar:20}| {elapsed}",
-        postfix="0.0 MiB",
-        file=sys.stderr if tty else _LogLines(sys.stderr),
-        mininterval=0.5 if tty else 10.0,
-        leave=True,
-        disable=not enabled,
-    )
-
-
 def load_tensors(
     folder: str | Path,
     config: ModelConfig,
@@ -145,13 +53,44 @@ def load_tensors(
     progress: bool = True,
     label: str = "checkpoint",
 ) -> dict[str, torch.Tensor]:
-    """Load the tensors ``role`` needs, under Hugging Face names, converted to ``dtype``.
+    """Load the tensors ``role`` needs, under Hugging Face names, converted to ``dtype`` (quantized modules
+    dequantized exactly, in float32, first: ``cluster.checkpoint.quant``).
 
     Example: ``load_tensors(d, cfg, role=LoadRole.expert_shard({(0, 0), (0, 1)}))`` returns only the six tensors
     ``model.layers.0.block_sparse_moe.experts.{0,1}.{w1,w2,w3}.weight``.
     """
     torch_dtype = parse_dtype(dtype)
+    out: dict[str, torch.Tensor] = {}
+    for hf, w in iter_weights(folder, config, role=role, progress=progress, label=label):
+        t = w if isinstance(w, torch.Tensor) else w.dequantize()
+        out[hf] = t.to(torch_dtype).contiguous()
+    return out
+
+
+def iter_weights(
+    folder: str | Path, config: ModelConfig, *, role: LoadRole, progress: bool = True, label: str = "checkpoint"
+) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    """The tensors ``role`` needs, under Hugging Face names, as stored: dense tensors in the checkpoint's dtype, and
+    quantized modules as :class:`IntWeight` / :class:`FloatWeight` (never a dense copy). The whole checkpoint is
+    checked (strict coverage, see the module docstring) before the first tensor is read."""
     _check_role(folder, config, role)
+    if config.quantization is not None:
+        count, weights = iter_modules(folder, config, role)
+    else:
+        count, weights = _dense(folder, config, role)
+    bar = progress_bar(count, label, progress and count > 0)
+    loaded = 0
+    for hf, w in weights:
+        loaded += w.nbytes() if not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
+        bar.set_postfix_str(f"{loaded / 2**20:.1f} MiB", refresh=False)
+        bar.update(1)
+        yield hf, w
+    bar.close()
+
+
+def _dense(
+    folder: str | Path, config: ModelConfig, role: LoadRole
+) -> tuple[int, Iterator[tuple[str, torch.Tensor | QuantWeight]]]:
     files = discover(folder)
     shapes = expected_shapes(config)
     plan = _name_plan(files, config, shapes)
@@ -159,21 +98,17 @@ def load_tensors(
     by_file: dict[Path, list[str]] = {}
     for stored, (_, path) in wanted.items():
         by_file.setdefault(path, []).append(stored)
-    out: dict[str, torch.Tensor] = {}
-    bar = _progress(len(wanted), label, progress and len(wanted) > 0)
-    loaded = 0
-    for path, stored_names in sorted(by_file.items()):
-        for stored, t in _read(path, stored_names):
-            hf = wanted[stored][0]
-            t = _checked(t, path=path, stored=stored, want=shapes[hf])
-            if files.layout == "mistral" and hf.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-                t = permute_rotary(t, config.num_heads if "q_proj" in hf else config.num_kv_heads)
-            out[hf] = t = t.to(torch_dtype).contiguous()
-            loaded += t.numel() * t.element_size()
-            bar.set_postfix_str(f"{loaded / 2**20:.1f} MiB", refresh=False)
-            bar.update(1)
-    bar.close()
-    return out
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+        for path, stored_names in sorted(by_file.items()):
+            for stored, t in _read(path, stored_names):
+                hf = wanted[stored][0]
+                t = _checked(t, path=path, stored=stored, want=shapes[hf])
+                if files.layout == "mistral" and hf.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+                    t = permute_rotary(t, config.num_heads if "q_proj" in hf else config.num_kv_heads)
+                yield hf, t
+
+    return len(wanted), tensors()
 
 
 def _check_role(folder: str | Path, config: ModelConfig, role: LoadRole) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from cluster.config.cluster import ClusterConfig
 from cluster.config.dtype import resolve_dtype
+from cluster.config.model import ModelConfig
+from cluster.config.quantization import OnLoad, check_on_load
 from cluster.errors import SetupError
 
 
@@ -46,7 +48,15 @@ def resolve(config: ClusterConfig) -> ClusterConfig:
     """``config`` with the model as a local folder and a concrete dtype (idempotent)."""
     load = config.load
     folder = model_folder(load.model, download=load.download)
+    _check_quantization(folder, load.quantization)
     dtype = resolve_dtype(load.dtype, folder, load.device or default_device())
     if (folder, dtype) == (load.model, load.dtype):
         return config
     return config.model_copy(update={"load": load.model_copy(update={"model": folder, "dtype": dtype})})
+
+
+def _check_quantization(folder: str, quantization: OnLoad | None) -> None:
+    """A quantized checkpoint with another ``quantization`` is refused here, before any worker starts."""
+    if quantization is None:
+        return
+    check_on_load(ModelConfig.from_dir(folder).quantization, quantization, folder=folder)

@@ -1,11 +1,14 @@
 """Where the model comes from and how it is loaded: the checkpoint folder (or a cached Hugging Face id), dtype,
-tokenizer, frontend device and attention backend. The first part of :class:`~cluster.config.cluster.ClusterConfig`."""
+tokenizer, frontend device, attention backend and quantize-on-load. The first part of
+:class:`~cluster.config.cluster.ClusterConfig`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.config.quantization import OnLoad
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "sdpa", "eager", "flash_attention_2"]
@@ -26,3 +29,9 @@ class LoadConfig(BaseModel):
     tokenizer: str | None = Field(None, description="tokenizer file or folder; None: the checkpoint's own")
     device: str | None = Field(None, description="frontend device; None: cuda when available, else cpu")
     attention_backend: AttentionBackend = Field("auto", description="auto: flash-attention-2 when usable, else sdpa")
+    quantization: OnLoad | None = Field(
+        None,
+        description="quantize a dense checkpoint's experts while loading (weight-only, scales from the weights): "
+        "int8 per channel, int4 groups of 128, fp8 e4m3 per channel; None: as stored (a quantized checkpoint loads "
+        "quantized by itself)",
+    )

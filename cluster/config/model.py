@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 from cluster.config.json_fields import FieldReader, read_json, require_object
+from cluster.config.quantization import QuantizationConfig
 from cluster.errors import ConfigError
 
 CheckpointFormat = Literal["hf", "mistral"]
@@ -47,6 +48,7 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     checkpoint_format: CheckpointFormat = "hf"
+    quantization: QuantizationConfig | None = None  # config.json's quantization_config (cluster.config.quantization)
 
     def __post_init__(self) -> None:
         _check_consistency(self, source="ModelConfig", names=_HF_NAMES)
@@ -87,6 +89,7 @@ class ModelConfig:
                     "when head_dim is not set"
                 )
             head_dim = hidden // heads
+        q = d.get("quantization_config")
         return _validated(
             cls,
             source,
@@ -109,6 +112,7 @@ class ModelConfig:
             bos_token_id=r.int("bos_token_id", default=1, allow_null_default=True),
             eos_token_id=_eos_id(d, source),
             checkpoint_format="hf",
+            quantization=None if q is None else QuantizationConfig.from_dict(q, source=source),
         )
 
     @classmethod

@@ -74,8 +74,9 @@ def local_experts(config: ClusterConfig, model_config: ModelConfig, *, device: s
     load = config.load
     assert load.model is not None, "resolve the config first"
     shard = ExpertShard.load(
-        load.model, model_config, pairs, dtype=load.dtype, device=device, progress=progress, label="experts"
-    )
+        load.model, model_config, pairs, dtype=load.dtype, device=device, progress=progress, label="experts",
+        quantization=load.quantization,
+    )  # fmt: skip
     placement = ExpertPlacement.contiguous(
         num_layers=model_config.num_layers, num_experts=model_config.num_experts, num_workers=1
     )

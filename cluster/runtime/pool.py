@@ -87,7 +87,13 @@ def worker_health(worker: int, status: dict | None, error: BaseException | None 
         if isinstance(error, ActorDiedError):
             entry["dead"] = True
         return entry
-    return {"worker": worker, "ok": True, "load_seconds": status["load_seconds"], "pid": status["pid"]}
+    return {
+        "worker": worker,
+        "ok": True,
+        "load_seconds": status["load_seconds"],
+        "pid": status["pid"],
+        "expert_bytes": status["loaded_bytes"],  # as held: quantized experts in their stored form
+    }
 
 
 def health_report(placement: ExpertPlacement, workers: list[dict]) -> dict:
@@ -154,7 +160,13 @@ class ExpertPool:
                     placement_group=self.pg, placement_group_bundle_index=self.bundles[worker]
                 ),
             )
-            .remote(model=load.model, worker=worker, experts=self.placement.experts_of(worker), dtype=load.dtype)
+            .remote(
+                model=load.model,
+                worker=worker,
+                experts=self.placement.experts_of(worker),
+                dtype=load.dtype,
+                quantization=load.quantization,
+            )
         )
 
     def ask(self, method: str, timeout_s: float) -> list[tuple[Any, BaseException | None]]:

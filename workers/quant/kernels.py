@@ -1,0 +1,67 @@
+"""Which quantized-matmul kernels this process can run, and where each one stops paying off. No Ray here.
+
+torch's kernels are private ops that exist for some devices, dtypes and shapes only, so each is tried once on the
+shapes it will get (:func:`works`) and the dequantize-then-matmul path (``workers.quant.linear.DequantLinear``) takes
+over where one fails; nothing here is required to run.
+
+    kind  device        kernel                                   rows per expert
+    int8  cpu (cuda)    torch._weight_int8pack_mm                 <= INT8_KERNEL_MAX_ROWS; above: dequantize + matmul
+    int4  cpu           torch._weight_int4pack_mm_for_cpu         all
+    int4  cuda          torch._weight_int4pack_mm (tinygemm)      all (bf16 only)
+    fp8   cuda sm89+    torch._scaled_mm, activations quantized   all, when the scheme quantizes activations
+    any   any           dequantize + matmul, in row chunks        the rest
+
+The row limit is the measured crossover (``mixserve bench engine --quantization``' kernel table, one Mixtral expert
+matrix 14336 x 4096 on a 2-core AVX-512 CPU without bf16 units): ``_weight_int8pack_mm`` reads 1 byte per weight
+but its cost grows with every row, while the dequantize path pays the conversion once for all rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger("mixserve.quant")
+
+INT8_KERNEL_MAX_ROWS = {"cpu": 8, "cuda": 16}
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernels take
+DEQUANT_CHUNK_ELEMENTS = 1 << 21  # weights dequantized at once (8 MiB of float32): stays in cache, bounds memory
+
+_WORKS: dict[tuple, bool] = {}
+_LOGGED: set[str] = set()
+
+
+def works(key: tuple, attempt: Callable[[], object]) -> bool:
+    """Whether ``attempt()`` runs without an error, remembered per ``key`` (device, dtype and shape)."""
+    if key not in _WORKS:
+        try:
+            attempt()
+            _WORKS[key] = True
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError) as e:
+            log.info("quantized kernel %s unavailable here: %s", key[0], str(e).splitlines()[0][:200])
+            _WORKS[key] = False
+    return _WORKS[key]
+
+
+def note(message: str) -> None:
+    """Log a kernel choice once per process (the worker's log: which kernel runs where)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.info("%s", message)
+
+
+def int4_kernel_group(group: int) -> int | None:
+    """The group size torch's int4 kernels run for a scheme's group (a channel scheme's K is cut into the largest
+    kernel group that divides it, its scales repeated), None when none divides it."""
+    return next((g for g in INT4_GROUPS if group % g == 0), None)
+
+
+def fp8_matmul_device(device: torch.device) -> bool:
+    """A CUDA device with FP8 tensor cores (compute capability 8.9 or newer) for ``torch._scaled_mm``."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def has_op(name: str) -> bool:
+    return getattr(torch, name, None) is not None or hasattr(torch.ops.aten, name)

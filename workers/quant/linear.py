@@ -1,0 +1,230 @@
+"""A quantized matrix ready for one device and compute dtype: ``y = x @ w.T`` through the kernel that suits the
+rows it gets (``workers.quant.kernels``). :func:`prepare` picks the form once, at load; no Ray here.
+
+Letters: M rows of x, N output features, K input features, G group size (Gk: the kernel's).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, unpack_nibbles
+from workers.quant.kernels import (
+    DEQUANT_CHUNK_ELEMENTS,
+    INT8_KERNEL_MAX_ROWS,
+    fp8_matmul_device,
+    int4_kernel_group,
+    log,
+    note,
+)
+
+_FP8_MAX = 448.0
+aten = torch.ops.aten  # torch's quantized matmuls are private ops; reached here, typed as the dispatcher's
+
+
+class QuantLinear:
+    """y [M, N] = x [M, K] @ w.T, w stored quantized. ``perm``: the stored column order (GPTQ act order)."""
+
+    kernel = "dequantize + matmul"
+    kind = ""  # int4 g128, int8, fp8 ... (set by prepare)
+
+    def __init__(self, shape: tuple[int, int], perm: torch.Tensor | None) -> None:
+        self.shape = shape
+        self.perm = perm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x if self.perm is None else x[:, self.perm])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kernel_for(self, rows: int) -> str:
+        return self.kernel
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.perm]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+
+class DequantLinear(QuantLinear):
+    """Any :class:`IntWeight` / :class:`FloatWeight` on any device: rows of w dequantized a chunk at a time (a few
+    MiB, in float32, then the compute dtype) and multiplied; the whole dense matrix never exists."""
+
+    def __init__(self, w: QuantWeight, *, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(w.shape, _to(w.perm if isinstance(w, IntWeight) else None, device))
+        self.dtype = dtype
+        self.w = w
+        if isinstance(w, IntWeight):
+            self.q, self.scale, self.zero = w.q.to(device), w.scale.to(device), w.zero.to(device)
+            self.bits, self.group = w.bits, w.group_size
+        else:
+            self.q, self.scale, self.zero = w.data.to(device), w.scale.to(device), torch.empty(0)
+        self.rows_per_chunk = max(1, DEQUANT_CHUNK_ELEMENTS // self.shape[1])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """w[start:stop] [R, K] in the compute dtype (columns in stored order)."""
+        if not isinstance(self.w, IntWeight):
+            scale = self.scale if self.scale.shape[0] == 1 else self.scale[start:stop]
+            return (self.q[start:stop].float() * scale).to(self.dtype)
+        q = self.q[start:stop]
+        v = unpack_nibbles(q) if self.bits == 4 else q
+        r, k = v.shape
+        g = v.view(r, k // self.group, self.group).float()
+        w = (g - self.zero[start:stop, :, None]) * self.scale[start:stop, :, None]
+        return w.view(r, k).to(self.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.shape[0]
+        if self.rows_per_chunk >= n:
+            return F.linear(x, self.rows(0, n))
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+        for start in range(0, n, self.rows_per_chunk):
+            stop = min(n, start + self.rows_per_chunk)
+            out[:, start:stop] = F.linear(x, self.rows(start, stop))
+        return out
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        extra = [self.zero] if isinstance(self.w, IntWeight) else []
+        return [self.perm, self.q, self.scale, *extra]
+
+
+class Int8Linear(DequantLinear):
+    """int8, one scale per output feature: ``torch._weight_int8pack_mm`` up to ``max_rows`` rows, the dequantize
+    path above (its cost is paid once for all rows). Zero points other than 128 add ``sum(x) * (128 - zero) s``."""
+
+    def __init__(self, w: IntWeight, *, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(w, device=device, dtype=dtype)
+        self.signed = (self.q.to(torch.int16) - 128).to(torch.int8)  # [N, K]
+        self.kernel_scale = self.scale[:, 0].to(dtype).contiguous()  # [N]
+        shift = (128 - self.zero[:, 0]) * self.scale[:, 0]  # [N]
+        self.shift = shift.to(dtype) if bool((shift != 0).any()) else None
+        self.max_rows = INT8_KERNEL_MAX_ROWS.get(device.type, 0)
+        self.q = self.zero = torch.empty(0)  # the dequantize path reads the signed copy instead
+        aten._weight_int8pack_mm(
+            torch.zeros(1, self.shape[1], dtype=dtype, device=device), self.signed, self.kernel_scale
+        )
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        return f"_weight_int8pack_mm (<= {self.max_rows} rows), dequantize + matmul above"
+
+    def kernel_for(self, rows: int) -> str:
+        return "_weight_int8pack_mm" if rows <= self.max_rows else "dequantize + matmul"
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        w = self.signed[start:stop].to(self.dtype) * self.kernel_scale[start:stop, None]
+        return w if self.shift is None else w + self.shift[start:stop, None]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_rows:
+            return super().matmul(x)
+        y = aten._weight_int8pack_mm(x, self.signed, self.kernel_scale)
+        return y if self.shift is None else y + x.sum(-1, keepdim=True) * self.shift
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.perm, self.signed, self.kernel_scale, self.shift]
+
+
+class Int4Linear(QuantLinear):
+    """int4 in groups: torch's int4 kernels (tinygemm on CUDA, its CPU port elsewhere), which compute
+    ``w = (q - 8) * scale + z`` with a float z, so z = (8 - zero) * scale; the weight lives only in the kernel's
+    own (device-specific) packing."""
+
+    def __init__(self, w: IntWeight, *, device: torch.device, dtype: torch.dtype, group: int) -> None:
+        super().__init__(w.shape, _to(w.perm, device))
+        n, k = w.shape
+        repeat = w.group_size // group
+        scale, zero = w.scale.repeat_interleave(repeat, 1), w.zero.repeat_interleave(repeat, 1)  # [N, K / Gk]
+        self.scale_zeros = torch.stack((scale.t(), ((8 - zero) * scale).t()), -1).to(dtype).contiguous().to(device)
+        self.group, self.cuda = group, device.type == "cuda"
+        if self.cuda:
+            v = w.values().to(device)
+            tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+            self.packed = aten._convert_weight_to_int4pack((v[:, ::2] << 4 | v[:, 1::2]).contiguous(), tiles)
+            self.kernel = "_weight_int4pack_mm (tinygemm)"
+        else:
+            chunks = [w.values()[i : i + 1024].to(torch.int32) for i in range(0, n, 1024)]  # 1024: whole blocks
+            self.packed = torch.cat([aten._convert_weight_to_int4pack_for_cpu(c, 1) for c in chunks]).to(device)
+            self.kernel = "_weight_int4pack_mm_for_cpu"
+        self.matmul(torch.zeros(1, k, dtype=dtype, device=device))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cuda:
+            return aten._weight_int4pack_mm(x, self.packed, self.group, self.scale_zeros)
+        return aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zeros)
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.perm, self.packed, self.scale_zeros]
+
+
+class Fp8Linear(QuantLinear):
+    """fp8 weights and activations on FP8 tensor cores (``torch._scaled_mm``): the input quantized per token
+    (dynamic) or with the stored ``input_scale`` (static), as the scheme says."""
+
+    kernel = "_scaled_mm (fp8 activations)"
+
+    def __init__(self, w: FloatWeight, *, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(w.shape, None)
+        self.dtype = dtype
+        self.data = w.data.to(device)  # [N, K]; .t() is the column-major [K, N] _scaled_mm takes
+        self.scale_b = w.scale.reshape(1, -1).expand(1, w.shape[0]).float().contiguous().to(device)  # [1, N]
+        self.input_scale = None if w.input_scale is None else w.input_scale.float().to(device)
+        assert w.activations is not None
+        self.static = not w.activations.dynamic
+        self.matmul(torch.zeros(16, w.shape[1], dtype=dtype, device=device))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static and self.input_scale is not None:
+            scale_a = self.input_scale.expand(x.shape[0], 1).contiguous()
+        else:
+            scale_a = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / _FP8_MAX  # [M, 1]
+        xq = (x.float() / scale_a).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+        return aten._scaled_mm(xq, self.data.t(), scale_a=scale_a, scale_b=self.scale_b, out_dtype=self.dtype)
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.data, self.scale_b, self.input_scale]
+
+
+def prepare(w: QuantWeight, *, device: torch.device, dtype: torch.dtype) -> QuantLinear:
+    """The form ``w`` runs in on ``device``: a kernel's where one runs for it (tried here, once per matrix), else
+    :class:`DequantLinear`. Each choice is logged once per process."""
+    try:
+        linear = _kernel(w, device, dtype)
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError) as e:
+        log.info("%s %s: no kernel on %s (%s); dequantize + matmul", _kind(w), w.shape, device, str(e)[:160])
+        linear = None
+    if linear is None:
+        linear = DequantLinear(w, device=device, dtype=dtype)
+    linear.kind = _kind(w)
+    note(f"{_kind(w)} experts on {device.type} ({str(dtype).removeprefix('torch.')}): {linear.kernel}")
+    return linear
+
+
+def _kernel(w: QuantWeight, device: torch.device, dtype: torch.dtype) -> QuantLinear | None:
+    if isinstance(w, IntWeight):
+        group = int4_kernel_group(w.group_size)
+        if w.bits == 4 and group is not None and (device.type == "cpu" or dtype == torch.bfloat16):
+            return Int4Linear(w, device=device, dtype=dtype, group=group)
+        if w.bits == 8 and w.group_size == w.shape[1]:
+            return Int8Linear(w, device=device, dtype=dtype)
+        return None
+    if w.activations is None:
+        return None
+    if fp8_matmul_device(device) and dtype in (torch.bfloat16, torch.float16):
+        return Fp8Linear(w, device=device, dtype=dtype)
+    note(f"fp8 experts on {device.type}: the scheme quantizes activations, but this device has no fp8 matmul; "
+         "running weight-only (dequantize + matmul)")  # fmt: skip
+    return None
+
+
+def _kind(w: QuantWeight) -> str:
+    if isinstance(w, FloatWeight):
+        return "fp8"
+    return f"int{w.bits}" + ("" if w.group_size == w.shape[1] else f" g{w.group_size}")
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
