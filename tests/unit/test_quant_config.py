@@ -41,8 +41,8 @@ def ct_config(scheme: str, **extra) -> dict:
     ],
 )
 def test_compressed_tensors_presets(preset, fmt, kind, strategy, group, acts):
-    formats = {"pack-quantized": "pack-quantized", "float-quantized": "float-quantized", "naive-quantized": "int-quantized"}
-    q = QuantizationConfig.from_dict(ct_config(preset, format=formats[fmt]), source="config.json")
+    stored = "int-quantized" if fmt == "naive-quantized" else fmt  # compressed-tensors' name for w8a8 int
+    q = QuantizationConfig.from_dict(ct_config(preset, format=stored), source="config.json")
     scheme = q.scheme_for(EXPERT)
     assert q.method == "compressed-tensors" and scheme is not None
     assert (scheme.format, scheme.kind, scheme.strategy, scheme.group_size) == (fmt, kind, strategy, group)
@@ -78,7 +78,8 @@ def test_fp8_gptq_awq():
         {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False}, source="c"
     )
     g = gptq.scheme_for(EXPERT)
-    assert gptq.by_files and g is not None and (g.group_size, g.g_idx, g.zero_offset, g.symmetric) == (128, True, 1, False)
+    assert gptq.by_files and g is not None
+    assert (g.group_size, g.g_idx, g.zero_offset, g.symmetric) == (128, True, 1, False)
     v2 = QuantizationConfig.from_dict(
         {"quant_method": "gptq", "bits": 8, "group_size": -1, "checkpoint_format": "gptq_v2"}, source="c"
     ).scheme_for(EXPERT)

@@ -129,7 +129,8 @@ def _load_everything(folder: Path) -> None:
     [
         ("ct-w4a16", lambda t: t.pop(W1 + ".weight_scale"),
          f"tensor '{W1}.weight_scale' is missing .*stores this module pack-quantized int4"),
-        ("ct-w4a16", lambda t: t.update({W1 + ".weight_extra": torch.zeros(2)}), f"unexpected tensor '{W1}.weight_extra'"),
+        ("ct-w4a16", lambda t: t.update({W1 + ".weight_extra": torch.zeros(2)}),
+         f"unexpected tensor '{W1}.weight_extra'"),
         ("ct-w4a16", lambda t: t.update({W1 + ".weight_packed": torch.zeros(128, 4, dtype=torch.int32)}),
          rf"tensor '{W1}.weight_packed' has shape \(128, 4\), expected \(128, 8\)"),
         ("ct-w4a16", lambda t: t.update({W1 + ".weight_packed": t[W1 + ".weight_packed"].long()}),

@@ -1,0 +1,126 @@
+"""Every way a quantized matrix runs (torch's int8 / int4 kernels, dequantize + matmul in chunks) gives
+``x @ w.T`` of its exact float32 dequantization; the kernel is chosen by the rows an expert gets; a quantized
+expert shard equals a dense shard of the dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import workers.quant.linear as linear
+from cluster.checkpoint.quant.quantize import quantize
+from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, pack_nibbles
+from workers.expert import ExpertShard
+from workers.quant.linear import DequantLinear, Int4Linear, Int8Linear, prepare
+
+CPU = torch.device("cpu")
+
+
+def int_weight(n: int, k: int, *, bits: int, group: int, seed: int = 0, sym: bool = False, perm: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    zero = torch.randint(0, 2**bits, scale.shape, generator=g).float()
+    if sym:
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    order = torch.randperm(k, generator=g) if perm else None
+    q = pack_nibbles(values) if bits == 4 else values
+    return IntWeight(bits, q.contiguous(), scale, zero, group, order)
+
+
+def check(lin, w, rows: int, *, dtype=torch.float32, seed: int = 1):
+    x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(seed)).to(dtype)
+    want = x.double() @ w.dequantize().double().t()
+    got = lin(x)
+    assert got.shape == (rows, w.shape[0]) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol * max(1.0, want.abs().max().item()), (rows, err)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("sym", [True, False])
+def test_int8_kernel_and_dequantize_paths(rows, sym):
+    w = int_weight(96, 128, bits=8, group=128, sym=sym)
+    lin = prepare(w, device=CPU, dtype=torch.float32)
+    assert isinstance(lin, Int8Linear)
+    assert lin.kernel_for(rows) == ("_weight_int8pack_mm" if rows <= lin.max_rows else "dequantize + matmul")
+    assert (lin.shift is None) == sym  # zero points other than 128 add sum(x) * (128 - zero) * scale
+    check(lin, w, rows)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 33])
+@pytest.mark.parametrize(("k", "group"), [(128, 32), (256, 128), (512, 512)])  # 512: per channel, kernel groups 256
+def test_int4_kernel(rows, k, group):
+    w = int_weight(80, k, bits=4, group=group)
+    lin = prepare(w, device=CPU, dtype=torch.float32)
+    assert isinstance(lin, Int4Linear) and lin.group == min(group, 256)
+    assert lin.kernel_for(rows) == "_weight_int4pack_mm_for_cpu"
+    check(lin, w, rows)
+
+
+def test_int4_packing_in_row_chunks_equals_one_packing():
+    """Rows are packed 1024 at a time (whole blocks of the kernel's layout), never one int32 copy of the matrix."""
+    w = int_weight(2112, 64, bits=4, group=32)
+    lin = Int4Linear(w, device=CPU, dtype=torch.float32, group=32)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.values().to(torch.int32), 1)
+    assert torch.equal(lin.packed, whole)
+    check(lin, w, 5)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_act_order_columns(kind):
+    """GPTQ's act order: stored columns are input features perm[k]; the kernels gather x's columns to match."""
+    w = int_weight(64, 128, bits=4 if kind == "int4" else 8, group=32 if kind == "int4" else 128, perm=True)
+    lin = prepare(w, device=CPU, dtype=torch.float32)
+    assert lin.perm is not None
+    check(lin, w, 3)
+
+
+@pytest.mark.parametrize(
+    "w",
+    [
+        int_weight(64, 96, bits=4, group=16),  # no int4 kernel takes groups of 16
+        int_weight(64, 128, bits=8, group=32),  # grouped int8: no kernel
+        FloatWeight((torch.randn(64, 128) * 30).to(torch.float8_e4m3fn), torch.rand(64, 1) * 0.01),
+        FloatWeight((torch.randn(64, 128) * 30).to(torch.float8_e4m3fn), torch.tensor([[0.003]])),
+    ],
+    ids=["int4-g16", "int8-g32", "fp8-channel", "fp8-tensor"],
+)
+@pytest.mark.parametrize("rows", [1, 17])
+def test_dequantize_path(monkeypatch, w, rows):
+    monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1000)  # several row chunks
+    lin = prepare(w, device=CPU, dtype=torch.float32)
+    assert type(lin) is DequantLinear and lin.rows_per_chunk < w.shape[0]
+    check(lin, w, rows)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_bf16_kernels(kind):
+    w = int_weight(64, 128, bits=4 if kind == "int4" else 8, group=32 if kind == "int4" else 128)
+    lin = prepare(w, device=CPU, dtype=torch.bfloat16)
+    assert type(lin) is not DequantLinear
+    for rows in (1, 20):
+        check(lin, w, rows, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_quantized_shard_equals_a_dense_shard_of_its_dequantization(kind):
+    g = torch.Generator().manual_seed(3)
+    D, Fi, E = 64, 96, 4
+    dense = {e: tuple(torch.randn(*s, generator=g) * 0.3 for s in ((Fi, D), (D, Fi), (Fi, D))) for e in range(E)}
+    q = {e: tuple(quantize(t, kind) for t in ws) for e, ws in dense.items()}
+    from workers.quant.experts import QuantExpert
+
+    shard = ExpertShard.quantized(
+        {0: {e: QuantExpert(*q[e], device=CPU, dtype=torch.float32) for e in range(E)}}, num_experts=E
+    )
+    reference = ExpertShard({(0, e): tuple(t.dequantize() for t in q[e]) for e in range(E)}, num_experts=E)
+    assert shard.nbytes() < 0.3 * reference.nbytes()  # against float32
+    x = torch.randn(12, D, generator=g)
+    rows = torch.arange(12).repeat(2)
+    experts, order = torch.randint(0, E, (24,), generator=g).sort()
+    weights = torch.rand(24, generator=g)
+    got = shard.run(0, x, rows[order], experts, weights)
+    want = reference.run(0, x, rows[order], experts, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
