@@ -2,22 +2,58 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import collections
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from cluster.checkpoint.locate import resolve
 from cluster.config.cluster import ClusterConfig
 from cluster.engine import fanout
+from cluster.engine.outputs import prompt_output
 from cluster.engine.request import RequestOutput
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import InvalidRequestError
 from cluster.runtime.local import LocalFrontend
+from cluster.text.chat_template import ChatOptions
 from cluster.text.tokenizer import Tokenizer
 
-PromptLike = str | Sequence[str] | Sequence[Sequence[int]]
+# A prompt as vLLM takes it: text, token ids, {"prompt": text} or {"prompt_token_ids": ids}; one or a list.
+Prompt = str | Sequence[int] | Mapping[str, Any]
+PromptLike = Prompt | Sequence[Prompt]
+Message = Mapping[str, Any]
+ParamsLike = SamplingParams | Sequence[SamplingParams] | None
+
+
+class _Progress:
+    """A tqdm bar over prompts (a prompt is processed when all its choices are), with vLLM's token speeds."""
+
+    def __init__(self, owners: list[int], prompts: int, bar: Callable[..., Any]) -> None:
+        self.owners = owners  # engine request -> its prompt
+        self.left = collections.Counter(owners)
+        self.t0 = time.perf_counter()
+        self.tokens_in = self.tokens_out = 0
+        self.bar = bar(total=prompts, desc="Processed prompts", dynamic_ncols=True)
+
+    def __call__(self, request: int, prompt_tokens: int, output_tokens: int) -> None:
+        prompt = self.owners[request]
+        self.left[prompt] -= 1
+        self.tokens_out += output_tokens
+        if self.left[prompt]:
+            return
+        self.tokens_in += prompt_tokens
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(
+            f"est. speed input: {self.tokens_in / elapsed:.2f} toks/s, output: {self.tokens_out / elapsed:.2f} toks/s"
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class LLM:
@@ -44,51 +80,128 @@ class LLM:
             self._frontend = RemoteFrontend.start(self.config, address=address, progress=progress)
 
     # ------------------------------------------------------------------ API
-    def _encode(self, prompts: PromptLike) -> list[list[int]]:
-        if isinstance(prompts, str):
-            return [self.tokenizer.encode(prompts)]
+    def _prompt(self, item: Any) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of one prompt in any of vLLM's forms."""
+        if isinstance(item, Mapping):
+            if set(item) == {"prompt"} and isinstance(item["prompt"], str):
+                return item["prompt"], self.tokenizer.encode(item["prompt"])
+            if set(item) == {"prompt_token_ids"} and isinstance(item["prompt_token_ids"], (list, tuple)):
+                return None, list(item["prompt_token_ids"])
+            raise InvalidRequestError(
+                f"a prompt dict is {{'prompt': text}} or {{'prompt_token_ids': [ids]}}, got keys {sorted(item)}",
+                param="prompts",
+            )
+        if isinstance(item, str):
+            return item, self.tokenizer.encode(item)
+        if isinstance(item, (list, tuple)):
+            # token ids: the engine checks every one (an int in [0, vocab)) and names the prompt when one is not
+            return None, list(item)
+        raise InvalidRequestError(
+            f"a prompt is a string, a list of token ids or a dict, got {type(item).__name__}", param="prompts"
+        )
+
+    def _prompts(self, prompts: PromptLike) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompts, (str, Mapping)):
+            return [self._prompt(prompts)]
         items = list(prompts)
         if not items:
             raise InvalidRequestError("no prompts given", param="prompts")
-        if all(isinstance(p, str) for p in items):
-            return [self.tokenizer.encode(p) for p in items if isinstance(p, str)]
-        if all(isinstance(p, (list, tuple)) for p in items):
-            # token ids: the engine checks every one (an int in [0, vocab)) and names the prompt when one is not
-            return [cast(list[int], list(p)) for p in items]
-        raise InvalidRequestError("prompts must be a string, a list of strings or a list of token-id lists")
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in items):
+            return [self._prompt(items)]  # one prompt of token ids
+        return [self._prompt(p) for p in items]
 
     def generate(
         self,
         prompts: PromptLike,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: ParamsLike = None,
+        use_tqdm: bool | Callable[..., Any] = True,
+        *,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Finished :class:`RequestOutput` s in prompt order: ``n`` per prompt (one by default; with a seed,
-        choice j samples with seed + j; with ``best_of`` > n, the n most likely of best_of, best first:
-        ``cluster.engine.fanout``). Prompts are batched continuously.
+        """One finished :class:`RequestOutput` per prompt, in prompt order, as vLLM's ``LLM.generate``: its
+        ``outputs`` are the prompt's ``n`` choices (with a seed, choice j samples with seed + j; with ``best_of``
+        > n, the n most likely of best_of, best first: ``cluster.engine.fanout``); its ``text``, ``token_ids``, ...
+        are the first choice's. Prompts (strings, token-id lists, ``{"prompt": ...}``, ``{"prompt_token_ids":
+        [...]}``) are batched continuously; ``use_tqdm`` shows a progress bar (or is the tqdm class to use).
+        ``priority``: all 0 (the engine schedules first come, first served).
 
         A request that fails in a step raises its error (``ExpertWorkerError`` when a worker was lost).
         """
-        ids = self._encode(prompts)
+        return self._run(self._prompts(prompts), sampling_params, use_tqdm, priority)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: ParamsLike = None,
+        use_tqdm: bool | Callable[..., Any] = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        documents: Sequence[Mapping[str, str]] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of OpenAI messages) or several (a list of them), rendered
+        in the model's chat format exactly as the HTTP server renders them (with ``tools`` in the prompt), as
+        vLLM's ``LLM.chat``. The output text is the model's raw reply (tool calls are not parsed here)."""
+        if not messages:
+            raise InvalidRequestError("no messages given", param="messages")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+        options = ChatOptions(
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            documents=tuple(documents) if documents is not None else None,
+            template_kwargs=chat_template_kwargs,
+        )
+        prompts = []
+        for conversation in conversations:
+            ids = self.tokenizer.encode_chat(conversation, tools=tools, options=options)  # type: ignore[arg-type]
+            prompts.append(
+                (self.tokenizer.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=False), ids)
+            )
+        return self._run(prompts, sampling_params, use_tqdm, None)
+
+    def _run(
+        self,
+        prompts: list[tuple[str | None, list[int]]],
+        sampling_params: ParamsLike,
+        use_tqdm: bool | Callable[..., Any],
+        priority: Sequence[int] | None,
+    ) -> list[RequestOutput]:
+        if priority is not None and any(p != 0 for p in priority):
+            raise InvalidRequestError(
+                "priority: this engine schedules first come, first served; only priority 0 is accepted",
+                param="priority",
+            )
         if sampling_params is None:
-            params = [SamplingParams()] * len(ids)
+            params = [SamplingParams()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(ids)
+            params = [sampling_params] * len(prompts)
         else:
             params = list(sampling_params)
-            if len(params) != len(ids):
-                raise InvalidRequestError(f"{len(params)} sampling params for {len(ids)} prompts")
-        flat_ids = [p for p, sp in zip(ids, params, strict=True) for _ in range(sp.candidates)]
+            if len(params) != len(prompts):
+                raise InvalidRequestError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        flat_ids = [ids for (_, ids), sp in zip(prompts, params, strict=True) for _ in range(sp.candidates)]
         flat_params = [c for sp in params for c in fanout.expand(sp)]
-        outs = self._live().generate(flat_ids, flat_params)
+        owners = [k for k, sp in enumerate(params) for _ in range(sp.candidates)]
+        progress = None
+        if use_tqdm:
+            progress = _Progress(owners, len(prompts), use_tqdm if callable(use_tqdm) else tqdm)
+        try:
+            outs = self._live().generate(flat_ids, flat_params, progress)
+        finally:
+            if progress is not None:
+                progress.close()
         for o in outs:
             if o.error is not None:
                 raise o.error
-        kept: list[RequestOutput] = []
+        results: list[RequestOutput] = []
         start = 0
-        for sp in params:
-            kept += fanout.chosen(outs[start : start + sp.candidates], sp)
+        for (text, _), sp in zip(prompts, params, strict=True):
+            chosen = fanout.chosen(outs[start : start + sp.candidates], sp)
+            results.append(prompt_output(self.tokenizer, text, chosen))
             start += sp.candidates
-        return kept
+        return results
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence float32 logits, shape [len(token_ids), vocab]."""

@@ -81,10 +81,15 @@ class EngineCore:
             )
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        prompt_token_ids = params.truncated(prompt_token_ids, self.max_model_len)
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         if any(t >= self.vocab_size for t, _ in params.bias):
             raise InvalidRequestError(f"logit_bias token ids must be below {self.vocab_size}", param="logit_bias")
+        if any(t >= self.vocab_size for t in params.allowed_token_ids or ()):
+            raise InvalidRequestError(
+                f"allowed_token_ids must be token ids below {self.vocab_size}", param="allowed_token_ids"
+            )
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLongError(
@@ -104,7 +109,8 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises at once for a bad request or a full queue."""
         self.validate(prompt_token_ids, params)
-        req = Request(request_id, list(prompt_token_ids), params, self.tokenizer, time.monotonic())
+        prompt = params.truncated(list(prompt_token_ids), self.max_model_len)
+        req = Request(request_id, prompt, params, self.tokenizer, time.monotonic())
         if params.structured_output is not None:
             if self.grammar is None:
                 raise InvalidRequestError("structured output is not available on this engine", param="response_format")
@@ -201,7 +207,9 @@ class EngineCore:
         now = time.monotonic()
         bad = torch.isnan(logits).any(dim=-1).tolist()
         rows = [
-            SamplingRow(r.params, r.generator, r.prompt, r.output, r.matcher.allowed() if r.matcher else None)
+            SamplingRow(
+                r.params, r.generator, r.prompt, r.output, r.matcher.allowed() if r.matcher else None, r.bad_words
+            )
             for r in sampled
         ]
         tokens = sample(logits, rows, eos_token_id=self.eos).tolist()
@@ -249,38 +257,30 @@ class EngineCore:
             or tok in p.stop_token_ids
             or (req.matcher is not None and tok == self.eos)
         )
-        if not stopped_by_token:
+        if not stopped_by_token or p.include_stop_str_in_output:  # vLLM keeps a stop token's text only then
             req.text += req.detok.add(tok)
+        if stopped_by_token and tok in p.stop_token_ids:
+            req.stop_reason = tok
         # A complete grammar ends the output like a stop token (its text is whole, nothing was cut).
         ended = stopped_by_token or (req.matcher is not None and req.matcher.done)
-        if ended or self._cut_stop_string(req):
+        if ended or req.cut_stop_string():
             req.finish_reason = "stop"
         elif len(req.output) >= p.max_tokens:
             req.finish_reason = "length"
         if req.finish_reason is not None:
             if req.finish_reason != "stop" or ended:
                 req.text += req.detok.flush()
-                if req.finish_reason == "length" and self._cut_stop_string(req):
+                if req.finish_reason == "length" and req.cut_stop_string():
                     req.finish_reason = "stop"
             self.counters[f"finished_{req.finish_reason}"] += 1
             return self._finish(req, new=[tok], new_lp=[lp] if lp else None)
         # Hold back characters that could still turn into a stop string.
-        upto = len(req.text) - max(req.max_stop - 1, 0)
+        upto = len(req.text) - req.holdback
         delta = ""
         if upto > req.emitted:
             delta = req.text[req.emitted : upto]
             req.emitted = upto
         return self._output(req, [tok], delta, [lp] if lp else None)
-
-    def _cut_stop_string(self, req: Request) -> bool:
-        if not req.params.stop:
-            return False
-        search_from = max(0, req.emitted - req.max_stop)
-        hits = [i for s in req.params.stop if (i := req.text.find(s, search_from)) >= 0]
-        if not hits:
-            return False
-        req.text = req.text[: min(hits)]
-        return True
 
     def _finish(
         self, req: Request, *, new: list[int] | None = None, new_lp: list[TokenLogprob] | None = None
@@ -338,6 +338,7 @@ class EngineCore:
             prompt_logprobs=[None, *req.prompt_logprobs] if req.params.prompt_logprobs is not None else None,
             new_logprobs=new_lp,
             metrics=metrics,
+            stop_reason=req.stop_reason,
         )
 
     def _observe(self, name: str, value: float) -> None:
@@ -346,9 +347,15 @@ class EngineCore:
                 obs(name, value)
 
     # ------------------------------------------------------------------ offline use (cluster.engine.offline)
-    def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RequestOutput]:
-        """Run the prompts until all finish (idle engine only); outputs in prompt order."""
-        return offline.generate(self, prompts, params)
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        params: Sequence[SamplingParams],
+        on_finished: Callable[[int, RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run the prompts until all finish (idle engine only); outputs in prompt order (``on_finished(i, out)``
+        as prompt i finishes: a progress bar)."""
+        return offline.generate(self, prompts, params, on_finished)
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Full-sequence float32 logits [len, V] (idle engine only)."""

@@ -5,7 +5,7 @@ of prompts to completion (:func:`generate`) and full-sequence logits (:func:`log
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -31,8 +31,13 @@ class Core(Protocol):
     def step(self) -> list[RequestOutput]: ...
 
 
-def generate(core: Core, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[RequestOutput]:
-    """Run the prompts until all finish; outputs in prompt order.
+def generate(
+    core: Core,
+    prompts: Sequence[list[int]],
+    params: Sequence[SamplingParams],
+    on_finished: Callable[[int, RequestOutput], None] | None = None,
+) -> list[RequestOutput]:
+    """Run the prompts until all finish; outputs in prompt order; ``on_finished(i, output)`` as prompt i finishes.
 
     Every prompt is validated first (a bad one fails the call before anything runs); prompts are then fed to
     the scheduler as its queue has room, so any number of prompts can be given at once.
@@ -40,6 +45,7 @@ def generate(core: Core, prompts: Sequence[list[int]], params: Sequence[Sampling
     for p, sp in zip(prompts, params, strict=True):
         core.validate(p, sp)
     ids = [f"offline-{uuid.uuid4().hex}" for _ in prompts]
+    index = {rid: i for i, rid in enumerate(ids)}
     pending = list(zip(ids, prompts, params, strict=True))
     pending.reverse()
     final: dict[str, RequestOutput] = {}
@@ -54,6 +60,8 @@ def generate(core: Core, prompts: Sequence[list[int]], params: Sequence[Sampling
         for out in core.step():
             if out.finished:
                 final[out.request_id] = out
+                if on_finished is not None:
+                    on_finished(index[out.request_id], out)
     return [final[r] for r in ids]
 
 

@@ -7,7 +7,6 @@ batch. Temperatures below 1e-5 are greedy.
 
 from __future__ import annotations
 
-import math
 import secrets
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +15,16 @@ from typing import Literal, Protocol
 
 import torch
 
+from cluster.engine.param_values import (
+    allowed_ids,
+    bias_pairs,
+    in_range,
+    int_in,
+    is_int,
+    is_num,
+    stop_strings,
+    word_list,
+)
 from cluster.errors import SamplingParamsError
 
 MAX_LOGPROBS = 20
@@ -77,8 +86,18 @@ class SamplingParams:
                     given the tokens before it (the first token has none; such prompts skip the prefix cache)
     structured_output   None, or a grammar every output token must follow (the engine masks the rest; the
                         request stops when the grammar is complete)
+    include_stop_str_in_output   keep the stop string (or a stop token's text) at the end of the text
+    skip_special_tokens          leave special tokens out of the text (False: their pieces, ``</s>``)
+    spaces_between_special_tokens    with special tokens kept, a space between them and the text around them
+    allowed_token_ids   None, or the only token ids that may be sampled (non-empty)
+    bad_words       words that may not be generated: the last token of each word's tokens (with and without a
+                    leading space) is masked whenever the tokens before it were just generated
+    truncate_prompt_tokens  None, or keep only the last k prompt tokens (-1: the model's context length)
+    cache_salt      None, or a string mixed into the prefix-cache hashes: only requests with the same salt share
+                    cached blocks
 
-    Penalties, min_p and logit_bias follow vLLM's definitions. A temperature below 1e-5 is greedy.
+    Penalties, min_p, logit_bias, allowed_token_ids and bad_words follow vLLM's definitions. A temperature below
+    1e-5 is greedy.
     """
 
     max_tokens: int = 16
@@ -100,48 +119,77 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     n: int = 1
     best_of: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    truncate_prompt_tokens: int | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        object.__setattr__(self, "stop", stop_strings(self.stop))
         ids = self.stop_token_ids if self.stop_token_ids is not None else ()
-        if not all(_is_int(i) and i >= 0 for i in ids):
+        if not all(is_int(i) and i >= 0 for i in ids):
             raise SamplingParamsError(param="stop_token_ids", message="stop_token_ids must be non-negative integers")
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         for param, ok, want in self._range_checks():  # in order: a later check may rely on an earlier one
             if not ok():
                 raise SamplingParamsError(param=param, message=f"{param} must be {want}, got {getattr(self, param)!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise SamplingParamsError(param="ignore_eos", message="ignore_eos must be true or false")
-        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        for name in (
+            "ignore_eos",
+            "include_stop_str_in_output",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(param=name, message=f"{name} must be true or false")
+        object.__setattr__(self, "logit_bias", bias_pairs(self.logit_bias))
+        object.__setattr__(self, "allowed_token_ids", allowed_ids(self.allowed_token_ids))
+        object.__setattr__(self, "bad_words", word_list(self.bad_words))
+        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and self.cache_salt):
+            raise SamplingParamsError(param="cache_salt", message="cache_salt must be a non-empty string")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             raise SamplingParamsError(param="response_format", message="structured_output must be a StructuredOutput")
 
     def _range_checks(self) -> list[tuple[str, Callable[[], bool], str]]:
         """(parameter, check, what it must be) for every numeric parameter."""
         return [
-            ("max_tokens", lambda: _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", lambda: _in(self.temperature, 0, 100), "a number in [0, 100]"),
-            ("top_p", lambda: _is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("top_k", lambda: _is_int(self.top_k) and (self.top_k >= 1 or self.top_k in (0, -1)),
+            ("max_tokens", lambda: is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", lambda: in_range(self.temperature, 0, 100), "a number in [0, 100]"),
+            ("top_p", lambda: is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", lambda: is_int(self.top_k) and (self.top_k >= 1 or self.top_k in (0, -1)),
              "-1, 0 (all tokens) or >= 1"),
             # torch.Generator.manual_seed takes [-2**63, 2**64); outside it add_request would fail with a ValueError.
-            ("seed", lambda: self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+            ("seed", lambda: self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**64),
              "an integer in [-2**63, 2**64)"),
-            ("logprobs", lambda: self.logprobs is None or _int_in(self.logprobs, 0, MAX_LOGPROBS),
+            ("logprobs", lambda: self.logprobs is None or int_in(self.logprobs, 0, MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
-            ("presence_penalty", lambda: _in(self.presence_penalty, -2, 2), "a number in [-2, 2]"),
-            ("frequency_penalty", lambda: _in(self.frequency_penalty, -2, 2), "a number in [-2, 2]"),
-            ("repetition_penalty", lambda: _is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+            ("presence_penalty", lambda: in_range(self.presence_penalty, -2, 2), "a number in [-2, 2]"),
+            ("frequency_penalty", lambda: in_range(self.frequency_penalty, -2, 2), "a number in [-2, 2]"),
+            ("repetition_penalty", lambda: is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
              "a number in (0, 10]"),
-            ("min_p", lambda: _in(self.min_p, 0, 1), "a number in [0, 1]"),
-            ("min_tokens", lambda: _int_in(self.min_tokens, 0, self.max_tokens),
+            ("min_p", lambda: in_range(self.min_p, 0, 1), "a number in [0, 1]"),
+            ("min_tokens", lambda: int_in(self.min_tokens, 0, self.max_tokens),
              f"an integer in [0, max_tokens={self.max_tokens}]"),
-            ("n", lambda: _int_in(self.n, 1, MAX_CHOICES), f"an integer in [1, {MAX_CHOICES}]"),
-            ("best_of", lambda: self.best_of is None or _int_in(self.best_of, self.n, MAX_CHOICES),
+            ("n", lambda: int_in(self.n, 1, MAX_CHOICES), f"an integer in [1, {MAX_CHOICES}]"),
+            ("best_of", lambda: self.best_of is None or int_in(self.best_of, self.n, MAX_CHOICES),
              f"an integer in [n, {MAX_CHOICES}]"),
-            ("prompt_logprobs", lambda: self.prompt_logprobs is None or _int_in(self.prompt_logprobs, 0, MAX_LOGPROBS),
+            ("prompt_logprobs", lambda: self.prompt_logprobs is None or int_in(self.prompt_logprobs, 0, MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
+            ("truncate_prompt_tokens", lambda: self.truncate_prompt_tokens is None or (
+                is_int(self.truncate_prompt_tokens) and (self.truncate_prompt_tokens >= 1
+                                                          or self.truncate_prompt_tokens == -1)),
+             "-1 (the context length) or an integer >= 1"),
         ]  # fmt: skip
+
+    def truncated(self, prompt: list[int], max_model_len: int) -> list[int]:
+        """The prompt as the request runs it: its last ``truncate_prompt_tokens`` tokens (-1: ``max_model_len``)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return prompt
+        k = max_model_len if k == -1 else k
+        return prompt[-k:] if len(prompt) > k else prompt
 
     @property
     def candidates(self) -> int:
@@ -163,53 +211,6 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
-def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
-    """logit_bias as sorted (token id, bias) pairs; JSON object keys (strings of digits) are accepted."""
-    items = list(bias.items()) if isinstance(bias, Mapping) else list(bias) if isinstance(bias, Sequence) else None
-    pairs: list[tuple[int, float]] = []
-    for item in items if items is not None else [None]:
-        tok, b = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
-        if isinstance(tok, str) and tok.isdigit():
-            tok = int(tok)
-        if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0 or not _is_num(b):
-            tok = None
-        elif isinstance(b, (int, float)) and -100 <= b <= 100:
-            pairs.append((tok, float(b)))
-            continue
-        raise SamplingParamsError(
-            param="logit_bias", message="logit_bias maps token ids (>= 0) to numbers in [-100, 100]"
-        )
-    return tuple(sorted(pairs))
-
-
-def _stop_strings(stop: object) -> tuple[str, ...]:
-    if isinstance(stop, str):
-        stop = (stop,)
-    if stop is None:
-        stop = ()
-    if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
-        raise SamplingParamsError(param="stop", message="stop must be a string or a list of strings")
-    if any(s == "" for s in stop):
-        raise SamplingParamsError(param="stop", message="stop strings must not be empty")
-    return tuple(stop)
-
-
-def _in(v: object, low: float, high: float) -> bool:
-    return _is_num(v) and low <= v <= high  # type: ignore[operator]
-
-
-def _int_in(v: object, low: int, high: int) -> bool:
-    return _is_int(v) and low <= v <= high  # type: ignore[operator]
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
-
-
 @dataclass(frozen=True)
 class TokenLogprob:
     """The chosen token's log-probability and the top alternatives (token id -> log-probability)."""
@@ -217,6 +218,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    rank: int | None = None  # of the chosen token among all (1: the most likely)
 
 
 class TokenMatcher(Protocol):
@@ -251,21 +253,23 @@ def new_generator(params: SamplingParams) -> torch.Generator | None:
 
 @dataclass(frozen=True)
 class SamplingRow:
-    """What the batched sampler needs of one request: its parameters, random stream, tokens so far and, under a
-    grammar, which tokens it allows next (bool [V])."""
+    """What the batched sampler needs of one request: its parameters, random stream, tokens so far, under a
+    grammar which tokens it allows next (bool [V]), and its bad words as token sequences."""
 
     params: SamplingParams
     generator: torch.Generator | None
     prompt: Sequence[int]
     output: Sequence[int]
     allowed: torch.Tensor | None = None
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int) -> torch.Tensor:
     """The next token of every row: logits [R, V] float32 -> token ids [R] int64, in a few batched tensor ops;
     -1 for a row whose constraints (grammar, min_tokens, logit_bias) leave no token.
 
-    Per row, in vLLM's order: min_tokens (EOS and stop_token_ids masked until that many tokens exist), logit_bias,
+    Per row, in vLLM's order: allowed_token_ids and bad_words, min_tokens (EOS and stop_token_ids masked until
+    that many tokens exist), logit_bias,
     repetition / frequency / presence penalties; greedy rows take the argmax of that; the others divide by their
     temperature, drop tokens under min_p x the top probability, keep their top_k and top_p nucleus, and draw with
     their own generator (an exponential race, so a seeded row draws the same token whatever else is in the batch).
@@ -304,10 +308,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: i
 
 
 def _process(x: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int) -> None:
-    """min_tokens, logit_bias and penalties applied in place to logits x [R, V]."""
+    """Grammar, allowed_token_ids, bad words, min_tokens, logit_bias and penalties applied in place to logits
+    x [R, V]."""
     V = x.shape[1]
     for i, r in enumerate(rows):
         p = r.params
+        _mask_words(x[i], r, V)
         if r.allowed is not None:
             x[i, : r.allowed.shape[0]].masked_fill_(~r.allowed[:V], float("-inf"))
             x[i, r.allowed.shape[0] :] = float("-inf")
@@ -335,6 +341,21 @@ def _process(x: torch.Tensor, rows: Sequence[SamplingRow], *, eos_token_id: int)
     x[idx] = xp
 
 
+def _mask_words(x: torch.Tensor, r: SamplingRow, V: int) -> None:
+    """allowed_token_ids (every other token masked) and bad words (a word's last token masked after the tokens
+    before it) of one row, in place on its logits [V]."""
+    ids = r.params.allowed_token_ids
+    if ids is not None:
+        keep = torch.full((V,), float("-inf"))
+        keep[[t for t in ids if t < V]] = 0.0
+        x += keep
+    out = list(r.output)
+    for word in r.bad_words:
+        prefix = list(word[:-1])
+        if len(prefix) <= len(out) and out[len(out) - len(prefix) :] == prefix and word[-1] < V:
+            x[word[-1]] = float("-inf")
+
+
 def logprobs_of(logits: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
     """Log-probabilities under the model's distribution (before temperature and truncation)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
@@ -342,4 +363,5 @@ def logprobs_of(logits: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob
     if top_n:
         values, ids = torch.topk(lp, top_n)
         top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token_id=token_id, logprob=float(lp[token_id].item()), top=top)
+    rank = int((lp > lp[token_id]).sum().item()) + 1
+    return TokenLogprob(token_id=token_id, logprob=float(lp[token_id].item()), top=top, rank=rank)

@@ -138,7 +138,7 @@ class Scheduler:
         hashes: list[bytes] = []
         if self.pool.prefix_caching and req.params.prompt_logprobs is None:  # scoring a prompt computes all of it
             # Full blocks of all but the newest token: the newest must be computed to get the next token's logits.
-            hashes = req.prompt_hashes = block_hashes(tokens[:-1], self.block_size)
+            hashes = req.prompt_hashes = block_hashes(tokens[:-1], self.block_size, parent=req.salt)
             found = self.pool.lookup(hashes)
             if len(found) < len(hashes) and hashes[len(found)] in pending:
                 self.pool.undo_lookup(found, len(hashes))
@@ -200,7 +200,7 @@ class Scheduler:
             req.computed = chunk.start + chunk.n
             full = req.computed // bs
             if self.pool.prefix_caching and full > len(req.hashes):
-                parent = req.hashes[-1] if req.hashes else b""
+                parent = req.hashes[-1] if req.hashes else req.salt  # cache_salt seeds the chain
                 new = block_hashes(req.all_tokens[: full * bs], bs, start=len(req.hashes), parent=parent)
                 for i, h in enumerate(new, start=len(req.hashes)):
                     if req.blocks[i] != FREED:

@@ -27,6 +27,7 @@ class FrontendActor:
         use_assigned_cpus()
         self._lock = threading.Lock()
         self._runtime: FrontendRuntime | None = None
+        self._finished: list[tuple[int, int, int]] = []  # the running generate's finished requests (progress)
 
     def start(self, config: ClusterConfig, name_prefix: str | None = None) -> bool:
         """Start the pool and build the frontend (a method, not the constructor, so that a failure reaches the
@@ -40,9 +41,19 @@ class FrontendActor:
         assert self._runtime is not None, "start() first"
         return self._runtime
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], track: bool = False
+    ) -> list[RequestOutput]:
+        """``track``: record (request, prompt tokens, output tokens) as requests finish, for :meth:`progress`."""
         with self._lock:
-            return self.runtime.frontend.core.generate(prompts, params)
+            finished: list[tuple[int, int, int]] = []
+            self._finished = finished
+            done = (lambda i, o: finished.append((i, len(o.prompt_token_ids), len(o.token_ids)))) if track else None
+            return self.runtime.frontend.core.generate(prompts, params, done)
+
+    def progress(self, since: int) -> list[tuple[int, int, int]]:
+        """The running (or last) generate's finished requests from the ``since``-th on (answers meanwhile)."""
+        return self._finished[since:]
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         with self._lock:

@@ -19,8 +19,15 @@ class LocalFrontend:
     def __init__(self, config: ClusterConfig, *, progress: bool = True) -> None:
         self.runtime = FrontendRuntime(config, progress=progress)
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        return self.runtime.frontend.core.generate(prompts, params)
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        progress: Callable[[int, int, int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """``progress(i, prompt tokens, output tokens)`` as engine request i finishes."""
+        done = None if progress is None else lambda i, o: progress(i, len(o.prompt_token_ids), len(o.token_ids))
+        return self.runtime.frontend.core.generate(prompts, params, done)
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         return self.runtime.frontend.core.logits(token_ids)

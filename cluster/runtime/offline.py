@@ -107,11 +107,38 @@ class RemoteFrontend:
                 raise cause from None
             raise
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        outs = self._call(lambda fe: fe.generate.remote(prompts, params))
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        progress: Callable[[int, int, int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """``progress(i, prompt tokens, output tokens)`` as engine request i finishes (polled from the actor)."""
+        if self._suspect:
+            self._suspect = False
+            self.heal()
+        ref = self.actor.generate.remote(prompts, params, progress is not None)
+        if progress is not None:
+            self._follow(ref, progress)
+        outs = self._call(lambda fe: ref)
         if any(o.finish_reason == "error" for o in outs):
             self._suspect = True
         return outs
+
+    def _follow(self, ref: Any, progress: Callable[[int, int, int], None], interval_s: float = 0.5) -> None:
+        """Report the actor's finished requests until ``ref`` is ready (a lost actor ends this; the caller's
+        ``_call`` reports it)."""
+        seen = 0
+        try:
+            while True:
+                ready, _ = ray.wait([ref], timeout=interval_s)
+                for record in ray.get(self.actor.progress.remote(seen)):
+                    progress(*record)
+                    seen += 1
+                if ready:
+                    return
+        except (RayActorError, RayTaskError):
+            return
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         return self._call(lambda fe: fe.logits.remote(token_ids))

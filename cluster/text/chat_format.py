@@ -47,6 +47,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pydantic import ValidationError
 
 from cluster.errors import ChatFormatError
+from cluster.text.chat_template import ChatOptions
 
 __all__ = ["encode_mistral_chat", "mistral_call_id"]
 
@@ -64,17 +65,27 @@ _V1_NO_TOOLS = (
 Content = str | list[ContentChunk]
 
 
-def encode_mistral_chat(mistral: MistralTokenizer, messages: Any, tools: Any = None) -> list[int]:
+def encode_mistral_chat(
+    mistral: MistralTokenizer, messages: Any, tools: Any = None, options: ChatOptions | None = None
+) -> list[int]:
     """Return ``mistral.encode_chat_completion(ChatCompletionRequest(messages, tools)).tokens`` for OpenAI input.
+
+    ``options``: continue_final_message leaves the final (assistant) message open, as mistral-common's
+    ``AssistantMessage(prefix=True)``; add_generation_prompt, documents and template variables have no place in a
+    Mistral format (the prompt always ends where the assistant begins) and no effect.
 
     Raises:
         ChatFormatError: ``param="tools"`` for a bad tool list (or tools on v1, which has none), else
             ``param="messages"``.
     """
     version = mistral.instruct_tokenizer.tokenizer.version
+    options = options or ChatOptions()
     try:
         request_tools = _convert_tools(tools, version)
-        request_messages = _convert_messages(messages, version)
+        request_messages = _convert_messages(messages, version, open_end=options.continue_final_message)
+        options.check(messages)
+        if options.continue_final_message:
+            request_messages[-1] = request_messages[-1].model_copy(update={"prefix": True})
         request = ChatCompletionRequest(messages=request_messages, tools=request_tools)
         return list(mistral.encode_chat_completion(request).tokens)
     except ChatFormatError:
@@ -145,7 +156,7 @@ def _convert_tools(tools: Any, version: TokenizerVersion) -> list[Tool] | None:
 # --------------------------------------------------------------------------- messages
 
 
-def _convert_messages(messages: Any, version: TokenizerVersion) -> list[ChatMessage]:
+def _convert_messages(messages: Any, version: TokenizerVersion, *, open_end: bool = False) -> list[ChatMessage]:
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise ChatFormatError(f"messages must be a list of messages, got {type(messages).__name__}")
     if not messages:
@@ -177,7 +188,7 @@ def _convert_messages(messages: Any, version: TokenizerVersion) -> list[ChatMess
             content = _content(index, message.get("content"))
             converted.append(UserMessage(content=content) if role == "user" else SystemMessage(content=content))
     if v1:
-        _check_v1_structure(len(messages), converted)
+        _check_v1_structure(len(messages), converted, open_end=open_end)
     return converted
 
 
@@ -262,8 +273,9 @@ def _tool(index: int, message: Mapping[str, Any], pending: dict[str, str], pendi
     )
 
 
-def _check_v1_structure(count: int, converted: list[ChatMessage]) -> None:
-    """Mixserve's v1 rules: optional system first, then user/assistant alternating, starting and ending with user."""
+def _check_v1_structure(count: int, converted: list[ChatMessage], *, open_end: bool = False) -> None:
+    """Mixserve's v1 rules: optional system first, then user/assistant alternating, starting and ending with user
+    (``open_end``: ending with the assistant message the model continues)."""
     expected = "user"
     seen_user = False
     for index, message in enumerate(converted):
@@ -283,7 +295,7 @@ def _check_v1_structure(count: int, converted: list[ChatMessage]) -> None:
         expected = "assistant" if role == "user" else "user"
     if not seen_user:
         raise ChatFormatError("the conversation has no user message")
-    if expected == "user":
+    if expected == "user" and not open_end:
         raise ChatFormatError(
             f"message {count - 1}: the conversation must end with a user message, not an assistant message"
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -29,12 +30,54 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from cluster.errors import ChatFormatError, SetupError
 
-__all__ = ["ChatTemplate", "SPECIAL_TOKEN_KEYS"]
+__all__ = ["ChatOptions", "ChatTemplate", "SPECIAL_TOKEN_KEYS"]
 
 #: The named special tokens transformers hands every template (``special_tokens_map``).
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where the final message's text ends
+# Template variables chat_template_kwargs cannot set: the conversation and tools go through their own fields.
+RESERVED_KWARGS = ("messages", "tools")
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a conversation is rendered, as vLLM's chat request fields say (and transformers' apply_chat_template).
+
+    add_generation_prompt   end with the template's generation prompt (a Mistral format always ends where the
+                            assistant begins: no effect there)
+    continue_final_message  the final message is an assistant message left open for the model to continue (no
+                            end-of-turn after it); not together with add_generation_prompt
+    documents               RAG documents (dicts of strings) a chat template may read; no effect on a Mistral format
+    template_kwargs         extra variables a chat template may read (vLLM's chat_template_kwargs); no effect on a
+                            Mistral format
+    """
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    documents: tuple[Mapping[str, str], ...] | None = None
+    template_kwargs: Mapping[str, Any] | None = None
+
+    def check(self, messages: Sequence[Any]) -> None:
+        """ChatFormatError naming the field when the options cannot go together or with ``messages``."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ChatFormatError(
+                "continue_final_message and add_generation_prompt cannot both be true", param="continue_final_message"
+            )
+        last = messages[-1] if messages else None
+        if self.continue_final_message and not (isinstance(last, Mapping) and last.get("role") == "assistant"):
+            raise ChatFormatError(
+                "continue_final_message: the final message must be an assistant message to continue",
+                param="continue_final_message",
+            )
+        reserved = [k for k in RESERVED_KWARGS if k in (self.template_kwargs or {})]
+        if reserved:
+            raise ChatFormatError(
+                f"chat_template_kwargs: {reserved[0]!r} is set by the request's own field", param="chat_template_kwargs"
+            )
+
+
 _LOOPS_OVER_CONTENT = re.compile(r"""\bfor\s+\w+\s+in\s+\w+\s*(\[\s*['"]content['"]\s*\]|\.content\b)""")
 
 
@@ -165,38 +208,70 @@ class ChatTemplate:
             return "tool_use"
         return "default" if "default" in self.sources else next(iter(self.sources))
 
-    def render(self, messages: Any, *, tools: Any = None, add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages`` (and ``tools``), as ``apply_chat_template(..., tokenize=False)``.
+    def render(self, messages: Any, *, tools: Any = None, options: ChatOptions | None = None) -> str:
+        """The prompt text for ``messages`` (and ``tools``), as ``apply_chat_template(..., tokenize=False)`` with the
+        ``options`` (add_generation_prompt, continue_final_message, documents, extra template variables).
 
         Raises:
             ChatFormatError: The messages or tools have the wrong shape, the template refuses them
                 (``raise_exception``) or fails on them.
         """
+        options = options or ChatOptions()
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             raise ChatFormatError(f"messages must be a list of messages, got {type(messages).__name__}")
         if not messages:
             raise ChatFormatError("messages is empty: the conversation needs at least one user message")
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)):
             raise ChatFormatError("tools must be a list of tool objects", param="tools")
+        options.check(messages)
         tools = tools or None
         name = self._pick(tools is not None)
         if tools is not None and not self.supports_tools:
             raise ChatFormatError("this model's chat template does not support tools", param="tools")
         flatten = not _LOOPS_OVER_CONTENT.search(self.sources[name])
         chat = [self._message(index, message, flatten) for index, message in enumerate(messages)]
+        final = self._tag_final(chat) if options.continue_final_message else None
         context = {
             **self.special_tokens,
+            **_plain(dict(options.template_kwargs or {})),
             "messages": chat,
             "tools": _plain(tools),
-            "documents": None,
-            "add_generation_prompt": add_generation_prompt,
+            "documents": _plain(list(options.documents)) if options.documents is not None else None,
+            "add_generation_prompt": options.add_generation_prompt,
         }
         try:
-            return self._compiled[name].render(**context)
+            text = self._compiled[name].render(**context)
         except jinja2.TemplateError as err:
             raise ChatFormatError(f"the model's chat template refused the messages: {err}") from err
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
             raise ChatFormatError(f"the model's chat template failed on the messages: {err!r}") from err
+        return text if final is None else self._cut_at_tag(text, final)
+
+    @staticmethod
+    def _tag_final(chat: list[dict[str, Any]]) -> str:
+        """Mark the end of the final message's text (transformers' continue_final_message); returns that text."""
+        content = chat[-1].get("content")
+        if isinstance(content, list):  # text parts the template loops over: the last one is continued
+            part = next((p for p in reversed(content) if isinstance(p, dict) and "text" in p), None)
+            if part is None:
+                raise ChatFormatError("continue_final_message: the final message has no text", param="messages")
+            text, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
+            return text
+        if not isinstance(content, str):
+            raise ChatFormatError("continue_final_message: the final message has no content", param="messages")
+        chat[-1]["content"] = content + _CONTINUE_TAG
+        return content
+
+    @staticmethod
+    def _cut_at_tag(text: str, final: str) -> str:
+        """The rendered text up to where the final message's text ends (as transformers cuts it)."""
+        if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
+            raise ChatFormatError(
+                "continue_final_message: the model's chat template does not write the final message as given",
+                param="continue_final_message",
+            )
+        at = text.rindex(_CONTINUE_TAG.strip())
+        return text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
     @staticmethod
     def _message(index: int, message: Any, flatten: bool) -> dict[str, Any]:

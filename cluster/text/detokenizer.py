@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -47,10 +48,26 @@ class IncrementalDetokenizer:
         tokenizer: The tokenizer whose ids are streamed.
         prompt_ids: The prompt's ids, kept as :attr:`prompt_ids` for reference. They are not part of the
             output: the text is that of the generated ids alone, as ``decode(token_ids)``.
+        skip_special_tokens, spaces_between_special_tokens: as ``Tokenizer.decode`` takes them (vLLM's
+            sampling parameters): the text is ``decode(token_ids, skip_special_tokens=...,
+            spaces_between_special_tokens=...)``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Iterable[int] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Iterable[int] | None = None,
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
         self._tokenizer = tokenizer
+        # decode's keyword arguments, only when special tokens are kept (the default decode is the plain call)
+        self._decode_options = (
+            {}
+            if skip_special_tokens
+            else {"skip_special_tokens": False, "spaces_between_special_tokens": spaces_between_special_tokens}
+        )
         self.prompt_ids: list[int] = [int(i) for i in prompt_ids] if prompt_ids is not None else []
         self._ids: list[int] = []
         self._parts: list[str] = []
@@ -137,7 +154,7 @@ class IncrementalDetokenizer:
         """Emit the text of ``ids[read_offset:end]`` and move the window when it is not empty."""
         if end <= self._read_offset:
             return ""
-        decode = self._tokenizer.decode
+        decode = functools.partial(self._tokenizer.decode, **self._decode_options)
         if self._prefix_len is None:
             self._prefix_len = len(decode(self._ids[self._prefix_offset : self._read_offset]))
         new_text = decode(self._ids[self._prefix_offset : end])

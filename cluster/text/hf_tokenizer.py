@@ -18,7 +18,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from cluster.errors import ChatFormatError, SetupError
-from cluster.text.chat_template import SPECIAL_TOKEN_KEYS, ChatTemplate
+from cluster.text.chat_template import SPECIAL_TOKEN_KEYS, ChatOptions, ChatTemplate
 from cluster.text.hf_config import CONFIG_FILE_NAME, TEMPLATE_FILE_NAME, chat_template_sources, read_config
 
 __all__ = ["HFBackend"]
@@ -121,9 +121,9 @@ class HFBackend:
         token_id = self._tk.token_to_id(piece)
         return token_id if token_id in self._special_ids else None
 
-    def encode_chat(self, messages: Any, tools: Any) -> list[int]:
+    def encode_chat(self, messages: Any, tools: Any, options: ChatOptions | None = None) -> list[int]:
         if self.template is None:
             raise ChatFormatError(
                 f"this model has no chat template (no {TEMPLATE_FILE_NAME} and no chat_template in {CONFIG_FILE_NAME})"
             )
-        return self.encode(self.template.render(messages, tools=tools, add_generation_prompt=True))
+        return self.encode(self.template.render(messages, tools=tools, options=options))

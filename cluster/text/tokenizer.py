@@ -36,11 +36,13 @@ from mistral_common.tokens.tokenizers.sentencepiece import get_spm_version, is_s
 from mistral_common.tokens.tokenizers.tekken import is_tekken
 
 from cluster.errors import ChatFormatError
+from cluster.text.chat_template import ChatOptions
 from cluster.text.hf_config import mistral_format
 from cluster.text.tokenizer_backends import Backend, SentencePieceBackend, TekkenBackend
 
 __all__ = [
     "ChatFormatError",
+    "ChatOptions",
     "Tokenizer",
     "default_model_file",
     "find_tokenizer_file",
@@ -249,11 +251,15 @@ class Tokenizer:
             ids.append(self._eos_id)
         return ids
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(
+        self, ids: Iterable[int], *, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
+    ) -> str:
         """Turn ids into text exactly as the tokenizer's own decoder does.
 
         Control tokens are dropped and byte pieces joined into UTF-8 (invalid bytes become U+FFFD). Sentencepiece
-        also removes the leading space of the first word.
+        also removes the leading space of the first word. With ``skip_special_tokens=False`` the special tokens are
+        kept as their pieces (``</s>``, ``[INST]``) and the text between them decoded run by run, joined with a
+        space when ``spaces_between_special_tokens`` (vLLM's and transformers' slow tokenizers' rule).
 
         Raises:
             IndexError: An id is outside the vocabulary.
@@ -263,7 +269,37 @@ class Tokenizer:
         bad = next((i for i in ids if not 0 <= i < size), None)
         if bad is not None:
             raise IndexError(f"token id {bad} is outside the vocabulary (size {size})")
-        return self._backend.decode(ids)
+        if skip_special_tokens:
+            return self._backend.decode(ids)
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if self.is_special(i):
+                if run:
+                    parts.append(self._backend.decode(run))
+                    run = []
+                parts.append(self._backend.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            parts.append(self._backend.decode(run))
+        return (" " if spaces_between_special_tokens else "").join(parts)
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``decode`` drops the token: a control token (sentencepiece, tekken) or a Hugging Face special
+        token."""
+        return not self._backend.piece_bytes(self._checked(token_id))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, as OpenAI's logprobs report them: what it adds to decoded text (a
+        byte-fallback piece ``<0x0A>`` is ``b"\\n"``), or a special token's piece."""
+        data = self._backend.piece_bytes(self._checked(token_id))
+        return data if data else self._backend.id_to_piece(token_id).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text as logprobs report it: :meth:`token_bytes` as UTF-8 (a lone byte of a longer
+        character is U+FFFD, as vLLM shows it)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def id_to_piece(self, token_id: int) -> str:
         """Return the vocabulary piece of ``token_id`` (e.g. ``"▁Hello"``, ``"<0x0A>"``, ``"</s>"``).
@@ -293,14 +329,19 @@ class Tokenizer:
         return token_id
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        options: ChatOptions | None = None,
     ) -> list[int]:
         """Render a conversation (and the tools the model may call) as the model's chat prompt.
 
         For a Mistral tokenizer the ids equal ``MistralTokenizer.encode_chat_completion(ChatCompletionRequest(...))
         .tokens`` of ``mistral-common`` for that version (see :mod:`cluster.text.chat_format` for the accepted OpenAI
         shapes); for a Hugging Face tokenizer they equal transformers' ``apply_chat_template(messages, tools=tools,
-        add_generation_prompt=True)``.
+        add_generation_prompt=True)``. ``options`` (:class:`~cluster.text.chat_template.ChatOptions`): vLLM's
+        add_generation_prompt, continue_final_message, documents and chat_template_kwargs.
 
         Args:
             messages: OpenAI chat messages: ``role`` and ``content`` (a string or text parts), assistant
@@ -309,6 +350,6 @@ class Tokenizer:
 
         Raises:
             ChatFormatError: The conversation or tools cannot be rendered in this model's format; ``param`` is
-                ``"messages"`` or ``"tools"``.
+                ``"messages"`` or ``"tools"`` (or the option at fault).
         """
-        return self._backend.encode_chat(messages, tools)
+        return self._backend.encode_chat(messages, tools, options)

@@ -33,6 +33,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from cluster.errors import SetupError
 from cluster.text.chat_format import encode_mistral_chat
+from cluster.text.chat_template import ChatOptions
 
 __all__ = ["Backend", "SentencePieceBackend", "TekkenBackend", "infer_spm_version"]
 
@@ -59,7 +60,7 @@ class Backend(Protocol):
     def byte_value(self, token_id: int) -> int | None: ...
     def piece_bytes(self, token_id: int) -> bytes | None: ...
     def special_id(self, piece: str) -> int | None: ...
-    def encode_chat(self, messages: Any, tools: Any) -> list[int]: ...
+    def encode_chat(self, messages: Any, tools: Any, options: ChatOptions | None = None) -> list[int]: ...
 
 
 def infer_spm_version(sp: spm.SentencePieceProcessor) -> TokenizerVersion:
@@ -140,8 +141,10 @@ class SentencePieceBackend:
         token_id = self._sp.piece_to_id(piece)
         return token_id if token_id != self._sp.unk_id() and self._sp.is_control(token_id) else None
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> list[int]:
-        return encode_mistral_chat(self.mistral, messages, tools)
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Any, options: ChatOptions | None = None
+    ) -> list[int]:
+        return encode_mistral_chat(self.mistral, messages, tools, options)
 
 
 class TekkenBackend:
@@ -185,5 +188,7 @@ class TekkenBackend:
     def special_id(self, piece: str) -> int | None:
         return self._tk.get_special_token(piece) if self._tk.is_special(piece) else None
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> list[int]:
-        return encode_mistral_chat(self.mistral, messages, tools)
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Any, options: ChatOptions | None = None
+    ) -> list[int]:
+        return encode_mistral_chat(self.mistral, messages, tools, options)

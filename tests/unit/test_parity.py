@@ -177,12 +177,14 @@ def test_offline_n_and_best_of(tmp_path):
         for j in range(4)
     ]
     outs = llm.generate([PROMPT, PROMPT[:5]], SamplingParams(max_tokens=6, temperature=1.0, seed=40, n=3))
-    assert len(outs) == 6 and [o.prompt_token_ids for o in outs] == [PROMPT] * 3 + [PROMPT[:5]] * 3
-    assert [o.token_ids for o in outs[:3]] == [a.token_ids for a in alone[:3]]
-    best = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=1.0, seed=40, n=2, best_of=4))
+    assert len(outs) == 2 and [o.prompt_token_ids for o in outs] == [PROMPT, PROMPT[:5]]  # one per prompt
+    assert [len(o.outputs) for o in outs] == [3, 3] and [c.index for c in outs[0].outputs] == [0, 1, 2]
+    assert [c.token_ids for c in outs[0].outputs] == [a.token_ids for a in alone[:3]]
+    assert outs[0].token_ids == outs[0].outputs[0].token_ids  # the old fields are the first choice's
+    (best,) = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=1.0, seed=40, n=2, best_of=4))
     ranked = sorted(alone, key=lambda o: -sum(lp.logprob for lp in o.logprobs or []))
-    assert [o.token_ids for o in best] == [o.token_ids for o in ranked[:2]]
-    assert all(o.logprobs is None for o in best)  # kept only to rank
+    assert [c.token_ids for c in best.outputs] == [o.token_ids for o in ranked[:2]]
+    assert all(c.logprobs is None and c.cumulative_logprob is None for c in best.outputs)  # kept only to rank
     assert sp.n == 1
     with pytest.raises(SamplingParamsError, match=r"n must be an integer in \[1, 128\], got 129") as err:
         SamplingParams(n=MAX_CHOICES + 1)
