@@ -40,12 +40,7 @@ UNSUPPORTED = {
     "function_call": "the legacy function calling is not supported; use tools and tool_choice",
     "guided_decoding_backend": "structured output has one backend here (llguidance); leave guided_decoding_backend out",
     "guided_whitespace_pattern": "guided_whitespace_pattern is not supported: JSON is laid out like json.dumps",
-    "structured_outputs": "structured_outputs is not supported; use response_format or guided_json / guided_regex / "
-    "guided_choice / guided_grammar",
-    "prompt_logprobs": "prompt logprobs are not supported yet",
-    "echo": "echo is only supported on /v1/completions",
     "audio": "audio output is not supported",
-    "prediction": "predicted outputs are not supported",
     "reasoning_effort": "reasoning_effort is not supported: the model does not reason",
     "verbosity": "verbosity is not supported",
     "web_search_options": "web search is not supported",

@@ -19,6 +19,7 @@ from cluster.serve.ingress.body import check_prompt_chars
 from cluster.serve.ingress.health import HealthMonitor
 from cluster.serve.ingress.metrics import ServeMetrics
 from cluster.serve.ingress.streams import FrontendClient
+from cluster.text.chat_template import ChatOptions
 from cluster.text.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -67,12 +68,18 @@ class ServeContext:
         return await self.offload(self.tokenizer.encode, text, bos)
 
     async def encode_chat(
-        self, chat: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, param: str = "messages"
+        self,
+        chat: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        options: ChatOptions | None = None,
+        param: str = "messages",
     ) -> list[int]:
-        """Token ids of a chat (and the tools it offers) in the model's format (ChatFormatError: 400 on
-        ``messages`` or ``tools``)."""
-        check_prompt_chars(chat_chars(chat, tools), await self.frontend.max_model_len(), param)
-        return await self.offload(functools.partial(self.tokenizer.encode_chat, chat, tools=tools))
+        """Token ids of a chat (and the tools it offers) in the model's format, rendered with ``options`` (vLLM's
+        chat template fields); ChatFormatError: 400 on ``messages``, ``tools`` or the option at fault."""
+        documents = json.dumps(options.documents) if options is not None and options.documents else ""
+        check_prompt_chars(chat_chars(chat, tools) + len(documents), await self.frontend.max_model_len(), param)
+        return await self.offload(functools.partial(self.tokenizer.encode_chat, chat, tools=tools, options=options))
 
     async def decode(self, ids: list[int]) -> str:
         return await self.offload(self.tokenizer.decode, ids)

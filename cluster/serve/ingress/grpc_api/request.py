@@ -2,12 +2,14 @@
 
 With ``prompt`` or ``prompt_token_ids`` it is a :class:`~cluster.serve.ingress.openai_api.protocol.CompletionRequest`
 (``n``, ``best_of``, ``echo``); with ``messages`` a
-:class:`~cluster.serve.ingress.openai_api.protocol.ChatCompletionRequest` (``n``, ``tools``, ``tool_choice``).
-:func:`http_body` builds the HTTP body from the fields the client set, and the request models and
-:mod:`~cluster.serve.ingress.openai_api.tools` do the rest, so both APIs validate alike. What differs: ``max_tokens``
-defaults to 16 with messages too, the structured output comes from the ``response_format`` oneof (errors name its
-field), and a field of the other kind of request (``echo`` / ``best_of`` with messages, tools with a prompt) is
-INVALID_ARGUMENT naming it. The replies are :mod:`cluster.serve.ingress.grpc_api.servicer`'s.
+:class:`~cluster.serve.ingress.openai_api.protocol.ChatCompletionRequest` (``n``, ``tools``, ``tool_choice``, the
+chat template's options). vLLM's extensions (:mod:`~cluster.serve.ingress.openai_api.extras`) go into the body by
+the same names. :func:`http_body` builds the HTTP body from the fields the client set, and the request models and
+:mod:`~cluster.serve.ingress.openai_api.tools` do the rest, so both APIs validate alike (and ``max_tokens`` defaults
+alike: 16 with a prompt, what is left of the context with messages). What differs: the structured output comes
+from the ``response_format`` oneof (errors name its field), and a field of the other kind of request (``echo`` /
+``best_of`` with messages, tools or chat template options with a prompt) is INVALID_ARGUMENT naming it. The replies
+are :mod:`cluster.serve.ingress.grpc_api.servicer`'s.
 """
 
 from __future__ import annotations
@@ -40,9 +42,29 @@ _AS_IS = (
     "min_p",
     "min_tokens",
     "n",
+    # vLLM's extensions
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "truncate_prompt_tokens",
+    "prompt_logprobs",
+    "return_tokens_as_token_ids",
+    "priority",
+    "cache_salt",
+    "length_penalty",
+    "use_beam_search",
 )
+_REPEATED = ("stop", "stop_token_ids", "allowed_token_ids", "bad_words")
 _PROMPT_ONLY = ("echo", "best_of")
-_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls")
+_CHAT_ONLY = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template_kwargs",
+    "documents",
+)
 
 
 def _given(request: Any) -> set[str]:
@@ -101,19 +123,17 @@ def http_body(request: pb.GenerateRequest, *, stream: bool) -> dict[str, Any]:
             where = "a prompt or prompt_token_ids, not to messages" if chat else "messages, not to a prompt"
             raise InvalidRequestError(f"{name} applies to {where}", param=name)
     body: dict[str, Any] = {name: getattr(request, name) for name in _AS_IS if name in given}
-    body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    body.update({name: list(getattr(request, name)) for name in _REPEATED if name in given})
     body["stream"] = stream
-    if request.stop:
-        body["stop"] = list(request.stop)
-    if request.stop_token_ids:
-        body["stop_token_ids"] = list(request.stop_token_ids)
     if request.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in request.logit_bias.items()}
     if not chat:
+        body.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         body["prompt"] = request.prompt if request.prompt else list(request.prompt_token_ids)
         body.update({name: getattr(request, name) for name in ("echo", "best_of", "logprobs") if name in given})
         return body
     body.update(chat_fields(request))
+    body.update(_template_fields(request, given))
     if "logprobs" in given:
         body["logprobs"], body["top_logprobs"] = True, request.logprobs
     if "parallel_tool_calls" in given:
@@ -123,6 +143,24 @@ def http_body(request: pb.GenerateRequest, *, stream: bool) -> dict[str, Any]:
         body["tool_choice"] = request.tool_choice.mode
     elif which == "function":
         body["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.function}}
+    return body
+
+
+def _template_fields(request: pb.GenerateRequest, given: set[str]) -> dict[str, Any]:
+    """The chat template options of a GenerateRequest as the HTTP body has them (chat_template_kwargs: the JSON
+    object of its text)."""
+    body: dict[str, Any] = {
+        name: getattr(request, name) for name in ("add_generation_prompt", "continue_final_message") if name in given
+    }
+    if request.documents:
+        body["documents"] = [dict(d.fields) for d in request.documents]
+    if request.chat_template_kwargs:
+        try:
+            body["chat_template_kwargs"] = json.loads(request.chat_template_kwargs)
+        except ValueError as e:
+            raise InvalidRequestError(
+                f"chat_template_kwargs: not the JSON text of an object: {e}", param="chat_template_kwargs"
+            ) from None
     return body
 
 
@@ -166,6 +204,8 @@ class Job:
     plan: ToolPlan | None  # messages: how the assistant message uses tools; None with a prompt
     echo: bool
     logprobs: bool  # the client asked for logprobs
+    as_ids: bool = False  # return_tokens_as_token_ids
+    prompt_logprobs: bool = False  # the client asked for prompt_logprobs
 
 
 def _check_fits(ids: list[int], context: int, param: str) -> None:
@@ -184,22 +224,27 @@ async def prepare(ctx: ServeContext, request: pb.GenerateRequest, *, stream: boo
     vocab = await ctx.frontend.vocab_size()
     context = await ctx.frontend.max_model_len()
     own = constraint(request)
-    logprobs = request.HasField("logprobs")
+    flags = {
+        "logprobs": request.HasField("logprobs"),
+        "as_ids": request.return_tokens_as_token_ids,
+        "prompt_logprobs": request.HasField("prompt_logprobs"),
+    }
     if request.messages:
         chat = validate(body, ChatCompletionRequest)
         plan = plan_tools(chat, ctx.tokenizer)
         structured = _one_constraint(own, plan.constraint)
-        ids = await ctx.encode_chat(chat.chat(), tools=plan.prompt_tools)
+        ids = await ctx.encode_chat(chat.chat(), tools=plan.prompt_tools, options=chat.chat_options())
+        ids = chat.truncate(ids, context)
         _check_fits(ids, context, "messages")
         params = chat.params(
             max_tokens_default=context - len(ids),
             vocab_size=vocab,
             structured=structured.output if structured else None,
         )
-        return Job(ids, params, structured, plan, False, logprobs)
+        return Job(ids, params, structured, plan, echo=False, **flags)
     completion = validate(body, CompletionRequest)
     (item,) = completion.prompts()
     params = completion.params(vocab_size=vocab, structured=own.output if own else None)
-    ids = await ctx.encode(item) if isinstance(item, str) else list(item)
+    ids = completion.truncate(await ctx.encode(item) if isinstance(item, str) else list(item), context)
     _check_fits(ids, context, "prompt")
-    return Job(ids, params, own, None, completion.echo, logprobs)
+    return Job(ids, params, own, None, echo=completion.echo, **flags)

@@ -61,27 +61,40 @@ def _admit(ctx: ServeContext, request: Any, grpc_context: Any) -> None:
     check_model(ctx.model_names, request.model or None)
 
 
-def _logprobs(ctx: ServeContext, lps: Sequence[TokenLogprob | None] | None) -> list[pb.TokenLogprob]:
-    """Token logprobs (a None entry, the first prompt token's, has no logprob and no alternatives)."""
+def _logprobs(ctx: ServeContext, lps: Sequence[TokenLogprob | None] | None, as_ids: bool) -> list[pb.TokenLogprob]:
+    """Token logprobs (a None entry, the first prompt token's, has no logprob and no alternatives); each token's
+    text and bytes as over HTTP (``token_id:<id>`` with return_tokens_as_token_ids)."""
     tok = ctx.tokenizer
     out = []
     for lp in lps or ():
         if lp is None:
             out.append(pb.TokenLogprob())
             continue
-        top = [pb.TopLogprob(token_id=i, token=piece_text(tok, i), logprob=v) for i, v in lp.top]
+        top = [
+            pb.TopLogprob(token_id=i, token=piece_text(tok, i, as_ids), logprob=v, token_bytes=tok.token_bytes(i))
+            for i, v in lp.top
+        ]
         out.append(
-            pb.TokenLogprob(token_id=lp.token_id, token=piece_text(tok, lp.token_id), logprob=lp.logprob, top=top)
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                token=piece_text(tok, lp.token_id, as_ids),
+                logprob=lp.logprob,
+                top=top,
+                token_bytes=tok.token_bytes(lp.token_id),
+                rank=lp.rank,
+            )
         )
     return out
 
 
 def _prompt_logprobs(ctx: ServeContext, job: Job, out: RequestOutput) -> list[pb.TokenLogprob]:
-    """Echo with logprobs: each prompt token, scored given the ones before it."""
-    if not (job.echo and job.logprobs) or out.prompt_logprobs is None:
+    """Echo with logprobs, or prompt_logprobs: each prompt token, scored given the ones before it."""
+    if not (job.echo and job.logprobs or job.prompt_logprobs) or out.prompt_logprobs is None:
         return []
-    lps = _logprobs(ctx, out.prompt_logprobs)
-    lps[0].token_id, lps[0].token = job.prompt[0], piece_text(ctx.tokenizer, job.prompt[0])  # its logprob stays unset
+    lps = _logprobs(ctx, out.prompt_logprobs, job.as_ids)
+    first = job.prompt[0]  # its logprob stays unset: nothing precedes it
+    lps[0].token_id, lps[0].token = first, piece_text(ctx.tokenizer, first, job.as_ids)
+    lps[0].token_bytes = ctx.tokenizer.token_bytes(first)
     return lps
 
 
@@ -117,9 +130,10 @@ def _choice_fields(ctx: ServeContext, job: Job, index: int, out: RequestOutput, 
         "text": text,
         "token_ids": out.token_ids,
         "finish_reason": reason or "",
-        "logprobs": _logprobs(ctx, out.logprobs) if job.logprobs else [],
+        "logprobs": _logprobs(ctx, out.logprobs, job.as_ids) if job.logprobs else [],
         "tool_calls": calls,
         "prompt_logprobs": _prompt_logprobs(ctx, job, out),
+        "stop_reason": "" if out.stop_reason is None else str(out.stop_reason),
     }
 
 
@@ -166,10 +180,12 @@ async def _stream(
     messages = {c.index: MessageStream(plan, ctx.tokenizer) for c in choices} if plan is not None else {}
     started: set[int] = set()
     open_choices, completion_tokens = len(choices), 0
+    generated = {c.index: 0 for c in choices}
     async for c, out in ctx.frontend.merged(choices, t0):
         first = c.index not in started
         started.add(c.index)
         completion_tokens += len(out.new_token_ids)
+        generated[c.index] += len(out.new_token_ids)
         pieces: list[pb.ToolCall] = []
         if plan is not None:
             deltas, reason = messages[c.index].feed(out)
@@ -182,14 +198,17 @@ async def _stream(
             text=text,
             token_ids=out.new_token_ids,
             finish_reason=reason or "",
-            logprobs=_logprobs(ctx, out.new_logprobs) if job.logprobs else [],
+            logprobs=_logprobs(ctx, out.new_logprobs, job.as_ids) if job.logprobs else [],
             tool_calls=pieces,
             prompt_token_ids=job.prompt if first else [],
             prompt_logprobs=_prompt_logprobs(ctx, job, out) if first else [],
+            stop_reason="" if out.stop_reason is None or not out.finished else str(out.stop_reason),
         )
         open_choices -= 1 if out.finished else 0
         if open_choices == 0:
             reply.usage.CopyFrom(_usage(len(job.prompt), completion_tokens))
+        elif request.continuous_usage_stats:  # vLLM's continuous usage: this choice's tokens so far
+            reply.usage.CopyFrom(_usage(len(job.prompt), generated[c.index]))
         yield reply
 
 
@@ -234,7 +253,8 @@ async def tokenize(ctx: ServeContext, request: pb.TokenizeRequest, grpc_context:
             ids = await ctx.encode(request.prompt, bos=bos)
         else:
             chat = validate(chat_fields(request), TokenizeChatRequest)
-            ids = await ctx.encode_chat(chat.chat(), tools=as_prompt_tools(chat.tools) if chat.tools else None)
+            tools = as_prompt_tools(chat.tools) if chat.tools else None
+            ids = await ctx.encode_chat(chat.chat(), tools=tools, options=chat.chat_options())
         strs = [ctx.tokenizer.id_to_piece(i) for i in ids] if request.return_token_strs else []
         reply = pb.TokenizeReply(
             count=len(ids), max_model_len=await ctx.frontend.max_model_len(), tokens=ids, token_strs=strs

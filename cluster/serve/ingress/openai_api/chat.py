@@ -13,8 +13,8 @@ from fastapi.responses import Response
 from cluster.engine.request import RequestOutput
 from cluster.errors import PromptTooLongError
 from cluster.serve.ingress.context import ServeContext
-from cluster.serve.ingress.openai_api.logprobs import chat_logprobs
-from cluster.serve.ingress.openai_api.protocol import ChatCompletionRequest
+from cluster.serve.ingress.openai_api.logprobs import chat_logprobs, prompt_logprobs
+from cluster.serve.ingress.openai_api.protocol import ChatCompletionRequest, usage_flags
 from cluster.serve.ingress.openai_api.responses import (
     ChatCompletionChoice,
     ChatCompletionResponse,
@@ -35,11 +35,16 @@ ENDPOINT = "chat_completions"
 
 
 async def create_chat_completion(ctx: ServeContext, req: ChatCompletionRequest, request_id: str, t0: float) -> Response:
-    """Without max_tokens a choice may use what is left of the context after the prompt (as OpenAI does)."""
+    """Without max_tokens a choice may use what is left of the context after the prompt (as OpenAI does). The
+    response id is ``chatcmpl-<request_id>`` when the client names one."""
+    request_id = req.response_id("chatcmpl", request_id)
     plan = plan_tools(req, ctx.tokenizer)
     constraint = request_constraint(req, plan.constraint)
-    prompt = await ctx.encode_chat(req.chat(), tools=plan.prompt_tools)  # ChatFormatError: 400, messages / tools
+    options = req.chat_options()
+    # ChatFormatError: 400, messages / tools / continue_final_message
+    prompt = await ctx.encode_chat(req.chat(), tools=plan.prompt_tools, options=options)
     context = await ctx.frontend.max_model_len()
+    prompt = req.truncate(prompt, context)
     if len(prompt) >= context:
         raise PromptTooLongError(
             f"this model's maximum context length is {context} tokens; the messages take {len(prompt)}",
@@ -74,6 +79,8 @@ class _Chat:
         self.ctx, self.req, self.plan, self.request_id, self.t0 = ctx, req, plan, request_id, t0
         self.prompt, self.choices = prompt, choices
         self.created = int(time.time())
+        self.echo = req.echoed(req.messages)  # vLLM's chat echo: the final assistant message's text first
+        self.as_ids = bool(req.return_tokens_as_token_ids)
 
     async def whole(self) -> Response:
         ctx = self.ctx
@@ -84,44 +91,71 @@ class _Chat:
         results = []
         for i, out in sorted(finals.items()):
             message, reason = final_message(self.plan, ctx.tokenizer, out)
-            lp = chat_logprobs(ctx.tokenizer, out.logprobs)
-            results.append(ChatCompletionChoice(index=i, message=message, logprobs=lp, finish_reason=reason))
+            if self.echo:
+                message.content = self.echo + (message.content or "")
+            lp = chat_logprobs(ctx.tokenizer, out.logprobs, self.as_ids)
+            results.append(
+                ChatCompletionChoice(
+                    index=i, message=message, logprobs=lp, finish_reason=reason, stop_reason=out.stop_reason
+                )
+            )
         usage = Usage.of(len(self.prompt), sum(len(o.token_ids) for o in finals.values()))
+        scored = prompt_logprobs(ctx.tokenizer, finals[0].prompt_logprobs, self.req.prompt_logprobs, self.as_ids)
         return json_response(
             ChatCompletionResponse(
-                id=self.request_id, created=self.created, model=ctx.model_name, choices=results, usage=usage
+                id=self.request_id,
+                created=self.created,
+                model=ctx.model_name,
+                choices=results,
+                usage=usage,
+                prompt_logprobs=scored,
             )
         )
 
     def chunk(
-        self, index: int, delta: ChatDelta, finish: FinishReason | None = None, logprobs: ChatLogprobs | None = None
+        self,
+        index: int,
+        delta: ChatDelta,
+        finish: FinishReason | None = None,
+        logprobs: ChatLogprobs | None = None,
+        usage: Usage | None = None,
     ) -> ChatCompletionStreamResponse:
         choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
         return ChatCompletionStreamResponse(
-            id=self.request_id, created=self.created, model=self.ctx.model_name, choices=[choice]
+            id=self.request_id, created=self.created, model=self.ctx.model_name, choices=[choice], usage=usage
         )
 
     async def events(self) -> AsyncIterator[ChatCompletionStreamResponse]:
+        """The role first, then content / tool-call deltas per choice; with ``stream_options.continuous_usage_stats``
+        every chunk carries the usage so far (the prompt and that choice's tokens), with ``include_usage`` a last
+        chunk the whole usage."""
         ctx, req = self.ctx, self.req
-        completion_tokens = 0
+        at_end, continuous = usage_flags(req.stream_options)
+        generated = {c.index: 0 for c in self.choices}
+
+        def usage(i: int) -> Usage | None:
+            return Usage.of(len(self.prompt), generated[i]) if continuous else None
+
         streams = {c.index: MessageStream(self.plan, ctx.tokenizer) for c in self.choices}
         for c in self.choices:
-            yield self.chunk(c.index, ChatDelta(role="assistant", content=""))
+            yield self.chunk(c.index, ChatDelta(role="assistant", content=""), usage=usage(c.index))
+            if self.echo:
+                yield self.chunk(c.index, ChatDelta(content=self.echo), usage=usage(c.index))
         async for c, out in ctx.frontend.merged(self.choices, self.t0):
-            completion_tokens += len(out.new_token_ids)
-            lp = chat_logprobs(ctx.tokenizer, out.new_logprobs)
+            generated[c.index] += len(out.new_token_ids)
+            lp = chat_logprobs(ctx.tokenizer, out.new_logprobs, self.as_ids)
             deltas, reason = streams[c.index].feed(out)
             if lp is not None and not deltas:
                 deltas = [ChatDelta()]
             for k, delta in enumerate(deltas):  # this step's logprobs ride on its first delta
-                yield self.chunk(c.index, delta, logprobs=lp if k == 0 else None)
+                yield self.chunk(c.index, delta, logprobs=lp if k == 0 else None, usage=usage(c.index))
             if out.finished:
-                yield self.chunk(c.index, ChatDelta(), reason)
-        if req.stream_options and req.stream_options.include_usage:
+                yield self.chunk(c.index, ChatDelta(), reason, usage=usage(c.index))
+        if at_end:
             yield ChatCompletionStreamResponse(
                 id=self.request_id,
                 created=self.created,
                 model=ctx.model_name,
                 choices=[],
-                usage=Usage.of(len(self.prompt), completion_tokens),
+                usage=Usage.of(len(self.prompt), sum(generated.values())),
             )

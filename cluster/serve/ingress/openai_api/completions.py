@@ -12,8 +12,8 @@ from cluster.engine.request import RequestOutput
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import PromptTooLongError
 from cluster.serve.ingress.context import ServeContext
-from cluster.serve.ingress.openai_api.logprobs import completion_logprobs, echoed_logprobs, joined
-from cluster.serve.ingress.openai_api.protocol import CompletionRequest
+from cluster.serve.ingress.openai_api.logprobs import completion_logprobs, echoed_logprobs, joined, prompt_logprobs
+from cluster.serve.ingress.openai_api.protocol import CompletionRequest, usage_flags
 from cluster.serve.ingress.openai_api.responses import (
     CompletionChoice,
     CompletionLogprobs,
@@ -30,7 +30,9 @@ ENDPOINT = "completions"
 
 
 async def create_completion(ctx: ServeContext, req: CompletionRequest, request_id: str, t0: float) -> Response:
-    """``request_id`` is the response id; choice i runs as engine request ``<request_id>-<i>``."""
+    """``request_id`` is the response id (``cmpl-<request_id>`` when the client names one); choice i runs as engine
+    request ``<response id>-<i>``."""
+    request_id = req.response_id("cmpl", request_id)
     constraint = request_constraint(req)
     params = req.params(
         vocab_size=await ctx.frontend.vocab_size(), structured=constraint.output if constraint else None
@@ -49,7 +51,7 @@ async def _encode_prompts(ctx: ServeContext, req: CompletionRequest) -> list[lis
     context = await ctx.frontend.max_model_len()
     prompts: list[list[int]] = []
     for item in req.prompts():
-        ids = await ctx.encode(item) if isinstance(item, str) else list(item)
+        ids = req.truncate(await ctx.encode(item) if isinstance(item, str) else list(item), context)
         if len(ids) >= context:
             raise PromptTooLongError(
                 f"this model's maximum context length is {context} tokens; the prompt has {len(ids)}", param="prompt"
@@ -81,12 +83,13 @@ class _Completion:
 
     def logprobs_of(self, i: int, out: RequestOutput, offset: int, *, with_prompt: bool) -> CompletionLogprobs | None:
         """Choice ``i``'s logprobs: the echoed prompt's (``with_prompt``), then its completion's."""
-        req, tok = self.req, self.ctx.tokenizer
+        req, tok, as_ids = self.req, self.ctx.tokenizer, bool(self.req.return_tokens_as_token_ids)
         if req.logprobs is None:
             return None
-        mine = completion_logprobs(tok, out.new_logprobs if req.stream else out.logprobs, offset)
+        mine = completion_logprobs(tok, out.new_logprobs if req.stream else out.logprobs, offset, as_ids)
         if with_prompt and out.prompt_logprobs is not None:
-            return joined(echoed_logprobs(tok, self.prompt_ids[i], out.prompt_logprobs), mine)
+            echoed = echoed_logprobs(tok, self.prompt_ids[i], out.prompt_logprobs, req.logprobs, as_ids)
+            return joined(echoed, mine)
         return mine
 
     async def whole(self) -> Response:
@@ -94,12 +97,17 @@ class _Completion:
         async for c, out in self.ctx.frontend.merged(self.choices, self.t0):
             if out.finished:
                 finals[c.index] = out
+        as_ids = bool(self.req.return_tokens_as_token_ids)
         choices = [
             CompletionChoice(
                 index=k,
                 text=self.echo[i] + finals[i].text,
                 logprobs=self.logprobs_of(i, finals[i], len(self.echo[i]), with_prompt=self.scored),
                 finish_reason=finish_reason(finals[i].finish_reason),
+                stop_reason=finals[i].stop_reason,
+                prompt_logprobs=prompt_logprobs(
+                    self.ctx.tokenizer, finals[i].prompt_logprobs, self.req.prompt_logprobs, as_ids
+                ),
             )
             for k, i in enumerate(best_of(finals, self.params))
         ]
@@ -116,27 +124,39 @@ class _Completion:
         )
 
     async def events(self) -> AsyncIterator[CompletionStreamResponse]:
+        """Text deltas per choice; with ``stream_options.continuous_usage_stats`` every chunk carries the usage so
+        far (the prompt and that choice's tokens), with ``include_usage`` a last chunk the whole usage."""
         req, echo = self.req, self.echo
-        completion_tokens = 0
+        at_end, continuous = usage_flags(req.stream_options)
+        generated = dict.fromkeys(echo, 0)
         offsets = {i: len(t) for i, t in echo.items()}
         echoed: set[int] = set()
+
+        def chunk(i: int, choice: CompletionChoice) -> CompletionStreamResponse:
+            prompt = len(self.prompt_ids[i])
+            return self.chunk([choice], Usage.of(prompt, generated[i]) if continuous else None)
+
         if req.echo and not self.scored:  # with logprobs the echo waits for the prompt's scores (the first output)
             for i, t in echo.items():
-                yield self.chunk([CompletionChoice(index=i, text=t)])
+                yield chunk(i, CompletionChoice(index=i, text=t))
         async for c, out in self.ctx.frontend.merged(self.choices, self.t0):
-            completion_tokens += len(out.new_token_ids)
+            generated[c.index] += len(out.new_token_ids)
             if not out.delta_text and not out.finished and not out.new_logprobs:
                 continue
             first = self.scored and c.index not in echoed
             lp = self.logprobs_of(c.index, out, offsets[c.index], with_prompt=first)
             if first:
                 echoed.add(c.index)
-                yield self.chunk([CompletionChoice(index=c.index, text=echo[c.index])])
+                yield chunk(c.index, CompletionChoice(index=c.index, text=echo[c.index]))
             offsets[c.index] += len(out.delta_text)
             reason = finish_reason(out.finish_reason)
-            yield self.chunk([CompletionChoice(index=c.index, text=out.delta_text, logprobs=lp, finish_reason=reason)])
-        if req.stream_options and req.stream_options.include_usage:
-            yield self.chunk([], Usage.of(self.prompt_tokens, completion_tokens))
+            stop = out.stop_reason if out.finished else None
+            choice = CompletionChoice(
+                index=c.index, text=out.delta_text, logprobs=lp, finish_reason=reason, stop_reason=stop
+            )
+            yield chunk(c.index, choice)
+        if at_end:
+            yield self.chunk([], Usage.of(self.prompt_tokens, sum(generated.values())))
 
 
 def best_of(finals: dict[int, RequestOutput], params: SamplingParams) -> list[int]:

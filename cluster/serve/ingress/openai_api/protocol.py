@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, model_validator
+from pydantic import Discriminator, Field, StrictBool, StrictInt, Tag, model_validator
 
 from cluster.engine.sampling import SamplingParams, StructuredOutput
 from cluster.errors import InvalidRequestError
+from cluster.serve.ingress.openai_api.extras import ChatExtras, ChatTemplateOptions, VllmExtras
+from cluster.serve.ingress.openai_api.extras import Strict as _Strict
 
 Number = StrictInt | float
 
@@ -32,16 +34,30 @@ NO_EFFECT = (
     "messages[].name",  # but on a tool message (the v2 chat format writes it with the result)
     "response_format.json_schema.strict",  # outputs always follow their schema
     "tools[].function.strict",
+    "length_penalty",  # weighs beam search candidates only (vLLM), and use_beam_search is false here
+    "structured_outputs.disable_fallback",  # one backend, no fallback
+    "structured_outputs.disable_any_whitespace",  # JSON has no free whitespace here anyway
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class StreamOptions(_Strict):
-    include_usage: StrictBool = False
+    include_usage: StrictBool | None = Field(None, description="a last chunk with the usage (default: as continuous)")
+    continuous_usage_stats: StrictBool = Field(False, description="vLLM's: the usage so far in every chunk")
     include_obfuscation: StrictBool | None = Field(None, description="accepted, no effect (no obfuscation padding)")
+
+    @property
+    def usage_at_end(self) -> bool:
+        return self.include_usage if self.include_usage is not None else self.continuous_usage_stats
+
+    @property
+    def continuous(self) -> bool:
+        """Usage in every chunk: continuous_usage_stats, unless include_usage is false (vLLM's rule)."""
+        return self.continuous_usage_stats and self.usage_at_end
+
+
+def usage_flags(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(a last usage chunk, usage in every chunk) of a streamed request."""
+    return (options.usage_at_end, options.continuous) if options is not None else (False, False)
 
 
 class JsonSchemaFormat(_Strict):
@@ -64,8 +80,9 @@ class ResponseFormat(_Strict):
         return self
 
 
-class _Sampling(_Strict):
-    """Fields shared by completions and chat completions: OpenAI's, plus vLLM's sampling extras."""
+class _Sampling(VllmExtras):
+    """Fields shared by completions and chat completions: OpenAI's, plus vLLM's sampling extras (and the request
+    extras of :class:`~cluster.serve.ingress.openai_api.extras.VllmExtras`)."""
 
     model: str | None = None
     max_tokens: StrictInt | None = None
@@ -139,6 +156,7 @@ class _Sampling(_Strict):
             structured_output=structured,
             n=self.n,
             best_of=best_of,
+            **self.extra_params(streaming=self.stream),
         )
 
 
@@ -182,8 +200,8 @@ class CompletionRequest(_Sampling):
             structured=structured,
             best_of=self.best_of,
         )
-        if self.echo and self.logprobs is not None:
-            params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
+        if self.echo and self.logprobs is not None:  # scored as well: as many alternatives as either wants
+            params = dataclasses.replace(params, prompt_logprobs=max(self.logprobs, self.prompt_logprobs or 0))
         return params
 
 
@@ -283,7 +301,7 @@ ToolChoice = Annotated[
 ]
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(ChatExtras, _Sampling):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
@@ -329,14 +347,11 @@ class TokenizeCompletionRequest(_Strict):
     return_token_strs: StrictBool = False
 
 
-class TokenizeChatRequest(_Strict):
+class TokenizeChatRequest(ChatTemplateOptions):
     """vLLM's /tokenize with chat messages (the ids a chat completion would be prompted with)."""
 
     model: str | None = None
     messages: list[ChatMessageIn] = Field(min_length=1)
-    add_generation_prompt: StrictBool = Field(
-        True, description="only true: the Mistral instruct format always ends with the generation prompt [/INST]"
-    )
     return_token_strs: StrictBool = False
     tools: list[ToolDef] | None = Field(None, description="tools rendered into the prompt, as chat completions do")
 

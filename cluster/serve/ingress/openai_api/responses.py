@@ -47,11 +47,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob`` of a prompt token (``prompt_logprobs``): its rank among all tokens and its text."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = _omit_none("vLLM's: the stop string or stop token id that ended the choice")
+    prompt_logprobs: PromptLogprobs | None = _omit_none("vLLM's prompt_logprobs: per prompt token (the first: null)")
 
 
 class CompletionResponse(BaseModel):
@@ -136,6 +150,7 @@ class ChatCompletionChoice(BaseModel):
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = _omit_none("vLLM's: the stop string or stop token id that ended the choice")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -145,6 +160,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = _omit_none("vLLM's prompt_logprobs: per prompt token (the first: null)")
 
 
 class ChatStreamChoice(BaseModel):

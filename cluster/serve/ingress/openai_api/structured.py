@@ -4,7 +4,8 @@
 The fields, in the order a conflict is reported (at most one may constrain a request; the second is a 400 naming
 it): OpenAI's ``response_format`` (``json_object``, or ``json_schema`` with ``json_schema.schema``; ``text`` is no
 constraint), vLLM's ``guided_json`` (a schema, as an object or its JSON text), ``guided_regex``, ``guided_choice``
-(a list of strings), ``guided_grammar`` (Lark), and on chat a ``tool_choice`` that forces a call
+(a list of strings), ``guided_grammar`` (Lark), vLLM's ``structured_outputs`` (its current name for the same:
+``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``), and on chat a ``tool_choice`` that forces a call
 (:mod:`cluster.serve.ingress.openai_api.tools`).
 
 The engine checks a spec when the request is queued and raises :class:`~cluster.errors.SamplingParamsError` on
@@ -20,10 +21,11 @@ from typing import Any, Protocol
 from cluster.engine.sampling import SamplingParams, StructuredOutput
 from cluster.errors import InvalidRequestError, SamplingParamsError
 from cluster.serve.ingress.context import ServeContext
+from cluster.serve.ingress.openai_api.extras import StructuredOutputsIn
 from cluster.serve.ingress.openai_api.protocol import ResponseFormat
 from cluster.serve.ingress.streams import Choice
 
-FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
 class _Constrainable(Protocol):
@@ -32,6 +34,7 @@ class _Constrainable(Protocol):
     guided_regex: str | None
     guided_choice: list[str] | None
     guided_grammar: str | None
+    structured_outputs: StructuredOutputsIn | None
 
 
 @dataclass(frozen=True)
@@ -46,15 +49,15 @@ def json_schema_constraint(schema: Any, param: str) -> Constraint:
     return Constraint(StructuredOutput("json_schema", json.dumps(schema, ensure_ascii=False)), param)
 
 
-def _guided_json(value: dict[str, Any] | str) -> Constraint:
+def _guided_json(value: dict[str, Any] | str, param: str = "guided_json") -> Constraint:
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError as e:
-            raise InvalidRequestError(f"guided_json: not a JSON schema: {e}", param="guided_json") from None
+            raise InvalidRequestError(f"{param}: not a JSON schema: {e}", param=param) from None
     if not isinstance(value, dict):
-        raise InvalidRequestError("guided_json: a JSON schema is a JSON object", param="guided_json")
-    return json_schema_constraint(value, "guided_json")
+        raise InvalidRequestError(f"{param}: a JSON schema is a JSON object", param=param)
+    return json_schema_constraint(value, param)
 
 
 def _constraints(req: _Constrainable) -> list[Constraint]:
@@ -72,6 +75,12 @@ def _constraints(req: _Constrainable) -> list[Constraint]:
         found.append(Constraint(StructuredOutput("choice", json.dumps(req.guided_choice)), "guided_choice"))
     if req.guided_grammar is not None:
         found.append(Constraint(StructuredOutput("lark", req.guided_grammar), "guided_grammar"))
+    if req.structured_outputs is not None:
+        output, schema = req.structured_outputs.output()
+        if output is not None:
+            found.append(Constraint(output, "structured_outputs"))
+        elif schema is not None:
+            found.append(_guided_json(schema, "structured_outputs"))
     return found
 
 

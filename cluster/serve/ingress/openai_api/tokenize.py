@@ -1,7 +1,8 @@
 """POST /tokenize and POST /detokenize, with vLLM's request and response shapes.
 
 ``/tokenize`` takes ``{model?, prompt, add_special_tokens?, return_token_strs?}`` or
-``{model?, messages, add_generation_prompt?, return_token_strs?}`` (the ids a chat completion would be prompted with)
+``{model?, messages, tools?, add_generation_prompt?, continue_final_message?, chat_template_kwargs?, documents?,
+return_token_strs?}`` (the ids a chat completion would be prompted with)
 and answers ``{count, max_model_len, tokens, token_strs?}``; ``/detokenize`` takes ``{model?, tokens}`` and answers
 ``{prompt}``.
 """
@@ -37,12 +38,8 @@ async def tokenize(
     ctx: ServeContext, req: TokenizeCompletionRequest | TokenizeChatRequest, request_id: str, t0: float
 ) -> Response:
     if isinstance(req, TokenizeChatRequest):
-        if not req.add_generation_prompt:
-            raise InvalidRequestError(
-                "add_generation_prompt false is not supported: the Mistral instruct format always ends with [/INST]",
-                param="add_generation_prompt",
-            )
-        ids = await ctx.encode_chat(req.chat(), tools=as_prompt_tools(req.tools) if req.tools else None)
+        tools = as_prompt_tools(req.tools) if req.tools else None
+        ids = await ctx.encode_chat(req.chat(), tools=tools, options=req.chat_options())
     else:
         ids = await ctx.encode(req.prompt, bos=req.add_special_tokens)
     strs = [ctx.tokenizer.id_to_piece(i) for i in ids] if req.return_token_strs else None
