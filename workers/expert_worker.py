@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -61,6 +62,7 @@ class ExpertWorker:
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=65536)  # (start, seconds) of each packed run
         self.threads = use_assigned_cpus()
         config = ModelConfig.from_dir(model)
+        self.rss_before_load = rss_bytes()  # this process's runtime baseline: torch and mixserve, no experts
         t0 = time.perf_counter()
         self.shard = ExpertShard.load(
             model,
@@ -140,6 +142,8 @@ class ExpertWorker:
             "device": self.device,
             "expert_bytes": self.shard.nbytes(),
             "expert_format": self.shard.describe(),
+            "rss_bytes": rss_bytes(),
+            "rss_before_load": self.rss_before_load,
             "pid": self.pid,
             "incarnation": self.incarnation,
             "threads": self.threads,
@@ -167,6 +171,17 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (VmRSS of /proc/self/status), 0 where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def use_assigned_cpus() -> int:

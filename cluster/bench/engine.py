@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from cluster.bench import harness as h
 from cluster.bench import kv
 from cluster.bench.harness import Common, opt
+from cluster.bench.steps import Recorder, Step, drive
 from cluster.checkpoint.load import parse_dtype
 from cluster.checkpoint.locate import resolve
 from cluster.config.cluster import ClusterConfig
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.step import Executor, StepBatch
+from cluster.engine.step import Executor
 from cluster.runtime.frontend import Frontend, build_frontend
 from router.transport import LocalTransport
 
@@ -69,54 +70,10 @@ class Options(Common):
     capacity_slots: int = opt(4, "(d) slots of max_model_len positions the slot cache had: the bytes both get")
     capacity_len: int = opt(256, "(d) tokens per sequence (half prompt, half output)")
     seed: int = opt(0, "seed of the prompts")
-
-
-@dataclass
-class Step:
-    tokens: int
-    seqs: int
-    start: float
-    forward_s: float
-    routed: torch.Tensor  # [L, E] tokens routed to each (layer, expert) in this step
-    step_s: float = 0.0  # from this step's start to the next one's (the last: to the end of generate)
-
-    @property
-    def decode(self) -> bool:
-        return self.tokens == self.seqs
-
-
-class Recorder:
-    """The model runner as the engine's executor, recording every step; what runs is unchanged."""
-
-    def __init__(self, fe: Frontend) -> None:
-        self.runner, self.load = fe.runner, fe.model.expert_load
-        self.steps: list[Step] = []
-
-    def __getattr__(self, name: str) -> Any:  # the rest of the executor contract (KV-cache sizes) is the runner's
-        return getattr(self.runner, name)
-
-    def execute(self, batch: StepBatch) -> torch.Tensor:
-        before = torch.tensor(self.load.snapshot())
-        t0 = time.perf_counter()
-        logits = self.runner.execute(batch)
-        h.sync()
-        seconds = time.perf_counter() - t0
-        routed = torch.tensor(self.load.snapshot()) - before
-        self.steps.append(Step(batch.num_tokens, len(batch.chunks), t0, seconds, routed))
-        return logits
-
-
-def drive(fe: Frontend, rec: Recorder, work: list[tuple[list[int], int]]) -> tuple[float, list[Step], list[list[int]]]:
-    """``EngineCore.generate`` of every (prompt, max_tokens) at once: wall seconds, the steps and the output ids."""
-    first = len(rec.steps)
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in work]
-    t0 = time.perf_counter()
-    outs = fe.core.generate([p for p, _ in work], params)
-    end = time.perf_counter()
-    steps = rec.steps[first:]
-    for s, nxt in zip(steps, [s.start for s in steps[1:]] + [end], strict=True):
-        s.step_s = nxt - s.start
-    return end - t0, steps, [o.token_ids for o in outs]
+    quantization: str = opt("", "(e)/(f) instead: compare expert formats, e.g. none,int8,int4,fp8 (bench/quant.py)")
+    kernel_shape: str = opt("14336,4096", "(f) the expert matrix of the kernel table, N,K")
+    kernel_rows: str = opt("1,2,4,8,16,32,64", "(f) rows per expert of the kernel table")
+    kernel_iters: int = opt(5, "(f) calls per cell of the kernel table (0 skips it)")
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
@@ -358,6 +315,10 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     if o.prompt_len < 2 or o.new_tokens < 2:
         raise SystemExit("mixserve bench engine: --prompt-len and --new-tokens must be >= 2")
     r = h.Run("engine", o)
+    if o.quantization:
+        from cluster.bench.quant import run_formats  # its own comparison: (e) and (f) of bench/quant.py
+
+        return run_formats(o, cluster, r)
     config = resolve(ClusterConfig.create(model=h.model_dir(o.model), **cluster))
     r(f"loading {config.load.model} (ours, then transformers)")
     fe = build_frontend(config, progress=False)

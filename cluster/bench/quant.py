@@ -1,0 +1,206 @@
+"""``mixserve bench engine --quantization none,int8,int4,fp8``: the decode speed of each expert format in one run,
+each against its own weight-bytes floor, and the kernels behind it.
+
+(e) Formats. For each format (``none``: the checkpoint's dense experts in --dtype; int8 / int4 / fp8: the same
+experts quantized on load, ``quantization=``) and each batch size, an in-process (W = 0) engine decodes ``batch``
+prompts of --prompt-len tokens for --new-tokens greedy tokens (after one warm-up run). decode tokens/s = batch /
+median full-batch decode step (schedule, forward, sample). Floor = the bytes one decode step must read (every 2-D
+non-expert matrix but an untied embedding, plus the experts its tokens hit, as stored: quantized ones with their
+scales) / the memory bandwidth measured here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor).
+(f) Kernels. One expert matrix of --kernel-shape (default Mixtral-8x7B's w1, 14336 x 4096), median ms of --kernel-iters
+calls per row count: dense ``F.linear`` in bfloat16 and float32, then each quantized form as mixserve runs it
+(``workers.quant``: the kernel, and for int8 its dequantize + matmul path) in --dtype. The int8 crossover is the first
+row count where dequantize + matmul beats ``_weight_int8pack_mm``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+
+from cluster.bench import harness as h
+from cluster.bench.steps import Recorder, drive
+from cluster.checkpoint.load import parse_dtype
+from cluster.checkpoint.locate import resolve
+from cluster.checkpoint.quant.quantize import quantize
+from cluster.config.cluster import ClusterConfig
+from cluster.config.dtype import cpu_has_fast_bf16
+from cluster.engine.step import Executor
+from cluster.runtime.frontend import build_frontend
+from router.transport import LocalTransport
+from workers.quant.linear import DequantLinear, Int8Linear, prepare
+
+FORMATS = ("none", "int8", "int4", "fp8")
+
+
+def bandwidth_gb_s(mib: int = 512, iters: int = 5) -> float:
+    """Read bandwidth of this process's threads: bytes of a float32 tensor over the best time of one ``sum``."""
+    x = torch.ones(mib * 2**20 // 4)
+    best = min(h.time_calls(lambda: x.sum(), iters))
+    return x.numel() * 4 / best / 1e9
+
+
+def format_run(o: Any, cluster: dict[str, Any], kind: str, batch: int, bandwidth: float, run: h.Run) -> dict:
+    """One format at one batch size: decode tokens/s, step p50, bytes read per step and the floor."""
+    options = {**cluster, "quantization": None if kind == "none" else kind, "max_num_seqs": max(batch, 1)}
+    config = resolve(ClusterConfig.create(model=h.model_dir(o.model), **options))
+    run(f"(e) {kind}, batch {batch}: loading, warm-up, {o.repeats} runs")
+    fe = build_frontend(config, progress=False)
+    fe.core.executor = cast(Executor, rec := Recorder(fe))
+    prompts = [[3 + (i * 7919 + j * 104729) % 30000 for j in range(o.prompt_len)] for i in range(batch)]
+    work = [(p, o.new_tokens) for p in prompts]
+    drive(fe, rec, work)
+    steps = [s for _ in range(o.repeats) for s in drive(fe, rec, work)[1] if s.decode and s.tokens == batch]
+    transport = fe.experts.transport
+    assert isinstance(transport, LocalTransport)
+    (shard,) = transport.shards.values()
+    per_expert = shard.nbytes() / len(shard.experts)  # type: ignore[attr-defined]
+    model = fe.model
+    tied = model.lm_head is None
+    dense = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and (tied or n != "embed_tokens")
+    )
+    hits = statistics.fmean(int((s.routed > 0).sum()) for s in steps)
+    nbytes = dense + hits * per_expert
+    step_s = statistics.median(s.step_s for s in steps)
+    floor_s = nbytes / (bandwidth * 1e9)
+    return {
+        "format": kind,
+        "batch": batch,
+        "held": shard.describe(),  # type: ignore[attr-defined]
+        "decode_tokens_per_s": batch / step_s,
+        "step_ms_p50": step_s * 1e3,
+        "weight_mb_per_step": nbytes / 2**20,
+        "floor_ms": floor_s * 1e3,
+        "step_over_floor": step_s / floor_s,
+        "expert_mb": shard.nbytes() / 2**20,  # type: ignore[attr-defined]
+    }
+
+
+def kernel_table(o: Any, dtype: torch.dtype, run: h.Run) -> list[dict]:
+    """(f): median ms per row count of each way to multiply by one expert matrix."""
+    n, k = h.ints(o.kernel_shape, "kernel-shape", span=False)[:2]
+    rows = h.ints(o.kernel_rows, "kernel-rows")
+    run(f"(f) kernels: one {n} x {k} matrix, rows {rows}")
+    w = torch.randn(n, k) * 0.02
+    ways: dict[str, Any] = {
+        "dense bfloat16 F.linear": lambda x, wb=w.bfloat16(): F.linear(x.bfloat16(), wb),
+        "dense float32 F.linear": lambda x, wf=w: F.linear(x.float(), wf),
+    }
+    for kind in ("int8", "int4", "fp8"):
+        lin = prepare(quantize(w, kind), device=torch.device("cpu"), dtype=dtype)
+        ways[f"{kind}: {lin.kernel}"] = lambda x, lin=lin: lin(x.to(dtype))
+        if isinstance(lin, Int8Linear):
+            ways["int8: dequantize + matmul (forced)"] = lambda x, lin=lin: DequantLinear.matmul(lin, x.to(dtype))
+    out = []
+    with torch.inference_mode():
+        for name, fn in ways.items():
+            row: dict[str, Any] = {"way": name}
+            for r in rows:
+                x = torch.randn(r, k)
+                row[f"{r} rows"] = statistics.median(h.time_calls(lambda fn=fn, x=x: fn(x), o.kernel_iters)) * 1e3
+            out.append(row)
+    return out
+
+
+def crossover(kernels: list[dict], rows: list[int]) -> int | None:
+    """The first row count where int8's dequantize + matmul beats its kernel (None: never within ``rows``)."""
+    by = {r["way"]: r for r in kernels}
+    kernel = next((r for w, r in by.items() if w.startswith("int8: _weight_int8pack_mm")), None)
+    forced = by.get("int8: dequantize + matmul (forced)")
+    if kernel is None or forced is None:
+        return None
+    return next((r for r in rows if forced[f"{r} rows"] < kernel[f"{r} rows"]), None)
+
+
+def goals_of(rows: list[dict], batches: list[int]) -> list[dict]:
+    speed = {(r["format"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
+    out = []
+    for kind, want in (("int4", 2.0), ("int8", 1.5)):
+        if (kind, 1) in speed and ("none", 1) in speed:
+            out.append(
+                h.goal(
+                    f"{kind} decode tokens/s >= {want}x none at batch 1",
+                    speed[(kind, 1)] / speed[("none", 1)],
+                    want,
+                    at_least=True,
+                )
+            )
+    top = max(batches)
+    quantized = [k for k, b in speed if b == top and k != "none"]
+    if quantized and ("none", top) in speed:
+        worst = min(quantized, key=lambda k: speed[(k, top)])
+        text = f"every format's decode tokens/s >= none at batch {top} (slowest / none)"
+        out.append(
+            h.goal(text, speed[(worst, top)] / speed[("none", top)], 1.0, at_least=True, note=f"slowest: {worst}")
+        )
+    worst_row = max(rows, key=lambda r: r["step_over_floor"])
+    note = f"worst: {worst_row['format']} at batch {worst_row['batch']}"
+    out.append(
+        h.goal(
+            "every decode step <= 1.3x its weight-bytes floor",
+            worst_row["step_over_floor"],
+            1.3,
+            at_least=False,
+            note=note,
+        )
+    )
+    return out
+
+
+def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
+    kinds = [k.strip() for k in o.quantization.split(",") if k.strip()]
+    if not kinds or any(k not in FORMATS for k in kinds):
+        raise SystemExit(
+            f"mixserve bench engine: --quantization takes a list of {', '.join(FORMATS)}, not {o.quantization!r}"
+        )
+    asked = str(cluster.get("dtype") or "auto")
+    dtype = parse_dtype("bfloat16" if asked == "auto" else asked)  # the formats are compared against bfloat16
+    cluster = {**cluster, "dtype": str(dtype).removeprefix("torch.")}
+    batches = h.ints(o.batch_sizes, "batch-sizes")
+    r("(e) memory bandwidth")
+    bandwidth = bandwidth_gb_s()
+    t0 = time.perf_counter()
+    rows = [format_run(o, cluster, k, b, bandwidth, r) for k in kinds for b in batches]
+    dense = {x["batch"]: x["decode_tokens_per_s"] for x in rows if x["format"] == "none"}
+    for row in rows:
+        row["speed_vs_none"] = h.ratio(row["decode_tokens_per_s"], dense.get(row["batch"]))
+    kernels = kernel_table(o, dtype, r) if o.kernel_iters else []
+    cross = crossover(kernels, h.ints(o.kernel_rows, "kernel-rows")) if kernels else None
+    cols = [
+        "format",
+        "batch",
+        "decode_tokens_per_s",
+        "speed_vs_none",
+        "step_ms_p50",
+        "floor_ms",
+        "step_over_floor",
+        "weight_mb_per_step",
+        "expert_mb",
+    ]
+    tables = [
+        h.table(rows, cols, title=f"(e) decode per expert format ({cluster['dtype']}; bandwidth {bandwidth:.1f} GB/s)")
+    ]
+    if kernels:
+        cols = ["way"] + [c for c in kernels[0] if c != "way"]
+        tables.append(
+            h.table(
+                kernels, cols, title=f"(f) one expert matrix {o.kernel_shape}, median ms (int8 crossover: {cross} rows)"
+            )
+        )
+    results = {
+        "formats": rows,
+        "bandwidth_gb_s": bandwidth,
+        "cpu_has_bf16_units": cpu_has_fast_bf16(),
+        "kernels": kernels,
+        "int8_crossover_rows": cross,
+        "seconds": time.perf_counter() - t0,
+    }
+    settings = {"cluster": cluster, "formats": kinds}
+    return r.finish(settings=settings, method=__doc__, results=results, goals=goals_of(rows, batches), tables=tables)

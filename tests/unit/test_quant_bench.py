@@ -1,0 +1,67 @@
+"""``mixserve bench engine --quantization`` and ``bench memory --quantization`` run end to end on a tiny model with
+minimal sizes, and compute each goal from the figures they measured (speed and memory claims live in the reports,
+never in tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.bench.quant import crossover
+from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
+from tests.unit.test_bench_cli import run_bench
+
+SPEC = TinyModelSpec(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, experts=4, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("bench-model"), SPEC)
+
+
+def test_engine_formats(tiny, tmp_path):
+    argv = ["engine", "--model", str(tiny), "--quantization", "none,int8,int4,fp8", "--batch-sizes", "1,2"]
+    argv += ["--new-tokens", "3", "--prompt-len", "2", "--repeats", "1", "--max-model-len", "64"]
+    argv += ["--kernel-shape", "64,128", "--kernel-rows", "1,16", "--kernel-iters", "1"]
+    report = run_bench(argv, tmp_path / "engine.json")
+    res = report["results"]
+    rows = {(r["format"], r["batch"]): r for r in res["formats"]}
+    assert set(rows) == {(k, b) for k in ("none", "int8", "int4", "fp8") for b in (1, 2)}
+    assert report["settings"]["cluster"]["dtype"] == "bfloat16"  # auto means the bfloat16 baseline here
+    for r in rows.values():
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms_p50"])
+        assert r["step_over_floor"] == pytest.approx(r["step_ms_p50"] / r["floor_ms"])
+        assert r["speed_vs_none"] == pytest.approx(
+            r["decode_tokens_per_s"] / rows[("none", r["batch"])]["decode_tokens_per_s"]
+        )
+    assert rows[("int4", 1)]["expert_mb"] < 0.35 * rows[("none", 1)]["expert_mb"]
+    assert "int4" in rows[("int4", 1)]["held"] and "dense" in rows[("none", 1)]["held"]
+    goals = {g["goal"]: g["measured"] for g in report["goals"]}
+    assert goals["int4 decode tokens/s >= 2.0x none at batch 1"] == rows[("int4", 1)]["speed_vs_none"]
+    assert goals["every decode step <= 1.3x its weight-bytes floor"] == max(r["step_over_floor"] for r in rows.values())
+    assert [k["way"].split(":")[0] for k in res["kernels"]][:2] == ["dense bfloat16 F.linear", "dense float32 F.linear"]
+    assert isinstance(res["cpu_has_bf16_units"], bool) and res["bandwidth_gb_s"] > 0
+
+
+def test_crossover_is_the_first_row_count_where_dequantize_wins():
+    kernels = [
+        {"way": "int8: _weight_int8pack_mm (<= 8 rows), dequantize + matmul above", "1 rows": 1.0, "8 rows": 5.0},
+        {"way": "int8: dequantize + matmul (forced)", "1 rows": 3.0, "8 rows": 4.0},
+    ]
+    assert crossover(kernels, [1, 8]) == 8
+    assert crossover(kernels[:1], [1, 8]) is None
+
+
+@pytest.mark.ray
+def test_memory_formats(tiny, tmp_path, ray_instance):
+    argv = ["memory", "--model", str(tiny), "--expert-workers", "1", "--quantization", "none,int4"]
+    report = run_bench(argv, tmp_path / "memory.json")
+    formats = report["results"]["formats"]
+    assert [(f["format"], f["role"]) for f in formats] == [("none", "worker 0"), ("int4", "worker 0")]
+    int4 = formats[1]
+    assert (
+        int4["stored_over_bf16"] == pytest.approx(int4["stored_mb"] / int4["bf16_mb"])
+        and int4["stored_over_bf16"] < 0.4
+    )
+    assert int4["grown_over_stored"] == pytest.approx(int4["grown_mb"] / int4["stored_mb"])
+    goals = {g["goal"]: g for g in report["goals"]}
+    assert goals["int4 expert bytes <= 0.3x bfloat16 (stored / bf16)"]["measured"] == int4["stored_over_bf16"]
