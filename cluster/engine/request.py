@@ -3,6 +3,7 @@ with vLLM's :class:`CompletionOutput` per choice and :class:`Logprob` entries wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -137,7 +138,7 @@ class Request:
         return True
 
 
-def bad_word_ids(tokenizer: Tokenizer, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+def bad_word_ids(tokenizer: Tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
     """Each bad word as token sequences, as vLLM tokenizes them: the word without its leading blanks, and with one
     leading space when that is a different first token of the same length (a word in the middle of the text)."""
     out: list[tuple[int, ...]] = []

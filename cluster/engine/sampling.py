@@ -122,8 +122,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    allowed_token_ids: tuple[int, ...] | None = None
-    bad_words: tuple[str, ...] = ()
+    allowed_token_ids: Sequence[int] | None = None  # stored as a tuple
+    bad_words: Sequence[str] = ()  # stored as a tuple
     truncate_prompt_tokens: int | None = None
     cache_salt: str | None = None
 

@@ -53,8 +53,8 @@ def test_detokenize_round_trip(served, reference_llm):
     ("path", "body", "status", "param"),
     [
         ("/tokenize", {"prompt": "x", "nope": 1}, 400, "nope"),
-        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": False}, 400,
-         "add_generation_prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True}, 400,
+         "continue_final_message"),
         ("/tokenize", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
         ("/tokenize", {"prompt": 5}, 400, "prompt"),
         ("/tokenize", {"prompt": "x", "model": "gpt-4"}, 404, "model"),

@@ -93,7 +93,7 @@ UNKNOWN = [
      "guided_regex", "only one"),
     ("/v1/completions", {"prompt": "x", "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend",
      "llguidance"),
-    ("/v1/chat/completions", {"messages": CHAT, "echo": True}, "echo", "echo"),
+    ("/v1/chat/completions", {"messages": CHAT, "use_beam_search": True}, "use_beam_search", "beam search"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "tool_calls": [
         {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0",
      "only assistant"),

@@ -6,11 +6,14 @@ among all tokens."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import sentencepiece as spm
 import torch
 
 from cluster import LLM, SamplingParams
+from cluster.engine.request import CompletionOutput
 from cluster.errors import InvalidRequestError, SamplingParamsError
 from tests.helpers import hf_greedy, hf_logits, hf_mixtral
 from tests.tokenizer_refs import DATA, FILES
@@ -28,12 +31,12 @@ def setup(tmp_path_factory):
     llm.shutdown()
 
 
-def run(llm: LLM, prompt: list[int], **params) -> object:
+def run(llm: LLM, prompt: list[int], **params) -> CompletionOutput:
     (out,) = llm.generate([prompt], SamplingParams(**params), use_tqdm=False)
     return out.outputs[0]
 
 
-def masked_greedy(model, prompt: list[int], n: int, *, allowed=None, bad: list[list[int]] = ()) -> list[int]:
+def masked_greedy(model, prompt: list[int], n: int, *, allowed=None, bad: Sequence[list[int]] = ()) -> list[int]:
     """transformers' greedy tokens with vLLM's masks: only ``allowed`` tokens; a bad word's last token whenever the
     tokens before it were just generated."""
     out: list[int] = []
