@@ -9,6 +9,8 @@ expert run by the kernel that suits its rows (``workers.quant``); dense experts 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,6 +46,14 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def release_freed_memory() -> None:
+    """Give the heap memory that loading freed back to the OS (glibc keeps freed blocks of a few MiB, the size of
+    one expert's transients, in its arenas: measured 1.3 GB held after quantizing 64 experts of 3 x 512 x 1792 on
+    load, 0 after this). ``malloc_trim``; nothing where the C library has none."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class ExpertShard:
@@ -100,7 +110,9 @@ class ExpertShard:
         pairs = sorted(set(experts))
         if config.quantization is not None or quantization is not None:
             weights = expert_weights(folder, config, pairs, quantization=quantization, progress=progress, label=label)
-            return cls._from_stored(weights, torch.device(device), parse_dtype(dtype), config.num_experts)
+            shard = cls._from_stored(weights, torch.device(device), parse_dtype(dtype), config.num_experts)
+            release_freed_memory()
+            return shard
         tensors = load_tensors(
             folder, config, role=LoadRole.expert_shard(pairs), dtype=parse_dtype(dtype), progress=progress, label=label
         )

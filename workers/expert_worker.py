@@ -62,7 +62,8 @@ class ExpertWorker:
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=65536)  # (start, seconds) of each packed run
         self.threads = use_assigned_cpus()
         config = ModelConfig.from_dir(model)
-        self.rss_before_load = rss_bytes()  # this process's runtime baseline: torch and mixserve, no experts
+        # this process's runtime baseline (torch and mixserve imported, no experts): all of it, and what it allocated
+        self.rss_before_load, self.anon_rss_before_load = rss_bytes(), rss_bytes("RssAnon")
         t0 = time.perf_counter()
         self.shard = ExpertShard.load(
             model,
@@ -144,6 +145,8 @@ class ExpertWorker:
             "expert_format": self.shard.describe(),
             "rss_bytes": rss_bytes(),
             "rss_before_load": self.rss_before_load,
+            "anon_rss_bytes": rss_bytes("RssAnon"),
+            "anon_rss_before_load": self.anon_rss_before_load,
             "pid": self.pid,
             "incarnation": self.incarnation,
             "threads": self.threads,
@@ -173,11 +176,12 @@ def _log_to_stderr() -> None:
         log.setLevel(logging.INFO)
 
 
-def rss_bytes() -> int:
-    """This process's resident memory (VmRSS of /proc/self/status), 0 where there is no /proc."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory from /proc/self/status: VmRSS (all of it), RssAnon (what it allocated, without
+    the pages of files and libraries it maps); 0 where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

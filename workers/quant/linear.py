@@ -56,7 +56,7 @@ class DequantLinear(QuantLinear):
     def __init__(self, w: QuantWeight, *, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(w.shape, _to(w.perm if isinstance(w, IntWeight) else None, device))
         self.dtype = dtype
-        self.w = w
+        self.integer = isinstance(w, IntWeight)  # (w itself is not kept: its tensors are, on the device)
         if isinstance(w, IntWeight):
             self.q, self.scale, self.zero = w.q.to(device), w.scale.to(device), w.zero.to(device)
             self.bits, self.group = w.bits, w.group_size
@@ -66,7 +66,7 @@ class DequantLinear(QuantLinear):
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """w[start:stop] [R, K] in the compute dtype (columns in stored order)."""
-        if not isinstance(self.w, IntWeight):
+        if not self.integer:
             scale = self.scale if self.scale.shape[0] == 1 else self.scale[start:stop]
             return (self.q[start:stop].float() * scale).to(self.dtype)
         q = self.q[start:stop]
@@ -87,7 +87,7 @@ class DequantLinear(QuantLinear):
         return out
 
     def tensors(self) -> list[torch.Tensor | None]:
-        extra = [self.zero] if isinstance(self.w, IntWeight) else []
+        extra = [self.zero] if self.integer else []
         return [self.perm, self.q, self.scale, *extra]
 
 
