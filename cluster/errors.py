@@ -102,6 +102,11 @@ class ExpertWorkerError(UnavailableError):
         self.worker = worker
 
 
+class ExpertWorkerLate(ExpertWorkerError):
+    """A worker has not answered a layer within the bound its usual exchanges give (``router.latency``): with
+    copies of its experts the layer goes to them and the late reply is dropped."""
+
+
 class EngineStoppedError(UnavailableError):
     """The engine was shut down."""
 

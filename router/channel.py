@@ -198,7 +198,8 @@ class _Flight:
         self.d, self.dtype, self.device = x.shape[1], x.dtype, x.device
         self.generation = generation
 
-    def wait(self) -> list[torch.Tensor]:
+    def wait(self, late_at: float | None = None) -> list[torch.Tensor]:
+        """Every worker's reply (``late_at`` is not used: a compiled graph's replies come together)."""
         c = self.client
         if c._generation != self.generation:  # another layer in flight failed and the graph is gone
             raise ExpertWorkerError(f"layer {self.layer} was in flight on a channel graph torn down after a failure")

@@ -24,6 +24,7 @@ from cluster.errors import ExpertWorkerError
 from router import dispatch
 from router.dispatch import WorkerMessage
 from router.gate import Routing
+from router.latency import Lateness
 from router.placement import ExpertPlacement
 from router.replicas import ReplicaRouter
 from router.transport import Exchange, Transport
@@ -36,27 +37,38 @@ class Pending:
         self.client, self.layer, self.x, self.routing = client, layer, x, routing
         self.transport = client.transport  # the one this layer started on, even if the client's is replaced
         self.messages = client.plan(layer, routing)
+        self.sent = time.monotonic()
         self.exchange: Exchange = self.transport.start(layer, x, self.messages)
 
+    def _late_at(self) -> float | None:
+        """When a reply counts as late (copies of experts only: there is somewhere else to send the layer)."""
+        bound = self.client.lateness.bound() if self.client.placement.replicas > 1 else None
+        return None if bound is None else self.sent + bound
+
     def result(self) -> torch.Tensor:
-        """The combined output; a worker that fails the layer is failed over to the other copies of its experts
-        (at most once per worker), else its :class:`ExpertWorkerError` propagates."""
+        """The combined output; a worker that fails the layer, or answers late, is failed over to the other copies
+        of its experts (at most once per worker), else its :class:`ExpertWorkerError` propagates."""
         client = self.client
         t0 = time.perf_counter()
+        clean = True
         try:
             for _ in range(client.placement.num_workers):
                 try:
-                    partials = self.exchange.wait()
+                    partials = self.exchange.wait(self._late_at())
                     break
                 except ExpertWorkerError as e:
                     if not client.router.fail_over(e):
                         raise
+                    clean = False
                     self.messages = client.plan(self.layer, self.routing)
+                    self.sent = time.monotonic()
                     self.exchange = self.transport.start(self.layer, self.x, self.messages)
             else:
                 partials = self.exchange.wait()
         finally:
             client.waited_s += time.perf_counter() - t0
+        if clean:
+            client.lateness.record(time.monotonic() - self.sent)
         return dispatch.combine(self.messages, partials, like=self.x)
 
     def discard(self) -> None:
@@ -73,6 +85,7 @@ class ExpertClient:
         self.router = ReplicaRouter(placement)
         self.transport = transport
         self.waited_s = 0.0  # seconds spent in Pending.result waiting for replies (benchmarks read it)
+        self.lateness = Lateness()  # when a reply counts as late (hedged dispatch over copies of experts)
 
     @property
     def overlap_min_batch(self) -> int:
@@ -86,6 +99,17 @@ class ExpertClient:
     @property
     def failovers(self) -> int:
         return self.router.failovers
+
+    @property
+    def hedges(self) -> int:
+        """Layers sent to other copies because a worker answered late (counted in ``failovers`` too)."""
+        return self.router.hedges
+
+    def take_back(self) -> None:
+        """Route again to the left-out workers that answer again (the health check calls it: an idle frontend has no
+        layer plans that would)."""
+        if self.placement.replicas > 1:
+            self.router.take_back(self.transport.readmit)
 
     @property
     def down(self) -> set[int]:

@@ -37,7 +37,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.errors import ExpertWorkerError
+from cluster.errors import ExpertWorkerError, ExpertWorkerLate
 from router import wire
 from router.dispatch import WorkerMessage
 from router.transport import RemoteTransport
@@ -174,14 +174,24 @@ class _Refs:
             self.client.forget(self.messages[i].worker, expect)
         return error
 
-    def _reply(self, i: int, deadline: float) -> np.ndarray:
-        """Message ``i``'s reply, or the :class:`ExpertWorkerError` its worker fails the layer with."""
+    def _reply(self, i: int, deadline: float, late_at: float | None) -> np.ndarray:
+        """Message ``i``'s reply, or the :class:`ExpertWorkerError` its worker fails the layer with
+        (:class:`ExpertWorkerLate` when ``late_at`` comes first: the caller has other copies to send it to)."""
         ref, m = self.refs[i], self.messages[i]
         if isinstance(ref, ExpertWorkerError):
             raise self._fail(ref, i)
+        until = deadline if late_at is None else min(late_at, deadline)
+        hedge = until < deadline
         try:
-            return ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            return ray.get(ref, timeout=max(0.0, until - time.monotonic()))
         except GetTimeoutError:
+            if hedge:
+                ray.cancel(ref)
+                raise ExpertWorkerLate(
+                    f"expert worker {m.worker} has not answered layer {self.layer} in the time its exchanges usually "
+                    "take; the layer goes to the other copies of its experts",
+                    worker=m.worker,
+                ) from None
             timeout_s = self.client.timeout_s
             error = ExpertWorkerError(
                 f"expert worker {m.worker} did not answer layer {self.layer} within {timeout_s:.0f}s", worker=m.worker
@@ -203,10 +213,10 @@ class _Refs:
             raise  # the worker is alive but its code raised: a bug, not an outage. The engine logs it with the
             # worker's traceback and fails the step's requests with InternalError
 
-    def wait(self) -> list[torch.Tensor]:
+    def wait(self, late_at: float | None = None) -> list[torch.Tensor]:
         deadline = time.monotonic() + self.client.timeout_s
         out = []
         for i, m in enumerate(self.messages):
-            reply = self._reply(i, deadline)
+            reply = self._reply(i, deadline, late_at)
             out.append(wire.unpack_rows(reply, int(m.tokens.numel()), self.d, self.dtype).to(self.device))
         return out

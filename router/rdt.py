@@ -129,7 +129,8 @@ class _Transfers:
     def __init__(self, client: RdtTransport, layer: int, done: list, keys: list[tuple[int, int]]) -> None:
         self.client, self.layer, self.done, self.keys = client, layer, done, keys
 
-    def wait(self) -> list[torch.Tensor]:
+    def wait(self, late_at: float | None = None) -> list[torch.Tensor]:
+        """The partials the frontend absorbed (``late_at`` is not used: RDT has no copies to go to)."""
         c = self.client
         deadline = time.monotonic() + c.timeout_s
         for ref, (_, worker) in zip(self.done, self.keys, strict=True):

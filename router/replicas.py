@@ -12,11 +12,12 @@ Shapes: T tokens, K experts per token, E experts.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
 
-from cluster.errors import ExpertWorkerError
+from cluster.errors import ExpertWorkerError, ExpertWorkerLate
 from router import dispatch
 from router.dispatch import WorkerMessage
 from router.gate import Routing
@@ -37,7 +38,20 @@ class ReplicaRouter:
             [placement.holders(layer, e) for e in range(placement.num_experts)] for layer in range(placement.num_layers)
         ]
         self.down: set[int] = set()  # workers failed over and not answering again yet (R > 1 only)
-        self.failovers = 0  # layers sent again to other copies after a worker failed them
+        self.failovers = 0  # layers sent again to other copies after a worker failed them (or answered late)
+        self.hedges = 0  # of which: because the worker answered late
+        self._readmitting = threading.Lock()
+
+    def take_back(self, readmit: Callable[[set[int]], set[int]]) -> None:
+        """Route again to the left-out workers that ``readmit(down)`` says answer again (called per layer plan and
+        by the health check, so an idle frontend takes them back too; one caller at a time)."""
+        with self._readmitting:
+            if not self.down:
+                return
+            back = readmit(set(self.down))
+            for w in sorted(back):
+                log.info("expert worker %d answers again; routing to it", w)
+            self.down -= back
 
     def plan(self, layer: int, routing: Routing, readmit: Callable[[set[int]], set[int]]) -> list[WorkerMessage]:
         """routing.ids/weights [T, K] -> one message per worker that has rows. ``readmit(down)``: the left-out
@@ -52,11 +66,7 @@ class ReplicaRouter:
             if where.device != routing.ids.device:
                 where = self._worker_of_expert[layer] = where.to(routing.ids.device)
             return dispatch.plan(routing, where)
-        if self.down:
-            back = readmit(set(self.down))
-            for w in sorted(back):
-                log.info("expert worker %d answers again; routing to it", w)
-            self.down -= back
+        self.take_back(readmit)
         live = set(range(self.placement.num_workers)) - self.down
         counts = torch.bincount(routing.ids.reshape(-1), minlength=self.placement.num_experts).tolist()  # [E]
         chosen = dispatch.choose_replicas(counts, self._holders[layer], live)  # [E]
@@ -76,6 +86,7 @@ class ReplicaRouter:
         if self.placement.replicas == 1 or w is None:
             return False
         self.failovers += 1
+        self.hedges += isinstance(error, ExpertWorkerLate)
         if w in self.down:
             return True
         self.down.add(w)

@@ -26,9 +26,11 @@ from router.dispatch import WorkerMessage
 
 
 class Exchange(Protocol):
-    """A layer's messages on their way: :meth:`wait` returns one [N_w, D] partial per message, in order."""
+    """A layer's messages on their way: :meth:`wait` returns one [N_w, D] partial per message, in order.
+    ``late_at`` (``time.monotonic()``): a transport that can tell raises :class:`~cluster.errors.ExpertWorkerLate`
+    for a worker whose reply has not come by then (the client then sends the layer to other copies); others wait."""
 
-    def wait(self) -> list[torch.Tensor]: ...
+    def wait(self, late_at: float | None = None) -> list[torch.Tensor]: ...
 
 
 class Done:
@@ -37,7 +39,7 @@ class Done:
     def __init__(self, partials: list[torch.Tensor]) -> None:
         self.partials = partials
 
-    def wait(self) -> list[torch.Tensor]:
+    def wait(self, late_at: float | None = None) -> list[torch.Tensor]:
         return self.partials
 
 

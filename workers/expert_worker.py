@@ -1,7 +1,9 @@
 """The expert-worker Ray actor: one worker's experts of every layer, loaded by the worker itself.
 
-Wrapped with ``ray.remote`` by :mod:`cluster.runtime.offline`. The constructor takes the checkpoint path and the
-worker's share, never weights, so Ray can restart a dead worker and it reloads exactly its experts.
+Wrapped with ``ray.remote`` by :mod:`cluster.runtime.pool` (a threaded actor: it takes the calls of every frontend
+attached to its pool at once, and runs the layer messages waiting together as one batch: ``workers.merge``). The
+constructor takes the checkpoint path and the worker's share, never weights, so Ray can restart a dead worker and it
+reloads exactly its experts.
 
 Restart cost: the worker times its own load (``load_seconds``, bytes, MB/s), logs one line on stderr (Ray's worker
 log) and reports it through :meth:`ExpertWorker.status`, which the frontend's health check reads (``/health``,
@@ -31,6 +33,7 @@ from cluster.config.quantization import OnLoad
 from cluster.errors import ExpertWorkerError
 from router import wire
 from workers.expert import ExpertShard
+from workers.merge import LayerMerger
 
 log = logging.getLogger("mixserve.worker")
 
@@ -49,6 +52,7 @@ class ExpertWorker:
         dtype: str = "float32",
         progress: bool = False,
         quantization: OnLoad | None = None,
+        merge: bool = True,
     ) -> None:
         ctx = ray.get_runtime_context()
         self.worker = worker
@@ -77,6 +81,9 @@ class ExpertWorker:
         )
         self.load_seconds = time.perf_counter() - t0
         self.started_at = time.time()
+        # Layer messages of several frontends waiting together run as one (workers.merge): one thread computes.
+        # merge=False (a transport whose workers serve one frontend, e.g. a compiled graph): computed in the call
+        self.merger = LayerMerger(self._compute) if merge else None
         _log_to_stderr()
         mb = self.shard.nbytes() / 1e6
         log.info(
@@ -93,9 +100,22 @@ class ExpertWorker:
     def run(
         self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """One layer's message: x [N, D] -> weighted expert outputs [N, D] (see :meth:`ExpertShard.run`)."""
+        """One layer's message: x [N, D] -> weighted expert outputs [N, D] (see :meth:`ExpertShard.run`), computed
+        together with the same layer's messages of other frontends that wait beside it (:class:`LayerMerger`)."""
         d = self.device
-        return self.shard.run(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d))
+        if self.merger is None:
+            return self._compute(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d))
+        return self.merger.submit(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d))
+
+    def _compute(
+        self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """One run of the experts (on the merger's thread), timed for the benchmarks' compute log."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.shard.run(layer, x, rows, experts, weights)
+        self.compute_log.append((t0, time.perf_counter() - t0))
+        return out
 
     def run_packed(self, buf: np.ndarray | None, incarnation: str | None = None) -> np.ndarray | None:
         """One layer's message packed by ``router.wire`` -> the partial output [N, D] as raw bytes; None (no rows
@@ -112,17 +132,13 @@ class ExpertWorker:
             )
         if buf is None:
             return None
-        t0 = time.perf_counter()
         m = wire.unpack(buf)
         if m.echo:
             return wire.pack_rows(m.x)
-        with torch.inference_mode():
-            reply = wire.pack_rows(self.run(m.layer, m.x, m.rows, m.experts, m.weights))
-        self.compute_log.append((t0, time.perf_counter() - t0))
-        return reply
+        return wire.pack_rows(self.run(m.layer, m.x, m.rows, m.experts, m.weights))
 
     def take_compute_log(self) -> list[tuple[float, float]]:
-        """(perf_counter start, seconds) of each packed run since the last call (benchmarks: on one node the
+        """(perf_counter start, seconds) of each expert run since the last call (benchmarks: on one node the
         clock is the same in every process)."""
         log = list(self.compute_log)
         self.compute_log.clear()
@@ -164,6 +180,7 @@ class ExpertWorker:
             "pid": self.pid,
             "incarnation": self.incarnation,
             "started_at": self.started_at,
+            "merge": None if self.merger is None else self.merger.stats.as_dict(),
         }
 
 

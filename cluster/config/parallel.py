@@ -51,6 +51,13 @@ class ParallelConfig(BaseModel):
         None, description="[layer][expert] -> worker; None places contiguous blocks"
     )
     worker_timeout_s: float = Field(60.0, gt=0, description="an expert worker that does not answer a layer fails")
+    expert_pool: str | None = Field(
+        None,
+        description="a shared expert pool to attach to, by name: offline, the pool actor of that name (started, and "
+        "owned by this LLM, when none runs); in Serve, the Serve application that holds it (built by "
+        "cluster.serve.app:build_pool_app), which then outlives this application's redeploys. None: offline, this "
+        "LLM's own workers; in Serve, the application's own ExpertPool deployment",
+    )
 
     @field_validator("placement_strategy", mode="before")
     @classmethod
@@ -61,6 +68,20 @@ class ParallelConfig(BaseModel):
     @classmethod
     def _known(cls, v: str) -> str:
         spec_of(v)  # ValueError naming the known transports
+        return v
+
+    @field_validator("expert_pool")
+    @classmethod
+    def _shareable(cls, v: str | None, info: ValidationInfo) -> str | None:
+        transport = info.data.get("transport")
+        if v is not None and info.data.get("expert_workers") == 0:
+            raise ValueError("a shared expert pool needs expert_workers >= 1 (the pool's workers)")
+        if v is not None and transport is not None and not spec_of(transport).shared_pool:
+            able = ", ".join(n for n in NAMES if spec_of(n).shared_pool)
+            raise ValueError(
+                f"a shared expert pool needs a transport that can share workers ({able}); {transport}: "
+                f"{spec_of(transport).why_not_shared}"
+            )
         return v
 
     @field_validator("expert_replicas")

@@ -6,17 +6,37 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from cluster.config.cluster import ClusterConfig, Composed
 from cluster.config.engine import CacheConfig, EngineConfig
 from cluster.config.load import LoadConfig
 from cluster.config.parallel import ParallelConfig
-from cluster.config.transports import SERVE_NAMES, spec_of
+from cluster.config.transports import NAMES, SERVE_NAMES, spec_of
 from cluster.errors import AppArgsError
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling of a deployment's replicas (its ``autoscaling_config``, these fields of it): between
+    ``min_replicas`` and ``max_replicas``, aiming at ``target_ongoing_requests`` per replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: StrictInt = Field(1, ge=0)
+    max_replicas: StrictInt = Field(1, ge=1)
+    initial_replicas: StrictInt | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        return self
 
 
 class ServingConfig(BaseModel):
@@ -47,6 +67,23 @@ class ServingConfig(BaseModel):
     cors_allowed_origins: list[NonEmpty] = Field(
         default_factory=list, description="origins allowed by CORS (repeatable; '*' for any); none: CORS off"
     )
+    frontend_replicas: StrictInt = Field(
+        1,
+        ge=1,
+        description="frontend replicas (attention, KV cache, engine), all over ONE shared expert pool; "
+        "frontend_autoscaling, when given, decides instead",
+    )
+    frontend_autoscaling: Autoscaling | None = Field(
+        None, description="Serve autoscaling of the frontend replicas (min_replicas, max_replicas, ...)"
+    )
+    ingress_replicas: StrictInt = Field(1, ge=1, description="ingress replicas (HTTP, gRPC, tokenizing)")
+    ingress_autoscaling: Autoscaling | None = Field(None, description="Serve autoscaling of the ingress replicas")
+
+    @property
+    def max_frontends(self) -> int:
+        """The most frontend replicas this app may run at once."""
+        a = self.frontend_autoscaling
+        return a.max_replicas if a is not None else self.frontend_replicas
 
     @field_validator("api_key", "served_model_name", "cors_allowed_origins", mode="before")
     @classmethod
@@ -81,11 +118,18 @@ class AppArgs(Composed):
 
     @classmethod
     def check_parts(cls, parts: dict[str, Any]) -> list[str]:
-        spec = spec_of(parts["parallel"].transport)
-        if spec.serve:
-            return []
-        served = ", ".join(SERVE_NAMES)
-        return [f"transport: {spec.name} is not available in Serve ({served} are): {spec.why_not_serve}"]
+        parallel, serving = parts["parallel"], parts["serving"]
+        spec = spec_of(parallel.transport)
+        if not spec.serve:
+            served = ", ".join(SERVE_NAMES)
+            return [f"transport: {spec.name} is not available in Serve ({served} are): {spec.why_not_serve}"]
+        if serving.max_frontends > 1 and parallel.expert_workers > 0 and not spec.shared_pool:
+            shared = ", ".join(n for n in NAMES if spec_of(n).shared_pool)
+            return [
+                f"transport: {spec.name} cannot serve several frontends from one expert pool ({shared} can): "
+                f"{spec.why_not_shared}"
+            ]
+        return []
 
     @property
     def model_name(self) -> str:

@@ -39,6 +39,8 @@ class TransportSpec:
     keeps_frontend a worker's death leaves the frontend running (Ray restarts the worker; the transport reconnects);
                    False: Ray stops the frontend's actor too, so the offline API replaces it (and its pool) before
                    the next request
+    shared_pool    several frontends may drive the same workers at once (one expert pool for many frontends)
+    why_not_shared why not, when ``shared_pool`` is False
     """
 
     name: str
@@ -50,6 +52,8 @@ class TransportSpec:
     serve: bool = True
     why_not_serve: str = ""
     keeps_frontend: bool = True
+    shared_pool: bool = False
+    why_not_shared: str = ""
 
 
 _RDT_NOT_SERVE = (
@@ -61,8 +65,9 @@ REGISTRY: tuple[TransportSpec, ...] = (
     TransportSpec(
         name="object_ref",
         client="router.object_ref:ObjectRefTransport",
-        summary="ordinary Ray actor calls (the general fallback; copies of experts)",
+        summary="ordinary Ray actor calls (the general fallback; copies of experts; one pool for many frontends)",
         copies=True,
+        shared_pool=True,
     ),
     TransportSpec(
         name="channel",
@@ -70,6 +75,7 @@ REGISTRY: tuple[TransportSpec, ...] = (
         summary="Ray Compiled Graph shared-memory channels wired once per frontend",
         copies=False,
         why_no_copies="a compiled graph sends every layer to every worker of the graph and cannot leave out a dead one",
+        why_not_shared="a compiled graph has one driver, and an actor serves one compiled graph at a time",
     ),
     TransportSpec(
         name="gloo",
@@ -81,6 +87,7 @@ REGISTRY: tuple[TransportSpec, ...] = (
         serve=False,
         why_not_serve=_RDT_NOT_SERVE,
         keeps_frontend=False,
+        why_not_shared="an RDT group is one frontend's, and Ray stops both ends of a failed transfer",
     ),
     TransportSpec(
         name="nccl",
@@ -92,6 +99,7 @@ REGISTRY: tuple[TransportSpec, ...] = (
         serve=False,
         why_not_serve=_RDT_NOT_SERVE,
         keeps_frontend=False,
+        why_not_shared="an RDT group is one frontend's, and Ray stops both ends of a failed transfer",
     ),
 )
 

@@ -29,11 +29,15 @@ class FrontendActor:
         self._runtime: FrontendRuntime | None = None
         self._finished: list[tuple[int, int, int]] = []  # the running generate's finished requests (progress)
 
-    def start(self, config: ClusterConfig, name_prefix: str | None = None) -> bool:
-        """Start the pool and build the frontend (a method, not the constructor, so that a failure reaches the
-        driver as the exception it is)."""
+    def start(
+        self, config: ClusterConfig, name_prefix: str | None = None, pool_owner: Any = None, name: str = "frontend"
+    ) -> bool:
+        """Start the pool (or attach, as ``name``, to the one ``pool_owner`` owns) and build the frontend (a method,
+        not the constructor, so that a failure reaches the driver as the exception it is)."""
         with self._lock:
-            self._runtime = FrontendRuntime(config, name_prefix=name_prefix, progress=False)
+            self._runtime = FrontendRuntime(
+                config, name_prefix=name_prefix, pool_owner=pool_owner, frontend=name, progress=False
+            )
         return True
 
     @property

@@ -60,6 +60,7 @@ class Frontend:
             "engine": self.core.stats(),
             "threads": torch.get_num_threads(),
             "failovers": self.experts.failovers,
+            "hedges": self.experts.hedges,  # of those: layers a worker answered late
             "workers_down": sorted(self.experts.down),
             "micro_batched_steps": self.model.micro_batched_steps,
         }

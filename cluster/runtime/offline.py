@@ -1,7 +1,10 @@
 """The offline API's sharded cluster, seen from the driver: one frontend actor (``cluster.runtime.actor``) hosting
 a frontend runtime and its expert pool, on a Ray this process joins or starts (:class:`RemoteFrontend`).
 
-Ray restarts a dead worker by itself (it reloads its experts). When the transport cannot keep the frontend
+With ``expert_pool=<name>`` the frontend actor attaches to the shared pool of that name (a
+:class:`~cluster.runtime.pool_owner.PoolOwner` actor in Ray namespace :data:`POOL_NAMESPACE`), started here, and
+owned by this LLM, when none runs: a second ``LLM`` (this process or another driver of the same Ray) then shares its
+workers. Ray restarts a dead worker by itself (it reloads its experts). When the transport cannot keep the frontend
 running through a worker's death (its registry row's ``keeps_frontend``: RDT, where Ray stops both ends of a failed
 transfer), or the frontend actor itself is gone, :meth:`RemoteFrontend.heal` replaces the frontend actor (which
 starts a fresh pool) before the next call; otherwise it asks the runtime to replace workers gone for good.
@@ -25,8 +28,11 @@ from cluster.engine.sampling import SamplingParams
 from cluster.errors import ExpertWorkerError
 from cluster.runtime.actor import FrontendActor
 from cluster.runtime.pool import cluster_resources, remove_pool, wait_alive
+from cluster.runtime.pool_owner import PoolOwner, pool_options
 from cluster.runtime.ray_start import start_local_ray
 from cluster.runtime.transports import host_class
+
+POOL_NAMESPACE = "mixserve"  # shared pools' owners are named actors here, found from any driver
 
 
 class RemoteFrontend:
@@ -37,7 +43,26 @@ class RemoteFrontend:
         self.owns_ray = owns_ray
         self.name = self.name_prefix = ""  # named actors (and group): operators and tests find them
         self.actor: Any = None
+        self.pool_owner: Any = None  # the shared pool's owner actor (expert_pool), None: the actor's own pool
+        self.owns_pool = False  # whether this LLM started that pool (and stops it on shutdown)
         self._suspect = False
+
+    def _find_pool(self) -> None:
+        """The owner of the shared pool ``expert_pool``; started when none of that name runs."""
+        name = self.config.parallel.expert_pool
+        if name is None:
+            return
+        try:
+            self.pool_owner = ray.get_actor(name, namespace=POOL_NAMESPACE)
+            return
+        except ValueError:
+            pass
+        owner = ray.remote(PoolOwner).options(
+            name=name, namespace=POOL_NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=8, max_restarts=0
+        )
+        self.pool_owner = owner.remote(pool_options(self.config), name=name)
+        self.owns_pool = True
+        ray.get(self.pool_owner.ping.remote())  # its workers loaded (a failure is raised here, as it is)
 
     @classmethod
     def start(cls, config: ClusterConfig, *, address: str | None = None, progress: bool = True) -> RemoteFrontend:
@@ -52,6 +77,7 @@ class RemoteFrontend:
                 ray.init(address=address, log_to_driver=progress)
         self = cls(config, owns_ray=owns_ray)
         try:
+            self._find_pool()
             self._spawn()
         except BaseException:
             self.shutdown()
@@ -76,7 +102,7 @@ class RemoteFrontend:
             )
             .remote()
         )
-        self._call(lambda fe: fe.start.remote(self.config, self.name_prefix))
+        self._call(lambda fe: fe.start.remote(self.config, self.name_prefix, self.pool_owner, self.name))
 
     def heal(self, timeout_s: float = 30.0) -> list[str]:
         """Make the next call work: replace the frontend actor (and so its pool) when it is gone or the transport
@@ -171,10 +197,16 @@ class RemoteFrontend:
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)
         self.actor = None
-        if not closed:
+        if not closed and self.pool_owner is None:
             remove_pool(self.name_prefix, self.config.parallel.expert_workers)
 
     def shutdown(self) -> None:
         self._stop_actor()
+        if self.owns_pool:
+            with contextlib.suppress(Exception):
+                ray.get(self.pool_owner.close.remote(), timeout=30)
+            with contextlib.suppress(Exception):
+                ray.kill(self.pool_owner, no_restart=True)
+        self.pool_owner = None
         if self.owns_ray:
             ray.shutdown()

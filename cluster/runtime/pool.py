@@ -1,5 +1,7 @@
 """An expert pool on Ray: W expert-worker actors in one placement group, each holding its share of every layer's
-experts (``router.placement.ExpertPlacement``), with their health and the replacement of workers gone for good.
+experts (``router.placement.ExpertPlacement``), with their health and the replacement of workers gone for good:
+started and owned by this process (:class:`ExpertPool`), or owned elsewhere and attached to (:class:`AttachedPool`,
+see ``cluster.runtime.pool_owner``).
 
 Resources come only from Ray: each worker's bundle asks ``gpus_per_worker`` GPUs when the cluster has GPUs, and
 each actor uses whatever GPU Ray assigned it (never a hard-coded device id). A worker restarts by itself when its
@@ -11,6 +13,7 @@ The process that launches a pool owns it: the workers and the placement group go
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import time
@@ -22,10 +25,18 @@ from ray.util.placement_group import PlacementGroup, placement_group, placement_
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config.cluster import ClusterConfig
+from cluster.config.transports import spec_of
 from cluster.errors import PlacementError
 from cluster.runtime.resources import WorkerResources, resolve_resources
 from router.placement import ExpertPlacement, interleave_nodes
 from workers.expert_worker import ExpertWorker
+
+# Calls a worker takes at once over a transport that shares a pool (its registry row's shared_pool): the layer
+# messages of every frontend attached to it (two micro-batches each), besides health and status calls; the messages
+# themselves run one merged batch at a time (workers.merge). Other transports serve one frontend: their workers
+# stay single-threaded and compute in the call, unmerged (with the merger's thread, channel layers did not answer
+# now and then on the 2-core box).
+MAX_CONCURRENT_CALLS = 32
 
 
 def cluster_resources(config: ClusterConfig) -> WorkerResources:
@@ -93,6 +104,7 @@ def worker_health(worker: int, status: dict | None, error: BaseException | None 
         "load_seconds": status["load_seconds"],
         "pid": status["pid"],
         "expert_bytes": status["loaded_bytes"],  # as held: quantized experts in their stored form
+        "merge": status.get("merge"),  # what its merger ran: rows per run, expert matmuls (workers.merge)
     }
 
 
@@ -104,9 +116,48 @@ def health_report(placement: ExpertPlacement, workers: list[dict]) -> dict:
     return {"ok": not missing, "workers": workers, "missing_experts": [list(p) for p in missing]}
 
 
+class WorkerSet:
+    """The expert workers a frontend calls (``handles[w]`` is worker w) and the placement plan they follow; asked
+    for their health and info directly, all at once."""
+
+    placement: ExpertPlacement
+    handles: list[Any]
+
+    def ask(self, method: str, timeout_s: float) -> list[tuple[Any, BaseException | None]]:
+        """``method`` of every worker at once: (reply, None) or (None, the error; GetTimeoutError after
+        ``timeout_s`` in all), in worker order."""
+        refs = [getattr(w, method).remote() for w in self.handles]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out: list[tuple[Any, BaseException | None]] = []
+        for ref in refs:
+            if ref not in ready:
+                out.append((None, GetTimeoutError()))
+                continue
+            try:
+                out.append((ray.get(ref), None))
+            except Exception as e:
+                out.append((None, e))
+        return out
+
+    def health(self, timeout_s: float = 3.0) -> dict:
+        """:func:`health_report` of the workers, each asked for its status at once (``timeout_s`` in all)."""
+        entries = [worker_health(w, reply, error) for w, (reply, error) in enumerate(self.ask("status", timeout_s))]
+        return health_report(self.placement, entries)
+
+    def info(self, timeout_s: float = 10.0) -> list[dict]:
+        """Each worker's ``info()``; a worker that does not answer within ``timeout_s`` is
+        ``{"worker": w, "experts": <its share>, "error": <why>}``."""
+        return [
+            reply
+            if error is None
+            else {"worker": w, "experts": self.placement.experts_of(w), "error": type(error).__name__}
+            for w, (reply, error) in enumerate(self.ask("info", timeout_s))
+        ]
+
+
 @dataclasses.dataclass
-class ExpertPool:
-    """The expert workers of one frontend: ``handles[w]`` runs in bundle ``bundles[w]`` of ``pg``."""
+class ExpertPool(WorkerSet):
+    """Expert workers this process started and owns: ``handles[w]`` runs in bundle ``bundles[w]`` of ``pg``."""
 
     config: ClusterConfig
     placement: ExpertPlacement
@@ -147,6 +198,7 @@ class ExpertPool:
         """Worker ``worker`` in its bundle: it loads its own experts and restarts forever; calls in flight when it
         dies fail (no retries)."""
         load = self.config.load
+        shared = spec_of(self.config.parallel.transport).shared_pool
         return (
             # ray.remote's typed overloads predate enable_tensor_transport (RDT); the call is what Ray documents.
             ray.remote(enable_tensor_transport=True)(ExpertWorker)  # pyright: ignore[reportCallIssue]
@@ -155,6 +207,7 @@ class ExpertPool:
                 num_gpus=self.resources.gpus_per_worker,
                 max_restarts=-1,
                 max_task_retries=0,
+                max_concurrency=MAX_CONCURRENT_CALLS if shared else 1,
                 name=f"{self.name_prefix}{worker}" if self.name_prefix else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=self.bundles[worker]
@@ -166,39 +219,9 @@ class ExpertPool:
                 experts=self.placement.experts_of(worker),
                 dtype=load.dtype,
                 quantization=load.quantization,
+                merge=shared,
             )
         )
-
-    def ask(self, method: str, timeout_s: float) -> list[tuple[Any, BaseException | None]]:
-        """``method`` of every worker at once: (reply, None) or (None, the error; GetTimeoutError after
-        ``timeout_s`` in all), in worker order."""
-        refs = [getattr(w, method).remote() for w in self.handles]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        out: list[tuple[Any, BaseException | None]] = []
-        for ref in refs:
-            if ref not in ready:
-                out.append((None, GetTimeoutError()))
-                continue
-            try:
-                out.append((ray.get(ref), None))
-            except Exception as e:
-                out.append((None, e))
-        return out
-
-    def health(self, timeout_s: float = 3.0) -> dict:
-        """:func:`health_report` of the workers, each asked for its status at once (``timeout_s`` in all)."""
-        entries = [worker_health(w, reply, error) for w, (reply, error) in enumerate(self.ask("status", timeout_s))]
-        return health_report(self.placement, entries)
-
-    def info(self, timeout_s: float = 10.0) -> list[dict]:
-        """Each worker's ``info()``; a worker that does not answer within ``timeout_s`` is
-        ``{"worker": w, "experts": <its share>, "error": <why>}``."""
-        return [
-            reply
-            if error is None
-            else {"worker": w, "experts": self.placement.experts_of(w), "error": type(error).__name__}
-            for w, (reply, error) in enumerate(self.ask("info", timeout_s))
-        ]
 
     def replace_dead(self, timeout_s: float = 30.0) -> list[int]:
         """Start a new worker, in the same bundle, for each one Ray will not restart (gone for good); wait for
@@ -240,3 +263,39 @@ def wait_alive(actor: Any, timeout_s: float) -> str:
         except (ActorUnavailableError, GetTimeoutError):
             time.sleep(0.2)
     return "unknown"
+
+
+class AttachedPool(WorkerSet):
+    """A pool owned by a :class:`~cluster.runtime.pool_owner.PoolOwner` (a Serve deployment handle or a Ray actor
+    handle), attached to as ``frontend`` with the pool options ``options`` (checked by the owner): this process calls
+    its workers but never starts or kills them."""
+
+    def __init__(self, owner: Any, frontend: str, options: dict[str, Any] | None = None) -> None:
+        self.owner, self.frontend, self.options = owner, frontend, options
+        self._attach()
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """The owner's ``method``, waited for (an actor call, or a Serve deployment call: waited for on a thread
+        of its own, since a Serve replica's constructor runs on the replica's event loop, where Serve forbids it)."""
+        response = getattr(self.owner, method).remote(*args)
+        if not hasattr(response, "result"):
+            return ray.get(response)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mixserve-pool-call") as wait:
+            return wait.submit(response.result).result()
+
+    def _attach(self) -> None:
+        view = self._call("attach", self.frontend, self.options)
+        self.handles, self.placement, self.name = view["handles"], view["placement"], view["pool"]
+
+    def replace_dead(self, timeout_s: float = 30.0) -> list[int]:
+        """Ask the owner to replace the workers Ray will not restart and take the handles it has now; returns the
+        workers whose handle changed (a restarted owner brings all new ones)."""
+        before = list(self.handles)
+        self._call("replace_dead", timeout_s)
+        self._attach()
+        return [w for w, (a, b) in enumerate(zip(before, self.handles, strict=True)) if a != b]
+
+    def shutdown(self) -> None:
+        """Detach (the workers stay up for the other frontends)."""
+        with contextlib.suppress(Exception):
+            self._call("detach", self.frontend)

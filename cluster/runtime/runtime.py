@@ -31,15 +31,31 @@ log = logging.getLogger("mixserve")
 class FrontendRuntime:
     """Workers + expert client + frontend + health + heal, for one frontend process (see the module docstring).
 
-    ``name_prefix``: the workers are the named actors ``<prefix><w>``. W = 0 needs no Ray at all. The actor that
+    With ``pool_owner`` (a :class:`~cluster.runtime.pool_owner.PoolOwner`'s actor or Serve deployment handle) it
+    attaches to that shared pool as ``frontend`` instead of starting its own; without, it starts (and owns) one:
+    ``name_prefix``: the workers are then the named actors ``<prefix><w>``. W = 0 needs no Ray at all. The actor that
     hosts a runtime sizes its torch threads from its Ray CPUs (``workers.expert_worker.use_assigned_cpus``)."""
 
-    def __init__(self, config: ClusterConfig, *, name_prefix: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        name_prefix: str | None = None,
+        pool_owner: Any = None,
+        frontend: str = "frontend",
+        progress: bool = True,
+    ) -> None:
         self.config = config = resolve(config)
-        self.pool: Any = None  # cluster.runtime.pool.ExpertPool (imports Ray) when W >= 1
+        self.pool: Any = None  # cluster.runtime.pool.ExpertPool or AttachedPool (they import Ray) when W >= 1
         self._healing = threading.Lock()
         client = None
-        if config.parallel.expert_workers > 0:
+        if pool_owner is not None:
+            from cluster.runtime.pool import AttachedPool
+            from cluster.runtime.pool_owner import pool_options
+
+            self.pool = AttachedPool(pool_owner, frontend, pool_options(config))
+            client = self._client(self.pool.handles)
+        elif config.parallel.expert_workers > 0:
             from cluster.runtime.pool import ExpertPool  # Ray: only for expert workers
 
             assert config.load.model is not None
@@ -69,10 +85,16 @@ class FrontendRuntime:
 
     def health(self, timeout_s: float = 3.0) -> dict:
         """``ok``, one entry per worker (its load time and pid, or the error; ``dead`` when Ray will not restart
-        it) and ``missing_experts`` ([layer, expert] with no live copy); in-process experts are always there."""
+        it; ``routed_around`` when this frontend leaves it out: it failed or answered a layer late) and
+        ``missing_experts`` ([layer, expert] with no live copy); in-process experts are always there."""
         if self.pool is None:
             return {"ok": True, "workers": [], "missing_experts": []}
-        return self.pool.health(timeout_s)
+        report = self.pool.health(timeout_s)
+        self.frontend.experts.take_back()
+        down = self.frontend.experts.down  # left out of routing here: failed or late, until they answer again
+        for w in report["workers"]:
+            w["routed_around"] = w["worker"] in down
+        return report
 
     def placement(self, timeout_s: float = 10.0) -> list[dict]:
         """Per worker: its experts, node, GPUs, pid and expert bytes (or its share and the error)."""
@@ -99,7 +121,8 @@ class FrontendRuntime:
         return [f"worker {w}" for w in replaced]
 
     def close(self) -> None:
-        """Release the transport (a compiled graph goes before its actors), then the workers and their group."""
+        """Release the transport (a compiled graph goes before its actors), then the workers and their group (an
+        attached pool: detach from it; its workers stay up)."""
         frontend = getattr(self, "frontend", None)
         if frontend is not None:
             with contextlib.suppress(Exception):

@@ -27,12 +27,13 @@ from cluster.config.serving import AppArgs, parse_args
 from cluster.errors import MixserveError
 from cluster.runtime.ray_start import start_local_ray
 from cluster.serve import grpc_bind
-from cluster.serve.app import GRPC_SERVICER, build_app
+from cluster.serve.app import GRPC_SERVICER, build_app, build_pool_app
 from cluster.serve.ingress.auth import ApiKeys, keys_from_env
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ALL_INTERFACES = ("0.0.0.0", "::", "")
 GRPC_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+POOL_APP = "mixserve-pool"  # the Serve application holding the expert pool that `mixserve serve` starts
 
 
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
@@ -97,8 +98,12 @@ def _start_ray(a: argparse.Namespace, parsed: AppArgs) -> None:
         ray.init(address=a.address, runtime_env=runtime_env)
         return
     os.environ[GRPC_MESSAGE_SIZE_ENV] = str(parsed.serving.max_request_bytes)  # inherited by the gRPC proxy
-    # room for the ingress (0.5 CPU), Serve's controller and proxies besides the frontend and its workers
-    start_local_ray(parsed.parallel, extra_cpus=3, runtime_env=runtime_env)
+    # room for every frontend replica the app may run (one is counted by start_local_ray), the ingress replicas
+    # (0.5 CPU each), the pool's owner and Serve's controller and proxies, besides the workers
+    serving = parsed.serving
+    ingresses = serving.ingress_autoscaling.max_replicas if serving.ingress_autoscaling else serving.ingress_replicas
+    frontends = (serving.max_frontends - 1) * parsed.parallel.frontend_cpus
+    start_local_ray(parsed.parallel, extra_cpus=2.5 + 0.5 * ingresses + frontends, runtime_env=runtime_env)
 
 
 def _print_urls(a: argparse.Namespace, parsed: AppArgs) -> None:
@@ -131,6 +136,10 @@ def serve_main(a: argparse.Namespace) -> int:
     grpc_options = {"port": a.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER] if a.grpc_port else []}
     serve.start(http_options={"host": a.host, "port": a.http_port}, grpc_options=grpc_options)
     try:
+        if parsed.parallel.expert_workers > 0 and parsed.parallel.expert_pool is None:
+            # the pool in a Serve application of its own: a redeploy of "mixserve" keeps its workers loaded
+            serve.run(build_pool_app(args), name=POOL_APP, route_prefix=None, blocking=False)
+            args = {**args, "expert_pool": POOL_APP}
         serve.run(build_app(args), name="mixserve", route_prefix="/", blocking=False)
     except Exception as e:
         print(f"mixserve serve: deployment failed: {e}", file=sys.stderr)

@@ -61,6 +61,9 @@ def test_metrics_parse_with_vllm_names_types_labels_and_buckets(served):
         r = post(base, "/v1/completions", body)
         assert r.status_code == 200, r.text
     families = scrape(base)
+    # engine: "0" for the ingress's own series (one per application, as vLLM's one engine), the frontend replica's
+    # id (the last part of the name /health reports) for the series each frontend replica reports
+    frontend = httpx.get(f"{base}/health", timeout=30).json()["frontend"].rsplit("#", 1)[-1]
     for name, (kind, extra) in {**VLLM_LIKE, **OURS}.items():
         assert name in families, name
         family = families[name]
@@ -72,7 +75,9 @@ def test_metrics_parse_with_vllm_names_types_labels_and_buckets(served):
             assert labels == expected, (name, sample.labels)
             assert sample.labels["model_name"] == MODEL_NAME
             if "engine" in sample.labels:
-                assert sample.labels["engine"] == "0"
+                assert sample.labels["engine"] in ("0", frontend), (name, sample.labels)
+    assert {s.labels["engine"] for s in families["mixserve:num_requests_running"].samples} == {frontend}
+    assert {s.labels["engine"] for s in families["mixserve:time_to_first_token_seconds"].samples} == {"0"}
     for name, buckets in BUCKETS.items():
         bounds = [float(s.labels["le"]) for s in families[name].samples if s.name == name + "_bucket"]
         assert bounds == [*map(float, buckets), float("inf")], name

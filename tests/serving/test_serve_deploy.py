@@ -85,7 +85,8 @@ def test_serve_deploy_then_request_then_shutdown(tmp_path):
         )
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["model"] == config["applications"][0]["args"]["served_model_name"]
+        main = next(a for a in config["applications"] if a["name"] == "mixserve")  # beside its pool application
+        assert body["model"] == main["args"]["served_model_name"]
         assert body["usage"]["completion_tokens"] == 5
         out = subprocess.run(
             [str(BIN / "serve"), "shutdown", "-y", "--address", address],

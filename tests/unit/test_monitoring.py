@@ -31,8 +31,14 @@ def exported() -> dict[str, set[str]]:
     m.finished(e2e_s=1.0, queue_s=0.1, prompt_tokens=5, generation_tokens=7, max_model_len=4096)
     engine = {"running": 1, "waiting": 0, "kv_cache_usage": 0.5, "num_preemptions": 0, "prefix_cache_queries": 3,
               "prefix_cache_hits": 1, "prompt_tokens": 5, "generation_tokens": 7, "finished_stop": 1}  # fmt: skip
-    health = HealthResponse(status="ok", workers=[WorkerHealth(worker=0, ok=True, load_seconds=1.5, pid=7)])
-    text = m.render({"engine": engine, "expert_load": [[1, 2], [3, 4]], "failovers": 0}, health).decode()
+    merge = {"runs": 3, "messages": 4, "rows": 20, "expert_calls": 5, "merged_runs": 1,
+             "rows_buckets": [1, 8, 64], "rows_per_run": [0, 2, 1, 0]}  # fmt: skip
+    health = HealthResponse(
+        status="ok", workers=[WorkerHealth(worker=0, ok=True, load_seconds=1.5, pid=7, merge=merge)]
+    )
+    m.accepted("abc")
+    snap = {"engine": engine, "expert_load": [[1, 2], [3, 4]], "failovers": 0, "hedges": 0, "frontend": "a#b#abc"}
+    text = m.render([snap], health).decode()
     out: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

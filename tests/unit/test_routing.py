@@ -3,6 +3,8 @@ channel transport's wire format; cutting a step into two micro-batches (in-proce
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from hypothesis import given
@@ -11,11 +13,12 @@ from hypothesis import strategies as st
 from cluster import LLM, SamplingParams
 from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
 from cluster.engine.step import SeqChunk
-from cluster.errors import ExpertWorkerError
+from cluster.errors import ExpertWorkerError, ExpertWorkerLate
 from router import wire
 from router.client import ExpertClient
 from router.dispatch import WorkerMessage, choose_replicas, combine, plan, plan_one_worker
 from router.gate import ExpertLoad, Routing, route
+from router.latency import Lateness
 from router.placement import ExpertPlacement, PlacementError, interleave_nodes
 from router.transport import LocalTransport
 from workers.expert_worker import cpu_threads
@@ -291,7 +294,7 @@ class _Fails:
     def __init__(self, worker):
         self.worker = worker
 
-    def wait(self):
+    def wait(self, late_at=None):
         raise ExpertWorkerError(f"expert worker {self.worker} is unavailable", worker=self.worker)
 
 
@@ -351,3 +354,103 @@ def test_without_copies_a_dead_worker_fails_the_step():
     with pytest.raises(ExpertWorkerError, match="expert worker 1 is unavailable"):
         client.forward(0, x, routing)
     assert client.down == set() and client.failovers == 0
+
+
+class _FrozenTransport(LocalTransport):
+    """In-process experts where the workers in ``frozen`` never answer (alive but stalled): their exchange waits
+    until ``late_at`` and raises ExpertWorkerLate, as the object-ref transport does; without ``late_at`` it would
+    hang, so the test fails instead."""
+
+    def __init__(self, shards, frozen):
+        super().__init__(shards)
+        self.frozen = set(frozen)
+        self.late_ats: list[float | None] = []
+
+    def start(self, layer, x, messages):
+        stalled = [m.worker for m in messages if m.worker in self.frozen]
+        if not stalled:
+            return super().start(layer, x, messages)
+        late_ats = self.late_ats
+
+        class _Stalled:
+            def wait(self, late_at=None):
+                late_ats.append(late_at)
+                if late_at is None:
+                    raise AssertionError("a stalled worker was waited for without a bound: it would hang")
+                time.sleep(max(0.0, late_at - time.monotonic()))
+                raise ExpertWorkerLate("late", worker=stalled[0])
+
+        return _Stalled()
+
+
+def test_lateness_bound_is_derived_from_measured_exchanges():
+    lateness = Lateness(window=64, quantile=0.9, factor=4.0, floor_s=0.01, min_samples=8)
+    for _ in range(7):
+        lateness.record(0.005)
+    assert lateness.bound() is None  # too few measured: only the worker timeout applies
+    lateness.record(0.005)
+    assert lateness.bound() == pytest.approx(0.02)  # 4 x p90 (5 ms) above the 10 ms floor
+    quick = Lateness(window=64, quantile=0.9, factor=4.0, floor_s=0.01, min_samples=8)
+    for _ in range(8):
+        quick.record(0.0001)
+    assert quick.bound() == pytest.approx(0.01)  # the floor
+
+
+def test_a_late_worker_is_hedged_to_the_other_copy_and_routed_around():
+    placement, shards, x, routing, dense = _moe_setup(replicas=2)
+    client = ExpertClient(placement, _FrozenTransport(shards, frozen=[]))
+    with torch.no_grad():
+        for _ in range(40):  # exchanges measured: a bound exists
+            assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)
+        bound = client.lateness.bound()
+        assert bound is not None and bound >= 0.05
+        transport = client.transport
+        assert isinstance(transport, _FrozenTransport)
+        transport.frozen = {1}
+        assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)  # from worker 0's copies
+    assert client.hedges == 1 and client.failovers == 1 and client.down == {1}
+    assert transport.late_ats and all(t is not None for t in transport.late_ats)
+
+
+def test_without_copies_a_layer_waits_for_its_worker_without_a_late_bound():
+    placement, shards, x, routing, dense = _moe_setup(replicas=1)
+    seen: list[float | None] = []
+
+    class Recording(LocalTransport):
+        def start(self, layer, x, messages):
+            done = super().start(layer, x, messages)
+
+            class Watched:
+                def wait(self, late_at=None):
+                    seen.append(late_at)
+                    return done.wait()
+
+            return Watched()
+
+    client = ExpertClient(placement, Recording(shards))
+    with torch.no_grad():
+        for _ in range(40):
+            assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)
+    assert client.lateness.bound() is not None and set(seen) == {None} and client.hedges == 0
+
+
+def test_a_worker_that_answers_again_is_taken_back_without_traffic():
+    """The health check calls take_back: an idle frontend routes to a recovered worker again (it would otherwise
+    report it routed around until its next request)."""
+    placement, shards, x, routing, dense = _moe_setup(replicas=2)
+
+    class Recovering(_FlakyTransport):
+        def readmit(self, down):
+            return down - self.dead
+
+    client = ExpertClient(placement, Recovering(shards, dead=[1]))
+    with torch.no_grad():
+        assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)
+    assert client.down == {1}
+    client.take_back()
+    assert client.down == {1}  # still failing
+    _transport = client.transport
+    assert isinstance(_transport, Recovering)
+    _transport.dead.clear()
+    client.take_back()
+    assert client.down == set()

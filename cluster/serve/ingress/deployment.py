@@ -34,7 +34,7 @@ from cluster.serve.ingress.context import ServeContext
 from cluster.serve.ingress.errors import api_error, error_response, http_error, new_request_id
 from cluster.serve.ingress.grpc_api import servicer as grpc_servicer
 from cluster.serve.ingress.health import HealthMonitor, HealthResponse
-from cluster.serve.ingress.metrics import ServeMetrics, frontend_snapshot
+from cluster.serve.ingress.metrics import ServeMetrics, frontend_snapshots
 from cluster.serve.ingress.openai_api import chat, completions
 from cluster.serve.ingress.openai_api import tokenize as tokenization
 from cluster.serve.ingress.openai_api.protocol import (
@@ -256,7 +256,11 @@ class Ingress:
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics_text(self) -> Response:
         self.ctx.health.start()
-        text = self.ctx.metrics.render(await frontend_snapshot(self.frontend), self.ctx.health.latest())
+        metrics = self.ctx.metrics
+        # a few snapshot calls at once, which the handle spreads over the frontend replicas at random: twice one
+        # more than seen so far (a replica missed keeps its last snapshot, up to STALE_SNAPSHOT_S)
+        snapshots = await frontend_snapshots(self.frontend, asks=2 * (metrics.known_frontends() + 1))
+        text = metrics.render(snapshots, self.ctx.health.latest())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- gRPC (Ray Serve's gRPC proxy calls these by the names of service mixserve.v1.Generation) -------------

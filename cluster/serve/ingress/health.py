@@ -31,6 +31,12 @@ class WorkerHealth(BaseModel):
     error: str | None = _omit_none()
     load_seconds: float | None = _omit_none(description="how long this worker took to load its experts")
     pid: int | None = _omit_none()
+    expert_bytes: int | None = _omit_none(description="bytes of the experts it holds, in their stored format")
+    routed_around: bool | None = _omit_none(
+        description="the frontend that answered leaves it out of routing: it failed or answered a layer late, and "
+        "its experts' other copies serve until it answers again"
+    )
+    merge: dict[str, Any] | None = _omit_none(description="what its merger ran: runs, messages, rows, expert matmuls")
 
 
 class HealthResponse(BaseModel):
@@ -38,6 +44,7 @@ class HealthResponse(BaseModel):
     (``expert_replicas`` > 1), 503 with the ``missing_experts`` otherwise. unavailable: the frontend does not answer."""
 
     status: Literal["ok", "degraded", "unavailable"]
+    frontend: str | None = _omit_none(description="the frontend replica that answered")
     workers: list[WorkerHealth] | None = _omit_none()
     missing_experts: list[tuple[int, int]] | None = _omit_none(description="[layer, expert] pairs with no live copy")
     error: str | None = _omit_none()
@@ -52,10 +59,12 @@ async def probe(frontend: Any, timeout_s: float = STALE_S) -> tuple[int, HealthR
     except Exception as e:
         return 503, HealthResponse(status="unavailable", error=type(e).__name__)
     workers = [WorkerHealth.model_validate(w) for w in h["workers"]]
+    frontend = h.get("frontend")
     if not h["ok"]:
         missing = [(int(layer), int(e)) for layer, e in h["missing_experts"]]
-        return 503, HealthResponse(status="degraded", workers=workers, missing_experts=missing)
-    return 200, HealthResponse(status="ok" if all(w.ok for w in workers) else "degraded", workers=workers)
+        return 503, HealthResponse(status="degraded", frontend=frontend, workers=workers, missing_experts=missing)
+    fine = all(w.ok and not w.routed_around for w in workers)
+    return 200, HealthResponse(status="ok" if fine else "degraded", frontend=frontend, workers=workers)
 
 
 class HealthMonitor:

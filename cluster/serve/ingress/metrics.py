@@ -1,28 +1,37 @@
 """Prometheus metrics (text exposition at GET /metrics), named, typed, labelled and bucketed like vLLM's
 (``vllm:`` -> ``mixserve:``), so vLLM's Grafana dashboards and alerts work with the prefix changed.
 
-Every series has the labels ``model_name`` (the first served model name) and ``engine`` (``"0"``: one engine per
-application), as vLLM's do. Latency histograms are measured where the client sees them (the ingress), per engine
-request (a choice of an ``n > 1`` request is one); engine figures (running / waiting requests, KV-cache usage,
-preemptions, prefix cache, tokens, finished requests by reason) and routed tokens per (layer, expert) come from the
-frontend's ``stats()`` at scrape time. mixserve's own: ``mixserve:api_requests_total{endpoint,status}``,
+Every series but ``mixserve:api_requests_total`` has the labels ``model_name`` (the first served model name) and
+``engine``, as vLLM's do. ``engine`` names a frontend replica (each runs its own engine) by the last part of its
+Serve replica id (:func:`engine_label`; ``"0"`` for a snapshot that names no replica) on the per-frontend series:
+the engine figures (running / waiting requests, KV-cache usage, preemptions, prefix cache, tokens, finished requests
+by reason), routed tokens per (layer, expert), failovers and hedges, from each replica's ``stats()`` at scrape time
+(a replica not heard of for ``STALE_SNAPSHOT_S`` is left out), and ``mixserve:frontend_requests_total`` (engine
+requests each replica accepted, counted by the ingress). It is ``"0"`` on the ingress's latency and token-count
+histograms (measured where the client sees them, per engine request: a choice of an ``n > 1`` request is one;
+not split by replica) and on the series of the expert pool and its workers, which every frontend shares.
+mixserve's own: ``mixserve:api_requests_total{endpoint,status}``, ``mixserve:frontend_requests_total``,
 ``mixserve:routed_tokens_total{layer,expert}``, ``mixserve:expert_workers_up`` / ``mixserve:expert_workers``,
 ``mixserve:expert_worker_load_seconds{worker}`` (how long each worker's current incarnation took to load its
-experts: the restart cost), ``mixserve:missing_experts`` ((layer, expert) pairs with no live copy) and
-``mixserve:expert_failovers_total`` (layers sent again to other copies of their experts after a worker failed).
+experts: the restart cost), ``mixserve:missing_experts`` ((layer, expert) pairs with no live copy),
+``mixserve:expert_failovers_total`` (layers sent again to other copies of their experts after a worker failed),
+``mixserve:expert_hedges_total`` (layers sent to other copies because a worker answered late) and the workers'
+merged expert runs (``mixserve:expert_rows_per_call{worker}``, ``mixserve:expert_rows_total{worker}``,
+``mixserve:expert_matmuls_total{worker}``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from cluster.serve.ingress.health import HealthResponse
+from cluster.serve.ingress.health import HealthResponse, WorkerHealth
 
 log = logging.getLogger("mixserve")
 
@@ -112,96 +121,131 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
         scale *= 10
 
 
+# Engine counters and gauges per frontend replica: (metric, snapshot key, kind, help), vLLM's names and help
+ENGINE_SERIES = (
+    ("mixserve:num_requests_running", "running", "gauge", "Number of requests in model execution batches."),
+    ("mixserve:num_requests_waiting", "waiting", "gauge", "Number of requests waiting to be processed."),
+    ("mixserve:kv_cache_usage_perc", "kv_cache_usage", "gauge", "KV-cache usage. 1 means 100 percent usage."),
+    ("mixserve:num_preemptions", "num_preemptions", "counter", "Cumulative number of preemption from the engine."),
+    ("mixserve:prefix_cache_queries", "prefix_cache_queries", "counter",
+     "Prefix cache queries, in terms of number of queried tokens."),
+    ("mixserve:prefix_cache_hits", "prefix_cache_hits", "counter",
+     "Prefix cache hits, in terms of number of cached tokens."),
+    ("mixserve:prompt_tokens", "prompt_tokens", "counter", "Number of prefill tokens processed."),
+    ("mixserve:generation_tokens", "generation_tokens", "counter", "Number of generation tokens processed."),
+)  # fmt: skip
+STALE_SNAPSHOT_S = 60.0  # a frontend not heard of for this long is left out (gone, or scaled down)
+
+
 class _FrontendCollector:
-    """The last frontend snapshot (engine stats, expert load) and worker health as metric families."""
+    """The latest snapshot of each frontend replica (engine stats, expert load, failovers; ``engine`` label: the
+    replica) and the expert workers' health (load time, what their mergers ran) as metric families."""
 
     def __init__(self, model_name: str, max_num_seqs: int) -> None:
-        self.labels = [model_name, ENGINE]
+        self.model_name = model_name
         self.max_num_seqs = max_num_seqs
-        self.snapshot: dict | None = None
+        self.snapshots: dict[str, tuple[float, dict]] = {}  # engine label -> (monotonic time, snapshot)
         self.health: HealthResponse | None = None
 
-    def _gauge(self, name: str, doc: str, value: float) -> Metric:
-        g = GaugeMetricFamily(name, doc, labels=LABELS)
-        g.add_metric(self.labels, value)
-        return g
+    def update(self, snapshots: list[dict]) -> None:
+        now = time.monotonic()
+        for snap in snapshots:
+            self.snapshots[engine_label(snap)] = (now, snap)
+        for engine, (when, _) in list(self.snapshots.items()):
+            if now - when > STALE_SNAPSHOT_S:
+                del self.snapshots[engine]
 
-    def _counter(self, name: str, doc: str, value: float) -> Metric:
-        c = CounterMetricFamily(name, doc, labels=LABELS)
-        c.add_metric(self.labels, value)
-        return c
+    def _family(self, name: str, kind: str, doc: str, extra: tuple[str, ...] = ()) -> Any:
+        cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        return cls(name, doc, labels=[*LABELS, *extra])
 
     def collect(self) -> Iterator[Metric]:
         yield from self._pool()
-        snap = self.snapshot
-        if snap is None:
+        if not self.snapshots:
             return
-        yield self._counter(
-            "mixserve:expert_failovers",
-            "Layers sent again to other copies of their experts after a worker failed them.",
-            snap.get("failovers", 0),
+        frontends = sorted((engine, snap) for engine, (_, snap) in self.snapshots.items())
+        for name, key, kind, doc in ENGINE_SERIES:
+            f = self._family(name, kind, doc)
+            for engine, snap in frontends:
+                eng = snap.get("engine", {})
+                default = eng.get("running", 0) / max(1, self.max_num_seqs) if key == "kv_cache_usage" else 0
+                f.add_metric([self.model_name, engine], eng.get(key, default))
+            yield f
+        done = self._family("mixserve:request_success", "counter", "Count of successfully processed requests.",
+                            ("finished_reason",))  # fmt: skip
+        failovers = self._family(
+            "mixserve:expert_failovers", "counter", "Layers sent again to other copies after a worker failed them."
         )
-        yield from self._engine(snap.get("engine", {}))
-        c = CounterMetricFamily(
-            "mixserve:routed_tokens", "Tokens routed to each expert of each layer.", labels=[*LABELS, "layer", "expert"]
+        hedges = self._family(
+            "mixserve:expert_hedges", "counter", "Layers sent to other copies because a worker answered late."
         )
-        for layer, row in enumerate(snap.get("expert_load", [])):
-            for expert, n in enumerate(row):
-                c.add_metric([*self.labels, str(layer), str(expert)], n)
-        yield c
+        routed = self._family("mixserve:routed_tokens", "counter", "Tokens routed to each expert of each layer.",
+                              ("layer", "expert"))  # fmt: skip
+        for engine, snap in frontends:
+            labels = [self.model_name, engine]
+            for reason in FINISH_REASONS:
+                done.add_metric([*labels, reason], snap.get("engine", {}).get(f"finished_{reason}", 0))
+            failovers.add_metric(labels, snap.get("failovers", 0))
+            hedges.add_metric(labels, snap.get("hedges", 0))
+            for layer, row in enumerate(snap.get("expert_load", [])):
+                for expert, n in enumerate(row):
+                    routed.add_metric([*labels, str(layer), str(expert)], n)
+        yield from (done, failovers, hedges, routed)
 
     def _pool(self) -> Iterator[Metric]:
-        """The expert workers, from the latest health check."""
+        """The expert workers, from the latest health check (every frontend sees the same pool)."""
         health = self.health
         if health is None or health.workers is None:
             return
+        labels = [self.model_name, ENGINE]
         workers = health.workers
-        up = sum(1 for w in workers if w.ok)
-        yield self._gauge("mixserve:expert_workers_up", "Expert workers answering a health check.", up)
-        yield self._gauge("mixserve:expert_workers", "Expert workers of the application.", len(workers))
-        missing = len(health.missing_experts or [])
-        yield self._gauge("mixserve:missing_experts", "(layer, expert) pairs with no live copy.", missing)
-        g = GaugeMetricFamily(
-            "mixserve:expert_worker_load_seconds",
-            "Seconds the worker's current process took to load its experts (its restart cost).",
-            labels=[*LABELS, "worker"],
-        )
+        for name, doc, value in (
+            ("mixserve:expert_workers_up", "Expert workers answering a health check.", sum(w.ok for w in workers)),
+            ("mixserve:expert_workers", "Expert workers of the application.", len(workers)),
+            ("mixserve:missing_experts", "(layer, expert) pairs with no live copy.", len(health.missing_experts or [])),
+        ):
+            g = self._family(name, "gauge", doc)
+            g.add_metric(labels, value)
+            yield g
+        load = self._family("mixserve:expert_worker_load_seconds", "gauge",
+                            "Seconds the worker's current process took to load its experts (its restart cost).",
+                            ("worker",))  # fmt: skip
         for w in workers:
             if w.load_seconds is not None:
-                g.add_metric([*self.labels, str(w.worker)], w.load_seconds)
-        yield g
+                load.add_metric([*labels, str(w.worker)], w.load_seconds)
+        yield load
+        yield from merge_families(labels, workers)
 
-    def _engine(self, eng: dict[str, Any]) -> Iterator[Metric]:
-        """The engine's gauges and counters (vLLM's names with the mixserve: prefix)."""
-        running = eng.get("running", 0)
-        yield self._gauge("mixserve:num_requests_running", "Number of requests in model execution batches.", running)
-        yield self._gauge(
-            "mixserve:num_requests_waiting", "Number of requests waiting to be processed.", eng.get("waiting", 0)
-        )
-        usage = eng.get("kv_cache_usage", running / max(1, self.max_num_seqs))
-        yield self._gauge("mixserve:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage)
-        for name, key, doc in (
-            ("mixserve:num_preemptions", "num_preemptions", "Cumulative number of preemption from the engine."),
-            (
-                "mixserve:prefix_cache_queries",
-                "prefix_cache_queries",
-                "Prefix cache queries, in terms of number of queried tokens.",
-            ),
-            (
-                "mixserve:prefix_cache_hits",
-                "prefix_cache_hits",
-                "Prefix cache hits, in terms of number of cached tokens.",
-            ),
-            ("mixserve:prompt_tokens", "prompt_tokens", "Number of prefill tokens processed."),
-            ("mixserve:generation_tokens", "generation_tokens", "Number of generation tokens processed."),
-        ):
-            yield self._counter(name, doc, eng.get(key, 0))
-        c = CounterMetricFamily(
-            "mixserve:request_success", "Count of successfully processed requests.", labels=[*LABELS, "finished_reason"]
-        )
-        for reason in FINISH_REASONS:
-            c.add_metric([*self.labels, reason], eng.get(f"finished_{reason}", 0))
-        yield c
+
+def merge_families(labels: list[str], workers: list[WorkerHealth]) -> Iterator[Metric]:
+    """What each worker's merger ran (``workers.merge``): rows per run as a histogram, and rows and expert matmuls
+    as counters (rows / matmuls = rows per expert matmul: above 1 frontend's share when frontends' layers merge)."""
+    hist = HistogramMetricFamily(
+        "mixserve:expert_rows_per_call",
+        "Rows (token x expert assignments) per expert run of a worker, its frontends' messages merged.",
+        labels=[*LABELS, "worker"],
+    )
+    rows = CounterMetricFamily("mixserve:expert_rows", "Token x expert assignments an expert worker computed.",
+                               labels=[*LABELS, "worker"])  # fmt: skip
+    calls = CounterMetricFamily("mixserve:expert_matmuls", "Expert matmuls (distinct experts per run) of a worker.",
+                                labels=[*LABELS, "worker"])  # fmt: skip
+    for w in workers:
+        m = w.merge
+        if not m:
+            continue
+        cumulative, buckets = 0, []
+        for bound, n in zip([*m["rows_buckets"], "+Inf"], m["rows_per_run"], strict=True):
+            cumulative += n
+            buckets.append((str(bound), cumulative))
+        hist.add_metric([*labels, str(w.worker)], buckets, sum_value=m["rows"])
+        rows.add_metric([*labels, str(w.worker)], m["rows"])
+        calls.add_metric([*labels, str(w.worker)], m["expert_calls"])
+    yield from (hist, rows, calls)
+
+
+def engine_label(snapshot: dict) -> str:
+    """The ``engine`` label of a frontend replica's snapshot: the last part of its replica id ("0" without one)."""
+    return str(snapshot.get("frontend") or ENGINE).rsplit("#", 1)[-1]
 
 
 class ServeMetrics:
@@ -237,6 +281,12 @@ class ServeMetrics:
         )
         self._histogram = histogram
         self._lengths: tuple[Any, Any] | None = None  # per-request token counts; buckets need max_model_len
+        self.frontend_requests = Counter(
+            "mixserve:frontend_requests",
+            "Engine requests each frontend replica accepted (engine: the replica).",
+            LABELS,
+            registry=reg,
+        )
         self.frontend = _FrontendCollector(model_name, max_num_seqs)
         reg.register(self.frontend)
 
@@ -269,17 +319,29 @@ class ServeMetrics:
             self._lengths[0].observe(prompt_tokens)
             self._lengths[1].observe(generation_tokens)
 
-    def render(self, snapshot: dict | None, health: HealthResponse | None) -> bytes:
-        self.frontend.snapshot = snapshot
+    def accepted(self, engine: str) -> None:
+        """One engine request accepted by the frontend replica ``engine``."""
+        self.frontend_requests.labels(model_name=self.model_name, engine=engine).inc()
+
+    def render(self, snapshots: list[dict], health: HealthResponse | None) -> bytes:
+        self.frontend.update(snapshots)
         self.frontend.health = health
         return generate_latest(self.registry)
 
+    def known_frontends(self) -> int:
+        return len(self.frontend.snapshots)
 
-async def frontend_snapshot(frontend: Any, timeout_s: float = 5.0) -> dict | None:
-    """The frontend's engine stats and expert load; None (logged) when it does not answer, so the ingress's own
-    metrics still render."""
-    try:
-        return await asyncio.wait_for(frontend.stats.remote(), timeout=timeout_s)
-    except Exception as e:
-        log.warning("metrics: frontend snapshot unavailable (%s); exporting ingress metrics only", e)
-        return None
+
+async def frontend_snapshots(frontend: Any, asks: int, timeout_s: float = 5.0) -> list[dict]:
+    """Engine stats and expert load of frontend replicas: ``asks`` calls at once, which the handle spreads over the
+    replicas (each snapshot names its replica); the ones that do not answer are left out (logged), so the ingress's
+    own metrics still render."""
+
+    async def one() -> dict | None:
+        try:
+            return await asyncio.wait_for(frontend.stats.remote(), timeout=timeout_s)
+        except Exception as e:
+            log.warning("metrics: a frontend snapshot is unavailable (%s)", e)
+            return None
+
+    return [s for s in await asyncio.gather(*(one() for _ in range(asks))) if s is not None]

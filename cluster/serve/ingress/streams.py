@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,16 +28,23 @@ from cluster.engine.sampling import SamplingParams
 from cluster.errors import InternalError, MixserveError, RequestTimeoutError, UnavailableError
 from cluster.serve.ingress.errors import api_error
 from cluster.serve.ingress.metrics import ServeMetrics
+from cluster.serve.stream_items import Accepted
+
+log = logging.getLogger("mixserve")
 
 
 @dataclass
 class Choice:
-    """One engine request: choice ``index`` of an API request."""
+    """One engine request: choice ``index`` of an API request, sent with ``params`` to the frontend replica
+    ``frontend``; ``retried`` once it was sent again to another replica after its first one vanished."""
 
     index: int
     prompt_ids: list[int]
     request_id: str
     stream: Any  # ray.serve.handle.DeploymentResponseGenerator
+    params: SamplingParams | None = None
+    frontend: str = ""
+    retried: bool = False
 
 
 def frontend_failure(e: Exception) -> Exception:
@@ -51,6 +59,11 @@ def frontend_failure(e: Exception) -> Exception:
     if isinstance(e, MixserveError):
         return e
     return UnavailableError(f"the frontend is unavailable: {type(e).__name__}")
+
+
+def vanished(e: Exception) -> bool:
+    """Whether a frontend call failed because its replica is gone (not because the frontend raised)."""
+    return not isinstance(e, RayTaskError | MixserveError)
 
 
 def output_error(out: RequestOutput) -> Exception:
@@ -87,24 +100,31 @@ class FrontendClient:
     async def vocab_size(self) -> int:
         return int((await self.model_info())["vocab_size"])
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Any:
-        """Start one engine request and return its output stream; raises the frontend's refusal (bad request,
-        overload), RequestTimeoutError when it does not answer in time, UnavailableError when it is gone."""
-        gen = self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
-        try:
-            first = await asyncio.wait_for(gen.__anext__(), timeout=self.timeout_s)
-        except TimeoutError:
-            gen.cancel()
-            raise RequestTimeoutError("timed out waiting for the engine to accept the request") from None
-        except Exception as e:
-            raise frontend_failure(e) from e
-        if isinstance(first, BaseException):
-            gen.cancel()
-            raise first
-        if first != "accepted":
-            gen.cancel()
-            raise InternalError(f"the frontend answered {type(first).__name__} instead of accepting")
-        return gen
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> tuple[Any, str]:
+        """Start one engine request: its output stream and the frontend replica that accepted it. Raises the
+        frontend's refusal (bad request, overload), RequestTimeoutError when it does not answer in time,
+        UnavailableError when no frontend is there. A replica that vanishes before accepting is replaced by another
+        one, once (the Serve handle routes the second try to a live replica)."""
+        for attempt in (0, 1):
+            gen = self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), timeout=self.timeout_s)
+            except TimeoutError:
+                gen.cancel()
+                raise RequestTimeoutError("timed out waiting for the engine to accept the request") from None
+            except Exception as e:
+                if attempt == 0 and vanished(e):
+                    continue
+                raise frontend_failure(e) from e
+            if isinstance(first, BaseException):
+                gen.cancel()
+                raise first
+            if not isinstance(first, Accepted):
+                gen.cancel()
+                raise InternalError(f"the frontend answered {type(first).__name__} instead of accepting")
+            self.metrics.accepted(first.engine)
+            return gen, first.frontend
+        raise AssertionError("unreachable")
 
     async def submit_all(self, prompts: list[list[int]], params: SamplingParams, base_id: str) -> list[Choice]:
         """``params.candidates`` engine requests per prompt (``cluster.engine.fanout.expand``: n, or best_of;
@@ -116,7 +136,8 @@ class FrontendClient:
                 for j, p in enumerate(candidates):
                     index = pi * len(candidates) + j
                     rid = f"{base_id}-{index}"
-                    choices.append(Choice(index, ids, rid, await self.submit(ids, p, rid)))
+                    stream, frontend = await self.submit(ids, p, rid)
+                    choices.append(Choice(index, ids, rid, stream, p, frontend))
         except BaseException:
             for c in choices:
                 c.stream.cancel()
@@ -154,6 +175,10 @@ class FrontendClient:
                     open_streams -= 1
                     continue
                 if isinstance(item, Exception):
+                    if await self._resubmit(c, item, started=c.index in last_token):
+                        open_streams += 1  # the failed stream's end (None) is still to come
+                        tasks.append(asyncio.create_task(pump(c)))
+                        continue
                     raise frontend_failure(item) from item
                 self._observe(c, item, last_token, t0)
                 if item.finish_reason == "error" or item.error is not None:
@@ -177,6 +202,16 @@ class FrontendClient:
                 for c in choices:
                     with contextlib.suppress(Exception):
                         await self.handle.abort.remote(c.request_id)
+
+    async def _resubmit(self, c: Choice, error: Exception, *, started: bool) -> bool:
+        """Send choice ``c`` again when its frontend replica vanished before it produced a token (once): True when
+        it now streams from another replica."""
+        if started or c.retried or c.params is None or not vanished(error):
+            return False
+        c.retried = True
+        log.warning("request %s: frontend %s vanished before its first token; sent again", c.request_id, c.frontend)
+        c.stream, c.frontend = await self.submit(c.prompt_ids, c.params, c.request_id)
+        return True
 
     def _observe(self, c: Choice, out: RequestOutput, last_token: dict[int, float], t0: float) -> None:
         if not out.new_token_ids:

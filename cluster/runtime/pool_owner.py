@@ -1,0 +1,109 @@
+"""One expert pool per application, owned by neither of its frontends (:class:`PoolOwner`).
+
+    PoolOwner (a Serve deployment of its own, or a named actor offline)
+      owns: the placement group and W expert workers (x expert_replicas copies of every expert)
+      attach(frontend) -> the workers' handles and the placement plan; detach(frontend)
+           ^                    ^                     ^
+      frontend 1           frontend 2    ...     frontend M       each calls the workers directly, per layer
+
+Frontends attach on start and detach on stop; a frontend's death or restart never restarts, reloads or duplicates a
+worker. The owner answers for the pool as a whole: which frontends are attached, the workers' health, and the
+replacement of a worker Ray will not restart (frontends re-attach to get its new handle). The workers die with the
+owner (the Serve app deleted, or the offline LLM that started it shut down).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from cluster.checkpoint.locate import resolve
+from cluster.config.cluster import ClusterConfig
+from cluster.config.model import ModelConfig
+from cluster.errors import SetupError
+from cluster.runtime.pool import ExpertPool
+from cluster.runtime.resources import expert_placement
+
+log = logging.getLogger("mixserve")
+
+POOL_DEPLOYMENT = "ExpertPool"  # the Serve deployment that owns a pool (cluster.serve.app)
+
+# The options that shape a pool; a frontend-only change (engine limits, KV cache, serving) leaves the pool alone.
+POOL_PARTS = ("load", "parallel")
+# What a frontend and the pool it attaches to must agree on (the experts' source and form, and where they are)
+MUST_MATCH = ("model", "quantization", "expert_workers", "expert_replicas", "expert_placement")
+
+
+def pool_options(config: ClusterConfig) -> dict[str, Any]:
+    """The options of ``config`` that its pool is made of (``POOL_PARTS``), flat."""
+    return {k: v for part in POOL_PARTS for k, v in getattr(config, part).model_dump().items()}
+
+
+def mismatch(pool: dict[str, Any], frontend: dict[str, Any]) -> str | None:
+    """Why a frontend of options ``frontend`` cannot use a pool of options ``pool`` (``MUST_MATCH``), or None.
+
+    >>> mismatch({"model": "/a", "expert_workers": 2}, {"model": "/b", "expert_workers": 2})
+    "model: the pool's is '/a', this frontend's '/b'"
+    """
+    diff = [f"{k}: the pool's is {pool.get(k)!r}, this frontend's {frontend.get(k)!r}"
+            for k in MUST_MATCH if pool.get(k) != frontend.get(k)]  # fmt: skip
+    return "; ".join(diff) or None
+
+
+class PoolOwner:
+    """Starts the pool when created (the workers load their experts) and keeps it until it is closed."""
+
+    def __init__(self, options: dict[str, Any], *, name: str | None = None) -> None:
+        config = resolve(ClusterConfig.from_options(options))
+        assert config.load.model is not None
+        self.config = config
+        self.options = pool_options(config)
+        tag = uuid.uuid4().hex[:8]
+        self.name = name or f"mixserve-pool-{tag}"
+        placement = expert_placement(config.parallel, ModelConfig.from_dir(config.load.model))
+        # workers named mixserve-expert-<tag>-<w> (operators and tests find them so), their group ...-pg
+        self.pool = ExpertPool.launch(config, placement, name_prefix=f"mixserve-expert-{tag}-")
+        self._frontends: dict[str, float] = {}  # attached frontend -> when it attached
+        self._lock = threading.Lock()
+        log.info("expert pool %s ready: %d workers, %d copies of each expert", self.name, len(self.pool.handles),
+                 placement.replicas)  # fmt: skip
+
+    def attach(self, frontend: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a frontend needs to reach the workers: their handles (worker id = index) and the placement plan.
+        ``options``: the frontend's (``pool_options``); a frontend that does not match the pool is refused
+        (:class:`SetupError` naming the options)."""
+        why = None if options is None else mismatch(self.options, options)
+        if why is not None:
+            raise SetupError(f"frontend {frontend} cannot attach to expert pool {self.name}: {why}")
+        with self._lock:
+            self._frontends[frontend] = time.time()
+        log.info("frontend %s attached to expert pool %s (%d attached)", frontend, self.name, len(self._frontends))
+        return {"handles": list(self.pool.handles), "placement": self.pool.placement, "pool": self.name}
+
+    def detach(self, frontend: str) -> None:
+        with self._lock:
+            self._frontends.pop(frontend, None)
+
+    def frontends(self) -> list[str]:
+        with self._lock:
+            return sorted(self._frontends)
+
+    def health(self, timeout_s: float = 3.0) -> dict:
+        return {**self.pool.health(timeout_s), "frontends": self.frontends(), "pool": self.name}
+
+    def info(self, timeout_s: float = 10.0) -> list[dict]:
+        return self.pool.info(timeout_s)
+
+    def replace_dead(self, timeout_s: float = 30.0) -> list[int]:
+        """Replace the workers Ray will not restart; attached frontends re-attach for their new handles."""
+        with self._lock:
+            return self.pool.replace_dead(timeout_s)
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.pool.shutdown()

@@ -1,0 +1,96 @@
+"""Batching across frontends in a worker (workers.merge.LayerMerger): messages of one layer waiting together run as
+one, each frontend gets exactly the rows it would have got alone, the oldest waiting message goes first, and nothing
+waits for a frontend that sends nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from tests.helpers import wait_until
+from workers.merge import LayerMerger
+
+D, E = 8, 4
+torch.manual_seed(3)
+EXPERTS = [torch.randn(D, D) for _ in range(E)]
+
+
+def dense(layer: int, x, rows, experts, weights):
+    """The reference: every assignment's weighted expert output, summed per row (layer l scales by l + 1)."""
+    out = torch.zeros_like(x)
+    for r, e, w in zip(rows.tolist(), experts.tolist(), weights.tolist(), strict=True):
+        out[r] += w * (layer + 1) * (x[r] @ EXPERTS[e].T)
+    return out
+
+
+def message(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g)
+    rows = torch.arange(n).repeat_interleave(2)  # [2N]: two experts per row
+    experts = torch.randint(0, E, (2 * n,), generator=g)
+    order = torch.argsort(experts, stable=True)
+    return x, rows[order], experts[order], torch.rand(2 * n, generator=g)
+
+
+class Gate:
+    """A run that holds its first call until released, so that later messages queue behind it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[tuple[int, int]] = []  # (layer, rows of x) per run
+
+    def __call__(self, layer, x, rows, experts, weights):
+        self.calls.append((layer, x.shape[0]))
+        if len(self.calls) == 1:
+            self.release.wait(10)
+        return dense(layer, x, rows, experts, weights)
+
+
+def test_messages_of_a_layer_waiting_together_run_once_and_each_gets_its_own_rows():
+    gate = Gate()
+    merger = LayerMerger(gate)
+    msgs = {"first": (0, message(3, 1)), "a": (1, message(2, 2)), "b": (1, message(5, 3)), "c": (2, message(4, 4))}
+    got: dict[str, torch.Tensor] = {}
+    threads = []
+    for name in ("first", "a", "b", "c"):  # queued in this order behind the held first run
+        layer, m = msgs[name]
+        t = threading.Thread(target=lambda n=name, lay=layer, mm=m: got.__setitem__(n, merger.submit(lay, *mm)))
+        t.start()
+        threads.append(t)
+        if name == "first":
+            wait_until(lambda: gate.calls, "the first message never ran")
+        else:  # queued one after the other, in this order
+            queued = len(threads) - 1
+            wait_until(lambda q=queued: merger.waiting() == q, f"message {name} never queued")
+    gate.release.set()
+    for t in threads:
+        t.join(10)
+    merger.close()
+    for name, (layer, m) in msgs.items():
+        torch.testing.assert_close(got[name], dense(layer, *m), rtol=1e-5, atol=1e-5)
+    # the held run, then a and b of layer 1 together (the oldest waiting), then c
+    assert gate.calls == [(0, 3), (1, 7), (2, 4)]
+    s = merger.stats
+    assert (s.runs, s.messages, s.merged_runs) == (3, 4, 1)
+    assert s.rows == sum(m[1].numel() for _, m in msgs.values())
+
+
+def test_a_lone_message_runs_at_once_and_errors_reach_the_sender():
+    merger = LayerMerger(dense)
+    x, rows, experts, weights = message(2, 9)
+    torch.testing.assert_close(merger.submit(5, x, rows, experts, weights), dense(5, x, rows, experts, weights))
+
+    def broken(*args):
+        raise ValueError("expert bug")
+
+    bad = LayerMerger(broken)
+    try:
+        bad.submit(0, x, rows, experts, weights)
+    except ValueError as e:
+        assert str(e) == "expert bug"
+    else:
+        raise AssertionError("the error did not reach the sender")
+    assert merger.stats.merged_runs == 0 and merger.stats.runs == 1
+    merger.close()
+    bad.close()
