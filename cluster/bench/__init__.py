@@ -1,5 +1,5 @@
-"""``mixserve bench``: engine, dispatch, sharded, serve, memory, reload and soak benchmarks (not part of the test
-suite).
+"""``mixserve bench``: engine, dispatch, sharded, serve, memory, reload, soak and straggler benchmarks (not part of the
+test suite).
 
 Each subcommand prints a table, shows progress on stderr and writes a JSON report (``--out``, default
 ``bench-results/<name>-<timestamp>.json``) with the machine, versions, settings, method, results and goals
@@ -16,7 +16,10 @@ import importlib
 from cluster.bench.harness import add_command
 from cluster.bench.ray_optional import add_or_explain
 
-BENCHES = ("engine", "dispatch", "sharded", "serve", "memory", "reload", "soak")
+BENCHES = ("engine", "dispatch", "sharded", "serve", "memory", "reload", "soak", "straggler")
+# The module whose Options and run a subcommand uses, where it is not the subcommand's own: serve_pools runs
+# ``serve --frontend-replicas`` and hands every other ``serve`` run to ``cluster.bench.serve.run``.
+ENTRY = {"serve": "serve_pools"}
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
@@ -28,5 +31,5 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _register(name: str, sub: argparse._SubParsersAction) -> None:
-    module = importlib.import_module(f"cluster.bench.{name}")
+    module = importlib.import_module(f"cluster.bench.{ENTRY.get(name, name)}")
     add_command(sub, name, module.Options, module.run)

@@ -10,6 +10,10 @@ tpot_ms_mean: (end - first token) / (tokens - 1). tokens/s: completion tokens of
 time. Errors: non-200 status, an error event, or no tokens. Then the continuous-batching gain (tokens/s at the
 highest level over the lowest) and, at the highest level only, the sharded server against the same application
 redeployed with expert_workers 0 (or --baseline-url).
+
+--frontend-replicas M1,M2,...: instead, M frontends over one expert pool against M applications with a pool each, at
+one total concurrency (``cluster.bench.serve_pools``, whose docstring states that method; the CLI enters ``bench serve``
+there, and it hands every run without the flag to :func:`run` here).
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ class Options(Common):
     request_timeout_s: float = opt(300.0, "client timeout per request; also the local server's")
     skip_baseline: bool = opt(False, "do not measure the W=0 server")
     seed: int = opt(0, "seed of the prompts")
+    frontend_replicas: str | None = opt(
+        None, "M1,M2,...: M frontends over ONE expert pool vs M apps of a pool each (own apps: no --url, no W=0 run)"
+    )
+    pool_concurrency: int | None = opt(None, "with --frontend-replicas: total clients (default: highest --concurrency)")
 
 
 @dataclass
@@ -152,6 +160,13 @@ def sweep(o: Options, url: str, levels: list[int], run: h.Run, tag: str) -> list
     return out
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for the local Serve HTTP proxy)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def deploy(o: Options, cluster: dict[str, Any], url: str, expert_workers: int, run: h.Run) -> str:
     """(Re)deploy the application on the local Serve instance; returns once /health answers 200."""
     import httpx  # optional dependency (the test extra): only this benchmark needs it
@@ -185,6 +200,8 @@ def goals_of(levels: list[dict], baseline: dict | None, target: str) -> list[dic
 
 
 def run(o: Options, cluster: dict[str, Any]) -> dict:
+    if o.frontend_replicas is not None:  # the CLI sends these to cluster.bench.serve_pools (it imports this module)
+        raise SystemExit("mixserve bench serve: --frontend-replicas runs in cluster.bench.serve_pools.run")
     levels = sorted(set(h.ints(o.concurrency, "concurrency")))
     r = h.Run("serve", o)
     top, w = levels[-1:], cluster["expert_workers"]
@@ -195,9 +212,7 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
         if o.baseline_url and not o.skip_baseline:
             baseline = sweep(o, o.baseline_url, top, r, "baseline")[0]
     else:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         where, target, url = {"server": "in-process", "port": port}, f"sharded (W={w})", f"http://127.0.0.1:{port}"
         with h.local_ray(6 + w):
             serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -12,6 +12,8 @@ import pytest
 from cluster.bench import add_bench_command
 from cluster.bench.harness import ints, table
 from cluster.bench.serve import goals_of
+from cluster.bench.serve_pools import goals_of as pool_goals
+from cluster.bench.serve_pools import ray_cpus, shares
 from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
 from cluster.cli import main
 
@@ -52,6 +54,52 @@ def test_subcommands_flags_and_defaults():
     engine = parser.parse_args(["bench", "engine", "--dtype", "bfloat16", "--max-num-seqs", "4"])
     assert (engine.max_num_seqs, engine.max_model_len, engine.device, engine.dtype) == (4, 1024, "cpu", "bfloat16")
     assert parser.parse_args(["bench", "memory"]).expert_workers == 2
+
+
+def test_serve_pools_and_straggler_flags():
+    parser = argparse.ArgumentParser()
+    add_bench_command(parser.add_subparsers(dest="command"))
+    plain = parser.parse_args(["bench", "serve"])
+    assert plain.frontend_replicas is None and plain.pool_concurrency is None  # the concurrency sweep, as before
+    pools = parser.parse_args(["bench", "serve", "--frontend-replicas", "1,2,4", "--pool-concurrency", "8"])
+    assert (pools.frontend_replicas, pools.pool_concurrency) == ("1,2,4", 8)
+    s = parser.parse_args(["bench", "straggler"])
+    assert (s.bench, s.expert_workers, s.transport, s.dtype) == ("straggler", 2, "object_ref", "float32")
+    assert (s.prompts, s.max_tokens, s.freeze_s, s.worker) == (8, 160, 10.0, 1)
+    assert parser.parse_args(["bench", "straggler", "--freeze-s", "3", "--max-tokens", "40"]).freeze_s == 3.0
+    assert shares(5, 2) == [3, 2] and shares(4, 4) == [1, 1, 1, 1]
+    # 4 apps of (1 frontend CPU + 0.5 ingress + 0.1 pool owner + 2 workers x 1 CPU), plus 1 for Serve
+    assert ray_cpus({"expert_workers": 2}, [1, 2, 4]) == 16
+
+
+def test_serve_without_frontend_replicas_runs_the_sweep_as_before(monkeypatch):
+    import cluster.bench.serve as serve_bench
+
+    seen = []
+    monkeypatch.setattr(serve_bench, "run", lambda o, cluster: seen.append((o.concurrency, cluster)) or {})
+    parser = argparse.ArgumentParser()
+    add_bench_command(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(["bench", "serve", "--concurrency", "2,4"])
+    assert a.func(a) == 0 and [c for c, _ in seen] == ["2,4"] and seen[0][1]["expert_workers"] == 2
+    a = parser.parse_args(["bench", "serve", "--frontend-replicas", "1,2", "--url", "http://127.0.0.1:1"])
+    with pytest.raises(SystemExit, match="drop --url"):
+        a.func(a)
+    assert len(seen) == 1
+
+
+def test_serve_pools_goals_compare_one_pool_with_m_pools():
+    def case(m: int, apps: int, tps: float, held: int, rows: float | None) -> dict:
+        return {"m": m, "apps": apps, "tokens_per_s": tps, "expert_bytes": held, "rows_per_matmul": rows,
+                "error_rate": 0.0}  # fmt: skip
+
+    rows = [case(1, 1, 50.0, 100, 1.0), case(2, 1, 90.0, 100, 1.8), case(2, 2, 80.0, 200, 1.0)]
+    tps, held, merged, errors = pool_goals(rows, [1, 2])
+    assert (tps["measured"], tps["met"]) == (90.0 / 80.0, True)
+    assert (held["measured"], held["threshold"], held["met"]) == (0.5, 0.5, True)
+    assert (merged["measured"], merged["met"]) == (1.8, True)
+    assert errors["met"] is True
+    (no_m2, _) = pool_goals(rows[:1], [1])
+    assert no_m2["met"] is None and "2" in no_m2["note"]
 
 
 def test_list_flags_are_checked():
