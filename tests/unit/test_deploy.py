@@ -5,10 +5,16 @@ No Ray cluster, no Kubernetes and no Docker: the Serve config is checked with Ra
 the application ``args`` with the application's own parser (``cluster.serve.app.parse_args``, the single source of
 their names and limits: nothing is re-declared here), and the RayService with a small OpenAPI v3 walker over KubeRay's
 CRD.
+
+Both Serve configs hold two applications: ``mixserve-pool`` (``build_pool_app``: the ExpertPool deployment alone, no
+route) and ``mixserve`` (``build_app``: the API, whose frontends attach to that pool through ``expert_pool``), so a
+redeploy of ``mixserve`` with changed args keeps the workers loaded. The pool application's args must agree with the
+main application's on what a frontend and its pool must match (``cluster.runtime.pool_owner.MUST_MATCH``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -21,8 +27,11 @@ import yaml
 from pydantic import BaseModel
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.config.load import LoadConfig
+from cluster.config.parallel import ParallelConfig
 from cluster.config.serving import AppArgs
 from cluster.errors import AppArgsError
+from cluster.runtime.pool_owner import MUST_MATCH, mismatch, pool_options
 from cluster.serve.app import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +50,12 @@ CRD_CANDIDATES = [
 
 APP_NAME = "mixserve"
 IMPORT_PATH = "cluster.serve.app:build_app"
+POOL_APP_NAME = "mixserve-pool"  # the expert pool's own application (the name `mixserve serve` gives it too)
+POOL_IMPORT_PATH = "cluster.serve.app:build_pool_app"
+# name -> (import_path, route_prefix), in the files' order: the pool first, then the API. The pool has no route.
+APPS = {POOL_APP_NAME: (POOL_IMPORT_PATH, None), APP_NAME: (IMPORT_PATH, "/")}
+# Options only the pool's workers use (cluster/runtime/pool.py): in the main application they would be ignored.
+POOL_ONLY = ("cpus_per_worker", "placement_strategy")
 GRPC_SERVICER = "cluster.serve.proto.mixserve_pb2_grpc.add_GenerationServicer_to_server"
 HTTP_PORT = 8000
 GRPC_PORT = 9000
@@ -252,15 +267,32 @@ def gpu_count(container: dict) -> float:
     return float(str(limits.get("nvidia.com/gpu", 0)))
 
 
-def app_of(cfg: dict) -> dict:
+def app_of(cfg: dict, name: str = APP_NAME) -> dict:
+    """The application ``name`` of a Serve config (default: the main one, ``mixserve``)."""
     apps = {a["name"]: a for a in cfg["applications"]}
-    assert APP_NAME in apps
-    return apps[APP_NAME]
+    assert name in apps, f"no application {name!r} (have {sorted(apps)})"
+    return apps[name]
 
 
 def app_args(cfg: dict) -> AppArgs:
-    """The application's ``args``, parsed exactly as ``build_app`` parses them (AppArgsError names a bad field)."""
+    """The main application's ``args``, parsed exactly as ``build_app`` parses them (AppArgsError names a bad
+    field)."""
     return parse_args(app_of(cfg)["args"])
+
+
+def pool_args(cfg: dict) -> AppArgs:
+    """The pool application's ``args``, parsed exactly as ``build_pool_app`` parses them."""
+    return parse_args(app_of(cfg, POOL_APP_NAME)["args"])
+
+
+def import_attr(import_path: str):
+    """What Serve imports for an application's ``import_path`` (``module:attribute``)."""
+    module, _, attr = import_path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def both_configs() -> list[tuple[str, dict]]:
+    return [(SERVE_CONFIG.name, load_serve_config()), ("serveConfigV2", rayservice_serve_config(load_rayservice()))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,23 +306,48 @@ def test_serve_config_validates_with_ray_serve_schema():
     assert schema.http_options.host == "127.0.0.1" and schema.http_options.port == HTTP_PORT
     assert schema.grpc_options.port == GRPC_PORT
     assert schema.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
-    assert [a.name for a in schema.applications] == [APP_NAME]
-    app = schema.applications[0]
-    assert app.route_prefix == "/" and app.import_path == IMPORT_PATH
+    assert [a.name for a in schema.applications] == list(APPS)
+    for app in schema.applications:
+        assert (app.import_path, app.route_prefix) == APPS[app.name], app.name
+    # route_prefix must be written `null`: left out, Serve's default is "/", which is the main application's
+    assert app_of(cfg, POOL_APP_NAME)["route_prefix"] is None
 
 
 def test_serve_config_args_are_the_tiny_default():
-    a = app_args(load_serve_config())
+    cfg = load_serve_config()
+    a = app_args(cfg)
     assert a.load.model is None  # null = the built-in tiny default model
     assert a.parallel.expert_workers == 2 and a.load.dtype == "float32"
     assert a.serving.served_model_name == ["mixserve-tiny"]
     assert a.parallel.gpus_per_worker is None  # auto: runs on a CPU-only machine
-    assert a.parallel.placement_strategy == "PACK"
+    assert a.parallel.expert_pool == POOL_APP_NAME
+    pool = pool_args(cfg)  # the workers' own options live in the pool application
+    assert pool.load.model is None and pool.load.dtype == "float32"
+    assert pool.parallel.expert_workers == 2 and pool.parallel.gpus_per_worker is None
+    assert pool.parallel.placement_strategy == "PACK" and pool.parallel.cpus_per_worker == 1
     assert (a.engine.max_num_seqs, a.engine.max_num_batched_tokens, a.engine.max_queued_requests) == (16, 512, 256)
     assert a.engine.max_model_len is None and a.serving.request_timeout_s == 120.0
     assert (
         a.serving.api_key == [] and a.serving.api_key_env == "MIXSERVE_API_KEY" and a.serving.api_key_file is None
     )  # no key inline
+
+
+def test_both_files_autoscale_the_frontends_over_one_pool():
+    for cfg in (load_serve_config(), rayservice_serve_config(load_rayservice())):
+        a = app_args(cfg)
+        scaling = a.serving.frontend_autoscaling
+        assert scaling is not None and scaling.min_replicas == 1 < scaling.max_replicas == a.serving.max_frontends
+        assert 0 < scaling.target_ongoing_requests <= a.engine.max_num_seqs  # a replica adds up before it queues
+        assert a.parallel.transport == "object_ref"  # the one transport that shares a pool among frontends
+        assert a.serving.ingress_replicas == 1 and a.serving.ingress_autoscaling is None
+    # parsed by the application's own model: a typo or an inverted range fails the deploy naming it
+    args = dict(app_of(load_serve_config())["args"])
+    with pytest.raises(AppArgsError, match="max_replica"):
+        parse_args({**args, "frontend_autoscaling": {"min_replicas": 1, "max_replica": 4}})
+    with pytest.raises(AppArgsError, match="max_replicas"):
+        parse_args({**args, "frontend_autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(AppArgsError, match="transport"):
+        parse_args({**args, "transport": "channel"})  # channel cannot serve several frontends from one pool
 
 
 def test_args_check_is_the_application_parser():
@@ -305,12 +362,66 @@ def test_args_check_is_the_application_parser():
 def test_strict_key_walk_catches_typos():
     cfg = load_serve_config()
     cfg["grpc_options"] = dict(cfg["grpc_options"], grpc_servicer_function=["x.y"])
-    cfg["applications"] = [dict(cfg["applications"][0], import_pth="a.b:c")]
+    main = [a["name"] for a in cfg["applications"]].index(APP_NAME)
+    cfg["applications"][main] = dict(cfg["applications"][main], import_pth="a.b:c")
     ServeDeploySchema.model_validate(cfg)  # Ray Serve itself accepts (and drops) both misspelt keys
     assert unknown_serve_keys(ServeDeploySchema, cfg) == [
         "grpc_options.grpc_servicer_function",
-        "applications[0].import_pth",
+        f"applications[{main}].import_pth",
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a') the expert pool in an application of its own
+
+
+def test_import_paths_exist():
+    # What Serve imports for each application of either file, and what it gets: a builder of an Application.
+    assert import_attr(IMPORT_PATH) is import_attr("cluster.serve.app:build_app")
+    for _, cfg in both_configs():
+        for app in cfg["applications"]:
+            builder = import_attr(app["import_path"])
+            assert callable(builder), app["import_path"]
+    from cluster.serve.app import build_pool_app
+    from cluster.serve.cli import POOL_APP
+
+    assert import_attr(POOL_IMPORT_PATH) is build_pool_app
+    assert POOL_APP == POOL_APP_NAME  # `mixserve serve` names its pool application as the files do
+
+
+def test_both_files_build_the_pool_app_and_attach_the_main_app_to_it():
+    from ray.serve import Application
+
+    from cluster.serve.app import build_app, build_pool_app
+
+    pool_fields = set(LoadConfig.model_fields) | set(ParallelConfig.model_fields)
+    for where, cfg in both_configs():
+        pool_raw = app_of(cfg, POOL_APP_NAME)["args"]
+        main_raw = app_of(cfg)["args"]
+        pool, main = pool_args(cfg), app_args(cfg)  # both parse (AppArgsError names a bad field)
+        assert main.parallel.expert_pool == POOL_APP_NAME, f"{where}: the frontends must attach to the pool app"
+        assert pool.parallel.expert_pool is None, f"{where}: the pool application owns its pool"
+        assert pool.parallel.expert_workers >= 1  # build_pool_app refuses 0
+        # the pool app takes only what a pool is made of (load and parallel options): anything else would be ignored
+        assert set(pool_raw) <= pool_fields, f"{where}: not pool options: {sorted(set(pool_raw) - pool_fields)}"
+        assert not set(POOL_ONLY) & set(main_raw), f"{where}: worker options belong to {POOL_APP_NAME}"
+        # what a frontend and its pool must agree on (else the frontends refuse to start, naming the option)
+        pool_opts, main_opts = pool_options(pool.cluster_config()), pool_options(main.cluster_config())
+        for key in MUST_MATCH:
+            assert pool_opts[key] == main_opts[key], f"{where}: {key} differs between the two applications"
+        assert mismatch(pool_opts, main_opts) is None
+        # and every option both give (dtype, gpus_per_worker, ...) is given the same value
+        shared = set(pool_raw) & set(main_raw)
+        assert {"model", "dtype", "expert_workers"} <= shared
+        assert {k: pool_raw[k] for k in shared} == {k: main_raw[k] for k in shared}, where
+        # the builders accept the args as they are (no Ray needed to build)
+        assert isinstance(build_pool_app(pool_raw), Application)
+        assert isinstance(build_app(main_raw), Application)
+    # a pool that does not match is named by the check the pool runs when a frontend attaches
+    cfg = load_serve_config()
+    other = parse_args({**app_of(cfg, POOL_APP_NAME)["args"], "expert_workers": 4})
+    why = mismatch(pool_options(other.cluster_config()), pool_options(app_args(cfg).cluster_config()))
+    assert why is not None and why.startswith("expert_workers:")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,14 +433,14 @@ def test_rayservice_serve_config_validates_and_matches_serve_config():
     k8s = rayservice_serve_config(load_rayservice())
     validate_serve_config(k8s)
 
-    assert [a["name"] for a in k8s["applications"]] == [a["name"] for a in local["applications"]]
-    for name in (a["name"] for a in local["applications"]):
-        a = next(x for x in local["applications"] if x["name"] == name)
-        b = next(x for x in k8s["applications"] if x["name"] == name)
-        assert b["import_path"] == a["import_path"] == IMPORT_PATH
-        assert b["route_prefix"] == a["route_prefix"] == "/"
-        assert set(b.get("args", {})) == set(a.get("args", {})), "the two files must pass the same build_app args"
-        assert set(b) == set(a), "same application-level keys (runtime_env, deployments, ...)"
+    assert [a["name"] for a in k8s["applications"]] == [a["name"] for a in local["applications"]] == list(APPS)
+    for name, (import_path, route_prefix) in APPS.items():
+        a, b = app_of(local, name), app_of(k8s, name)
+        assert b["import_path"] == a["import_path"] == import_path, name
+        assert b["route_prefix"] == a["route_prefix"] == route_prefix, name
+        assert set(b.get("args", {})) == set(a.get("args", {})), f"{name}: the two files must pass the same args"
+        assert set(b) == set(a), f"{name}: same application-level keys (runtime_env, deployments, ...)"
+    assert app_of(k8s)["args"]["expert_pool"] == app_of(local)["args"]["expert_pool"] == POOL_APP_NAME
 
     assert k8s["grpc_options"]["grpc_servicer_functions"] == local["grpc_options"]["grpc_servicer_functions"]
     assert k8s["grpc_options"]["port"] == local["grpc_options"]["port"] == GRPC_PORT
@@ -340,12 +451,17 @@ def test_rayservice_serve_config_validates_and_matches_serve_config():
 
 
 def test_rayservice_args_are_mixtral_8x7b():
-    a = app_args(rayservice_serve_config(load_rayservice()))
+    cfg = rayservice_serve_config(load_rayservice())
+    a = app_args(cfg)
     assert a.load.model == "/models/Mixtral-8x7B-Instruct-v0.1"
     assert a.load.dtype == "bfloat16" and a.parallel.expert_workers == 4 and a.parallel.gpus_per_worker == 1
     assert 8 % a.parallel.expert_workers == 0, "Mixtral has 8 experts per layer"
     assert a.serving.served_model_name == ["mixtral-8x7b-instruct"]
     assert (a.engine.max_num_seqs, a.engine.max_num_batched_tokens, a.engine.max_model_len) == (32, 2048, 8192)
+    assert a.parallel.expert_pool == POOL_APP_NAME
+    pool = pool_args(cfg)
+    assert pool.load.model == a.load.model and pool.load.dtype == "bfloat16"
+    assert pool.parallel.expert_workers == 4 and pool.parallel.gpus_per_worker == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,16 +545,19 @@ def test_head_does_no_work_and_workers_have_the_gpus():
     assert gpu_count(ray_container(head["template"])) == 0
 
     args = app_args(rayservice_serve_config(rs))
+    pool = pool_args(rayservice_serve_config(rs))  # the application that starts the workers
     groups = cluster["workerGroupSpecs"]
     assert groups and all(gpu_count(ray_container(g["template"])) > 0 for g in groups)
     total = sum(g.get("replicas", g.get("minReplicas", 0)) * gpu_count(ray_container(g["template"])) for g in groups)
     for g in groups:
         assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
         assert "num-gpus" not in g.get("rayStartParams", {}), "let KubeRay derive num-gpus from the GPU limit"
-    # One frontend GPU plus the expert workers' GPUs.
+    # The expert workers' GPUs plus one GPU for every frontend replica the app may scale to.
     assert args.parallel.gpus_per_worker is not None, "the production file pins gpus_per_worker"
-    assert total >= args.parallel.expert_workers + 1
-    assert total >= args.parallel.expert_workers * args.parallel.gpus_per_worker + 1
+    assert pool.parallel.gpus_per_worker == args.parallel.gpus_per_worker  # the frontends size their GPU from it
+    assert total >= args.parallel.expert_workers + args.serving.max_frontends
+    assert total >= args.parallel.expert_workers * args.parallel.gpus_per_worker + args.serving.max_frontends
+    assert total >= pool.parallel.expert_workers * pool.parallel.gpus_per_worker + args.serving.max_frontends
 
 
 def test_head_ports_and_services():
@@ -465,7 +584,7 @@ def test_weights_volume_and_image():
     rs = load_rayservice()
     cluster = rs["spec"]["rayClusterConfig"]
     model = app_args(rayservice_serve_config(rs)).load.model
-    assert model is not None
+    assert model is not None and pool_args(rayservice_serve_config(rs)).load.model == model
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for template in templates:
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
@@ -537,6 +656,7 @@ def test_kubernetes_doc_names_match_the_manifests():
     assert f"{name}-serve-svc" in text and f"{name}-head-svc" in text
     assert "mixtral-weights" in text and "deploy/kuberay/rayservice.yaml" in text
     assert "docker build -f deploy/Dockerfile" in text
+    assert POOL_APP_NAME in text and "expert_pool" in text  # the two applications are explained
 
 
 def test_model_lookup_sees_through_optional_list_and_dict():
