@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ class ObjectRefTransport(RemoteTransport):
         # [W] the worker process each call is meant for (ExpertWorker.status()["incarnation"]); None: not known yet,
         # or the worker failed a layer (its requests failed with it): learned again before its next layer
         self.incarnations: list[str | None] = [None] * len(self.handles)
+        self.sender = uuid.uuid4().hex[:12]  # names this frontend's messages to the workers' mergers (their pace)
 
     def readmit(self, down: set[int]) -> set[int]:
         """The workers of ``down`` whose probe has returned (their new processes are expected from here); the ones
@@ -122,7 +124,7 @@ class ObjectRefTransport(RemoteTransport):
         bufs = [wire.pack(layer, x, m, echo=self.echo) for m in messages]
         expect = self._expect([m.worker for m in messages])
         refs = [
-            e if isinstance(e, ExpertWorkerError) else self.handles[m.worker].run_packed.remote(b, e)
+            e if isinstance(e, ExpertWorkerError) else self.handles[m.worker].run_packed.remote(b, e, self.sender)
             for m, b, e in zip(messages, bufs, expect, strict=True)
         ]
         return _Refs(self, layer, refs, messages, x, bufs, expect)
@@ -151,7 +153,9 @@ class _Refs:
         a worker it has just restarted, though the worker is up. ``unavailable`` when the same process does not
         answer within :data:`RETRY_WAIT_S` (the worker really is down or restarting); the refusal of a restarted
         process (another incarnation: the one that served the earlier layers died). The step fails either way."""
-        ref = self.client.handles[self.messages[i].worker].run_packed.remote(self.bufs[i], self.expect[i])
+        ref = self.client.handles[self.messages[i].worker].run_packed.remote(
+            self.bufs[i], self.expect[i], self.client.sender
+        )
         try:
             return ray.get(ref, timeout=max(0.0, min(RETRY_WAIT_S, deadline - time.monotonic())))
         except (GetTimeoutError, RayActorError):

@@ -98,14 +98,21 @@ class ExpertWorker:
         )
 
     def run(
-        self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+        self,
+        layer: int,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        sender: str | None = None,
     ) -> torch.Tensor:
         """One layer's message: x [N, D] -> weighted expert outputs [N, D] (see :meth:`ExpertShard.run`), computed
-        together with the same layer's messages of other frontends that wait beside it (:class:`LayerMerger`)."""
+        together with the same layer's messages of other frontends that wait beside it (:class:`LayerMerger`;
+        ``sender``: the frontend's transport, whose pace the merger's gather window learns)."""
         d = self.device
         if self.merger is None:
             return self._compute(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d))
-        return self.merger.submit(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d))
+        return self.merger.submit(layer, x.to(d), rows.to(d), experts.to(d), weights.to(d), sender)
 
     def _compute(
         self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
@@ -117,7 +124,9 @@ class ExpertWorker:
         self.compute_log.append((t0, time.perf_counter() - t0))
         return out
 
-    def run_packed(self, buf: np.ndarray | None, incarnation: str | None = None) -> np.ndarray | None:
+    def run_packed(
+        self, buf: np.ndarray | None, incarnation: str | None = None, sender: str | None = None
+    ) -> np.ndarray | None:
         """One layer's message packed by ``router.wire`` -> the partial output [N, D] as raw bytes; None (no rows
         for this worker) -> None.
 
@@ -135,7 +144,7 @@ class ExpertWorker:
         m = wire.unpack(buf)
         if m.echo:
             return wire.pack_rows(m.x)
-        return wire.pack_rows(self.run(m.layer, m.x, m.rows, m.experts, m.weights))
+        return wire.pack_rows(self.run(m.layer, m.x, m.rows, m.experts, m.weights, sender))
 
     def take_compute_log(self) -> list[tuple[float, float]]:
         """(perf_counter start, seconds) of each expert run since the last call (benchmarks: on one node the

@@ -1,10 +1,14 @@
 """Batching across frontends in an expert worker: the layer messages of several frontends that are waiting together
 run as ONE grouped expert matmul, and each frontend gets its own rows back (:class:`LayerMerger`).
 
-No lockstep: the worker never waits for a frontend. Messages queue while the worker computes; when it is free it
-takes the oldest waiting message's layer and every message of that layer waiting with it (so a busy frontend cannot
-starve another: the oldest message always goes next), runs them together, and answers each. A frontend with no work
-sends nothing; one that dies mid-layer leaves nothing behind but a reply nobody reads.
+No lockstep. Messages queue while the worker computes; when it is free it takes the oldest waiting message's layer
+and every message of that layer waiting with it (so a busy frontend cannot starve another: the oldest message always
+goes next), runs them together, and answers each. Left alone, frontends fall into turns (one's attention while the
+other's experts run) and their layers rarely meet, so the worker opens a short gather window: when another frontend
+is mid-step one layer behind (its previous layer was answered and its usual gap, reply to next message, has not
+passed), the run waits for it, at most two runs' time (at least 2 ms). A frontend with no work sends nothing and is
+never waited for; one that dies mid-layer leaves nothing behind but a reply nobody reads (and is waited for at most
+once more).
 
 Example: frontends A and B both wait on layer 3 with 2 and 5 rows, and A on layer 4 (sent after): one run of layer 3
 over 7 rows (A's rows first), then layer 4. Shapes: N_i rows of message i, A_i its (row, expert) assignments, D hidden.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ class _Message:
     rows: torch.Tensor  # [A_i] into x
     experts: torch.Tensor  # [A_i]
     weights: torch.Tensor  # [A_i]
+    sender: str | None = None  # the frontend (its transport) that sent it; None: unknown, never waited for
     reply: Future = field(default_factory=Future)
 
 
@@ -50,6 +56,9 @@ class MergeStats:
     rows: int = 0
     expert_calls: int = 0
     merged_runs: int = 0  # runs that served more than one message
+    waits: int = 0  # runs that waited for a frontend expected to send the same layer (gather window)
+    waited_s: float = 0.0  # seconds spent so
+    wait_hits: int = 0  # waits that the expected message joined
     rows_per_run: list[int] = field(default_factory=lambda: [0] * (len(ROWS_BUCKETS) + 1))
 
     def count(self, *, messages: int, rows: int, experts: int) -> None:
@@ -64,12 +73,31 @@ class MergeStats:
         return {**self.__dict__, "rows_per_run": list(self.rows_per_run), "rows_buckets": list(ROWS_BUCKETS)}
 
 
+@dataclass
+class _Sender:
+    """What the merger knows of one frontend: the last layer it sent, when, and when that was answered; ``gap_s``:
+    how long it takes from a reply to its next layer's message within a step (its attention), smoothed."""
+
+    layer: int = -1
+    sent_at: float = 0.0
+    replied_at: float = 0.0
+    gap_s: float | None = None
+
+
+GAP_SMOOTHING = 0.2  # weight of a new gap sample
+WINDOW_GAPS = 1.5  # a frontend is expected within this many of its gaps after its last reply
+STALE_SENDER_S = 30.0  # a frontend not heard of for this long is forgotten (detached or dead)
+
+
 class LayerMerger:
     """Runs ``run`` on one thread of its own over the messages :meth:`submit` queues, merging those of the same
     layer that wait together. ``submit`` may be called from any thread; it blocks until the rows are computed."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, *, window: bool = True, min_window_s: float = 0.002) -> None:
         self._run = run
+        self._window, self._min_window_s = window, min_window_s
+        self._senders: dict[str, _Sender] = {}
+        self._run_s: float | None = None  # a run's seconds, smoothed: the most a gather window waits (at least 2 ms)
         self._queue: collections.deque[_Message] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -78,16 +106,52 @@ class LayerMerger:
         self._thread.start()
 
     def submit(
-        self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+        self,
+        layer: int,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        sender: str | None = None,
     ) -> torch.Tensor:
-        """The message's output [N, D] (the experts' weighted sum per row), computed with whatever waits beside it."""
-        m = _Message(layer, x, rows, experts, weights)
+        """The message's output [N, D] (the experts' weighted sum per row), computed with whatever waits beside it.
+        ``sender``: the frontend that sends it (the gather window learns its pace)."""
+        m = _Message(layer, x, rows, experts, weights, sender)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the expert merger is closed")
+            if sender is not None:
+                self._sent(sender, layer)
             self._queue.append(m)
-            self._cond.notify()
+            self._cond.notify_all()
         return m.reply.result()
+
+    def _sent(self, sender: str, layer: int) -> None:
+        """Record a frontend's message (under the lock): its gap when it follows the reply to its previous layer."""
+        now = time.monotonic()
+        s = self._senders.setdefault(sender, _Sender())
+        if layer == s.layer + 1 and s.replied_at >= s.sent_at > 0:
+            gap = now - s.replied_at
+            s.gap_s = gap if s.gap_s is None else (1 - GAP_SMOOTHING) * s.gap_s + GAP_SMOOTHING * gap
+        s.layer, s.sent_at = layer, now
+        for name in [n for n, o in self._senders.items() if now - o.sent_at > STALE_SENDER_S]:
+            del self._senders[name]
+
+    def _due(self, layer: int, batch: list[_Message], now: float) -> float | None:
+        """When the last frontend expected to send ``layer`` soon should have sent it (None: none is): one whose
+        previous layer was answered and whose usual gap has not passed (a frontend with no work, or a dead one, is
+        not expected). Waiting is capped at two runs' time (at least ``min_window_s``): a window, never lockstep."""
+        present = {m.sender for m in batch}
+        due = None
+        for name, s in self._senders.items():
+            if name in present or s.gap_s is None or s.layer != layer - 1 or s.replied_at < s.sent_at:
+                continue
+            expected = s.replied_at + WINDOW_GAPS * s.gap_s
+            if expected > now:
+                due = expected if due is None else max(due, expected)
+        if due is None:
+            return None
+        return min(due, now + max(2 * (self._run_s or 0.0), self._min_window_s))
 
     def waiting(self) -> int:
         """Messages queued and not yet taken by a run."""
@@ -108,20 +172,48 @@ class LayerMerger:
             if not self._queue:
                 return None
             layer = self._queue[0].layer
+            if self._window:
+                self._gather(layer)
             batch = [m for m in self._queue if m.layer == layer]
             self._queue = collections.deque(m for m in self._queue if m.layer != layer)
             return batch
 
+    def _gather(self, layer: int) -> None:
+        """Wait (under the lock) while a frontend expected to send ``layer`` has not yet, up to :meth:`_due`."""
+        start = time.monotonic()
+        due = self._due(layer, [m for m in self._queue if m.layer == layer], start)
+        if due is None:
+            return
+        self.stats.waits += 1
+        while not self._closed:
+            now = time.monotonic()
+            due = self._due(layer, [m for m in self._queue if m.layer == layer], now)
+            if due is None or now >= due:
+                break
+            self._cond.wait(due - now)
+        self.stats.waited_s += time.monotonic() - start
+        self.stats.wait_hits += len({m.sender for m in self._queue if m.layer == layer}) > 1
+
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
+            t0 = time.monotonic()
             try:
                 outs = self._merged(batch)
             except BaseException as e:  # every waiting frontend gets the error (a bug in the expert code)
                 for m in batch:
                     m.reply.set_exception(e)
                 continue
+            self._answered(batch, time.monotonic() - t0)
             for m, out in zip(batch, outs, strict=True):
                 m.reply.set_result(out)
+
+    def _answered(self, batch: list[_Message], run_s: float) -> None:
+        with self._cond:
+            now = time.monotonic()
+            self._run_s = run_s if self._run_s is None else (1 - GAP_SMOOTHING) * self._run_s + GAP_SMOOTHING * run_s
+            for m in batch:
+                if m.sender is not None and (s := self._senders.get(m.sender)) is not None and s.layer == m.layer:
+                    s.replied_at = now
 
     def _merged(self, batch: list[_Message]) -> list[torch.Tensor]:
         """One run over every message of ``batch`` (same layer); each message's rows of the output."""
