@@ -400,7 +400,10 @@ def test_with_two_copies_a_sigkilled_worker_fails_no_request(ray_instance, ckpt)
         assert not isinstance(out, Exception), out
         assert [o.token_ids for o in out] == expected
         assert [o.finish_reason for o in out] == ["length"] * 3
-        assert llm.frontend_info()["failovers"] == 1  # one layer was sent again, then worker 1 was left out
+        info = llm.frontend_info()
+        # one layer failed over, then worker 1 was left out (none if a late layer had already left it out: on a
+        # contended box a reply can come past the lateness bound, and such hedges are failovers too)
+        assert info["failovers"] >= 1 and info["failovers"] - info["hedges"] <= 1, info
         h = wait_until(
             lambda: (h := llm.health())["ok"] and all(w["ok"] for w in h["workers"]) and h,
             "health never turned ok again",
