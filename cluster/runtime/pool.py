@@ -270,7 +270,7 @@ class AttachedPool(WorkerSet):
     handle), attached to as ``frontend`` with the pool options ``options`` (checked by the owner): this process calls
     its workers but never starts or kills them."""
 
-    def __init__(self, owner: Any, frontend: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, owner: Any, frontend: str, options: dict[str, Any]) -> None:
         self.owner, self.frontend, self.options = owner, frontend, options
         self._attach()
 

@@ -2,14 +2,14 @@
 
     PoolOwner (a Serve deployment of its own, or a named actor offline)
       owns: the placement group and W expert workers (x expert_replicas copies of every expert)
-      attach(frontend) -> the workers' handles and the placement plan; detach(frontend)
+      attach(frontend, options) -> the workers' handles and the placement plan; detach(frontend)
            ^                    ^                     ^
       frontend 1           frontend 2    ...     frontend M       each calls the workers directly, per layer
 
 Frontends attach on start and detach on stop; a frontend's death or restart never restarts, reloads or duplicates a
-worker. The owner answers for the pool as a whole: which frontends are attached, the workers' health, and the
-replacement of a worker Ray will not restart (frontends re-attach to get its new handle). The workers die with the
-owner (the Serve app deleted, or the offline LLM that started it shut down).
+worker. The owner checks that an attaching frontend matches the pool (:data:`MUST_MATCH`) and replaces a worker Ray
+will not restart (frontends re-attach to get its new handle); each frontend asks the workers for their health
+itself. The workers die with the owner (the Serve app deleted, or the offline LLM that started it shut down).
 """
 
 from __future__ import annotations
@@ -71,11 +71,11 @@ class PoolOwner:
         log.info("expert pool %s ready: %d workers, %d copies of each expert", self.name, len(self.pool.handles),
                  placement.replicas)  # fmt: skip
 
-    def attach(self, frontend: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    def attach(self, frontend: str, options: dict[str, Any]) -> dict[str, Any]:
         """What a frontend needs to reach the workers: their handles (worker id = index) and the placement plan.
         ``options``: the frontend's (``pool_options``); a frontend that does not match the pool is refused
         (:class:`SetupError` naming the options)."""
-        why = None if options is None else mismatch(self.options, options)
+        why = mismatch(self.options, options)
         if why is not None:
             raise SetupError(f"frontend {frontend} cannot attach to expert pool {self.name}: {why}")
         with self._lock:
@@ -86,16 +86,6 @@ class PoolOwner:
     def detach(self, frontend: str) -> None:
         with self._lock:
             self._frontends.pop(frontend, None)
-
-    def frontends(self) -> list[str]:
-        with self._lock:
-            return sorted(self._frontends)
-
-    def health(self, timeout_s: float = 3.0) -> dict:
-        return {**self.pool.health(timeout_s), "frontends": self.frontends(), "pool": self.name}
-
-    def info(self, timeout_s: float = 10.0) -> list[dict]:
-        return self.pool.info(timeout_s)
 
     def replace_dead(self, timeout_s: float = 30.0) -> list[int]:
         """Replace the workers Ray will not restart; attached frontends re-attach for their new handles."""

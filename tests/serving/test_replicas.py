@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 import grpc
 import httpx
@@ -160,6 +161,21 @@ def complete(base: str, prompt: list[int]) -> str:
     return r.json()["choices"][0]["text"]
 
 
+def kill_while_streaming(base: str, run: Callable[[int], None], pid: int) -> None:
+    """``run(i)`` for each of the STREAMS streams in threads; SIGKILL process ``pid`` once they decode (checked by
+    the generated tokens in /metrics, not slept for); returns when every stream has ended (asserting none hung)."""
+    tokens = metric(base, "mixserve:generation_tokens_total")
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(STREAMS)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: metric(base, "mixserve:generation_tokens_total") > tokens + 2 * STREAMS,
+               "the streams never started decoding")  # fmt: skip
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "a stream hung"
+
+
 def test_two_frontends_share_one_pool_and_equal_the_reference(replicated, reference_llm):
     base, _ = replicated
     # both applications' workers: the main app's 2 and this app's 2 (one pool for its two frontends, not 4)
@@ -198,16 +214,7 @@ def test_sigkill_of_a_worker_under_16_streams_fails_no_request(replicated, serve
     def run(i: int) -> None:  # every fourth stream over gRPC
         results[i] = grpc_stream_text(target, prompts()[i]) if i % 4 == 3 else stream_text(base, prompts()[i])
 
-    tokens = metric(base, "mixserve:generation_tokens_total")
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(STREAMS)]
-    for t in threads:
-        t.start()
-    wait_until(lambda: metric(base, "mixserve:generation_tokens_total") > tokens + 2 * STREAMS,
-               "the streams never started decoding")  # fmt: skip
-    os.kill(victim, signal.SIGKILL)
-    for t in threads:
-        t.join(timeout=180)
-    assert not any(t.is_alive() for t in threads), "a stream hung"
+    kill_while_streaming(base, run, victim)
     assert [r[0] for r in results] == [200] * STREAMS, [r for r in results if r[0] != 200]
     assert [r[2] for r in results] == ["length"] * STREAMS
     assert [r[1] for r in results] == expected
@@ -229,17 +236,7 @@ def test_sigkill_of_a_frontend_under_load_keeps_the_other_serving_and_the_worker
     old_workers, frontends = _worker_pids(base), _frontends()
     victim = frontends[min(frontends)]
     results: list = [None] * STREAMS
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream_text(base, prompts()[i])))
-               for i in range(STREAMS)]  # fmt: skip
-    tokens = metric(base, "mixserve:generation_tokens_total")
-    for t in threads:
-        t.start()
-    wait_until(lambda: metric(base, "mixserve:generation_tokens_total") > tokens + 2 * STREAMS,
-               "the streams never started decoding")  # fmt: skip
-    os.kill(victim, signal.SIGKILL)
-    for t in threads:
-        t.join(timeout=180)
-    assert not any(t.is_alive() for t in threads), "a stream hung"
+    kill_while_streaming(base, lambda i: results.__setitem__(i, stream_text(base, prompts()[i])), victim)
     done = [i for i, r in enumerate(results) if r[0] == 200 and r[2] == "length"]
     assert done, results  # the other frontend kept serving
     assert all(results[i][1] == expected[i] for i in done)

@@ -98,19 +98,18 @@ def test_a_lone_message_runs_at_once_and_errors_reach_the_sender():
 
 
 def test_the_gather_window_waits_for_a_frontend_one_layer_behind_and_not_for_an_idle_one():
-    """B learns a pace (reply -> next layer in about 0.2 s). A's layer 2 then waits for B's layer 2, which comes
-    0.02 s after B's layer 1 was answered: one run of both. Later, B stops (no work, or dead): A's next layer waits
+    """B learns a pace (reply -> next layer in about 0.5 s). A's layer 2 then waits for B's layer 2, which comes
+    well within 0.75 s of B's layer 1 being answered: one run of both. Later, B stops (no work, or dead): A's next layer waits
     no longer than B's usual gap, and a sender whose last layer is unanswered is never waited for."""
     merger = LayerMerger(dense, min_window_s=5.0)  # the cap out of the way: the expected gap alone bounds the wait
     msgs = [message(2, 20 + i) for i in range(6)]
     merger.submit(0, *msgs[0], sender="B")
-    time.sleep(0.2)
-    merger.submit(1, *msgs[1], sender="B")  # B's gap: ~0.2 s
+    time.sleep(0.5)
+    merger.submit(1, *msgs[1], sender="B")  # B's gap: ~0.5 s
     got: dict[str, torch.Tensor] = {}
     a = threading.Thread(target=lambda: got.__setitem__("A", merger.submit(2, *msgs[2], sender="A")))
     a.start()
-    wait_until(lambda: merger.stats.waits == 1, "A's run did not wait for B")
-    time.sleep(0.02)
+    wait_until(lambda: merger.stats.waits == 1, "A's run did not wait for B", interval_s=0.005)
     got["B"] = merger.submit(2, *msgs[3], sender="B")
     a.join(10)
     torch.testing.assert_close(got["A"], dense(2, *msgs[2]), rtol=1e-5, atol=1e-5)

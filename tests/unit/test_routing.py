@@ -428,10 +428,13 @@ def test_without_copies_a_layer_waits_for_its_worker_without_a_late_bound():
             return Watched()
 
     client = ExpertClient(placement, Recording(shards))
+    for _ in range(40):  # a bound as if measured (without copies the client itself measures none)
+        client.lateness.record(0.001)
+    assert client.lateness.bound() is not None
     with torch.no_grad():
         for _ in range(40):
             assert torch.allclose(client.forward(0, x, routing), dense, atol=1e-6)
-    assert client.lateness.bound() is not None and set(seen) == {None} and client.hedges == 0
+    assert set(seen) == {None} and client.hedges == 0
 
 
 def test_a_worker_that_answers_again_is_taken_back_without_traffic():
