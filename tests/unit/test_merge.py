@@ -98,9 +98,10 @@ def test_a_lone_message_runs_at_once_and_errors_reach_the_sender():
 
 
 def test_the_gather_window_waits_for_a_frontend_one_layer_behind_and_not_for_an_idle_one():
-    """B learns a pace (reply -> next layer in about 0.5 s). A's layer 2 then waits for B's layer 2, which comes
-    well within 0.75 s of B's layer 1 being answered: one run of both. Later, B stops (no work, or dead): A's next layer waits
-    no longer than B's usual gap, and a sender whose last layer is unanswered is never waited for."""
+    """B learns a pace (reply -> next layer in about 0.5 s). A's layer 2 then waits for B's layer 2, which
+    comes well within 0.75 s of B's layer 1 being answered: one run of both. Later, B stops (no work, or dead):
+    A's next layer waits no longer than B's usual gap, and a sender whose last layer is unanswered is never
+    waited for."""
     merger = LayerMerger(dense, min_window_s=5.0)  # the cap out of the way: the expected gap alone bounds the wait
     msgs = [message(2, 20 + i) for i in range(6)]
     merger.submit(0, *msgs[0], sender="B")
