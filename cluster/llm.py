@@ -13,8 +13,18 @@ from tqdm import tqdm
 
 from cluster.checkpoint.locate import resolve
 from cluster.config.cluster import ClusterConfig
-from cluster.engine import fanout
+from cluster.config.model import ModelConfig
+from cluster.engine import fanout, scoring
 from cluster.engine.outputs import prompt_output
+from cluster.engine.pooled_outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from cluster.engine.pooling import PoolingParams
 from cluster.engine.request import RequestOutput
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import InvalidRequestError
@@ -71,6 +81,7 @@ class LLM:
         load = self.config.load
         assert load.model is not None
         self.tokenizer = Tokenizer.from_dir(load.model, tokenizer=load.tokenizer)
+        self.model_config = ModelConfig.from_dir(load.model)
         self._frontend: Any = None
         if self.config.parallel.expert_workers == 0:
             self._frontend = LocalFrontend(self.config, progress=progress)
@@ -202,6 +213,100 @@ class LLM:
             results.append(prompt_output(self.tokenizer, text, chosen))
             start += sp.candidates
         return results
+
+    # ------------------------------------------------------------------ pooling (cluster.engine.pooling)
+    def embed(
+        self,
+        prompts: PromptLike,
+        *,
+        use_tqdm: bool | Callable[..., Any] = True,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, as vLLM's ``LLM.embed``: the final hidden state pooled (``last`` by default,
+        L2-normalized; ``pooling_params`` picks ``mean`` / ``cls`` or no normalizing)."""
+        params = pooling_params or PoolingParams(task="embed", truncate_prompt_tokens=truncate_prompt_tokens)
+        if params.task != "embed":
+            raise InvalidRequestError("embed takes PoolingParams(task='embed')", param="pooling_params")
+        items = self._prompts(prompts)
+        outs = self._pool([ids for _, ids in items], params, use_tqdm)
+        return [
+            EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.pooled.tolist()), prompt=text)
+            for (text, _), o in zip(items, outs, strict=True)
+            if o.pooled is not None
+        ]
+
+    def classify(
+        self,
+        prompts: PromptLike,
+        *,
+        use_tqdm: bool | Callable[..., Any] = True,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """Label probabilities per prompt from a ``MixtralForSequenceClassification`` checkpoint's score head, as
+        vLLM's ``LLM.classify`` (the last token that is not padding; softmax, sigmoid for one label)."""
+        params = pooling_params or PoolingParams(task="classify", truncate_prompt_tokens=truncate_prompt_tokens)
+        if params.task != "classify":
+            raise InvalidRequestError("classify takes PoolingParams(task='classify')", param="pooling_params")
+        items = self._prompts(prompts)
+        outs = self._pool([ids for _, ids in items], params, use_tqdm)
+        labels = self.model_config.id2label
+        results = []
+        for (text, _), o in zip(items, outs, strict=True):
+            assert o.pooled is not None
+            probs = o.pooled.tolist()
+            best = labels[int(o.pooled.argmax())] if len(labels) == len(probs) else str(int(o.pooled.argmax()))
+            results.append(
+                ClassificationRequestOutput(
+                    o.request_id, o.prompt_token_ids, ClassificationOutput(probs, best), prompt=text
+                )
+            )
+        return results
+
+    def score(
+        self,
+        data_1: str | list[str],
+        data_2: str | list[str],
+        *,
+        use_tqdm: bool | Callable[..., Any] = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """How well each document (``data_2``) answers its query (``data_1``: one for all, or one each), as vLLM's
+        ``LLM.score`` (``cluster.engine.scoring``)."""
+        pairs = scoring.pairs(data_1, data_2)
+        if scoring.score_mode(self.model_config.num_labels) == "cross_encoder":
+            ids = [scoring.pair_prompt(self.tokenizer, q, d) for q, d in pairs]
+            params = PoolingParams(task="classify", truncate_prompt_tokens=truncate_prompt_tokens)
+            outs = self._pool(ids, params, use_tqdm)
+            scores = [float(o.pooled[0]) for o in outs if o.pooled is not None]
+        else:
+            texts = [t for pair in pairs for t in pair]
+            params = PoolingParams(task="embed", truncate_prompt_tokens=truncate_prompt_tokens)
+            outs = self._pool([self.tokenizer.encode(t) for t in texts], params, use_tqdm)
+            vecs = [o.pooled for o in outs if o.pooled is not None]
+            scores = [scoring.cosine(vecs[2 * i], vecs[2 * i + 1]) for i in range(len(pairs))]
+            outs = outs[::2]
+        return [
+            ScoringRequestOutput(o.request_id, o.prompt_token_ids, ScoringOutput(s))
+            for o, s in zip(outs, scores, strict=True)
+        ]
+
+    def _pool(
+        self, prompts: list[list[int]], params: PoolingParams, use_tqdm: bool | Callable[..., Any]
+    ) -> list[RequestOutput]:
+        progress = None
+        if use_tqdm:
+            progress = _Progress(list(range(len(prompts))), len(prompts), use_tqdm if callable(use_tqdm) else tqdm)
+        try:
+            outs = self._live().generate(prompts, [params] * len(prompts), progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        for o in outs:
+            if o.error is not None:
+                raise o.error
+        return outs
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence float32 logits, shape [len(token_ids), vocab]."""

@@ -62,12 +62,21 @@ def wait_until(
         time.sleep(interval_s)
 
 
-def hf_mixtral(folder: Path, *, seed: int = 0, shard_size: str | None = None, v4_config: bool = False, **overrides):
-    """Make a random transformers ``MixtralForCausalLM``, save it with ``save_pretrained`` into ``folder`` (plus
-    the default tokenizer), and return the model in eval mode, float32."""
+def hf_mixtral(
+    folder: Path,
+    *,
+    seed: int = 0,
+    shard_size: str | None = None,
+    v4_config: bool = False,
+    classifier: bool = False,
+    **overrides,
+):
+    """Make a random transformers ``MixtralForCausalLM`` (``MixtralForSequenceClassification`` with
+    ``classifier``: pass ``num_labels`` / ``id2label`` / ``pad_token_id`` in ``overrides``), save it with
+    ``save_pretrained`` into ``folder`` (plus the default tokenizer), and return the model in eval mode, float32."""
     import shutil
 
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification
 
     from cluster.text.tokenizer import default_model_file
 
@@ -89,7 +98,7 @@ def hf_mixtral(folder: Path, *, seed: int = 0, shard_size: str | None = None, v4
     config = MixtralConfig(**kw)
     config._attn_implementation = attn
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).eval()
+    model = (MixtralForSequenceClassification if classifier else MixtralForCausalLM)(config).eval()
     # Non-trivial norms so a wrong norm weight would show.
     with torch.no_grad():
         for name, p in model.named_parameters():

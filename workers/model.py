@@ -8,7 +8,8 @@
         post_attention_layernorm        RMSNorm
         block_sparse_moe: MoEBlock      gate [E, D] (top-k in float32); experts = an ExpertClient, not weights
       norm                              RMSNorm
-      lm_head                           [V, D] (the embedding when tied)
+      lm_head                           [V, D] (the embedding when tied; none in a classifier)
+      score                             [C, D] a classifier's head (MixtralForSequenceClassification)
 
 :meth:`MixtralModel.load_weights` owns the mapping from checkpoint tensor names to these modules and is strict:
 every non-expert tensor is used, every parameter is filled. The model never holds an expert weight.
@@ -21,8 +22,12 @@ and gate and sends B; then A's reply is added and A goes on to the next layer wh
 sees exactly the same operations as without the split (sequences never share a chunk, so no half reads the other's
 keys), only in another order.
 
-Shapes: T tokens in the step, D hidden, H/Hkv heads, Dh head dim, E experts, V vocabulary, R rows whose logits
-are wanted, k tokens in the first micro-batch.
+Every step records the experts each token was routed to, per layer ([T, L, K], written by each MoE block into its
+column), which the runner keeps beside the KV cache (``workers.runner``).
+
+Shapes: T tokens in the step, D hidden, H/Hkv heads, Dh head dim, E experts, L layers, K experts per token, V
+vocabulary, C labels, R rows whose logits are wanted, P rows whose hidden states are wanted, k tokens in the first
+micro-batch.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch import nn
 
 from cluster.checkpoint.load import LoadRole, load_tensors, parse_dtype
 from cluster.config.model import ModelConfig
+from cluster.engine.step import StepOutput
 from cluster.errors import CheckpointError
 from router.client import ExpertClient, Pending
 from router.gate import ExpertLoad, route
@@ -96,10 +102,13 @@ class MoEBlock(nn.Module):
         self.experts = experts
         self.load = load
 
-    def submit(self, x: torch.Tensor) -> Pending:
-        """x [T, D] (normalised) -> the [T, D] output in flight."""
+    def submit(self, x: torch.Tensor, routed: torch.Tensor | None = None) -> Pending:
+        """x [T, D] (normalised) -> the [T, D] output in flight; the chosen experts go to ``routed[:, layer]``
+        (routed [T, L, K])."""
         routing = route(x, self.gate, self.top_k)  # ids, weights [T, K]
         self.load.add(self.layer, routing.ids)
+        if routed is not None:
+            routed[:, self.layer] = routing.ids
         return self.experts.submit(self.layer, x, routing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,16 +127,29 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe = MoEBlock(config, layer, experts, load)
 
     def start(
-        self, h: torch.Tensor, plan: StepPlan, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV
+        self,
+        h: torch.Tensor,
+        plan: StepPlan,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: LayerKV,
+        routed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Pending]:
-        """h [T, D] -> (h after attention [T, D], the MoE output [T, D] in flight); the layer's output is their sum."""
+        """h [T, D] -> (h after attention [T, D], the MoE output [T, D] in flight); the layer's output is their sum.
+        The experts chosen go to ``routed`` [T, L, K]."""
         h = h + self.self_attn(self.input_layernorm(h), plan, cos, sin, kv)
-        return h, self.block_sparse_moe.submit(self.post_attention_layernorm(h))
+        return h, self.block_sparse_moe.submit(self.post_attention_layernorm(h), routed)
 
     def forward(
-        self, h: torch.Tensor, plan: StepPlan, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV
+        self,
+        h: torch.Tensor,
+        plan: StepPlan,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: LayerKV,
+        routed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h, moe = self.start(h, plan, cos, sin, kv)
+        h, moe = self.start(h, plan, cos, sin, kv, routed)
         return h + moe.result()
 
 
@@ -145,7 +167,9 @@ class MixtralModel(nn.Module):
             DecoderLayer(config, i, attention, experts, self.expert_load) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
+        untied = config.can_generate and not config.tie_word_embeddings
+        self.lm_head = _param(config.vocab_size, config.hidden_size) if untied else None
+        self.score = None if config.can_generate else _param(config.num_labels, config.hidden_size)
         self.rope = Rope(config.head_dim, config.rope_theta)
         self.micro_batched_steps = 0  # steps run as two micro-batches in flight
 
@@ -179,6 +203,8 @@ class MixtralModel(nn.Module):
         }
         if self.lm_head is not None:
             names["lm_head.weight"] = "lm_head"
+        if self.score is not None:
+            names["score.weight"] = "score"
         fused: dict[str, tuple[str, ...]] = {}
         for i in range(c.num_layers):
             p, m = f"model.layers.{i}.", f"layers.{i}."
@@ -221,20 +247,48 @@ class MixtralModel(nn.Module):
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, plan: StepPlan, kv: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
-        """token_ids [T] laid out by ``plan`` -> float32 logits [R, V] of ``logit_rows`` [R]."""
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        plan: StepPlan,
+        kv: KVCache,
+        logit_rows: torch.Tensor,
+        hidden_rows: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """token_ids [T] laid out by ``plan`` -> float32 logits [R, V] of ``logit_rows`` [R], final hidden states
+        [P, D] (and a classifier's scores [P, C]) of ``hidden_rows`` [P], and the routed experts [T, L, K]."""
+        c = self.config
         h = F.embedding(token_ids.to(self.device), self.embed_tokens)  # [T, D]
+        routed = torch.empty(h.shape[0], c.num_layers, c.top_k, dtype=torch.int16, device=self.device)
         cos, sin = self.rope.cos_sin(plan.positions, self.dtype)
         k = split_point(plan, self.experts.overlap_min_batch)
         if k is None:
             for layer, layer_kv in zip(self.layers, kv.layers, strict=True):
-                h = layer(h, plan, cos, sin, layer_kv)
+                h = layer(h, plan, cos, sin, layer_kv, routed)
         else:
             self.micro_batched_steps += 1
-            h = self._two_micro_batches(h, split_plan(plan, k), cos, sin, kv, k)
-        h = self.norm(h[logit_rows.to(self.device)])
+            h = self._two_micro_batches(h, split_plan(plan, k), cos, sin, kv, k, routed)
+        return StepOutput(logits=self._logits(h, logit_rows), routed=routed, **self._pooled(h, hidden_rows))
+
+    def _logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """h [T, D] -> float32 next-token logits [R, V] of ``rows`` [R] (a classifier has none to give)."""
+        if self.score is not None:
+            if rows.numel():
+                raise ValueError("this model is a classifier: it has no lm_head to compute next-token logits")
+            return torch.empty(0, self.config.vocab_size)
         lm_head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(h, lm_head).float()
+        return F.linear(self.norm(h[rows.to(self.device)]), lm_head).float()
+
+    def _pooled(self, h: torch.Tensor, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """h [T, D] -> ``hidden`` [P, D] after the final norm and, in a classifier, ``scores`` [P, C] of the score
+        head (in the model's dtype, as transformers computes them), both float32; nothing without rows."""
+        if rows is None or not rows.numel():
+            return {}
+        hidden = self.norm(h[rows.to(self.device)])  # [P, D]
+        out = {"hidden": hidden.float()}
+        if self.score is not None:
+            out["scores"] = F.linear(hidden, self.score).float()  # [P, C]
+        return out
 
     def _two_micro_batches(
         self,
@@ -244,9 +298,12 @@ class MixtralModel(nn.Module):
         sin: torch.Tensor,
         kv: KVCache,
         k: int,
+        routed: torch.Tensor,
     ) -> torch.Tensor:
-        """h [T, D] as halves [:k] and [k:] ping-ponged through every layer (see the module docstring) -> [T, D]."""
+        """h [T, D] as halves [:k] and [k:] ping-ponged through every layer (see the module docstring) -> [T, D];
+        each half records its routing in its rows of ``routed`` [T, L, K]."""
         hs, cs, ss = [h[:k], h[k:]], [cos[:k], cos[k:]], [sin[:k], sin[k:]]
+        rs = [routed[:k], routed[k:]]
         pending: list[Pending | None] = [None, None]
         try:
             for layer, layer_kv in zip(self.layers, kv.layers, strict=True):
@@ -255,7 +312,7 @@ class MixtralModel(nn.Module):
                     moe, pending[i] = pending[i], None
                     if moe is not None:  # half i's previous layer, run by the workers meanwhile
                         hs[i] = hs[i] + moe.result()
-                    hs[i], pending[i] = layer.start(hs[i], plans[i], cs[i], ss[i], layer_kv)
+                    hs[i], pending[i] = layer.start(hs[i], plans[i], cs[i], ss[i], layer_kv, rs[i])
             for i in (0, 1):
                 moe, pending[i] = pending[i], None
                 assert moe is not None

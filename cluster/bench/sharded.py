@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from cluster.config.cluster import ClusterConfig
 from cluster.config.model import ModelConfig
 from cluster.config.transports import NAMES as TRANSPORTS
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.step import StepBatch
+from cluster.engine.step import StepBatch, StepOutput
 from cluster.runtime.frontend import Frontend, build_frontend
 from cluster.runtime.offline import RemoteFrontend
 from cluster.runtime.runtime import FrontendRuntime
@@ -73,14 +74,17 @@ class StepTimer:
     def block_size(self) -> int:
         return self.runner.block_size
 
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def routed_experts(self, blocks: Sequence[int]) -> torch.Tensor:
+        return self.runner.routed_experts(blocks)
+
+    def execute(self, batch: StepBatch) -> StepOutput:
         waited = self.experts.waited_s
         t0 = time.perf_counter()
-        logits = self.runner.execute(batch)
+        out = self.runner.execute(batch)
         h.sync()
         t1 = time.perf_counter()
         self.calls.append((batch.num_tokens, len(batch.chunks), t0, t1, self.experts.waited_s - waited))
-        return logits
+        return out
 
 
 def measure(

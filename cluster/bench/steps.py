@@ -12,7 +12,7 @@ import torch
 
 from cluster.bench import harness as h
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.step import StepBatch
+from cluster.engine.step import StepBatch, StepOutput
 from cluster.runtime.frontend import Frontend
 
 
@@ -40,15 +40,15 @@ class Recorder:
     def __getattr__(self, name: str) -> Any:  # the rest of the executor contract (KV-cache sizes) is the runner's
         return getattr(self.runner, name)
 
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def execute(self, batch: StepBatch) -> StepOutput:
         before = torch.tensor(self.load.snapshot())
         t0 = time.perf_counter()
-        logits = self.runner.execute(batch)
+        out = self.runner.execute(batch)
         h.sync()
         seconds = time.perf_counter() - t0
         routed = torch.tensor(self.load.snapshot()) - before
         self.steps.append(Step(batch.num_tokens, len(batch.chunks), t0, seconds, routed))
-        return logits
+        return out
 
 
 def drive(fe: Frontend, rec: Recorder, work: list[tuple[list[int], int]]) -> tuple[float, list[Step], list[list[int]]]:

@@ -14,8 +14,9 @@ from cluster.config.model import ModelConfig
 class LoadRole:
     """Which tensors a process loads.
 
-    ``non_expert=True`` takes embeddings, attention, norms, gates and lm_head. ``experts`` is a set of
-    ``(layer, expert)`` pairs whose w1/w2/w3 are taken. Everything else is skipped on purpose.
+    ``non_expert=True`` takes embeddings, attention, norms, gates and lm_head (or a classifier's score head).
+    ``experts`` is a set of ``(layer, expert)`` pairs whose w1/w2/w3 are taken. Everything else is skipped on
+    purpose.
     """
 
     non_expert: bool = False
@@ -45,7 +46,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "model.embed_tokens.weight": (v, d),
         "model.norm.weight": (d,),
     }
-    if not config.tie_word_embeddings:
+    if not config.can_generate:  # MixtralForSequenceClassification: a score head instead of lm_head
+        shapes["score.weight"] = (config.num_labels, d)
+    elif not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, d)
     for i in range(config.num_layers):
         p = f"model.layers.{i}."

@@ -29,6 +29,11 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of prompt prefixes that earlier requests computed"
     )
+    enable_return_routed_experts: bool = Field(
+        False,
+        description="report every request's routed experts per token and layer (as if each asked for "
+        "return_routed_experts)",
+    )
     max_model_len: StrictInt | None = Field(
         None, ge=2, description="prompt + max_tokens limit; default: the model's max_position_embeddings, at most 8192"
     )

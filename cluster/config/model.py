@@ -22,6 +22,13 @@ from cluster.config.quantization import QuantizationConfig
 from cluster.errors import ConfigError
 
 CheckpointFormat = Literal["hf", "mistral"]
+# What the checkpoint's head is: MixtralForCausalLM's lm_head (next-token logits) or
+# MixtralForSequenceClassification's score head (num_labels logits of the last non-pad token).
+Architecture = Literal["causal_lm", "sequence_classification"]
+ARCHITECTURES: dict[str, Architecture] = {
+    "MixtralForCausalLM": "causal_lm",
+    "MixtralForSequenceClassification": "sequence_classification",
+}
 
 # Mixtral-8x7B's own context length; the original params.json does not state one.
 MISTRAL_DEFAULT_MAX_POSITIONS = 32768
@@ -49,9 +56,21 @@ class ModelConfig:
     eos_token_id: int = 2
     checkpoint_format: CheckpointFormat = "hf"
     quantization: QuantizationConfig | None = None  # config.json's quantization_config (cluster.config.quantization)
+    architecture: Architecture = "causal_lm"
+    id2label: tuple[str, ...] = ()  # sequence classification: label i's name (num_labels of them)
+    pad_token_id: int | None = None  # sequence classification pools the last token that is not this one
 
     def __post_init__(self) -> None:
         _check_consistency(self, source="ModelConfig", names=_HF_NAMES)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether the checkpoint has an lm_head (a classifier has a score head instead)."""
+        return self.architecture == "causal_lm"
 
     # ------------------------------------------------------------------ readers
     @classmethod
@@ -90,6 +109,7 @@ class ModelConfig:
                 )
             head_dim = hidden // heads
         q = d.get("quantization_config")
+        architecture, id2label = _hf_head(d, source)
         return _validated(
             cls,
             source,
@@ -113,6 +133,9 @@ class ModelConfig:
             eos_token_id=_eos_id(d, source),
             checkpoint_format="hf",
             quantization=None if q is None else QuantizationConfig.from_dict(q, source=source),
+            architecture=architecture,
+            id2label=id2label,
+            pad_token_id=r.int("pad_token_id", optional=True),
         )
 
     @classmethod
@@ -173,8 +196,12 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers v5 ``config.json`` for this architecture."""
+        head = {v: k for k, v in ARCHITECTURES.items()}[self.architecture]
+        labels = {"id2label": dict(enumerate(self.id2label))} if self.id2label else {}
         return {
-            "architectures": ["MixtralForCausalLM"],
+            "architectures": [head],
+            **labels,
+            "pad_token_id": self.pad_token_id,
             "model_type": "mixtral",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -234,6 +261,34 @@ def _hf_rope_theta(d: dict[str, Any], source: str) -> float:
             return FieldReader(d, source).float("rope_theta")
         return FieldReader(params, f"{source} (rope_parameters)").float("rope_theta", default=1e6)
     return FieldReader(d, source).float("rope_theta", default=1e6)
+
+
+def _hf_head(d: dict[str, Any], source: str) -> tuple[Architecture, tuple[str, ...]]:
+    """(architecture, label names) from ``architectures`` and ``id2label`` (or ``num_labels``, as transformers'
+    PretrainedConfig: labels ``LABEL_0`` .. when only a count is given; 2 when neither is)."""
+    names = d.get("architectures") or ["MixtralForCausalLM"]
+    if not isinstance(names, list) or len(names) != 1 or names[0] not in ARCHITECTURES:
+        raise ConfigError(
+            f"{source}: architectures is {names!r}; one of {', '.join(map(repr, ARCHITECTURES))} is supported"
+        )
+    architecture = ARCHITECTURES[names[0]]
+    if architecture != "sequence_classification":
+        return architecture, ()
+    raw = d.get("id2label")
+    if raw is None:
+        count = FieldReader(d, source).int("num_labels", default=2)
+        if count <= 0:
+            raise ConfigError(f"{source}: field 'num_labels' must be positive, got {count}")
+        return architecture, tuple(f"LABEL_{i}" for i in range(count))
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{source}: field 'id2label' must be a non-empty object of label index -> name")
+    try:
+        labels = {int(k): v for k, v in raw.items()}
+    except ValueError:
+        raise ConfigError(f'{source}: id2label keys must be label indices ("0", "1", ...)') from None
+    if sorted(labels) != list(range(len(labels))) or not all(isinstance(v, str) for v in labels.values()):
+        raise ConfigError(f"{source}: id2label must name labels 0 .. {len(labels) - 1} with strings")
+    return architecture, tuple(labels[i] for i in range(len(labels)))
 
 
 def _hf_kv_heads(r: FieldReader, heads: int) -> int:

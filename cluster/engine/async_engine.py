@@ -10,8 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from cluster.engine.core import EngineCore
-from cluster.engine.request import RequestOutput
-from cluster.engine.sampling import SamplingParams
+from cluster.engine.request import Params, RequestOutput
 from cluster.errors import EngineStoppedError, InvalidRequestError
 
 
@@ -47,7 +46,7 @@ class AsyncEngine:
                     loop.call_soon_threadsafe(q.put_nowait, out)
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: Params, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Validate and queue at once (errors raise before the first item), then yield outputs until finished.
 

@@ -16,17 +16,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 from cluster.config.engine import EngineConfig
-from cluster.engine import offline
+from cluster.engine import intake, offline
 from cluster.engine.blocks import BlockPool
-from cluster.engine.request import Request, RequestOutput
+from cluster.engine.layout import StepLayout
+from cluster.engine.pooling import PoolingParams, PoolState
+from cluster.engine.request import Params, Request, RequestOutput
 from cluster.engine.sampling import GrammarCompiler, SamplingParams, SamplingRow, TokenLogprob, logprobs_of, sample
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.step import Executor, StepBatch
+from cluster.engine.step import Executor, SeqChunk
 from cluster.errors import (
     InternalError,
     InvalidRequestError,
     MixserveError,
-    PromptTooLongError,
 )
 from cluster.text.tokenizer import Tokenizer
 
@@ -40,7 +41,9 @@ COUNTERS = (
     "finished_length",
     "finished_abort",
     "finished_error",
+    "pooling_requests",
 )
+POOLING_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)  # what a pooling request carries (never sampled)
 
 
 class EngineCore:
@@ -57,7 +60,11 @@ class EngineCore:
         eos_token_id: int,
         sliding_window: int | None = None,
         grammar: GrammarCompiler | None = None,
+        num_labels: int = 0,
+        pad_token_id: int | None = None,
     ) -> None:
+        """``num_labels`` > 0: the model is a classifier (a score head of that many labels, no lm_head): it
+        classifies and embeds but cannot generate; ``pad_token_id``: what its pooling skips at the end."""
         self.executor = executor
         self.tokenizer = tokenizer
         self.config = config
@@ -65,6 +72,8 @@ class EngineCore:
         self.vocab_size = vocab_size
         self.eos = eos_token_id
         self.grammar = grammar
+        self.num_labels = num_labels
+        self.pad_token_id = pad_token_id
         pool = BlockPool(executor.num_blocks, executor.block_size, prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(config, pool, window=sliding_window)
         self.observers: list[Callable[[str, float], None]] = []
@@ -72,45 +81,25 @@ class EngineCore:
         self.counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
 
     # ------------------------------------------------------------------ intake (any thread)
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if params.candidates != 1:
-            raise InvalidRequestError(
-                f"one engine request is one choice: expand n={params.n} / best_of={params.best_of} with "
-                "cluster.engine.fanout first",
-                param="n",
-            )
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        prompt_token_ids = params.truncated(prompt_token_ids, self.max_model_len)
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
-        if any(t >= self.vocab_size for t, _ in params.bias):
-            raise InvalidRequestError(f"logit_bias token ids must be below {self.vocab_size}", param="logit_bias")
-        if any(t >= self.vocab_size for t in params.allowed_token_ids or ()):
-            raise InvalidRequestError(
-                f"allowed_token_ids must be token ids below {self.vocab_size}", param="allowed_token_ids"
-            )
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens} ({total} in all)",
-                param="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
-            )
-        need = self.scheduler.blocks_needed(total)
-        if need > self.scheduler.pool.num_blocks:
-            bs = self.scheduler.block_size
-            raise PromptTooLongError(
-                f"the KV cache holds {self.scheduler.pool.num_blocks * bs} positions; the prompt and max_tokens "
-                f"need {need * bs}",
-                param="max_tokens",
-            )
+    def validate(self, prompt_token_ids: list[int], params: Params) -> None:
+        """Raise the error a request would fail with (``cluster.engine.intake``), before it is queued."""
+        intake.check(self, prompt_token_ids, params)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises at once for a bad request or a full queue."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: Params) -> None:
+        """Queue a request (a generation, or a pooling request with ``PoolingParams``); raises at once for a bad
+        request or a full queue."""
         self.validate(prompt_token_ids, params)
         prompt = params.truncated(list(prompt_token_ids), self.max_model_len)
-        req = Request(request_id, prompt, params, self.tokenizer, time.monotonic())
+        now = time.monotonic()
+        if isinstance(params, PoolingParams):
+            pool = PoolState(params, prompt, self.pad_token_id)
+            routed = self.config.enable_return_routed_experts
+            req = Request(request_id, prompt, POOLING_SAMPLING, self.tokenizer, now, pool=pool, routed=routed)
+            self.scheduler.add(req)
+            self.counters["requests_added"] += 1
+            return
+        routed = params.return_routed_experts or self.config.enable_return_routed_experts
+        req = Request(request_id, prompt, params, self.tokenizer, now, routed=routed)
         if params.structured_output is not None:
             if self.grammar is None:
                 raise InvalidRequestError("structured output is not available on this engine", param="response_format")
@@ -148,8 +137,8 @@ class EngineCore:
             "num_preemptions": self.scheduler.preemptions,
             "num_blocks": pool.num_blocks,
             "kv_cache_usage": pool.usage(),
-            "prefix_cache_queries": pool.queries,
-            "prefix_cache_hits": pool.hits,
+            "prefix_cache_queries": pool.queries * pool.block_size,  # tokens, as vLLM counts them
+            "prefix_cache_hits": pool.hits * pool.block_size,
             **self.counters,
         }
 
@@ -159,44 +148,40 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return outputs
-        tokens: list[int] = []
-        sample_rows: list[int] = []  # rows whose logits pick a request's next token
-        sampled: list[Request] = []
-        prompt_rows: list[int] = []  # rows whose logits score the next prompt token (prompt_logprobs)
-        scored: list[tuple[Request, int]] = []  # (request, position of the prompt token scored)
-        for req, chunk in scheduled:
-            first = len(tokens)
-            tokens.extend(req.all_tokens[chunk.start : chunk.start + chunk.n])
-            if req.params.prompt_logprobs is not None:
-                # positions not scored yet (a preempted request recomputes its prompt but is not scored twice)
-                for p in range(
-                    max(chunk.start, len(req.prompt_logprobs)), min(chunk.start + chunk.n, len(req.prompt) - 1)
-                ):
-                    prompt_rows.append(first + p - chunk.start)
-                    scored.append((req, p + 1))
-            if chunk.start + chunk.n == len(req.all_tokens):  # the chunk reaches the newest token: sample
-                sample_rows.append(len(tokens) - 1)
-                sampled.append(req)
-        batch = StepBatch(
-            token_ids=torch.tensor(tokens, dtype=torch.int64),
-            chunks=tuple(chunk for _, chunk in scheduled),
-            logit_rows=torch.tensor(sample_rows + prompt_rows, dtype=torch.int64),
-            first_step=not any(req.steps for req, _ in scheduled),
-        )
+        layout = StepLayout(scheduled)
+        batch = layout.batch()
         for req, _ in scheduled:
             req.steps += 1
         try:
-            logits = self.executor.execute(batch)
+            self._read_cached_routing(scheduled)
+            out = self.executor.execute(batch)
         except Exception as e:  # a failed step fails every request in it; the engine itself carries on
             return outputs + self.fail_running(e)
         self.scheduler.computed(scheduled)
-        for (req, pos), row in zip(scored, logits[len(sample_rows) :], strict=True):
-            req.prompt_logprobs.append(logprobs_of(row, req.prompt[pos], req.params.prompt_logprobs or 0))
         try:
-            self._sample(sampled, logits[: len(sample_rows)], outputs)
+            logits = layout.record(out)
+            outputs.extend(self._finish_pooled(req) for req in layout.pooled_done)
+            self._sample(layout.sampled, logits, outputs)
         except Exception as e:  # outputs already made (finished requests included) are kept; the rest fail
             return outputs + self.fail_running(e)
         return outputs
+
+    def _read_cached_routing(self, scheduled: list[tuple[Request, SeqChunk]]) -> None:
+        """Routed experts of the prefix a request found cached (before this step may overwrite a freed block)."""
+        for req, chunk in scheduled:
+            if req.routed is not None and req.routed.count < chunk.start:
+                req.routed.add(0, self.executor.routed_experts(req.cached_blocks)[: chunk.start])
+
+    def _finish_pooled(self, req: Request) -> RequestOutput:
+        """A pooling request whose last prompt token ran: its embedding or label scores, and its blocks freed."""
+        assert req.pool is not None
+        req.finish_reason = "stop"
+        self.counters["finished_stop"] += 1
+        self.counters["pooling_requests"] += 1
+        self.counters["prompt_tokens"] += len(req.prompt)
+        out = self._finish(req)
+        out.pooled = req.pool.result()
+        return out
 
     def _sample(self, sampled: list[Request], logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
         """Pick every sampled request's token in one batched call; append its output to ``outputs``.
@@ -291,6 +276,8 @@ class EngineCore:
         out = self._output(req, new or [], delta, new_lp)
         out.finished = True
         out.finish_reason = req.finish_reason
+        if req.routed is not None:
+            out.routed_experts = req.routed.array()
         return out
 
     def fail_running(self, error: Exception) -> list[RequestOutput]:
@@ -350,7 +337,7 @@ class EngineCore:
     def generate(
         self,
         prompts: Sequence[list[int]],
-        params: Sequence[SamplingParams],
+        params: Sequence[Params],
         on_finished: Callable[[int, RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Run the prompts until all finish (idle engine only); outputs in prompt order (``on_finished(i, out)``

@@ -11,8 +11,7 @@ from typing import Protocol
 import torch
 
 from cluster.config.engine import EngineConfig
-from cluster.engine.request import RequestOutput
-from cluster.engine.sampling import SamplingParams
+from cluster.engine.request import Params, RequestOutput
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.step import Executor, SeqChunk, StepBatch
 from cluster.errors import EngineOverloadedError, InvalidRequestError, PromptTooLongError
@@ -26,15 +25,15 @@ class Core(Protocol):
     executor: Executor
     max_model_len: int
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+    def validate(self, prompt_token_ids: list[int], params: Params) -> None: ...
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: Params) -> None: ...
     def step(self) -> list[RequestOutput]: ...
 
 
 def generate(
     core: Core,
     prompts: Sequence[list[int]],
-    params: Sequence[SamplingParams],
+    params: Sequence[Params],
     on_finished: Callable[[int, RequestOutput], None] | None = None,
 ) -> list[RequestOutput]:
     """Run the prompts until all finish; outputs in prompt order; ``on_finished(i, output)`` as prompt i finishes.
@@ -91,7 +90,7 @@ def logits(core: Core, token_ids: list[int]) -> torch.Tensor:
                 logit_rows=torch.arange(len(piece)),
                 first_step=start == 0,  # an idle engine: this private sequence is all there is
             )
-            parts.append(core.executor.execute(batch))
+            parts.append(core.executor.execute(batch).logits)
         return torch.cat(parts)
     finally:
         for b in blocks:

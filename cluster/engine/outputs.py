@@ -35,6 +35,7 @@ def completion_output(tokenizer: Tokenizer, index: int, out: RequestOutput) -> C
         logprobs=vllm_logprobs(tokenizer, lps) if lps is not None else None,
         finish_reason=out.finish_reason,
         stop_reason=out.stop_reason,
+        routed_experts=out.routed_experts,
     )
 
 

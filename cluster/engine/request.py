@@ -7,6 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+import torch
+
+from cluster.engine.pooling import PoolingParams, PoolState
+from cluster.engine.routed import RoutedExperts
 from cluster.engine.sampling import SamplingParams, TokenLogprob, TokenMatcher, new_generator
 from cluster.errors import MixserveError
 from cluster.text.detokenizer import IncrementalDetokenizer
@@ -38,6 +43,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    routed_experts: np.ndarray | None = None  # [tokens, layers, top_k] with return_routed_experts
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -54,6 +60,10 @@ class RequestOutput:
     The offline API (``LLM.generate`` / ``LLM.chat``) returns one per prompt in vLLM's shape: ``prompt`` (its text;
     None for token ids) and ``outputs``, its n :class:`CompletionOutput` s; the fields above then repeat
     ``outputs[0]``, the first (or best) choice. The engine's own outputs leave ``outputs`` empty.
+
+    A finished output of a request that asked for ``return_routed_experts`` has ``routed_experts``, [N, L, K] int16
+    (``cluster.engine.routed``); a pooling request's (``cluster.engine.pooling``) has ``pooled``, its embedding [D]
+    or label scores [C], float32, and no tokens.
     """
 
     request_id: str
@@ -73,17 +83,34 @@ class RequestOutput:
     prompt: str | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int | None = None
+    routed_experts: np.ndarray | None = None
+    pooled: torch.Tensor | None = None
+
+
+Params = SamplingParams | PoolingParams  # a generation or a pooling request
 
 
 class Request:
-    """One request as the scheduler and the engine core see it."""
+    """One request as the scheduler and the engine core see it (a pooling request carries default sampling params
+    it never samples with)."""
 
     def __init__(
-        self, request_id: str, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer, arrival: float
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        arrival: float,
+        *,
+        pool: PoolState | None = None,
+        routed: bool = False,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.params = params
+        self.pool = pool  # a pooling request's sums (it never samples)
+        self.routed = RoutedExperts() if routed else None  # with return_routed_experts
+        self.cached_blocks: list[int] = []  # the blocks its prefix was found in (at its last admission)
         self.generator = new_generator(params)  # the request's own random stream (None when greedy)
         self.matcher: TokenMatcher | None = None  # grammar state under structured output
         self.detok = IncrementalDetokenizer(
@@ -117,6 +144,12 @@ class Request:
     @property
     def all_tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def full_prompt(self) -> bool:
+        """Every prompt position must run (no prefix-cache lookup): its prompt is scored, or pooled at a position
+        other than the last."""
+        return self.params.prompt_logprobs is not None or (self.pool is not None and self.pool.needs_every_position)
 
     @property
     def prefilling(self) -> bool:

@@ -95,6 +95,8 @@ class SamplingParams:
     truncate_prompt_tokens  None, or keep only the last k prompt tokens (-1: the model's context length)
     cache_salt      None, or a string mixed into the prefix-cache hashes: only requests with the same salt share
                     cached blocks
+    return_routed_experts   report the experts of every layer each token was routed to
+                            (``RequestOutput.routed_experts``, ``cluster.engine.routed``)
 
     Penalties, min_p, logit_bias, allowed_token_ids and bad_words follow vLLM's definitions. A temperature below
     1e-5 is greedy.
@@ -126,6 +128,7 @@ class SamplingParams:
     bad_words: Sequence[str] = ()  # stored as a tuple
     truncate_prompt_tokens: int | None = None
     cache_salt: str | None = None
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", stop_strings(self.stop))
@@ -141,6 +144,7 @@ class SamplingParams:
             "include_stop_str_in_output",
             "skip_special_tokens",
             "spaces_between_special_tokens",
+            "return_routed_experts",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(param=name, message=f"{name} must be true or false")

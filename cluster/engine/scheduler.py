@@ -136,7 +136,7 @@ class Scheduler:
         tokens = req.all_tokens
         found: list[int] = []
         hashes: list[bytes] = []
-        if self.pool.prefix_caching and req.params.prompt_logprobs is None:  # scoring a prompt computes all of it
+        if self.pool.prefix_caching and not req.full_prompt:  # scoring or mean-pooling a prompt computes all of it
             # Full blocks of all but the newest token: the newest must be computed to get the next token's logits.
             hashes = req.prompt_hashes = block_hashes(tokens[:-1], self.block_size, parent=req.salt)
             found = self.pool.lookup(hashes)
@@ -144,6 +144,7 @@ class Scheduler:
                 self.pool.undo_lookup(found, len(hashes))
                 return DEFER
         req.blocks, req.hashes = list(found), hashes[: len(found)]
+        req.cached_blocks = list(found)  # a window may free them below; their routed experts are read first
         req.computed = len(found) * self.block_size
         if not req.output:
             req.cached_tokens = req.computed

@@ -13,8 +13,7 @@ import ray
 import torch
 
 from cluster.config.cluster import ClusterConfig
-from cluster.engine.request import RequestOutput
-from cluster.engine.sampling import SamplingParams
+from cluster.engine.request import Params, RequestOutput
 from cluster.runtime.runtime import FrontendRuntime
 from workers.expert_worker import use_assigned_cpus
 
@@ -45,9 +44,7 @@ class FrontendActor:
         assert self._runtime is not None, "start() first"
         return self._runtime
 
-    def generate(
-        self, prompts: list[list[int]], params: list[SamplingParams], track: bool = False
-    ) -> list[RequestOutput]:
+    def generate(self, prompts: list[list[int]], params: list[Params], track: bool = False) -> list[RequestOutput]:
         """``track``: record (request, prompt tokens, output tokens) as requests finish, for :meth:`progress`."""
         with self._lock:
             finished: list[tuple[int, int, int]] = []

@@ -145,6 +145,8 @@ def build_frontend(config: ClusterConfig, *, experts: ExpertClient | None = None
         eos_token_id=model_config.eos_token_id,
         sliding_window=model_config.sliding_window,
         grammar=LLGuidanceGrammars(tokenizer, model_config.vocab_size),
+        num_labels=model_config.num_labels,
+        pad_token_id=model_config.pad_token_id,
     )
     experts.connect()
     return Frontend(

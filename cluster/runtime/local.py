@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from cluster.config.cluster import ClusterConfig
-from cluster.engine.request import RequestOutput
-from cluster.engine.sampling import SamplingParams
+from cluster.engine.request import Params, RequestOutput
 from cluster.runtime.runtime import FrontendRuntime
 
 
@@ -22,7 +21,7 @@ class LocalFrontend:
     def generate(
         self,
         prompts: list[list[int]],
-        params: list[SamplingParams],
+        params: list[Params],
         progress: Callable[[int, int, int], None] | None = None,
     ) -> list[RequestOutput]:
         """``progress(i, prompt tokens, output tokens)`` as engine request i finishes."""

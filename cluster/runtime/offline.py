@@ -23,8 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.config.cluster import ClusterConfig
 from cluster.config.transports import spec_of
-from cluster.engine.request import RequestOutput
-from cluster.engine.sampling import SamplingParams
+from cluster.engine.request import Params, RequestOutput
 from cluster.errors import ExpertWorkerError
 from cluster.runtime.actor import FrontendActor
 from cluster.runtime.pool import cluster_resources, remove_pool, wait_alive
@@ -136,7 +135,7 @@ class RemoteFrontend:
     def generate(
         self,
         prompts: list[list[int]],
-        params: list[SamplingParams],
+        params: list[Params],
         progress: Callable[[int, int, int], None] | None = None,
     ) -> list[RequestOutput]:
         """``progress(i, prompt tokens, output tokens)`` as engine request i finishes (polled from the actor)."""

@@ -22,8 +22,7 @@ from typing import Any
 
 from cluster.config.serving import AppArgs
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.request import RequestOutput
-from cluster.engine.sampling import SamplingParams
+from cluster.engine.request import Params, RequestOutput
 from cluster.errors import InternalError, MixserveError, SetupError
 from cluster.runtime.pool_owner import POOL_DEPLOYMENT
 from cluster.runtime.runtime import FrontendRuntime
@@ -92,7 +91,7 @@ class FrontendServer:
         )
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_token_ids: list[int], params: Params, request_id: str
     ) -> AsyncIterator[Accepted | MixserveError | RequestOutput]:
         try:
             stream = await self.engine.generate(prompt_token_ids, params, request_id)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from cluster.engine.step import StepBatch
+from cluster.engine.step import StepBatch, StepOutput
 from cluster.serve.frontend import FrontendServer
 
 POISON_TOKEN = 31337
@@ -23,7 +21,7 @@ class PoisonedExecutor:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def execute(self, batch: StepBatch) -> StepOutput:
         if POISON_TOKEN in batch.token_ids.tolist():
             raise RuntimeError("injected step failure: poison token in the batch")
         return self._inner.execute(batch)

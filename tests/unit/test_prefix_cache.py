@@ -32,7 +32,7 @@ def test_a_prefix_cache_hit_gives_transformers_tokens_and_logprobs(tmp_path):
         (warm,) = llm.generate([PROMPT], params)
         after = llm.frontend_info()["engine"]
     assert cold.token_ids == ref_tokens and cold.metrics["cached_tokens"] == 0
-    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == 2  # both full blocks of the prompt
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == 8  # both full blocks of the prompt, in tokens
     assert warm.metrics["cached_tokens"] == 8
     assert warm.token_ids == ref_tokens
     assert warm.logprobs is not None and len(warm.logprobs) == N

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from cluster.engine import EngineConfig, EngineCore, RequestOutput
 from cluster.engine.sampling import SamplingParams, StructuredOutput
-from cluster.engine.step import FREED, StepBatch
+from cluster.engine.step import FREED, StepBatch, StepOutput
 from cluster.errors import (
     EngineOverloadedError,
     ExpertWorkerError,
@@ -58,7 +58,7 @@ class FakeExecutor:
         assert t is not None, f"position {pos} is read before it was written"
         return t
 
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def execute(self, batch: StepBatch) -> StepOutput:
         self.batches.append(batch)
         if self.fail_with is not None:
             raise self.fail_with
@@ -75,7 +75,7 @@ class FakeExecutor:
         for r, i in enumerate(batch.logit_rows.tolist()):
             blocks, lo, p = want[i]
             logits[r, next_token([self._at(blocks, q) for q in range(lo, p + 1)])] = 10.0
-        return logits
+        return StepOutput(logits=logits)
 
 
 def engine(
@@ -162,7 +162,7 @@ def test_prefix_cache_reuses_full_blocks_and_gives_the_same_tokens():
         first_chunk = ex.batches[n_before].chunks[0]
         assert first_chunk.start == (20 if caching else 0)  # 5 cached blocks: only token 9 is computed
         assert outs["second"][-1].metrics["cached_tokens"] == (20 if caching else 0)
-        assert core.stats()["prefix_cache_hits"] == (5 if caching else 0)
+        assert core.stats()["prefix_cache_hits"] == (20 if caching else 0)  # tokens: 5 blocks of 4
         assert core.kv_blocks_used == 0
 
 
@@ -444,7 +444,7 @@ def test_a_burst_sharing_a_prefix_computes_it_once():
     assert cached == [0] + [24] * 5
     computed = sum(c.n for b in ex.batches for c in b.chunks if c.n > 1)
     assert computed == 26 + 5 * 2  # the prefix once, each question once
-    assert core.stats()["prefix_cache_hits"] == 5 * 6 and core.stats()["prefix_cache_queries"] == 6 * 6
+    assert core.stats()["prefix_cache_hits"] == 5 * 6 * 4 and core.stats()["prefix_cache_queries"] == 6 * 6 * 4
 
 
 class SequenceGrammar:
