@@ -139,6 +139,16 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
+def hf_routed(model, ids: list[int]) -> Any:
+    """[T, L, K]: transformers' top-k experts per token and layer (softmax over the router logits, top k)."""
+    import numpy as np
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), output_router_logits=True).router_logits  # L x [T, E]
+    k = model.config.num_experts_per_tok
+    return np.stack([torch.softmax(x.float(), -1).topk(k, -1).indices.numpy() for x in logits], axis=1)
+
+
 # Largest |logits - reference| with both sides in the same dtype (tiny models, logits of magnitude ~1): fp32 agrees to
 # rounding; bf16 keeps 8 bits of mantissa, so one rounding step at 1.0 is 2**-8 ~ 0.004 and a few of them add up.
 LOGITS_TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 4e-3}

@@ -6,20 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from cluster import LLM, SamplingParams
-from tests.helpers import hf_mixtral
+from tests.helpers import hf_mixtral, hf_routed
 
 PROMPT = [1, 22557, 28725, 586, 1141, 349, 5766, 304, 315, 837, 1236, 298] * 3  # 36 tokens: two full blocks
-
-
-def hf_routed(model, ids: list[int]) -> np.ndarray:
-    """[T, L, K]: transformers' top-k experts per token and layer (softmax over the router logits, top k)."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), output_router_logits=True).router_logits  # L x [T, E]
-    k = model.config.num_experts_per_tok
-    return np.stack([torch.softmax(x.float(), -1).topk(k, -1).indices.numpy() for x in logits], axis=1)
 
 
 @pytest.fixture(scope="module")
