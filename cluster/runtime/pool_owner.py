@@ -22,9 +22,10 @@ from typing import Any
 
 from cluster.checkpoint.locate import resolve
 from cluster.config.cluster import ClusterConfig
+from cluster.config.dtype import resolve_dtype
 from cluster.config.model import ModelConfig
 from cluster.errors import SetupError
-from cluster.runtime.pool import ExpertPool
+from cluster.runtime.pool import ExpertPool, cluster_resources
 from cluster.runtime.resources import expert_placement
 
 log = logging.getLogger("mixserve")
@@ -33,8 +34,8 @@ POOL_DEPLOYMENT = "ExpertPool"  # the Serve deployment that owns a pool (cluster
 
 # The options that shape a pool; a frontend-only change (engine limits, KV cache, serving) leaves the pool alone.
 POOL_PARTS = ("load", "parallel")
-# What a frontend and the pool it attaches to must agree on (the experts' source and form, and where they are)
-MUST_MATCH = ("model", "quantization", "expert_workers", "expert_replicas", "expert_placement")
+# What a frontend and the pool it attaches to must agree on (the experts' source, form and dtype, and where they are)
+MUST_MATCH = ("model", "quantization", "dtype", "expert_workers", "expert_replicas", "expert_placement")
 
 
 def pool_options(config: ClusterConfig) -> dict[str, Any]:
@@ -50,6 +51,8 @@ def mismatch(pool: dict[str, Any], frontend: dict[str, Any]) -> str | None:
     """
     diff = [f"{k}: the pool's is {pool.get(k)!r}, this frontend's {frontend.get(k)!r}"
             for k in MUST_MATCH if pool.get(k) != frontend.get(k)]  # fmt: skip
+    if any(d.startswith("dtype:") for d in diff):
+        diff.append("dtype auto resolves for each process's device: set the same dtype on the pool and the frontends")
     return "; ".join(diff) or None
 
 
@@ -57,7 +60,13 @@ class PoolOwner:
     """Starts the pool when created (the workers load their experts) and keeps it until it is closed."""
 
     def __init__(self, options: dict[str, Any], *, name: str | None = None) -> None:
-        config = resolve(ClusterConfig.from_options(options))
+        config = ClusterConfig.from_options(options)
+        if config.load.dtype == "auto" and cluster_resources(config).gpus_per_worker:
+            # auto means what the workers' device runs, not this process's (which holds no GPU)
+            folder = resolve(config).load.model
+            assert folder is not None
+            config = config.with_options(dtype=resolve_dtype("auto", folder, "cuda"))
+        config = resolve(config)
         assert config.load.model is not None
         self.config = config
         self.options = pool_options(config)

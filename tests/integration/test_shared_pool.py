@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from cluster import LLM, SamplingParams
+from cluster.errors import SetupError
 from tests.helpers import hf_mixtral, wait_until
 
 pytestmark = pytest.mark.ray
@@ -61,6 +62,9 @@ def test_a_second_llm_attaches_to_a_running_pool_by_name(ray_instance, ckpt, ref
             merge = [w["merge"] for w in second.health()["workers"]]
             assert sum(m["messages"] for m in merge) > sum(m["runs"] for m in merge) >= 1  # some runs merged
             assert sum(m["merged_runs"] for m in merge) >= 1
+        # a frontend computing in another dtype is refused, naming it (auto resolves per device: pin it)
+        with pytest.raises(SetupError, match=r"dtype: the pool's is 'float32', this frontend's 'bfloat16'"):
+            LLM(ckpt, **{**options, "dtype": "bfloat16"})
         # the second LLM detached; the workers stay for the first
         assert expert_workers() == started
         assert [o.token_ids for o in first.generate(PROMPTS, GREEDY)] == reference
