@@ -6,7 +6,7 @@
 # sentencepiece and numpy installed, no Ray): `make gpu-wheels` here downloads the other wheels the in-process
 # (W = 0) path needs into gpu-wheels/ (CPython 3.12, under 64 MiB); then, through the device tool, carrying
 # gpu-wheels, `make gpu-check` there installs the missing ones beside the repo, runs pytest tests/gpu (bf16 parity
-# with transformers, attention backend) and a W = 0 `mixserve bench engine` on CUDA, in at most 8 minutes, and
+# with transformers, attention backend, quantized-expert kernels) and a W = 0 `mixserve bench engine` on CUDA, in at most 8 minutes, and
 # writes gpu-check.json into $OUT (else gpu-check-results/). Without CUDA it skips both and exits 0. Device tool:
 # run(command="make gpu-check", carry=["gpu-wheels"], timeout_s=510). Options (GPU_CHECK_ARGS, e.g. --rehearse to
 # try it on a CPU, --bench-args "..."): deploy/gpu-check/gpu_check.py.

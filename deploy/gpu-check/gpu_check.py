@@ -16,7 +16,8 @@ the other wheels it needs into ``gpu-wheels/``. Then, through the device tool, c
 3. imports: the W = 0 modules (``cluster.llm``, ``cluster.runtime.local``, ``cluster.bench.engine``,
    ``cluster.cli``), transformers and pytest, with Ray absent.
 4. pytest: ``pytest tests/gpu -p no:cacheprovider`` (bf16 parity with transformers on CUDA: prefill logits whole
-   and chunked, greedy decode tokens, decode log-probabilities; the attention backend choice), with JUnit XML.
+   and chunked, greedy decode tokens, decode log-probabilities; the attention backend choice; the quantized experts'
+   CUDA kernels: int4 tinygemm, int8, fp8 through ``_scaled_mm``), with JUnit XML.
 5. bench: ``mixserve bench engine --device cuda --dtype bfloat16`` at W = 0 on the bench model, sized to finish in
    a few minutes (``BENCH_CUDA``; ``--bench-args`` replaces it).
 
