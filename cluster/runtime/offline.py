@@ -4,7 +4,8 @@ a frontend runtime and its expert pool, on a Ray this process joins or starts (:
 With ``expert_pool=<name>`` the frontend actor attaches to the shared pool of that name (a
 :class:`~cluster.runtime.pool_owner.PoolOwner` actor in Ray namespace :data:`POOL_NAMESPACE`), started here, and
 owned by this LLM, when none runs: a second ``LLM`` (this process or another driver of the same Ray) then shares its
-workers. Ray restarts a dead worker by itself (it reloads its experts). When the transport cannot keep the frontend
+workers. The pool stops when the last of them shuts down (or when the driver that started it exits). Ray restarts a
+dead worker by itself (it reloads its experts). When the transport cannot keep the frontend
 running through a worker's death (its registry row's ``keeps_frontend``: RDT, where Ray stops both ends of a failed
 transfer), or the frontend actor itself is gone, :meth:`RemoteFrontend.heal` replaces the frontend actor (which
 starts a fresh pool) before the next call; otherwise it asks the runtime to replace workers gone for good.
@@ -32,6 +33,9 @@ from cluster.runtime.ray_start import start_local_ray
 from cluster.runtime.transports import host_class
 
 POOL_NAMESPACE = "mixserve"  # shared pools' owners are named actors here, found from any driver
+# Owners of released pools that still have frontends attached, by name: Ray stops a (non-detached) actor once the
+# handle that created it is gone, so this process keeps it until the last LLM attached leaves.
+_RELEASED: dict[str, Any] = {}
 
 
 class RemoteFrontend:
@@ -200,12 +204,20 @@ class RemoteFrontend:
             remove_pool(self.name_prefix, self.config.parallel.expert_workers)
 
     def shutdown(self) -> None:
-        self._stop_actor()
-        if self.owns_pool:
+        self._stop_actor()  # its frontend detaches from a shared pool
+        if self.pool_owner is not None:
+            # the pool goes with the last LLM to leave: the one that started it, or the last attached after it
+            call = self.pool_owner.release if self.owns_pool else self.pool_owner.finished
+            done = False
             with contextlib.suppress(Exception):
-                ray.get(self.pool_owner.close.remote(), timeout=30)
-            with contextlib.suppress(Exception):
-                ray.kill(self.pool_owner, no_restart=True)
+                done = bool(ray.get(call.remote(), timeout=30))
+            name = self.config.parallel.expert_pool
+            if done:
+                with contextlib.suppress(Exception):
+                    ray.kill(self.pool_owner, no_restart=True)
+                _RELEASED.pop(name or "", None)
+            elif self.owns_pool and name is not None:
+                _RELEASED[name] = self.pool_owner
         self.pool_owner = None
         if self.owns_ray:
             ray.shutdown()

@@ -9,7 +9,8 @@
 Frontends attach on start and detach on stop; a frontend's death or restart never restarts, reloads or duplicates a
 worker. The owner checks that an attaching frontend matches the pool (:data:`MUST_MATCH`) and replaces a worker Ray
 will not restart (frontends re-attach to get its new handle); each frontend asks the workers for their health
-itself. The workers die with the owner (the Serve app deleted, or the offline LLM that started it shut down).
+itself. The workers die with the owner: the Serve app deleted; offline, once the ``LLM`` that started it and every
+``LLM`` attached to it have shut down (or the driver process that started it exits: the owner actor is its).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class PoolOwner:
         self.pool = ExpertPool.launch(config, placement, name_prefix=f"mixserve-expert-{tag}-")
         self._frontends: dict[str, float] = {}  # attached frontend -> when it attached
         self._lock = threading.Lock()
+        self._released = False  # the one who started it is done: close once no frontend is attached
+        self._closed = False
         log.info("expert pool %s ready: %d workers, %d copies of each expert", self.name, len(self.pool.handles),
                  placement.replicas)  # fmt: skip
 
@@ -93,8 +96,26 @@ class PoolOwner:
         return {"handles": list(self.pool.handles), "placement": self.pool.placement, "pool": self.name}
 
     def detach(self, frontend: str) -> None:
+        """A frontend leaves; the last one to leave a released pool closes it."""
         with self._lock:
             self._frontends.pop(frontend, None)
+            last = self._released and not self._frontends
+        if last:
+            self.close()
+
+    def release(self) -> bool:
+        """The offline ``LLM`` that started the pool is done with it: close it now when no frontend is attached
+        (True: the caller may kill this owner), else when the last one detaches (False)."""
+        with self._lock:
+            self._released = True
+            idle = not self._frontends
+        if idle:
+            self.close()
+        return idle
+
+    def finished(self) -> bool:
+        """Released and closed (the last ``LLM`` to leave kills this owner then)."""
+        return self._closed
 
     def replace_dead(self, timeout_s: float = 30.0) -> list[int]:
         """Replace the workers Ray will not restart; attached frontends re-attach for their new handles."""
@@ -105,4 +126,8 @@ class PoolOwner:
         return True
 
     def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self.pool.shutdown()

@@ -71,6 +71,21 @@ def test_a_second_llm_attaches_to_a_running_pool_by_name(ray_instance, ckpt, ref
     wait_until(lambda: expert_workers() == before, "the pool's workers outlived the LLM that started it")
 
 
+def test_the_pool_outlives_the_llm_that_started_it_while_another_is_attached(ray_instance, ckpt, reference):
+    options = dict(expert_workers=2, dtype="float32", progress=False, expert_pool="pool-b")
+    before = expert_workers()
+    first = LLM(ckpt, **options)
+    second = LLM(ckpt, **options)
+    started = expert_workers()
+    first.shutdown()  # the LLM that started the pool leaves; the other still uses its workers
+    assert expert_workers() == started
+    assert [o.token_ids for o in second.generate(PROMPTS, GREEDY)] == reference
+    second.shutdown()  # the last one out stops the pool and its owner
+    wait_until(lambda: expert_workers() == before, "the pool's workers outlived its last LLM")
+    with pytest.raises(ValueError):
+        ray.get_actor("pool-b", namespace="mixserve")
+
+
 def test_a_frozen_worker_is_hedged_around_with_copies(ray_instance, ckpt, reference):
     """SIGSTOP one of two workers (each expert has a copy on the other) while a generation decodes: the layers it
     does not answer in time go to the other copy, the tokens are the reference's, and health shows it routed around
