@@ -11,13 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cluster.engine import RequestOutput
+    from cluster.engine.pooling import PoolingParams
     from cluster.engine.sampling import SamplingParams
     from cluster.llm import LLM
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "PoolingParams", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
 
-_LAZY = {"LLM": "cluster.llm", "RequestOutput": "cluster.engine", "SamplingParams": "cluster.engine.sampling"}
+_LAZY = {
+    "LLM": "cluster.llm",
+    "PoolingParams": "cluster.engine.pooling",
+    "RequestOutput": "cluster.engine",
+    "SamplingParams": "cluster.engine.sampling",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster import LLM, SamplingParams
-from cluster.engine.pooling import PoolingParams
+from cluster import LLM, PoolingParams, SamplingParams
 from cluster.errors import InvalidRequestError, PromptTooLongError
 from tests.helpers import hf_greedy, hf_mixtral
 
