@@ -53,6 +53,7 @@ _AS_IS = (
     "cache_salt",
     "length_penalty",
     "use_beam_search",
+    "return_routed_experts",
 )
 _REPEATED = ("stop", "stop_token_ids", "allowed_token_ids", "bad_words")
 _PROMPT_ONLY = ("echo", "best_of")

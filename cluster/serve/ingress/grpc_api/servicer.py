@@ -34,6 +34,7 @@ from cluster.serve.ingress.openai_api.completions import best_of
 from cluster.serve.ingress.openai_api.logprobs import piece_text
 from cluster.serve.ingress.openai_api.protocol import TokenizeChatRequest
 from cluster.serve.ingress.openai_api.responses import ChatDelta, FinishReason, ToolCall, finish_reason
+from cluster.serve.ingress.openai_api.routed import routed_bytes
 from cluster.serve.ingress.openai_api.structured import submit_constrained
 from cluster.serve.ingress.openai_api.tool_output import MessageStream, final_message
 from cluster.serve.ingress.openai_api.tools import as_prompt_tools
@@ -134,7 +135,15 @@ def _choice_fields(ctx: ServeContext, job: Job, index: int, out: RequestOutput, 
         "tool_calls": calls,
         "prompt_logprobs": _prompt_logprobs(ctx, job, out),
         "stop_reason": "" if out.stop_reason is None else str(out.stop_reason),
+        **_routed(out),
     }
+
+
+def _routed(out: RequestOutput) -> dict[str, Any]:
+    """A finished output's routed experts as the reply fields (int32 LE bytes and the shape); none without."""
+    if out.routed_experts is None:
+        return {}
+    return {"routed_experts": routed_bytes(out.routed_experts), "routed_experts_shape": list(out.routed_experts.shape)}
 
 
 def _usage(prompt: int, completion: int) -> pb.Usage:
@@ -203,6 +212,7 @@ async def _stream(
             prompt_token_ids=job.prompt if first else [],
             prompt_logprobs=_prompt_logprobs(ctx, job, out) if first else [],
             stop_reason="" if out.stop_reason is None or not out.finished else str(out.stop_reason),
+            **_routed(out),  # the finished output's only
         )
         open_choices -= 1 if out.finished else 0
         if open_choices == 0:

@@ -26,6 +26,7 @@ from cluster.serve.ingress.openai_api.responses import (
     Usage,
     json_response,
 )
+from cluster.serve.ingress.openai_api.routed import routed_fields
 from cluster.serve.ingress.openai_api.structured import request_constraint, submit_constrained
 from cluster.serve.ingress.openai_api.tool_output import MessageStream, final_message
 from cluster.serve.ingress.openai_api.tools import ToolPlan, plan_tools
@@ -96,7 +97,12 @@ class _Chat:
             lp = chat_logprobs(ctx.tokenizer, out.logprobs, self.as_ids)
             results.append(
                 ChatCompletionChoice(
-                    index=i, message=message, logprobs=lp, finish_reason=reason, stop_reason=out.stop_reason
+                    index=i,
+                    message=message,
+                    logprobs=lp,
+                    finish_reason=reason,
+                    stop_reason=out.stop_reason,
+                    **routed_fields(out),
                 )
             )
         usage = Usage.of(len(self.prompt), sum(len(o.token_ids) for o in finals.values()))
@@ -119,8 +125,11 @@ class _Chat:
         finish: FinishReason | None = None,
         logprobs: ChatLogprobs | None = None,
         usage: Usage | None = None,
+        final: RequestOutput | None = None,
     ) -> ChatCompletionStreamResponse:
-        choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+        """``final``: the choice's finished output, whose routed experts (if any) the chunk carries."""
+        routed = routed_fields(final) if final is not None else {}
+        choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish, **routed)
         return ChatCompletionStreamResponse(
             id=self.request_id, created=self.created, model=self.ctx.model_name, choices=[choice], usage=usage
         )
@@ -150,7 +159,7 @@ class _Chat:
             for k, delta in enumerate(deltas):  # this step's logprobs ride on its first delta
                 yield self.chunk(c.index, delta, logprobs=lp if k == 0 else None, usage=usage(c.index))
             if out.finished:
-                yield self.chunk(c.index, ChatDelta(), reason, usage=usage(c.index))
+                yield self.chunk(c.index, ChatDelta(), reason, usage=usage(c.index), final=out)
         if at_end:
             yield ChatCompletionStreamResponse(
                 id=self.request_id,

@@ -23,6 +23,7 @@ from cluster.serve.ingress.openai_api.responses import (
     finish_reason,
     json_response,
 )
+from cluster.serve.ingress.openai_api.routed import routed_fields
 from cluster.serve.ingress.openai_api.structured import request_constraint, submit_constrained
 from cluster.serve.ingress.streams import Choice, sse_response
 
@@ -108,6 +109,7 @@ class _Completion:
                 prompt_logprobs=prompt_logprobs(
                     self.ctx.tokenizer, finals[i].prompt_logprobs, self.req.prompt_logprobs, as_ids
                 ),
+                **routed_fields(finals[i]),
             )
             for k, i in enumerate(best_of(finals, self.params))
         ]
@@ -152,7 +154,12 @@ class _Completion:
             reason = finish_reason(out.finish_reason)
             stop = out.stop_reason if out.finished else None
             choice = CompletionChoice(
-                index=c.index, text=out.delta_text, logprobs=lp, finish_reason=reason, stop_reason=stop
+                index=c.index,
+                text=out.delta_text,
+                logprobs=lp,
+                finish_reason=reason,
+                stop_reason=stop,
+                **routed_fields(out),  # the finished output's only
             )
             yield chunk(c.index, choice)
         if at_end:

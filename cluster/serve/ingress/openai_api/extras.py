@@ -2,7 +2,8 @@
 
 :class:`VllmExtras` (completions and chat) carries the sampling and request extras into
 :class:`~cluster.engine.sampling.SamplingParams` (include_stop_str_in_output, skip_special_tokens,
-spaces_between_special_tokens, truncate_prompt_tokens, prompt_logprobs, allowed_token_ids, bad_words, cache_salt),
+spaces_between_special_tokens, truncate_prompt_tokens, prompt_logprobs, allowed_token_ids, bad_words, cache_salt,
+return_routed_experts),
 says how the response reports tokens (return_tokens_as_token_ids) and which id it carries (request_id), and
 refuses by name only what this server cannot honour: a ``priority`` other than 0 (the engine schedules first come,
 first served, as a vLLM server without priority scheduling refuses it), ``use_beam_search: true``, prompt logprobs
@@ -98,6 +99,9 @@ class VllmExtras(Strict):
     structured_outputs: StructuredOutputsIn | None = None
     length_penalty: Number = Field(1.0, description="beam search only: no effect")
     use_beam_search: StrictBool = Field(False, description="only false")
+    return_routed_experts: StrictBool = Field(
+        False, description="each choice reports the experts every token was routed to (routed_experts)"
+    )
 
     def extra_params(self, *, streaming: bool) -> dict[str, Any]:
         """The SamplingParams fields these extras set; a 400 naming what cannot be honoured."""
@@ -121,6 +125,7 @@ class VllmExtras(Strict):
             "allowed_token_ids": tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None,
             "bad_words": tuple(self.bad_words or ()),
             "cache_salt": self.cache_salt,
+            "return_routed_experts": self.return_routed_experts,
         }
 
     def response_id(self, prefix: str, generated: str) -> str:

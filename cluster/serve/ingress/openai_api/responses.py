@@ -59,7 +59,17 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
-class CompletionChoice(BaseModel):
+class RoutedExperts(BaseModel):
+    """With return_routed_experts (or the server's enable_return_routed_experts): on a choice, or on a streamed
+    choice's final chunk (``cluster.serve.ingress.openai_api.routed``)."""
+
+    routed_experts: str | None = _omit_none(
+        "base64 of the [tokens, layers, top_k] expert ids (tokens = prompt + generated - 1), flattened, int32 LE"
+    )
+    routed_experts_shape: list[int] | None = _omit_none("[tokens, layers, top_k]")
+
+
+class CompletionChoice(RoutedExperts):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -145,7 +155,7 @@ class ChatDelta(BaseModel):
     tool_calls: list[ToolCallDelta] | None = _omit_none()
 
 
-class ChatCompletionChoice(BaseModel):
+class ChatCompletionChoice(RoutedExperts):
     index: int
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
@@ -163,7 +173,7 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobs | None = _omit_none("vLLM's prompt_logprobs: per prompt token (the first: null)")
 
 
-class ChatStreamChoice(BaseModel):
+class ChatStreamChoice(RoutedExperts):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
