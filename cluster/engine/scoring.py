@@ -50,13 +50,14 @@ def pairs(queries: str | list[str], documents: str | list[str]) -> list[tuple[st
     ds = [documents] if isinstance(documents, str) else list(documents)
     if not qs or not ds:
         raise InvalidRequestError(
-            "score needs at least one query and one document", param="text_1" if not qs else "text_2"
+            "score needs at least one query (text_1) and one document (text_2)", param="text_1" if not qs else "text_2"
         )
     if len(qs) == 1:
         return [(qs[0], d) for d in ds]
     if len(qs) != len(ds):
         raise InvalidRequestError(
-            f"{len(qs)} queries and {len(ds)} documents: give one query, or as many queries as documents",
+            f"{len(qs)} queries (text_1) and {len(ds)} documents (text_2): give one query, or as many queries as "
+            "documents",
             param="text_2",
         )
     return list(zip(qs, ds, strict=True))

@@ -154,10 +154,17 @@ class FrontendServer:
         }
 
     def model_info(self) -> dict:
+        """What the ingress checks requests against: the context and vocabulary, the hidden size (embeddings'
+        ``dimensions``) and the head: ``num_labels`` (0: a causal LM), the label names and whether it generates."""
+        mc = self.frontend.model_config
         return {
             "max_model_len": self.frontend.core.max_model_len,
-            "vocab_size": self.frontend.model_config.vocab_size,
+            "vocab_size": mc.vocab_size,
             "model_path": self.frontend.config.load.model,
+            "hidden_size": mc.hidden_size,
+            "num_labels": mc.num_labels,
+            "id2label": list(mc.id2label),
+            "can_generate": mc.can_generate,
         }
 
     def __del__(self) -> None:

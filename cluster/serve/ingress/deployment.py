@@ -1,8 +1,10 @@
 """Ingress deployment: the FastAPI app (OpenAI-compatible HTTP) and the gRPC methods, wired to the modules that
-do the work: ``openai_api`` (completions, chat, tokenize), ``grpc_api.servicer``, ``health`` and ``metrics`` of
+do the work: ``openai_api`` (completions, chat, tokenize, embeddings, classify and score), ``grpc_api`` (servicer,
+pooling), ``health`` and ``metrics`` of
 this package. Every error reaches the client through :mod:`cluster.serve.ingress.errors`.
 
-Who needs the API key (when one is configured): ``/v1/*``, ``/tokenize``, ``/detokenize`` and every gRPC method.
+Who needs the API key (when one is configured): ``/v1/*``, ``/tokenize``, ``/detokenize``, ``/classify``, ``/score``
+and every gRPC method.
 ``/health``, ``/metrics``, ``/version`` and the API docs are open (probes and scrapers carry no key).
 """
 
@@ -32,11 +34,20 @@ from cluster.serve.ingress.auth import ApiKeys, check_model
 from cluster.serve.ingress.body import parse_body, read_body, validation_error
 from cluster.serve.ingress.context import ServeContext
 from cluster.serve.ingress.errors import api_error, error_response, http_error, new_request_id
+from cluster.serve.ingress.grpc_api import pooling as grpc_pooling
 from cluster.serve.ingress.grpc_api import servicer as grpc_servicer
 from cluster.serve.ingress.health import HealthMonitor, HealthResponse
 from cluster.serve.ingress.metrics import ServeMetrics, frontend_snapshots
-from cluster.serve.ingress.openai_api import chat, completions
+from cluster.serve.ingress.openai_api import chat, classify, completions, embeddings
 from cluster.serve.ingress.openai_api import tokenize as tokenization
+from cluster.serve.ingress.openai_api.pooling_protocol import (
+    ClassificationRequest,
+    ClassificationResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
 from cluster.serve.ingress.openai_api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -91,6 +102,9 @@ EXTRA_SCHEMAS = [
     (TokenizeCompletionRequest, "validation"),
     (TokenizeChatRequest, "validation"),
     (DetokenizeRequest, "validation"),
+    (EmbeddingRequest, "validation"),
+    (ClassificationRequest, "validation"),
+    (ScoreRequest, "validation"),
     (CompletionStreamResponse, "serialization"),
     (ChatCompletionStreamResponse, "serialization"),
 ]
@@ -244,6 +258,22 @@ class Ingress:
             tokenization.DETOKENIZE, request, tokenization.parse_detokenize, "detok", tokenization.detokenize
         )
 
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, **_documented([EmbeddingRequest]))
+    async def embeddings(self, request: Request) -> Response:
+        parse = functools.partial(parse_body, model=EmbeddingRequest)
+        return await self._serve(embeddings.ENDPOINT, request, parse, "embd", embeddings.create_embedding)
+
+    @app.post("/classify", response_model=ClassificationResponse, **_documented([ClassificationRequest]))
+    async def classify(self, request: Request) -> Response:
+        parse = functools.partial(parse_body, model=ClassificationRequest)
+        return await self._serve(classify.CLASSIFY, request, parse, "classify", classify.create_classification)
+
+    @app.post("/score", response_model=ScoreResponse, **_documented([ScoreRequest]))
+    @app.post("/v1/score", response_model=ScoreResponse, include_in_schema=False)
+    async def score(self, request: Request) -> Response:
+        parse = functools.partial(parse_body, model=ScoreRequest)
+        return await self._serve(classify.SCORE, request, parse, "score", classify.create_score)
+
     @app.get("/version", response_model=VersionResponse)
     async def version(self) -> Response:
         return json_response(VersionResponse(version=_version()))
@@ -273,3 +303,12 @@ class Ingress:
 
     async def Tokenize(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         return await grpc_servicer.tokenize(self.ctx, request, grpc_context)
+
+    async def Embed(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await grpc_pooling.embed(self.ctx, request, grpc_context)
+
+    async def Classify(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await grpc_pooling.classify(self.ctx, request, grpc_context)
+
+    async def Score(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await grpc_pooling.score(self.ctx, request, grpc_context)

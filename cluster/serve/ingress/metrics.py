@@ -2,14 +2,14 @@
 (``vllm:`` -> ``mixserve:``), so vLLM's Grafana dashboards and alerts work with the prefix changed.
 
 Every series but ``mixserve:api_requests_total`` has the labels ``model_name`` (the first served model name) and
-``engine``, as vLLM's do. ``engine`` names a frontend replica (each runs its own engine) by the last part of its
-Serve replica id (:func:`engine_label`; ``"0"`` for a snapshot that names no replica) on the per-frontend series:
-the engine figures (running / waiting requests, KV-cache usage, preemptions, prefix cache, tokens, finished requests
-by reason), routed tokens per (layer, expert), failovers and hedges, from each replica's ``stats()`` at scrape time
-(a replica not heard of for ``STALE_SNAPSHOT_S`` is left out), and ``mixserve:frontend_requests_total`` (engine
-requests each replica accepted, counted by the ingress). It is ``"0"`` on the ingress's latency and token-count
-histograms (measured where the client sees them, per engine request: a choice of an ``n > 1`` request is one;
-not split by replica) and on the series of the expert pool and its workers, which every frontend shares.
+``engine``, as vLLM's do. ``engine`` names a frontend replica (each runs its own engine) by the last part of its Serve
+replica id (:func:`engine_label`; ``"0"`` for a snapshot that names no replica) on the per-frontend series: the engine
+figures (running / waiting requests, KV-cache usage, preemptions, prefix cache, tokens, finished pooling requests,
+finished requests by reason), routed tokens per (layer, expert), failovers and hedges, from each replica's ``stats()``
+at scrape time (a replica not heard of for ``STALE_SNAPSHOT_S`` is left out), and ``mixserve:frontend_requests_total``
+(engine requests each replica accepted, counted by the ingress). It is ``"0"`` on the ingress's latency and token-count
+histograms (measured where the client sees them, per engine request: a choice of an ``n > 1`` request is one; not split
+by replica) and on the series of the expert pool and its workers, which every frontend shares.
 mixserve's own: ``mixserve:api_requests_total{endpoint,status}``, ``mixserve:frontend_requests_total``,
 ``mixserve:routed_tokens_total{layer,expert}``, ``mixserve:expert_workers_up`` / ``mixserve:expert_workers``,
 ``mixserve:expert_worker_load_seconds{worker}`` (how long each worker's current incarnation took to load its
@@ -133,6 +133,8 @@ ENGINE_SERIES = (
      "Prefix cache hits, in terms of number of cached tokens."),
     ("mixserve:prompt_tokens", "prompt_tokens", "counter", "Number of prefill tokens processed."),
     ("mixserve:generation_tokens", "generation_tokens", "counter", "Number of generation tokens processed."),
+    ("mixserve:pooling_requests", "pooling_requests", "counter",
+     "Number of pooling requests (embed, classify, score) finished."),
 )  # fmt: skip
 STALE_SNAPSHOT_S = 60.0  # a frontend not heard of for this long is left out (gone, or scaled down)
 

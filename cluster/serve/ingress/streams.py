@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from ray.exceptions import RayTaskError
 
 from cluster.engine import fanout
-from cluster.engine.request import RequestOutput
+from cluster.engine.request import Params, RequestOutput
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import InternalError, MixserveError, RequestTimeoutError, UnavailableError
 from cluster.serve.ingress.errors import api_error
@@ -42,7 +42,7 @@ class Choice:
     prompt_ids: list[int]
     request_id: str
     stream: Any  # ray.serve.handle.DeploymentResponseGenerator
-    params: SamplingParams | None = None
+    params: Params | None = None  # sampling, or pooling (cluster.engine.pooling)
     frontend: str = ""
     retried: bool = False
 
@@ -83,7 +83,7 @@ class FrontendClient:
         self._info: dict[str, Any] | None = None
 
     async def model_info(self) -> dict[str, Any]:
-        """The frontend's ``model_info()`` (max_model_len, vocab_size), asked once."""
+        """The frontend's ``model_info()`` (max_model_len, vocab_size, hidden_size, the head's labels), asked once."""
         if self._info is None:
             try:
                 info = await asyncio.wait_for(self.handle.model_info.remote(), timeout=self.timeout_s)
@@ -100,7 +100,7 @@ class FrontendClient:
     async def vocab_size(self) -> int:
         return int((await self.model_info())["vocab_size"])
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> tuple[Any, str]:
+    async def submit(self, prompt_ids: list[int], params: Params, request_id: str) -> tuple[Any, str]:
         """Start one engine request: its output stream and the frontend replica that accepted it. Raises the
         frontend's refusal (bad request, overload), RequestTimeoutError when it does not answer in time,
         UnavailableError when no frontend is there. A replica that vanishes before accepting is replaced by another

@@ -49,6 +49,21 @@ class GenerationStub:
                 request_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeReply.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/mixserve.v1.Generation/Embed',
+                request_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.EmbedReply.FromString,
+                _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/mixserve.v1.Generation/Classify',
+                request_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.ClassifyReply.FromString,
+                _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/mixserve.v1.Generation/Score',
+                request_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.ScoreReply.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -75,6 +90,27 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One embedding per input: the final hidden state pooled (HTTP: POST /v1/embeddings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Label probabilities per input from a sequence classifier's score head (HTTP: POST /classify).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """How well each document answers its query (HTTP: POST /score).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +128,21 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeRequest.FromString,
                     response_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeReply.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.EmbedRequest.FromString,
+                    response_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.EmbedReply.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.ClassifyRequest.FromString,
+                    response_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.ClassifyReply.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.ScoreRequest.FromString,
+                    response_serializer=cluster_dot_serve_dot_proto_dot_mixserve__pb2.ScoreReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +226,87 @@ class Generation:
             '/mixserve.v1.Generation/Tokenize',
             cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeRequest.SerializeToString,
             cluster_dot_serve_dot_proto_dot_mixserve__pb2.TokenizeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mixserve.v1.Generation/Embed',
+            cluster_dot_serve_dot_proto_dot_mixserve__pb2.EmbedRequest.SerializeToString,
+            cluster_dot_serve_dot_proto_dot_mixserve__pb2.EmbedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mixserve.v1.Generation/Classify',
+            cluster_dot_serve_dot_proto_dot_mixserve__pb2.ClassifyRequest.SerializeToString,
+            cluster_dot_serve_dot_proto_dot_mixserve__pb2.ClassifyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mixserve.v1.Generation/Score',
+            cluster_dot_serve_dot_proto_dot_mixserve__pb2.ScoreRequest.SerializeToString,
+            cluster_dot_serve_dot_proto_dot_mixserve__pb2.ScoreReply.FromString,
             options,
             channel_credentials,
             insecure,

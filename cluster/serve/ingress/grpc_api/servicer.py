@@ -1,4 +1,5 @@
-"""Service ``mixserve.v1.Generation`` (cluster/serve/proto/mixserve.proto): Generate, GenerateStream and Tokenize.
+"""Service ``mixserve.v1.Generation`` (cluster/serve/proto/mixserve.proto): Generate, GenerateStream and Tokenize
+(Embed, Classify and Score: :mod:`cluster.serve.ingress.grpc_api.pooling`).
 
 A GenerateRequest runs as the HTTP request it stands for (:mod:`cluster.serve.ingress.grpc_api.request` validates it and
 tokenizes its prompt); the replies are built here from the same pieces as the HTTP responses
@@ -51,7 +52,7 @@ def _authorization(grpc_context: Any) -> str | None:
     return metadata.get("authorization")
 
 
-def _admit(ctx: ServeContext, request: Any, grpc_context: Any) -> None:
+def admit(ctx: ServeContext, request: Any, grpc_context: Any) -> None:
     """API key, message size (the proxy's own limit is RAY_SERVE_GRPC_MAX_MESSAGE_SIZE) and model name."""
     ctx.keys.check(_authorization(grpc_context))
     size = request.ByteSize()
@@ -154,7 +155,7 @@ async def _start(
     ctx: ServeContext, request: pb.GenerateRequest, grpc_context: Any, rid: str, *, stream: bool
 ) -> tuple[Job, list[Choice], str]:
     """Check and submit; the job, its engine requests and the echoed prompt text ('' without echo)."""
-    _admit(ctx, request, grpc_context)
+    admit(ctx, request, grpc_context)
     job = await prepare(ctx, request, stream=stream)
     choices = await submit_constrained(ctx, [job.prompt], job.params, rid, job.constraint)
     echo = await ctx.decode(job.prompt) if job.echo else ""
@@ -253,7 +254,7 @@ async def generate_stream(
 async def tokenize(ctx: ServeContext, request: pb.TokenizeRequest, grpc_context: Any = None) -> pb.TokenizeReply:
     """The token ids of exactly one of prompt or messages (with the tools, as HTTP's /tokenize renders them)."""
     try:
-        _admit(ctx, request, grpc_context)
+        admit(ctx, request, grpc_context)
         if bool(request.prompt) == bool(request.messages):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
         if request.tools and not request.messages:
