@@ -11,6 +11,8 @@ time. Errors: non-200 status, an error event, or no tokens. Then the continuous-
 highest level over the lowest) and, at the highest level only, the sharded server against the same application
 redeployed with expert_workers 0 (or --baseline-url).
 
+--workload pooling: pooled requests instead (``cluster.bench.serve_pooling``, whose docstring states that method).
+
 --frontend-replicas M1,M2,...: instead, M frontends over one expert pool against M applications with a pool each, at
 one total concurrency (``cluster.bench.serve_pools``, whose docstring states that method; the CLI enters ``bench serve``
 there, and it hands every run without the flag to :func:`run` here).
@@ -41,7 +43,14 @@ APP_NAME = "mixserve-bench"
 class Options(Common):
     """load generator against the OpenAI HTTP API (deploys a local server by default)"""
 
-    cluster_flags = ("expert_workers", "transport", "max_num_seqs", "max_num_batched_tokens", "gpus_per_worker")
+    cluster_flags = (
+        "expert_workers",
+        "transport",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "gpus_per_worker",
+        "dtype",
+    )
     cluster_defaults = {"expert_workers": 2, "max_num_seqs": 32}
     url: str | None = opt(None, "base URL of a running server (default: deploy one in-process)")
     baseline_url: str | None = opt(None, "with --url: a W=0 server to compare at the highest level")
@@ -58,6 +67,11 @@ class Options(Common):
         None, "M1,M2,...: M frontends over ONE expert pool vs M apps of a pool each (own apps: no --url, no W=0 run)"
     )
     pool_concurrency: int | None = opt(None, "with --frontend-replicas: total clients (default: highest --concurrency)")
+    workload: str = opt(
+        "generate",
+        "generate: streaming completions; pooling: /v1/embeddings (/classify on a classifier checkpoint) against "
+        "transformers' batched forward (cluster.bench.serve_pooling)",
+    )
 
 
 @dataclass

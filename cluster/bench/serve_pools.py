@@ -42,6 +42,7 @@ from ray import serve
 
 from cluster.bench import harness as h
 from cluster.bench import serve as serve_bench
+from cluster.bench import serve_pooling
 from cluster.bench.serve import APP_NAME, Options, Result, free_port, level, summarize
 from cluster.config.serving import parse_args
 from cluster.serve.app import build_app
@@ -200,8 +201,15 @@ def goals_of(rows: list[dict], ms: list[int]) -> list[dict]:
 
 
 def run(o: Options, cluster: dict[str, Any]) -> dict:
-    """``mixserve bench serve``: without --frontend-replicas, ``cluster.bench.serve.run`` (the concurrency sweep);
+    """``mixserve bench serve``: --workload pooling runs ``cluster.bench.serve_pooling.run``; without
+    --frontend-replicas, ``cluster.bench.serve.run`` (the concurrency sweep);
     with it, both cases for every M (module docstring), then the table, goals and report."""
+    if o.workload not in ("generate", "pooling"):
+        raise SystemExit(f"mixserve bench serve: --workload is generate or pooling, not {o.workload!r}")
+    if o.workload == "pooling":
+        if o.frontend_replicas is not None:
+            raise SystemExit("mixserve bench serve: --workload pooling runs without --frontend-replicas")
+        return serve_pooling.run(o, cluster)
     if o.frontend_replicas is None:
         return serve_bench.run(o, cluster)
     ms = sorted(set(h.ints(o.frontend_replicas, "frontend-replicas")))
