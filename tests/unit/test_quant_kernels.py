@@ -40,13 +40,25 @@ def check(lin, w, rows: int, *, dtype=torch.float32, seed: int = 1):
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("sym", [True, False])
-def test_int8_kernel_and_dequantize_paths(rows, sym):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_and_dequantize_paths(rows, sym, dtype):
     w = int_weight(96, 128, bits=8, group=128, sym=sym)
-    lin = prepare(w, device=CPU, dtype=torch.float32)
+    lin = prepare(w, device=CPU, dtype=dtype)
     assert isinstance(lin, Int8Linear)
-    assert lin.kernel_for(rows) == ("_weight_int8pack_mm" if rows <= lin.max_rows else "dequantize + matmul")
+    lin.max_rows = 8  # both paths, whatever this CPU would choose
+    assert lin.kernel_for(rows) == ("_weight_int8pack_mm" if rows <= 8 else "dequantize + matmul")
     assert (lin.shift is None) == sym  # zero points other than 128 add sum(x) * (128 - zero) * scale
-    check(lin, w, rows)
+    check(lin, w, rows, dtype=dtype)
+
+
+def test_int8_kernel_row_limit_follows_the_cpu_and_dtype(fast_bf16):
+    """The measured crossovers (workers/quant/kernels.py): float32 activations always dequantize; bfloat16 uses the
+    kernel up to 8 rows on a CPU with bf16 units, at every row count without them."""
+    w = int_weight(96, 128, bits=8, group=128)
+    assert prepare(w, device=CPU, dtype=torch.float32).kernel_for(1) == "dequantize + matmul"
+    lin = prepare(w, device=CPU, dtype=torch.bfloat16)
+    assert lin.kernel_for(8) == "_weight_int8pack_mm"
+    assert lin.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
 
 
 @pytest.mark.parametrize("rows", [1, 8, 33])

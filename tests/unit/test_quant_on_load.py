@@ -73,7 +73,7 @@ def test_int8_greedy_tokens_equal_the_dense_models(peaked):
         want = [o.token_ids for o in dense.generate(PROMPTS, params)]
     with LLM(folder, expert_workers=0, dtype="float32", progress=False, quantization="int8") as int8:
         held = int8.apply_model(lambda model: model.experts.transport.shards[0].describe())
-        assert held == "int8: _weight_int8pack_mm (<= 8 rows), dequantize + matmul above"
+        assert held == "int8: dequantize + matmul (float32 activations)"  # the kernel only pays off in bf16
         got = [o.token_ids for o in int8.generate(PROMPTS, params)]
         errors = [(int8.logits(p + t) - dense_logits).abs().max().item() for p, t, dense_logits in _dense(model, want)]
     assert got == want

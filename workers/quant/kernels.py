@@ -5,15 +5,23 @@ shapes it will get (:func:`works`) and the dequantize-then-matmul path (``worker
 over where one fails; nothing here is required to run.
 
     kind  device        kernel                                   rows per expert
-    int8  cpu (cuda)    torch._weight_int8pack_mm                 <= INT8_KERNEL_MAX_ROWS; above: dequantize + matmul
+    int8  cpu, cuda     torch._weight_int8pack_mm                 <= int8_kernel_max_rows(); above: dequantize + matmul
     int4  cpu           torch._weight_int4pack_mm_for_cpu         all
     int4  cuda          torch._weight_int4pack_mm (tinygemm)      all (bf16 only)
     fp8   cuda sm89+    torch._scaled_mm, activations quantized   all, when the scheme quantizes activations
     any   any           dequantize + matmul, in row chunks        the rest
 
-The row limit is the measured crossover (``mixserve bench engine --quantization``' kernel table, one Mixtral expert
-matrix 14336 x 4096 on a 2-core AVX-512 CPU without bf16 units): ``_weight_int8pack_mm`` reads 1 byte per weight
-but its cost grows with every row, while the dequantize path pays the conversion once for all rows.
+The int8 row limit is the measured crossover (``mixserve bench engine --quantization``' kernel table; one Mixtral
+expert matrix 14336 x 4096, 2-core CPUs): ``_weight_int8pack_mm`` reads 1 byte per weight but its cost grows with
+every row, while the dequantize path pays the conversion once for all rows. Median ms at 1 / 8 / 32 / 64 rows:
+
+    CPU, compute dtype                 _weight_int8pack_mm        dequantize + matmul       dense F.linear
+    avx512_bf16, bfloat16              2.12 / 7.78 / 27.3 / -     -                         5.75 / 7.23 / 12.4 / -
+    no bf16 units, bfloat16            3.5 / 10.2 / 40.2 / 90.2   27.8 / 70.2 / 124 / 184   7.9 / 27.8 / 87.5 / 148
+    no bf16 units, float32             44.3 / 396 / 1969 / 2867   39.4 / 65.2 / 117 / 86.4  9.5 / 26.4 / 38.8 / 54.1
+
+So: up to 8 rows with bf16 units, every row count without them, and never for float32 activations (the kernel's
+float32 path is slower than dequantizing). On CUDA up to 16 rows.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ from collections.abc import Callable
 
 import torch
 
+from cluster.config.dtype import cpu_has_fast_bf16
+
 log = logging.getLogger("mixserve.quant")
 
-INT8_KERNEL_MAX_ROWS = {"cpu": 8, "cuda": 16}
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernels take
 DEQUANT_CHUNK_ELEMENTS = 1 << 21  # weights dequantized at once (8 MiB of float32): stays in cache, bounds memory
 
@@ -56,6 +65,15 @@ def int4_kernel_group(group: int) -> int | None:
     """The group size torch's int4 kernels run for a scheme's group (a channel scheme's K is cut into the largest
     kernel group that divides it, its scales repeated), None when none divides it."""
     return next((g for g in INT4_GROUPS if group % g == 0), None)
+
+
+def int8_kernel_max_rows(device: torch.device, dtype: torch.dtype) -> int:
+    """Rows per call up to which ``_weight_int8pack_mm`` beats dequantize + matmul (module docstring's table)."""
+    if device.type == "cuda":
+        return 16
+    if dtype == torch.float32:
+        return 0
+    return 8 if cpu_has_fast_bf16() else 1 << 30
 
 
 def fp8_matmul_device(device: torch.device) -> bool:

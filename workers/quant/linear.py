@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, unpack_nibbles
 from workers.quant.kernels import (
     DEQUANT_CHUNK_ELEMENTS,
-    INT8_KERNEL_MAX_ROWS,
     fp8_matmul_device,
     int4_kernel_group,
+    int8_kernel_max_rows,
     log,
     note,
 )
@@ -101,7 +101,7 @@ class Int8Linear(DequantLinear):
         self.kernel_scale = self.scale[:, 0].to(dtype).contiguous()  # [N]
         shift = (128 - self.zero[:, 0]) * self.scale[:, 0]  # [N]
         self.shift = shift.to(dtype) if bool((shift != 0).any()) else None
-        self.max_rows = INT8_KERNEL_MAX_ROWS.get(device.type, 0)
+        self.max_rows = int8_kernel_max_rows(device, dtype)
         self.q = self.zero = torch.empty(0)  # the dequantize path reads the signed copy instead
         aten._weight_int8pack_mm(
             torch.zeros(1, self.shape[1], dtype=dtype, device=device), self.signed, self.kernel_scale
@@ -109,6 +109,10 @@ class Int8Linear(DequantLinear):
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
+        if self.max_rows == 0:
+            return "dequantize + matmul (float32 activations)"
+        if self.max_rows >= 1 << 30:
+            return "_weight_int8pack_mm"
         return f"_weight_int8pack_mm (<= {self.max_rows} rows), dequantize + matmul above"
 
     def kernel_for(self, rows: int) -> str:
