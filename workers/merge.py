@@ -5,10 +5,12 @@ No lockstep. Messages queue while the worker computes; when it is free it takes 
 and every message of that layer waiting with it (so a busy frontend cannot starve another: the oldest message always
 goes next), runs them together, and answers each. Left alone, frontends fall into turns (one's attention while the
 other's experts run) and their layers rarely meet, so the worker opens a short gather window: when another frontend
-is mid-step one layer behind (its previous layer was answered and its usual gap, reply to next message, has not
-passed), the run waits for it, at most two runs' time (at least 2 ms). A frontend with no work sends nothing and is
-never waited for; one that dies mid-layer leaves nothing behind but a reply nobody reads (and is waited for at most
-once more).
+is one layer behind (its previous layer, or for layer 0 its previous step's last, was answered and its usual gap,
+reply to next message, has not passed), the run waits for it: until 1.5 of that frontend's gaps after its reply, at
+most one gap of the waiting frontend's own (its attention pass) and at least two runs' time (2 ms). Once two
+frontends' layers meet, their replies come together and they stay in step. A frontend with no work sends nothing and
+is never waited for; one that dies mid-layer leaves nothing behind but a reply nobody reads (and is waited for at
+most once more).
 
 Example: frontends A and B both wait on layer 3 with 2 and 5 rows, and A on layer 4 (sent after): one run of layer 3
 over 7 rows (A's rows first), then layer 4. Shapes: N_i rows of message i, A_i its (row, expert) assignments, D hidden.
@@ -82,6 +84,15 @@ class _Sender:
     sent_at: float = 0.0
     replied_at: float = 0.0
     gap_s: float | None = None
+    step_gap_s: float | None = None  # from the reply to its step's last layer to its next step's layer 0
+
+    def next_of(self, layer: int) -> bool:
+        """Whether ``layer`` is the one this frontend sends after its last: the next layer of the step, or layer 0
+        of a new step."""
+        return layer == self.layer + 1 or (layer == 0 and self.layer > 0)
+
+    def gap_before(self, layer: int) -> float | None:
+        return self.step_gap_s if layer == 0 else self.gap_s
 
 
 GAP_SMOOTHING = 0.2  # weight of a new gap sample
@@ -130,28 +141,39 @@ class LayerMerger:
         """Record a frontend's message (under the lock): its gap when it follows the reply to its previous layer."""
         now = time.monotonic()
         s = self._senders.setdefault(sender, _Sender())
-        if layer == s.layer + 1 and s.replied_at >= s.sent_at > 0:
-            gap = now - s.replied_at
-            s.gap_s = gap if s.gap_s is None else (1 - GAP_SMOOTHING) * s.gap_s + GAP_SMOOTHING * gap
+        if s.next_of(layer) and s.replied_at >= s.sent_at > 0:
+            gap, old = now - s.replied_at, s.gap_before(layer)
+            smoothed = gap if old is None else (1 - GAP_SMOOTHING) * old + GAP_SMOOTHING * gap
+            if layer == 0:
+                s.step_gap_s = smoothed
+            else:
+                s.gap_s = smoothed
         s.layer, s.sent_at = layer, now
         for name in [n for n, o in self._senders.items() if now - o.sent_at > STALE_SENDER_S]:
             del self._senders[name]
 
     def _due(self, layer: int, batch: list[_Message], now: float) -> float | None:
         """When the last frontend expected to send ``layer`` soon should have sent it (None: none is): one whose
-        previous layer was answered and whose usual gap has not passed (a frontend with no work, or a dead one, is
-        not expected). Waiting is capped at two runs' time (at least ``min_window_s``): a window, never lockstep."""
+        previous layer (or, for layer 0, its previous step) was answered and whose usual gap has not passed (a
+        frontend with no work, or a dead one, is not expected)."""
         present = {m.sender for m in batch}
         due = None
         for name, s in self._senders.items():
-            if name in present or s.gap_s is None or s.layer != layer - 1 or s.replied_at < s.sent_at:
+            gap = s.gap_before(layer)
+            if name in present or gap is None or not s.next_of(layer) or s.replied_at < s.sent_at:
                 continue
-            expected = s.replied_at + WINDOW_GAPS * s.gap_s
+            expected = s.replied_at + WINDOW_GAPS * gap
             if expected > now:
                 due = expected if due is None else max(due, expected)
-        if due is None:
-            return None
-        return min(due, now + max(2 * (self._run_s or 0.0), self._min_window_s))
+        return due
+
+    def _limit(self, layer: int, batch: list[_Message], start: float) -> float:
+        """The longest a run of ``layer`` waits, from ``start``: the waiting frontends' own gap before this layer (so
+        a frontend waits at most about one of its own attention passes), at least two runs' time and
+        ``min_window_s``. A window, never lockstep."""
+        present = {m.sender for m in batch}
+        own = max((s.gap_before(layer) or 0.0 for n, s in self._senders.items() if n in present), default=0.0)
+        return start + max(2 * (self._run_s or 0.0), self._min_window_s, own)
 
     def waiting(self) -> int:
         """Messages queued and not yet taken by a run."""
@@ -181,16 +203,17 @@ class LayerMerger:
     def _gather(self, layer: int) -> None:
         """Wait (under the lock) while a frontend expected to send ``layer`` has not yet, up to :meth:`_due`."""
         start = time.monotonic()
-        due = self._due(layer, [m for m in self._queue if m.layer == layer], start)
-        if due is None:
+        batch = [m for m in self._queue if m.layer == layer]
+        if self._due(layer, batch, start) is None:
             return
+        limit = self._limit(layer, batch, start)
         self.stats.waits += 1
         while not self._closed:
             now = time.monotonic()
             due = self._due(layer, [m for m in self._queue if m.layer == layer], now)
-            if due is None or now >= due:
+            if due is None or now >= min(due, limit):
                 break
-            self._cond.wait(due - now)
+            self._cond.wait(min(due, limit) - now)
         self.stats.waited_s += time.monotonic() - start
         self.stats.wait_hits += len({m.sender for m in self._queue if m.layer == layer}) > 1
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from tests.helpers import wait_until
@@ -125,3 +126,40 @@ def test_the_gather_window_waits_for_a_frontend_one_layer_behind_and_not_for_an_
     plain.submit(0, *msgs[5], sender="C")  # C's only layer: never answered before, nobody expected
     assert plain.stats.waits == 0
     plain.close()
+
+
+def test_the_gather_window_waits_across_a_step_boundary():
+    """B's layer 1 was its step's last, and B learned a pace from a reply to its step's last layer to its next
+    step's layer 0 (~0.5 s). A's layer 0 of a new step then waits for B's layer 0 (a frontend whose last layer was
+    answered is expected at layer 0 of its next step, within that step gap): one run of both."""
+    merger = LayerMerger(dense, min_window_s=5.0)  # the cap out of the way: A has no pace of its own yet
+    msgs = [message(2, 40 + i) for i in range(6)]
+    merger.submit(0, *msgs[0], sender="B")
+    merger.submit(1, *msgs[1], sender="B")
+    time.sleep(0.5)
+    merger.submit(0, *msgs[2], sender="B")  # a new step: B's step gap ~0.5 s
+    merger.submit(1, *msgs[3], sender="B")
+    got: dict[str, torch.Tensor] = {}
+    a = threading.Thread(target=lambda: got.__setitem__("A", merger.submit(0, *msgs[4], sender="A")))
+    a.start()
+    wait_until(lambda: merger.stats.waits == 1, "A's layer 0 did not wait for B's next step", interval_s=0.005)
+    got["B"] = merger.submit(0, *msgs[5], sender="B")
+    a.join(10)
+    torch.testing.assert_close(got["A"], dense(0, *msgs[4]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["B"], dense(0, *msgs[5]), rtol=1e-5, atol=1e-5)
+    assert (merger.stats.merged_runs, merger.stats.wait_hits) == (1, 1)
+    merger.close()
+
+
+def test_the_window_is_bounded_by_the_waiting_frontends_own_gap():
+    """A run waits at most one of its own frontend's gaps before that layer (its attention pass; at a step boundary
+    its step gap), at least min_window_s, counted from when the wait starts."""
+    from workers.merge import _Message, _Sender
+
+    merger = LayerMerger(dense, min_window_s=0.002)
+    merger._senders["A"] = _Sender(layer=1, sent_at=1.0, replied_at=2.0, gap_s=0.05, step_gap_s=0.3)
+    x, rows, experts, weights = message(1, 50)
+    assert merger._limit(2, [_Message(2, x, rows, experts, weights, "A")], 10.0) == pytest.approx(10.05)
+    assert merger._limit(0, [_Message(0, x, rows, experts, weights, "A")], 10.0) == pytest.approx(10.3)
+    assert merger._limit(2, [_Message(2, x, rows, experts, weights, None)], 10.0) == pytest.approx(10.002)
+    merger.close()

@@ -54,11 +54,11 @@ def works(key: tuple, attempt: Callable[[], object]) -> bool:
     return _WORKS[key]
 
 
-def note(message: str) -> None:
+def note(message: str, *, level: int = logging.INFO) -> None:
     """Log a kernel choice once per process (the worker's log: which kernel runs where)."""
     if message not in _LOGGED:
         _LOGGED.add(message)
-        log.info("%s", message)
+        log.log(level, "%s", message)
 
 
 def int4_kernel_group(group: int) -> int | None:

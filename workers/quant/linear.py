@@ -6,6 +6,8 @@ Letters: M rows of x, N output features, K input features, G group size (Gk: the
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -202,6 +204,13 @@ def prepare(w: QuantWeight, *, device: torch.device, dtype: torch.dtype) -> Quan
         linear = None
     if linear is None:
         linear = DequantLinear(w, device=device, dtype=dtype)
+        if isinstance(w, FloatWeight) and device.type == "cpu":
+            note(
+                "fp8 experts on the CPU dequantize every call (float8 -> float conversion: ~190 ms per 14336 x 4096 "
+                "matrix on a 2-core CPU, whatever the rows): fp8 is for GPUs with FP8 tensor cores; on a CPU serve "
+                "the dense checkpoint with quantization='int8' or 'int4' instead",
+                level=logging.WARNING,
+            )
     linear.kind = _kind(w)
     note(f"{_kind(w)} experts on {device.type} ({str(dtype).removeprefix('torch.')}): {linear.kernel}")
     return linear
