@@ -251,19 +251,45 @@ def test_sigkill_of_a_frontend_under_load_keeps_the_other_serving_and_the_worker
     assert [complete(base, p) for p in prompts()[:4]] == expected[:4]
 
 
-def test_rolling_update_of_a_frontend_option_keeps_the_expert_workers(replicated, serve_instance, reference_llm):
+def test_rolling_update_of_a_frontend_option_under_load_fails_no_request_and_keeps_the_workers(
+    replicated, serve_instance, reference_llm
+):
+    """8 clients stream greedy completions back to back while the application is redeployed with another
+    max_num_seqs (a declarative update of the same application, as `serve deploy` of an edited config does): every
+    request of every client, before, during and after the update, finishes with the reference text; the frontends
+    are replaced, the expert workers are not."""
     base, args = replicated
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    expected = reference_llm.generate([prompts()[0]], greedy)[0].text
+    expected = [o.text for o in reference_llm.generate(prompts(), greedy)]
     wait_until(lambda: health(base)[1].get("status") == "ok", "not ok before the update", 90, 0.3)
     workers, frontends = _worker_pids(base), _frontends()
-    serve.run(build_app({**args, "max_num_seqs": STREAMS + 8}), name=APP, route_prefix=f"/{APP}", blocking=False)
-    wait_until(lambda: not set(_frontends().values()) & set(frontends.values()), "the frontends were not updated",
-               180, 0.5)  # fmt: skip
-    wait_healthy(f"{base}/health", timeout_s=120)
+    results: list[tuple[int, int, str, str | None]] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            results.append((i, *stream_text(base, prompts()[i])))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(results) >= 8, "no request finished before the update", 120, 0.05)
+        serve.run(build_app({**args, "max_num_seqs": STREAMS + 8}), name=APP, route_prefix=f"/{APP}", blocking=False)
+        wait_until(lambda: not set(_frontends().values()) & set(frontends.values()), "the frontends were not updated",
+                   180, 0.5)  # fmt: skip
+        wait_healthy(f"{base}/health", timeout_s=120)
+        after = len(results)
+        wait_until(lambda: len(results) >= after + 8, "no request finished after the update", 120, 0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "a stream hung"
+    bad = [r for r in results if r[1:] != (200, expected[r[0]], "length")]
+    assert not bad, bad
     assert _worker_pids(base) == workers  # no worker restarted or reloaded
     assert (_expert_workers(), _placement_groups()) == (4, 2)
-    assert complete(base, prompts()[0]) == expected
 
 
 def test_a_frontend_that_does_not_match_the_pool_is_refused(replicated):
@@ -276,6 +302,7 @@ def test_a_frontend_that_does_not_match_the_pool_is_refused(replicated):
 
     handle = serve.get_deployment_handle(POOL_DEPLOYMENT, app_name=POOL_APP)
     with pytest.raises(SetupError, match="expert_replicas: the pool's is 2, this frontend's 1"):
-        AttachedPool(handle, "intruder", {"model": args["model"], "quantization": None, "expert_workers": 2,
-                                          "expert_replicas": 1, "expert_placement": None})  # fmt: skip
+        intruder = {"model": args["model"], "quantization": None, "dtype": "float32", "expert_workers": 2,
+                    "expert_replicas": 1, "expert_placement": None}  # fmt: skip
+        AttachedPool(handle, "intruder", intruder)
     assert health(base)[0] == 200
