@@ -18,8 +18,9 @@ from cluster.bench.ray_optional import add_or_explain
 
 BENCHES = ("engine", "dispatch", "sharded", "serve", "memory", "reload", "soak", "straggler")
 # The module whose Options and run a subcommand uses, where it is not the subcommand's own: serve_pools runs
-# ``serve --frontend-replicas`` and hands every other ``serve`` run to ``cluster.bench.serve.run``.
-ENTRY = {"serve": "serve_pools"}
+# ``serve --frontend-replicas`` and hands every other ``serve`` run to ``cluster.bench.serve.run``; straggler_served
+# runs ``straggler --served`` and hands the offline runs to ``cluster.bench.straggler.run``.
+ENTRY = {"serve": "serve_pools", "straggler": "straggler_served"}
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:

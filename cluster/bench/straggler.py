@@ -18,6 +18,7 @@ another copy because the worker answered late) over the frozen run; same_tokens:
 the steady run's. Times in seconds (wall clock, ``time.perf_counter``).
 
 Goals: with copies, extra_s <= 3 and same tokens; without copies, detected_s <= 2 (health reports the stall).
+``--served`` measures the same through the Serve application over HTTP (``cluster.bench.straggler_served``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Options(Common):
     freeze_s: float = opt(10.0, "seconds the worker stays SIGSTOPped (less when the generation ends first)")
     worker: int = opt(1, "the expert worker to freeze")
     seed: int = opt(0, "seed of the prompts")
+    served: bool = opt(False, "through the served application over HTTP instead (cluster.bench.straggler_served)")
 
 
 class Freezer:

@@ -67,6 +67,8 @@ def test_serve_pools_and_straggler_flags():
     assert (s.bench, s.expert_workers, s.transport, s.dtype) == ("straggler", 2, "object_ref", "float32")
     assert (s.prompts, s.max_tokens, s.freeze_s, s.worker) == (8, 160, 10.0, 1)
     assert parser.parse_args(["bench", "straggler", "--freeze-s", "3", "--max-tokens", "40"]).freeze_s == 3.0
+    assert s.served is False and parser.parse_args(["bench", "straggler", "--served"]).served is True
+    assert parser.parse_args(["bench", "serve", "--workload", "pooling"]).workload == "pooling"
     assert shares(5, 2) == [3, 2] and shares(4, 4) == [1, 1, 1, 1]
     # 4 apps of (1 frontend CPU + 0.5 ingress + 0.1 pool owner + 2 workers x 1 CPU), plus 1 for Serve
     assert ray_cpus({"expert_workers": 2}, [1, 2, 4]) == 16
