@@ -24,10 +24,10 @@ from cluster.engine.pooled_outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
-from cluster.engine.pooling import PoolingParams
+from cluster.engine.pooling import PoolingParams, PoolingTask
 from cluster.engine.request import RequestOutput
 from cluster.engine.sampling import SamplingParams
-from cluster.errors import InvalidRequestError
+from cluster.errors import InternalError, InvalidRequestError
 from cluster.runtime.local import LocalFrontend
 from cluster.text.chat_template import ChatOptions
 from cluster.text.tokenizer import Tokenizer
@@ -225,15 +225,11 @@ class LLM:
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt, as vLLM's ``LLM.embed``: the final hidden state pooled (``last`` by default,
         L2-normalized; ``pooling_params`` picks ``mean`` / ``cls`` or no normalizing)."""
-        params = pooling_params or PoolingParams(task="embed", truncate_prompt_tokens=truncate_prompt_tokens)
-        if params.task != "embed":
-            raise InvalidRequestError("embed takes PoolingParams(task='embed')", param="pooling_params")
         items = self._prompts(prompts)
-        outs = self._pool([ids for _, ids in items], params, use_tqdm)
+        params = _task_params("embed", pooling_params, truncate_prompt_tokens)
         return [
-            EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.pooled.tolist()), prompt=text)
-            for (text, _), o in zip(items, outs, strict=True)
-            if o.pooled is not None
+            EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(v.tolist()), prompt=text)
+            for (text, _), (o, v) in zip(items, self._pool([ids for _, ids in items], params, use_tqdm), strict=True)
         ]
 
     def classify(
@@ -246,23 +242,15 @@ class LLM:
     ) -> list[ClassificationRequestOutput]:
         """Label probabilities per prompt from a ``MixtralForSequenceClassification`` checkpoint's score head, as
         vLLM's ``LLM.classify`` (the last token that is not padding; softmax, sigmoid for one label)."""
-        params = pooling_params or PoolingParams(task="classify", truncate_prompt_tokens=truncate_prompt_tokens)
-        if params.task != "classify":
-            raise InvalidRequestError("classify takes PoolingParams(task='classify')", param="pooling_params")
         items = self._prompts(prompts)
-        outs = self._pool([ids for _, ids in items], params, use_tqdm)
-        labels = self.model_config.id2label
-        results = []
-        for (text, _), o in zip(items, outs, strict=True):
-            assert o.pooled is not None
-            probs = o.pooled.tolist()
-            best = labels[int(o.pooled.argmax())] if len(labels) == len(probs) else str(int(o.pooled.argmax()))
-            results.append(
-                ClassificationRequestOutput(
-                    o.request_id, o.prompt_token_ids, ClassificationOutput(probs, best), prompt=text
-                )
+        params = _task_params("classify", pooling_params, truncate_prompt_tokens)
+        labels = self.model_config.id2label  # one per score of the head
+        return [
+            ClassificationRequestOutput(
+                o.request_id, o.prompt_token_ids, ClassificationOutput(v.tolist(), labels[int(v.argmax())]), prompt=text
             )
-        return results
+            for (text, _), (o, v) in zip(items, self._pool([ids for _, ids in items], params, use_tqdm), strict=True)
+        ]
 
     def score(
         self,
@@ -278,23 +266,23 @@ class LLM:
         if scoring.score_mode(self.model_config.num_labels) == "cross_encoder":
             ids = [scoring.pair_prompt(self.tokenizer, q, d) for q, d in pairs]
             params = PoolingParams(task="classify", truncate_prompt_tokens=truncate_prompt_tokens)
-            outs = self._pool(ids, params, use_tqdm)
-            scores = [float(o.pooled[0]) for o in outs if o.pooled is not None]
+            pooled = self._pool(ids, params, use_tqdm)
+            scores = [float(v[0]) for _, v in pooled]
         else:
             texts = [t for pair in pairs for t in pair]
             params = PoolingParams(task="embed", truncate_prompt_tokens=truncate_prompt_tokens)
-            outs = self._pool([self.tokenizer.encode(t) for t in texts], params, use_tqdm)
-            vecs = [o.pooled for o in outs if o.pooled is not None]
-            scores = [scoring.cosine(vecs[2 * i], vecs[2 * i + 1]) for i in range(len(pairs))]
-            outs = outs[::2]
+            pooled = self._pool([self.tokenizer.encode(t) for t in texts], params, use_tqdm)
+            scores = [scoring.cosine(pooled[2 * i][1], pooled[2 * i + 1][1]) for i in range(len(pairs))]
+            pooled = pooled[::2]  # each pair is reported as its query's request
         return [
             ScoringRequestOutput(o.request_id, o.prompt_token_ids, ScoringOutput(s))
-            for o, s in zip(outs, scores, strict=True)
+            for (o, _), s in zip(pooled, scores, strict=True)
         ]
 
     def _pool(
         self, prompts: list[list[int]], params: PoolingParams, use_tqdm: bool | Callable[..., Any]
-    ) -> list[RequestOutput]:
+    ) -> list[tuple[RequestOutput, torch.Tensor]]:
+        """Each prompt's finished output and its pooled vector, in order; a request that failed raises its error."""
         progress = None
         if use_tqdm:
             progress = _Progress(list(range(len(prompts))), len(prompts), use_tqdm if callable(use_tqdm) else tqdm)
@@ -303,10 +291,16 @@ class LLM:
         finally:
             if progress is not None:
                 progress.close()
+        pooled = []
         for o in outs:
             if o.error is not None:
                 raise o.error
-        return outs
+            if o.pooled is None:
+                raise InternalError(
+                    f"request {o.request_id} finished without its pooled result", request_id=o.request_id
+                )
+            pooled.append((o, o.pooled))
+        return pooled
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence float32 logits, shape [len(token_ids), vocab]."""
@@ -350,3 +344,12 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _task_params(task: PoolingTask, given: PoolingParams | None, truncate_prompt_tokens: int | None) -> PoolingParams:
+    """``given`` (which must be for ``task``), else the task's defaults."""
+    if given is None:
+        return PoolingParams(task=task, truncate_prompt_tokens=truncate_prompt_tokens)
+    if given.task != task:
+        raise InvalidRequestError(f"{task} takes PoolingParams(task={task!r})", param="pooling_params")
+    return given

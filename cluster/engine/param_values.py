@@ -1,5 +1,6 @@
 """Checks and normal forms of :class:`~cluster.engine.sampling.SamplingParams` values that are more than a range:
-logit_bias, stop strings, allowed_token_ids, bad_words, and the number tests the range checks use. Each problem is a
+logit_bias, stop strings, allowed_token_ids, bad_words, truncate_prompt_tokens (shared with pooling requests), and
+the number tests the range checks use. Each problem is a
 ``SamplingParamsError`` naming the parameter."""
 
 from __future__ import annotations
@@ -71,3 +72,16 @@ def is_int(v: object) -> bool:
 
 def is_num(v: object) -> bool:
     return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def is_truncation(k: object) -> bool:
+    """A valid ``truncate_prompt_tokens``: None, -1 (the context length) or an integer >= 1."""
+    return k is None or (isinstance(k, int) and not isinstance(k, bool) and (k >= 1 or k == -1))
+
+
+def truncated(prompt: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """The prompt as a request runs it: its last ``k`` tokens (-1: ``max_model_len``; None: all of it)."""
+    if k is None:
+        return prompt
+    k = max_model_len if k == -1 else k
+    return prompt[-k:] if len(prompt) > k else prompt

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from cluster.engine.param_values import is_truncation, truncated
 from cluster.errors import SamplingParamsError
 
 PoolingTask = Literal["embed", "classify"]
@@ -64,8 +65,7 @@ class PoolingParams:
         for name in ("normalize", "activation"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(param=name, message=f"{name} must be true or false")
-        k = self.truncate_prompt_tokens
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != -1)):
+        if not is_truncation(self.truncate_prompt_tokens):
             raise SamplingParamsError(
                 param="truncate_prompt_tokens",
                 message="truncate_prompt_tokens must be -1 (the context length) or an integer >= 1",
@@ -73,11 +73,7 @@ class PoolingParams:
 
     def truncated(self, prompt: list[int], max_model_len: int) -> list[int]:
         """The prompt as the request runs it: its last ``truncate_prompt_tokens`` tokens (-1: ``max_model_len``)."""
-        k = self.truncate_prompt_tokens
-        if k is None:
-            return prompt
-        k = max_model_len if k == -1 else k
-        return prompt[-k:] if len(prompt) > k else prompt
+        return truncated(prompt, self.truncate_prompt_tokens, max_model_len)
 
 
 def pooled_span(params: PoolingParams, prompt: list[int], pad_token_id: int | None) -> tuple[int, int]:

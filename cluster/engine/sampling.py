@@ -22,7 +22,9 @@ from cluster.engine.param_values import (
     int_in,
     is_int,
     is_num,
+    is_truncation,
     stop_strings,
+    truncated,
     word_list,
 )
 from cluster.errors import SamplingParamsError
@@ -181,19 +183,13 @@ class SamplingParams:
              f"an integer in [n, {MAX_CHOICES}]"),
             ("prompt_logprobs", lambda: self.prompt_logprobs is None or int_in(self.prompt_logprobs, 0, MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
-            ("truncate_prompt_tokens", lambda: self.truncate_prompt_tokens is None or (
-                is_int(self.truncate_prompt_tokens) and (self.truncate_prompt_tokens >= 1
-                                                          or self.truncate_prompt_tokens == -1)),
+            ("truncate_prompt_tokens", lambda: is_truncation(self.truncate_prompt_tokens),
              "-1 (the context length) or an integer >= 1"),
         ]  # fmt: skip
 
     def truncated(self, prompt: list[int], max_model_len: int) -> list[int]:
         """The prompt as the request runs it: its last ``truncate_prompt_tokens`` tokens (-1: ``max_model_len``)."""
-        k = self.truncate_prompt_tokens
-        if k is None:
-            return prompt
-        k = max_model_len if k == -1 else k
-        return prompt[-k:] if len(prompt) > k else prompt
+        return truncated(prompt, self.truncate_prompt_tokens, max_model_len)
 
     @property
     def candidates(self) -> int:
