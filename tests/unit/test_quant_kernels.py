@@ -100,11 +100,36 @@ def test_act_order_columns(kind):
     ids=["int4-g16", "int8-g32", "fp8-channel", "fp8-tensor"],
 )
 @pytest.mark.parametrize("rows", [1, 17])
-def test_dequantize_path(monkeypatch, w, rows):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_path(monkeypatch, w, rows, dtype):
     monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1000)  # several row chunks
-    lin = prepare(w, device=CPU, dtype=torch.float32)
+    lin = prepare(w, device=CPU, dtype=dtype)
     assert type(lin) is DequantLinear and lin.rows_per_chunk < w.shape[0]
-    check(lin, w, rows)
+    check(lin, w, rows, dtype=dtype)
+
+
+def test_dequantize_chunks_reuse_one_buffer_per_thread(monkeypatch):
+    """Every chunk of every call dequantizes into the same per-thread buffer (no allocation per call that the C
+    heap would keep), and two matrices taking turns, or two threads, do not disturb each other's results."""
+    import threading
+
+    monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(linear, "SCRATCH", linear.Scratch())
+    a, b = int_weight(64, 96, bits=4, group=16, seed=1), int_weight(40, 128, bits=8, group=32, seed=2)
+    la, lb = (prepare(w, device=CPU, dtype=torch.float32) for w in (a, b))
+    assert (la.rows_per_chunk * 96, lb.rows_per_chunk * 128) == (960, 896)  # b's chunks fit a's buffer
+    check(la, a, 5)
+    buf = linear.SCRATCH.buffers[(CPU, torch.float32)]
+    assert buf.numel() == 960
+    for _ in range(3):
+        check(lb, b, 7)
+        check(la, a, 5)
+    assert list(linear.SCRATCH.buffers.items()) == [((CPU, torch.float32), buf)]  # the same one, never replaced
+    other: list = []
+    t = threading.Thread(target=lambda: (check(la, a, 3), other.append(linear.SCRATCH.buffers)))
+    t.start()
+    t.join()
+    assert other and other[0] is not linear.SCRATCH.buffers  # the thread's own buffers
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])

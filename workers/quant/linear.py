@@ -7,6 +7,7 @@ Letters: M rows of x, N output features, K input features, G group size (Gk: the
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,30 @@ class QuantLinear:
         return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
 
+class Scratch(threading.local):
+    """Flat buffers reused by every dequantizing call of one thread, one per (device, dtype), grown to the largest
+    chunk asked for. Fresh temporaries of a few MiB each call would land in the C allocator's heap (glibc raises its
+    mmap threshold to the largest block freed) and stay resident after a generation; these are allocated once."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def take(self, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised [rows, cols] view of this thread's buffer (valid until its next ``take`` of that kind)."""
+        key, n = (device, dtype), rows * cols
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(rows, cols)
+
+
+SCRATCH = Scratch()
+
+
 class DequantLinear(QuantLinear):
     """Any :class:`IntWeight` / :class:`FloatWeight` on any device: rows of w dequantized a chunk at a time (a few
-    MiB, in float32, then the compute dtype) and multiplied; the whole dense matrix never exists."""
+    MiB, in float32, then the compute dtype, into this thread's :data:`SCRATCH`) and multiplied; the whole dense
+    matrix never exists."""
 
     def __init__(self, w: QuantWeight, *, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(w.shape, _to(w.perm if isinstance(w, IntWeight) else None, device))
@@ -67,16 +89,21 @@ class DequantLinear(QuantLinear):
         self.rows_per_chunk = max(1, DEQUANT_CHUNK_ELEMENTS // self.shape[1])
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """w[start:stop] [R, K] in the compute dtype (columns in stored order)."""
+        """w[start:stop] [R, K] in the compute dtype (columns in stored order), in :data:`SCRATCH`: the values of
+        ``((q - zero) * scale).to(dtype)`` computed in float32, without a temporary of that size."""
+        r, k = stop - start, self.shape[1]
+        w = SCRATCH.take(r, k, dtype=torch.float32, device=self.q.device)
         if not self.integer:
-            scale = self.scale if self.scale.shape[0] == 1 else self.scale[start:stop]
-            return (self.q[start:stop].float() * scale).to(self.dtype)
-        q = self.q[start:stop]
-        v = unpack_nibbles(q) if self.bits == 4 else q
-        r, k = v.shape
-        g = v.view(r, k // self.group, self.group).float()
-        w = (g - self.zero[start:stop, :, None]) * self.scale[start:stop, :, None]
-        return w.view(r, k).to(self.dtype)
+            w.copy_(self.q[start:stop])  # float8 -> float32
+            w.mul_(self.scale if self.scale.shape[0] == 1 else self.scale[start:stop])
+        else:
+            q = self.q[start:stop]
+            w.copy_(unpack_nibbles(q) if self.bits == 4 else q)
+            g = w.view(r, k // self.group, self.group)
+            g.sub_(self.zero[start:stop, :, None]).mul_(self.scale[start:stop, :, None])
+        if self.dtype == torch.float32:
+            return w
+        return SCRATCH.take(r, k, dtype=self.dtype, device=w.device).copy_(w)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         n = self.shape[0]
@@ -121,8 +148,9 @@ class Int8Linear(DequantLinear):
         return "_weight_int8pack_mm" if rows <= self.max_rows else "dequantize + matmul"
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        w = self.signed[start:stop].to(self.dtype) * self.kernel_scale[start:stop, None]
-        return w if self.shift is None else w + self.shift[start:stop, None]
+        w = SCRATCH.take(stop - start, self.shape[1], dtype=self.dtype, device=self.signed.device)
+        w.copy_(self.signed[start:stop]).mul_(self.kernel_scale[start:stop, None])
+        return w if self.shift is None else w.add_(self.shift[start:stop, None])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_rows:
