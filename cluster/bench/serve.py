@@ -67,6 +67,9 @@ class Options(Common):
         None, "M1,M2,...: M frontends over ONE expert pool vs M apps of a pool each (own apps: no --url, no W=0 run)"
     )
     pool_concurrency: int | None = opt(None, "with --frontend-replicas: total clients (default: highest --concurrency)")
+    pool_transports: str = opt(
+        "object_ref,channel", "with --frontend-replicas: transports of the M-pools cases (one pool uses --transport)"
+    )
     workload: str = opt(
         "generate",
         "generate: streaming completions; pooling: /v1/embeddings (/classify on a classifier checkpoint) against "

@@ -8,9 +8,17 @@ each M of --frontend-replicas, each case deployed alone (the previous one delete
 
 (a) one pool: one application (``build_app``) with frontend_replicas=M and one ExpertPool of W expert workers
     (--expert-workers); C clients against its route prefix (Serve spreads them over the M frontends).
-(b) M pools (M > 1; at M = 1 it is case a): M applications, each with frontend_replicas=1 and its own pool of W
-    workers, under their own names and route prefixes; C/M clients and N/M requests each (remainders to the first
-    applications), all at once; application i's prompts are seeded with --seed + i.
+(b) M pools, once per transport of --pool-transports (at M = 1, only the transports other than case a's): M
+    applications, each with frontend_replicas=1 and its own pool of W workers over that transport, under their own
+    names and route prefixes; C/M clients and N/M requests each (remainders to the first applications), all at once;
+    application i's prompts are seeded with --seed + i.
+
+Why the channel transport is only in case b: a Ray Compiled Graph has one driver and an actor serves one compiled
+graph at a time, so a channel pool serves exactly one frontend (the transport registry's ``shared_pool`` is False
+for it). The alternatives for M frontends are therefore M channel pools (a full copy of the experts per frontend,
+no merging across frontends, cheaper hops) or one pool over ordinary actor calls (object refs: 1/M of the expert
+bytes, merged matmuls, dearer hops); this benchmark measures both at the same load. ``vs one pool`` is a case's
+tokens/s over the one-pool case's at the same M.
 
 Each application first gets one warm-up request per frontend. Per case, over all its applications: tokens/s =
 completion tokens of successful requests / (last request end - first request start); TTFT p50 and ITL p50 / p99,
@@ -21,11 +29,12 @@ health check, refreshed every REFRESH_S, has seen every run); a row is one (toke
 computed. per-frontend requests: the increase of ``mixserve:frontend_requests_total{engine}`` at GET <prefix>/metrics
 over the load (``engine``: the frontend replica; with M pools, prefixed by the application's index).
 
-Goals, at each M > 1: one pool's tokens/s >= 1.0x the M pools'; its expert bytes <= 1/M of theirs. At M = 2: rows per
-expert matmul of the one pool >= 1.5x the 2 pools'. Same per-frontend load: each of the 2 pools is a one-frontend
-application at the per-frontend concurrency C/2, which is the M = 1 reference at C/M; the one pool's 2 frontends see
-C/2 each (on average: the per-frontend requests show the split), so the gain is what the workers' merging of the two
-frontends' layers adds.
+Goals, at each M > 1, against the M pools over the one pool's own transport (object_ref): one pool's tokens/s >= 1.0x
+the M pools'; its expert bytes <= 1/M of theirs. At M = 2: rows per expert matmul of the one pool >= 1.5x the 2
+pools'. Same per-frontend load: each of the 2 pools is a one-frontend application at the per-frontend concurrency
+C/2, which is the M = 1 reference at C/M; the one pool's 2 frontends see C/2 each (on average: the per-frontend
+requests show the split), so the gain is what the workers' merging of the two frontends' layers adds. The M channel
+pools are measured beside them, with no goal.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from cluster.bench import serve as serve_bench
 from cluster.bench import serve_pooling
 from cluster.bench.serve import APP_NAME, Options, Result, free_port, level, summarize
 from cluster.config.serving import parse_args
+from cluster.config.transports import SERVE_NAMES, spec_of
 from cluster.serve.app import build_app
 from cluster.serve.ingress.health import REFRESH_S
 
@@ -132,22 +142,47 @@ def deploy(o: Options, cluster: dict[str, Any], base: str, apps: list[str], fron
     return urls
 
 
-def measure(
-    o: Options, cluster: dict[str, Any], base: str, m: int, pools: int, load: tuple[int, int], r: h.Run
-) -> dict:
-    """One case: M frontends in ``pools`` applications (1: one app of M frontends; M: M apps of one), ``load`` =
-    (total clients C, total requests N) split over the applications; deleted afterwards."""
-    apps = [f"{APP_NAME}-m{m}-{pools}pool-{i}" for i in range(pools)]
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """M frontends in ``pools`` applications (1: one app of M frontends; M: M apps of one) over ``transport``."""
+
+    m: int
+    pools: int
+    transport: str
+
+    @property
+    def label(self) -> str:
+        return f"M={self.m}, {self.pools} pool(s) over {self.transport}"
+
+
+def cases(ms: list[int], shared: str, transports: list[str]) -> list[Case]:
+    """For each M: one pool over ``shared``, then M pools over each of ``transports`` (at M = 1 a pool over
+    ``shared`` is the one-pool case already)::
+
+        >>> [(c.m, c.pools, c.transport) for c in cases([1, 2], "object_ref", ["object_ref", "channel"])]
+        [(1, 1, 'object_ref'), (1, 1, 'channel'), (2, 1, 'object_ref'), (2, 2, 'object_ref'), (2, 2, 'channel')]
+    """
+    out = []
+    for m in ms:
+        out.append(Case(m, 1, shared))
+        out += [Case(m, m, t) for t in transports if m > 1 or t != shared]
+    return out
+
+
+def measure(o: Options, cluster: dict[str, Any], base: str, case: Case, load: tuple[int, int], r: h.Run) -> dict:
+    """One case, ``load`` = (total clients C, total requests N) split over its applications; deleted afterwards."""
+    m, pools = case.m, case.pools
+    apps = [f"{APP_NAME}-m{m}-{pools}pool-{case.transport}-{i}" for i in range(pools)]
     clients, requests = shares(load[0], pools), shares(load[1], pools)
     try:
-        urls = deploy(o, cluster, base, apps, m // pools, r)
+        urls = deploy(o, {**cluster, "transport": case.transport}, base, apps, m // pools, r)
         model = served_model(o, urls[0])
         per_app = m // pools
-        r(f"M={m}, {pools} pool(s): warm-up, {per_app} request(s) per application")
+        r(f"{case.label}: warm-up, {per_app} request(s) per application")
         asyncio.run(together(o, urls, model, [per_app] * pools, [per_app] * pools))
         time.sleep(SETTLE_S)
         before = [pool_state(u, i) for i, u in enumerate(urls)]
-        r(f"M={m}, {pools} pool(s): {load[0]} clients ({'+'.join(map(str, clients))}), {load[1]} requests")
+        r(f"{case.label}: {load[0]} clients ({'+'.join(map(str, clients))}), {load[1]} requests")
         results: list[Result] = asyncio.run(together(o, urls, model, clients, requests))
         time.sleep(SETTLE_S)
         after = [pool_state(u, i) for i, u in enumerate(urls)]
@@ -155,20 +190,21 @@ def measure(
         for name in apps:
             with contextlib.suppress(Exception):
                 serve.delete(name)
-    row = case_row(m, pools, clients, results, before, after)
-    r(f"M={m}, {pools} pool(s): {h.fmt(row['tokens_per_s'])} tokens/s, {row['errors']} errors")
+    row = case_row(case, clients, results, before, after)
+    r(f"{case.label}: {h.fmt(row['tokens_per_s'])} tokens/s, {row['errors']} errors")
     return row
 
 
-def case_row(m: int, pools: int, clients: list[int], results: list[Result], before: list, after: list) -> dict:
+def case_row(case: Case, clients: list[int], results: list[Result], before: list, after: list) -> dict:
     rows = sum(a["rows"] - b["rows"] for a, b in zip(after, before, strict=True))
     calls = sum(a["expert_calls"] - b["expert_calls"] for a, b in zip(after, before, strict=True))
     seen = {k: v for b in before for k, v in b["requests"].items()}
     per_frontend = {k: v - seen.get(k, 0.0) for a in after for k, v in a["requests"].items()}
     return {
-        "m": m,
-        "case": "one pool" if pools == 1 else f"{pools} pools",
-        "apps": pools,
+        "m": case.m,
+        "case": "one pool" if case.pools == 1 else f"{case.pools} pools",
+        "transport": case.transport,
+        "apps": case.pools,
         "clients": "+".join(map(str, clients)),
         **summarize(sum(clients), results),
         "expert_bytes": sum(a["expert_bytes"] for a in after),
@@ -181,8 +217,16 @@ def case_row(m: int, pools: int, clients: list[int], results: list[Result], befo
     }
 
 
-def goals_of(rows: list[dict], ms: list[int]) -> list[dict]:
-    by = {(x["m"], x["apps"]): x for x in rows}
+def compare_with_one_pool(rows: list[dict], shared: str) -> None:
+    """Adds ``vs_one_pool`` to each row: its tokens/s over the one-pool case's (over ``shared``) at the same M."""
+    one = {x["m"]: x for x in rows if x["apps"] == 1 and x["transport"] == shared}
+    for x in rows:
+        x["vs_one_pool"] = h.ratio(x["tokens_per_s"], one[x["m"]]["tokens_per_s"])
+
+
+def goals_of(rows: list[dict], ms: list[int], shared: str) -> list[dict]:
+    """The issue's goals, one pool against the M pools over the same transport (``shared``)."""
+    by = {(x["m"], x["apps"]): x for x in rows if x["transport"] == shared}
     goals = []
     for m in (m for m in ms if m > 1):
         one, own = by[(m, 1)], by[(m, m)]
@@ -198,6 +242,22 @@ def goals_of(rows: list[dict], ms: list[int]) -> list[dict]:
         goals.append(h.goal(text, None, 1.5, at_least=True, note="needs 2 in --frontend-replicas"))
     goals.append(h.goal("error rate == 0 in every case", max(x["error_rate"] for x in rows), 0.0, at_least=False))
     return goals
+
+
+def pool_transports(cluster: dict[str, Any], flag: str) -> tuple[str, list[str]]:
+    """(the one pool's transport: --transport, which must let frontends share a pool; --pool-transports, checked)."""
+    shared = cluster.get("transport") or "object_ref"
+    if not spec_of(shared).shared_pool:
+        raise SystemExit(
+            f"mixserve bench serve: --transport {shared} cannot share a pool ({spec_of(shared).why_not_shared})"
+        )
+    transports = [t.strip() for t in flag.split(",") if t.strip()]
+    for t in transports:
+        if t not in SERVE_NAMES:
+            raise SystemExit(f"mixserve bench serve: --pool-transports takes {', '.join(SERVE_NAMES)}, not {t!r}")
+    if shared not in transports:
+        raise SystemExit(f"mixserve bench serve: --pool-transports must include --transport ({shared}): the goals")
+    return shared, transports
 
 
 def run(o: Options, cluster: dict[str, Any]) -> dict:
@@ -219,20 +279,23 @@ def run(o: Options, cluster: dict[str, Any]) -> dict:
     if total < max(ms):
         raise SystemExit(f"mixserve bench serve: total concurrency {total} < {max(ms)} frontends (--pool-concurrency)")
     load = (total, o.requests_per_level or max(8, 2 * total))
+    shared, transports = pool_transports(cluster, o.pool_transports)
     r, port, cpus = h.Run("serve", o), free_port(), ray_cpus(cluster, ms)
     base = f"http://127.0.0.1:{port}"
     with h.local_ray(cpus):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
-            rows = [measure(o, cluster, base, m, p, load, r) for m in ms for p in sorted({1, m})]
+            rows = [measure(o, cluster, base, case, load, r) for case in cases(ms, shared, transports)]
         finally:
             with contextlib.suppress(Exception):
                 serve.shutdown()
-    cols = ["m", "case", "clients", "requests", "errors", "tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99"]
-    cols += ["expert_mb", "rows_per_matmul", "per_frontend"]
+    compare_with_one_pool(rows, shared)
+    cols = ["m", "case", "transport", "clients", "requests", "errors", "tokens_per_s", "vs_one_pool", "ttft_ms_p50"]
+    cols += ["itl_ms_p50", "itl_ms_p99", "expert_mb", "rows_per_matmul", "per_frontend"]
     w = cluster["expert_workers"]
     tables = [h.table(rows, cols, title=f"M frontends over one pool vs M pools (W={w} each, {total} clients in all)")]
     settings = {"server": "in-process", "port": port, "cluster": cluster, "frontend_replicas": ms}
+    settings["pool_transports"] = transports
     settings.update(total_concurrency=total, requests=load[1], ray_cpus=cpus, api_key="***" if o.api_key else None)
     results = {"cases": rows}
-    return r.finish(settings=settings, method=__doc__, results=results, goals=goals_of(rows, ms), tables=tables)
+    return r.finish(settings=settings, method=__doc__, results=results, goals=goals_of(rows, ms, shared), tables=tables)

@@ -12,8 +12,8 @@ import pytest
 from cluster.bench import add_bench_command
 from cluster.bench.harness import ints, table
 from cluster.bench.serve import goals_of
+from cluster.bench.serve_pools import cases, compare_with_one_pool, pool_transports, ray_cpus, shares
 from cluster.bench.serve_pools import goals_of as pool_goals
-from cluster.bench.serve_pools import ray_cpus, shares
 from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
 from cluster.cli import main
 
@@ -63,6 +63,7 @@ def test_serve_pools_and_straggler_flags():
     assert plain.frontend_replicas is None and plain.pool_concurrency is None  # the concurrency sweep, as before
     pools = parser.parse_args(["bench", "serve", "--frontend-replicas", "1,2,4", "--pool-concurrency", "8"])
     assert (pools.frontend_replicas, pools.pool_concurrency) == ("1,2,4", 8)
+    assert pools.pool_transports == "object_ref,channel"
     s = parser.parse_args(["bench", "straggler"])
     assert (s.bench, s.expert_workers, s.transport, s.dtype) == ("straggler", 2, "object_ref", "float32")
     assert (s.prompts, s.max_tokens, s.freeze_s, s.worker) == (8, 160, 10.0, 1)
@@ -90,18 +91,37 @@ def test_serve_without_frontend_replicas_runs_the_sweep_as_before(monkeypatch):
 
 
 def test_serve_pools_goals_compare_one_pool_with_m_pools():
-    def case(m: int, apps: int, tps: float, held: int, rows: float | None) -> dict:
+    def case(m: int, apps: int, tps: float, held: int, rows: float | None, transport: str = "object_ref") -> dict:
         return {"m": m, "apps": apps, "tokens_per_s": tps, "expert_bytes": held, "rows_per_matmul": rows,
-                "error_rate": 0.0}  # fmt: skip
+                "error_rate": 0.0, "transport": transport}  # fmt: skip
 
     rows = [case(1, 1, 50.0, 100, 1.0), case(2, 1, 90.0, 100, 1.8), case(2, 2, 80.0, 200, 1.0)]
-    tps, held, merged, errors = pool_goals(rows, [1, 2])
+    rows.append(case(2, 2, 120.0, 200, None, "channel"))  # measured beside, never a goal's reference
+    tps, held, merged, errors = pool_goals(rows, [1, 2], "object_ref")
     assert (tps["measured"], tps["met"]) == (90.0 / 80.0, True)
     assert (held["measured"], held["threshold"], held["met"]) == (0.5, 0.5, True)
     assert (merged["measured"], merged["met"]) == (1.8, True)
     assert errors["met"] is True
-    (no_m2, _) = pool_goals(rows[:1], [1])
+    (no_m2, _) = pool_goals(rows[:1], [1], "object_ref")
     assert no_m2["met"] is None and "2" in no_m2["note"]
+    compare_with_one_pool(rows, "object_ref")
+    assert [x["vs_one_pool"] for x in rows] == [1.0, 1.0, 80.0 / 90.0, 120.0 / 90.0]
+
+
+def test_serve_pools_cases_and_transports():
+    got = [(c.m, c.pools, c.transport) for c in cases([1, 4], "object_ref", ["object_ref", "channel"])]
+    assert got == [(1, 1, "object_ref"), (1, 1, "channel"), (4, 1, "object_ref"), (4, 4, "object_ref"),
+                   (4, 4, "channel")]  # fmt: skip
+    assert pool_transports({"transport": "object_ref"}, "object_ref, channel") == (
+        "object_ref",
+        ["object_ref", "channel"],
+    )
+    with pytest.raises(SystemExit, match="--transport channel cannot share a pool"):
+        pool_transports({"transport": "channel"}, "channel")
+    with pytest.raises(SystemExit, match="--pool-transports takes object_ref, channel, not 'gloo'"):
+        pool_transports({"transport": "object_ref"}, "object_ref,gloo")
+    with pytest.raises(SystemExit, match="must include --transport"):
+        pool_transports({"transport": "object_ref"}, "channel")
 
 
 def test_list_flags_are_checked():
