@@ -103,9 +103,25 @@ def test_act_order_columns(kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_path(monkeypatch, w, rows, dtype):
     monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1000)  # several row chunks
+    monkeypatch.setattr(linear, "LOOKUP_ELEMENTS", 300)  # fp8: several lookups per chunk, the last one shorter
     lin = prepare(w, device=CPU, dtype=dtype)
     assert type(lin) is DequantLinear and lin.rows_per_chunk < w.shape[0]
     check(lin, w, rows, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4-g16"])
+def test_dequantize_path_multiplies_bf16_in_float32_on_a_cpu_without_bf16_units(monkeypatch, fast_bf16, kind):
+    """bfloat16 activations: the chunks are multiplied in float32 where the CPU has no bf16 units (its bfloat16
+    matmul is emulated), in bfloat16 where it has them; the output is bfloat16 and right either way."""
+    monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1000)
+    w = int_weight(64, 96, bits=4, group=16) if kind != "fp8" else FloatWeight(
+        (torch.randn(64, 128) * 30).to(torch.float8_e4m3fn), torch.rand(64, 1) * 0.01)  # fmt: skip
+    lin = prepare(w, device=CPU, dtype=torch.bfloat16)
+    assert type(lin) is DequantLinear
+    assert lin.matmul_dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert lin.kernel == ("dequantize + matmul" if fast_bf16 else "dequantize + matmul in float32 (no bf16 units)")
+    for rows in (1, 17):
+        check(lin, w, rows, dtype=torch.bfloat16)
 
 
 def test_dequantize_chunks_reuse_one_buffer_per_thread(monkeypatch):

@@ -76,6 +76,15 @@ def int8_kernel_max_rows(device: torch.device, dtype: torch.dtype) -> int:
     return 8 if cpu_has_fast_bf16() else 1 << 30
 
 
+def dequant_matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype dequantized chunks are multiplied in: float32 for bfloat16 activations on a CPU without bf16 units
+    (there a bfloat16 matmul is emulated, 2-3x slower than float32's: the table above), the product rounded to
+    bfloat16 once, which is nearer the exact product than rounding the weights first; else ``dtype``."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+        return torch.float32
+    return dtype
+
+
 def fp8_matmul_device(device: torch.device) -> bool:
     """A CUDA device with FP8 tensor cores (compute capability 8.9 or newer) for ``torch._scaled_mm``."""
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
