@@ -10,6 +10,7 @@ and every gRPC method.
 
 # No ``from __future__ import annotations`` here: FastAPI must see real annotations (Request) on the routes.
 
+import asyncio
 import functools
 import logging
 import time
@@ -37,7 +38,7 @@ from cluster.serve.ingress.errors import api_error, error_response, http_error, 
 from cluster.serve.ingress.grpc_api import pooling as grpc_pooling
 from cluster.serve.ingress.grpc_api import servicer as grpc_servicer
 from cluster.serve.ingress.health import HealthMonitor, HealthResponse
-from cluster.serve.ingress.metrics import ServeMetrics, frontend_snapshots
+from cluster.serve.ingress.metrics import ServeMetrics, frontend_snapshots, ingress_exports
 from cluster.serve.ingress.openai_api import chat, classify, completions, embeddings
 from cluster.serve.ingress.openai_api import tokenize as tokenization
 from cluster.serve.ingress.openai_api.pooling_protocol import (
@@ -147,7 +148,10 @@ class Ingress:
 
     def __init__(self, frontend: Any, args: dict[str, Any]) -> None:
         a = AppArgs.from_options(args)
-        metrics = ServeMetrics(a.model_name, max_num_seqs=a.engine.max_num_seqs)
+        replica = serve.get_replica_context()
+        metrics = ServeMetrics(a.model_name, max_num_seqs=a.engine.max_num_seqs, replica=replica.replica_id.unique_id)
+        # this deployment itself: /metrics asks the other ingress replicas for their counts through it
+        self.ingresses = serve.get_deployment_handle(replica.deployment, replica.app_name)
         keys = ApiKeys.from_args(a)
         cors.configure(a.serving.cors_allowed_origins)
         self.frontend = frontend
@@ -289,9 +293,17 @@ class Ingress:
         metrics = self.ctx.metrics
         # a few snapshot calls at once, which the handle spreads over the frontend replicas at random: twice one
         # more than seen so far (a replica missed keeps its last snapshot, up to STALE_SNAPSHOT_S)
-        snapshots = await frontend_snapshots(self.frontend, asks=2 * (metrics.known_frontends() + 1))
-        text = metrics.render(snapshots, self.ctx.health.latest())
+        # and as many of the other ingress replicas, through this deployment's own handle
+        snapshots, ingresses = await asyncio.gather(
+            frontend_snapshots(self.frontend, asks=2 * (metrics.known_frontends() + 1)),
+            ingress_exports(self.ingresses, asks=2 * metrics.known_ingresses()),
+        )
+        text = metrics.render(snapshots, self.ctx.health.latest(), ingresses)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def metrics_export(self) -> tuple[str, list[Any]]:
+        """This replica's id and own counts, for the ingress replica answering a ``/metrics`` scrape."""
+        return self.ctx.metrics.export()
 
     # -- gRPC (Ray Serve's gRPC proxy calls these by the names of service mixserve.v1.Generation) -------------
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC method name

@@ -9,7 +9,9 @@ finished requests by reason), routed tokens per (layer, expert), failovers and h
 at scrape time (a replica not heard of for ``STALE_SNAPSHOT_S`` is left out), and ``mixserve:frontend_requests_total``
 (engine requests each replica accepted, counted by the ingress). It is ``"0"`` on the ingress's latency and token-count
 histograms (measured where the client sees them, per engine request: a choice of an ``n > 1`` request is one; not split
-by replica) and on the series of the expert pool and its workers, which every frontend shares.
+by replica) and on the series of the expert pool and its workers, which every frontend shares. What the ingress counts
+(API requests, accepted engine requests, those histograms) is summed over every ingress replica the answering one has
+heard from (:mod:`cluster.serve.ingress.ingress_totals`).
 mixserve's own: ``mixserve:api_requests_total{endpoint,status}``, ``mixserve:frontend_requests_total``,
 ``mixserve:routed_tokens_total{layer,expert}``, ``mixserve:expert_workers_up`` / ``mixserve:expert_workers``,
 ``mixserve:expert_worker_load_seconds{worker}`` (how long each worker's current incarnation took to load its
@@ -25,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from cluster.serve.ingress.health import HealthResponse, WorkerHealth
+from cluster.serve.ingress.ingress_totals import Family, IngressTotals, families
 
 log = logging.getLogger("mixserve")
 
@@ -251,10 +254,14 @@ def engine_label(snapshot: dict) -> str:
 
 
 class ServeMetrics:
-    def __init__(self, model_name: str, *, max_num_seqs: int) -> None:
+    """One ingress replica's metrics. ``own``: what this replica counts (API requests, accepted engine requests,
+    latency and token-count histograms); ``registry``: what ``/metrics`` renders, those summed over every ingress
+    replica heard from (``cluster.serve.ingress.ingress_totals``) and the frontends' and workers' series."""
+
+    def __init__(self, model_name: str, *, max_num_seqs: int, replica: str = "local") -> None:
         self.model_name = model_name
-        self.registry = CollectorRegistry()
-        reg = self.registry
+        self.own = CollectorRegistry()
+        reg = self.own
         self.requests = Counter(
             "mixserve:api_requests",
             "Requests by endpoint and status (gRPC: the HTTP status its code maps to).",
@@ -289,8 +296,11 @@ class ServeMetrics:
             LABELS,
             registry=reg,
         )
+        self.ingresses = IngressTotals(reg, replica)
         self.frontend = _FrontendCollector(model_name, max_num_seqs)
-        reg.register(self.frontend)
+        self.registry = CollectorRegistry()
+        self.registry.register(self.ingresses)
+        self.registry.register(self.frontend)
 
     def count(self, endpoint: str, status: int) -> None:
         """One finished API request of ``endpoint`` with the HTTP status it got (gRPC: the status it maps to)."""
@@ -325,25 +335,46 @@ class ServeMetrics:
         """One engine request accepted by the frontend replica ``engine``."""
         self.frontend_requests.labels(model_name=self.model_name, engine=engine).inc()
 
-    def render(self, snapshots: list[dict], health: HealthResponse | None) -> bytes:
+    def export(self) -> tuple[str, list[Family]]:
+        """(this replica's id, its own families as plain data): what another ingress replica sums into its scrape."""
+        return self.ingresses.replica, families(self.own)
+
+    def render(
+        self, snapshots: list[dict], health: HealthResponse | None, ingresses: Sequence[tuple[str, list[Family]]] = ()
+    ) -> bytes:
+        """The exposition text: frontend ``snapshots``, the pool's ``health``, and the other ingress replicas'
+        exports (:meth:`export`) summed with this one's counts."""
         self.frontend.update(snapshots)
         self.frontend.health = health
+        self.ingresses.update(ingresses)
         return generate_latest(self.registry)
 
     def known_frontends(self) -> int:
         return len(self.frontend.snapshots)
+
+    def known_ingresses(self) -> int:
+        return self.ingresses.known()
 
 
 async def frontend_snapshots(frontend: Any, asks: int, timeout_s: float = 5.0) -> list[dict]:
     """Engine stats and expert load of frontend replicas: ``asks`` calls at once, which the handle spreads over the
     replicas (each snapshot names its replica); the ones that do not answer are left out (logged), so the ingress's
     own metrics still render."""
+    return await _answers(lambda: frontend.stats.remote(), asks, timeout_s, "a frontend snapshot")
 
-    async def one() -> dict | None:
+
+async def ingress_exports(ingress: Any, asks: int, timeout_s: float = 2.0) -> list[tuple[str, list[Family]]]:
+    """The other ingress replicas' own counts (``ServeMetrics.export``), asked as :func:`frontend_snapshots` asks
+    the frontends, through a handle to the ingress deployment itself."""
+    return await _answers(lambda: ingress.metrics_export.remote(), asks, timeout_s, "an ingress replica's counts")
+
+
+async def _answers(call: Callable[[], Any], asks: int, timeout_s: float, what: str) -> list[Any]:
+    async def one() -> Any:
         try:
-            return await asyncio.wait_for(frontend.stats.remote(), timeout=timeout_s)
+            return await asyncio.wait_for(call(), timeout=timeout_s)
         except Exception as e:
-            log.warning("metrics: a frontend snapshot is unavailable (%s)", e)
+            log.warning("metrics: %s is unavailable (%s)", what, e)
             return None
 
     return [s for s in await asyncio.gather(*(one() for _ in range(asks))) if s is not None]
