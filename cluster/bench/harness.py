@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cluster.checkpoint.tiny_model import BENCH_SPEC, default_model_dir, write_tiny_model
+from cluster.checkpoint.tiny_model import BENCH_SPEC, TinyModelSpec, default_model_dir, write_tiny_model
 from cluster.config.cluster import ClusterConfig
 from cluster.config.options import add_options, options_from
 from cluster.errors import MixserveError
@@ -83,14 +83,15 @@ def ints(text: str, flag: str, *, span: bool = False) -> list[int]:
     raise SystemExit(f"mixserve bench: --{flag} takes {'MIN,MAX' if span else 'positive integers'}, not {text!r}")
 
 
-def model_dir(model: str | None) -> str:
-    """``model``, else the bench-size checkpoint (``BENCH_SPEC``), written once beside the built-in tiny model."""
+def model_dir(model: str | None, spec: TinyModelSpec = BENCH_SPEC, *, name: str = "bench-v1") -> str:
+    """``model``, else the checkpoint of ``spec`` (random weights, stored in bfloat16 unless it is ``BENCH_SPEC``,
+    which is float32), written once as ``name`` beside the built-in tiny model."""
     if model:
         return model
-    folder = default_model_dir().parent / "bench-v1"
+    folder = default_model_dir().parent / name
     if not (folder / "config.json").is_file():
-        tmp = folder.with_name(f".bench-v1.tmp-{os.getpid()}")
-        write_tiny_model(tmp, BENCH_SPEC)
+        tmp = folder.with_name(f".{name}.tmp-{os.getpid()}")
+        write_tiny_model(tmp, spec, dtype=torch.float32 if spec == BENCH_SPEC else torch.bfloat16)
         with contextlib.suppress(OSError):  # another process won the race; its copy is identical (same seed)
             tmp.rename(folder)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,11 +27,14 @@ from cluster.bench.steps import Recorder, drive
 from cluster.checkpoint.load import parse_dtype
 from cluster.checkpoint.locate import resolve
 from cluster.checkpoint.quant.quantize import quantize
+from cluster.checkpoint.tiny_model import MIXTRAL_LAYER_SPEC
 from cluster.config.cluster import ClusterConfig
 from cluster.config.dtype import cpu_has_fast_bf16
+from cluster.config.model import ModelConfig
 from cluster.engine.step import Executor
 from cluster.runtime.frontend import build_frontend
 from router.transport import LocalTransport
+from workers.model import MixtralModel
 from workers.quant.linear import DequantLinear, Int8Linear, prepare
 
 FORMATS = ("none", "int8", "int4", "fp8")
@@ -44,14 +47,34 @@ def bandwidth_gb_s(mib: int = 512, iters: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def model_of(o: Any) -> str:
+    """--model, else one Mixtral-8x7B layer (``MIXTRAL_LAYER_SPEC``: Mixtral's share of expert bytes per token)."""
+    return h.model_dir(o.model, MIXTRAL_LAYER_SPEC, name="mixtral-layer-v1")
+
+
+def token_bytes(model: MixtralModel, config: ModelConfig, per_expert: float) -> dict[str, float]:
+    """Share of the weight bytes one decoded token reads (at batch 1) per part: the top-k experts of every layer,
+    attention (every 2-D matrix of the layers but the router), lm_head (or the tied embedding) and the routers."""
+    parts = {"experts": config.num_layers * config.top_k * per_expert, "attention": 0.0, "lm_head": 0.0, "router": 0.0}
+    tied = model.lm_head is None
+    for n, p in model.named_parameters():
+        if p.dim() != 2 or (n == "embed_tokens" and not tied):
+            continue
+        part = "lm_head" if n in ("lm_head", "embed_tokens") else "router" if ".gate" in n else "attention"
+        parts[part] += p.numel() * p.element_size()
+    total = sum(parts.values())
+    return {k: v / total for k, v in parts.items()}
+
+
 def format_run(o: Any, cluster: dict[str, Any], kind: str, batch: int, bandwidth: float, run: h.Run) -> dict:
     """One format at one batch size: decode tokens/s, step p50, bytes read per step and the floor."""
     options = {**cluster, "quantization": None if kind == "none" else kind, "max_num_seqs": max(batch, 1)}
-    config = resolve(ClusterConfig.create(model=h.model_dir(o.model), **options))
+    config = resolve(ClusterConfig.create(model=model_of(o), **options))
     run(f"(e) {kind}, batch {batch}: loading, warm-up, {o.repeats} runs")
     fe = build_frontend(config, progress=False)
     fe.core.executor = cast(Executor, rec := Recorder(fe))
-    prompts = [[3 + (i * 7919 + j * 104729) % 30000 for j in range(o.prompt_len)] for i in range(batch)]
+    vocab = fe.model_config.vocab_size - 3
+    prompts = [[3 + (i * 7919 + j * 104729) % vocab for j in range(o.prompt_len)] for i in range(batch)]
     work = [(p, o.new_tokens) for p in prompts]
     drive(fe, rec, work)
     steps = [s for _ in range(o.repeats) for s in drive(fe, rec, work)[1] if s.decode and s.tokens == batch]
@@ -80,6 +103,7 @@ def format_run(o: Any, cluster: dict[str, Any], kind: str, batch: int, bandwidth
         "floor_ms": floor_s * 1e3,
         "step_over_floor": step_s / floor_s,
         "expert_mb": shard.nbytes() / 2**20,  # type: ignore[attr-defined]
+        "token_bytes": token_bytes(model, fe.model_config, per_expert),
     }
 
 
@@ -194,8 +218,13 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
                 kernels, cols, title=f"(f) one expert matrix {o.kernel_shape}, median ms (int8 crossover: {cross} rows)"
             )
         )
+    share = next((x["token_bytes"] for x in rows if x["format"] == "none"), rows[0]["token_bytes"])
+    tables.insert(0, "bytes a token reads at batch 1 (" + rows[0]["format"] + " experts): " + ", ".join(
+        f"{k} {v:.1%}" for k, v in share.items()) + " (Mixtral-8x7B in bfloat16: experts 88.5%, attention 10.5%, "
+        "lm_head 1.0%)")  # fmt: skip
     results = {
         "formats": rows,
+        "model": model_of(o),
         "bandwidth_gb_s": bandwidth,
         "cpu_has_bf16_units": cpu_has_fast_bf16(),
         "kernels": kernels,

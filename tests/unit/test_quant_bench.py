@@ -40,6 +40,11 @@ def test_engine_formats(tiny, tmp_path):
     assert goals["every decode step <= 1.3x its weight-bytes floor"] == max(r["step_over_floor"] for r in rows.values())
     assert [k["way"].split(":")[0] for k in res["kernels"]][:2] == ["dense bfloat16 F.linear", "dense float32 F.linear"]
     assert isinstance(res["cpu_has_bf16_units"], bool) and res["bandwidth_gb_s"] > 0
+    share = rows[("none", 1)]["token_bytes"]
+    assert sum(share.values()) == pytest.approx(1.0)
+    # per token, both bfloat16: 2 layers x top-2 x 3 x 64 x 128 expert weights against 2 x (128 + 64) x 64 of attention
+    assert share["experts"] / share["attention"] == pytest.approx((2 * 2 * 3 * 64 * 128) / (2 * 192 * 64))
+    assert share["lm_head"] / share["attention"] == pytest.approx(32000 * 64 / (2 * 192 * 64))
 
 
 def test_crossover_is_the_first_row_count_where_dequantize_wins():
