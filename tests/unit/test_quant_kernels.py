@@ -53,12 +53,14 @@ def test_int8_kernel_and_dequantize_paths(rows, sym, dtype):
 
 def test_int8_kernel_row_limit_follows_the_cpu_and_dtype(fast_bf16):
     """The measured crossovers (workers/quant/kernels.py): float32 activations always dequantize; bfloat16 uses the
-    kernel up to 8 rows on a CPU with bf16 units, at every row count without them."""
+    kernel up to 8 rows on a CPU with bf16 units, up to 32 without them."""
     w = int_weight(96, 128, bits=8, group=128)
     assert prepare(w, device=CPU, dtype=torch.float32).kernel_for(1) == "dequantize + matmul"
     lin = prepare(w, device=CPU, dtype=torch.bfloat16)
     assert lin.kernel_for(8) == "_weight_int8pack_mm"
     assert lin.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
+    assert lin.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
+    assert lin.kernel_for(33) == "dequantize + matmul"
 
 
 @pytest.mark.parametrize("rows", [1, 8, 33])

@@ -17,11 +17,12 @@ every row, while the dequantize path pays the conversion once for all rows. Medi
 
     CPU, compute dtype                 _weight_int8pack_mm        dequantize + matmul       dense F.linear
     avx512_bf16, bfloat16              2.12 / 7.78 / 27.3 / -     -                         5.75 / 7.23 / 12.4 / -
-    no bf16 units, bfloat16            3.5 / 10.2 / 40.2 / 90.2   27.8 / 70.2 / 124 / 184   7.9 / 27.8 / 87.5 / 148
+    no bf16 units, bfloat16            4.3 / 11.9 / 53.5 / 105    27.3 / 39.8 / 95.6 / 87.2  8.9 / 30.4 / 89.6 / 171
     no bf16 units, float32             44.3 / 396 / 1969 / 2867   39.4 / 65.2 / 117 / 86.4  9.5 / 26.4 / 38.8 / 54.1
 
-So: up to 8 rows with bf16 units, every row count without them, and never for float32 activations (the kernel's
-float32 path is slower than dequantizing). On CUDA up to 16 rows.
+(Without bf16 units the dequantize path multiplies in float32: ``dequant_matmul_dtype``.) So: up to 8 rows with bf16
+units, up to 32 without them, and never for float32 activations (the kernel's float32 path is slower than
+dequantizing). On CUDA up to 16 rows.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def int8_kernel_max_rows(device: torch.device, dtype: torch.dtype) -> int:
         return 16
     if dtype == torch.float32:
         return 0
-    return 8 if cpu_has_fast_bf16() else 1 << 30
+    return 8 if cpu_has_fast_bf16() else 32
 
 
 def dequant_matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

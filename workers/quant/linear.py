@@ -159,8 +159,6 @@ class Int8Linear(DequantLinear):
     def kernel(self) -> str:  # type: ignore[override]
         if self.max_rows == 0:
             return "dequantize + matmul (float32 activations)"
-        if self.max_rows >= 1 << 30:
-            return "_weight_int8pack_mm"
         return f"_weight_int8pack_mm (<= {self.max_rows} rows), dequantize + matmul above"
 
     def kernel_for(self, rows: int) -> str:
