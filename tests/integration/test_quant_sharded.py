@@ -28,8 +28,8 @@ FORMATS = {
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 10575, 754, 272, 17898]
 
 
-# every format over object refs; the channel transport (the same worker code behind another wire) for two of them
-CASES = [(name, "object_ref") for name in FORMATS] + [("ct-w4a16", "channel"), ("gptq-desc-act", "channel")]
+# every format over object refs and over channels (the same worker code behind another wire)
+CASES = [(name, transport) for name in FORMATS for transport in ("object_ref", "channel")]
 
 
 @pytest.fixture(scope="module")
