@@ -34,7 +34,7 @@ the M pools'; its expert bytes <= 1/M of theirs. At M = 2: rows per expert matmu
 pools'. Same per-frontend load: each of the 2 pools is a one-frontend application at the per-frontend concurrency
 C/2, which is the M = 1 reference at C/M; the one pool's 2 frontends see C/2 each (on average: the per-frontend
 requests show the split), so the gain is what the workers' merging of the two frontends' layers adds. The M channel
-pools are measured beside them, with no goal.
+pools are measured beside them; no goal compares with them (the error-free goal covers every case).
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def pool_transports(cluster: dict[str, Any], flag: str) -> tuple[str, list[str]]
         raise SystemExit(
             f"mixserve bench serve: --transport {shared} cannot share a pool ({spec_of(shared).why_not_shared})"
         )
-    transports = [t.strip() for t in flag.split(",") if t.strip()]
+    transports = list(dict.fromkeys(t.strip() for t in flag.split(",") if t.strip()))
     for t in transports:
         if t not in SERVE_NAMES:
             raise SystemExit(f"mixserve bench serve: --pool-transports takes {', '.join(SERVE_NAMES)}, not {t!r}")

@@ -61,7 +61,7 @@ class TinyModelSpec:
 BENCH_SPEC = TinyModelSpec(layers=4, hidden=512, intermediate=1792, heads=8, kv_heads=4, experts=8, top_k=2)
 # One layer of Mixtral-8x7B (its expert, attention and router shapes) under a 2048-token vocabulary: a decoded token
 # reads its bytes as Mixtral's 32 layers do, 87% experts (two 3 x 14336 x 4096), 10% attention, 2% lm_head
-# (Mixtral-8x7B: 88.5 / 10.5 / 1). BENCH_SPEC's 32000-row lm_head is instead 40% of what a token reads there.
+# (Mixtral-8x7B: 88.4 / 10.5 / 1.0). BENCH_SPEC's 32000-row lm_head is instead 40% of what a token reads there.
 MIXTRAL_LAYER_SPEC = TinyModelSpec(
     layers=1, hidden=4096, intermediate=14336, heads=32, kv_heads=8, experts=8, top_k=2, vocab=2048
 )

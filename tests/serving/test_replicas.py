@@ -234,6 +234,7 @@ def test_metrics_of_either_ingress_replica_count_the_requests_of_both(replicated
         t.start()
     for t in threads:
         t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "a request hung"
     took = {replica: n - own[replica] for replica, n in ingress_own_completions().items()}
     assert sorted(took.values())[0] > 0 and sum(took.values()) == 12, took  # both took some
     assert completions_ok(base) == api + 12

@@ -63,3 +63,29 @@ def test_own_counts_stay_live_and_a_silent_replica_keeps_counting():
     assert a.known_ingresses() == 2
     text = a.render([], None, [b.export()])
     assert value(text, "mixserve:api_requests_total", endpoint="completions", status="200") == 2.0 + 5.0
+
+
+def test_a_peer_histogram_with_other_buckets_is_left_out_not_mixed_in():
+    """During a rolling update that changed max_model_len, the token-count histograms of old and new replicas have
+    other buckets: the answering replica sums only those with its own."""
+    a, b = replica("a", 0, [], engine="f1"), replica("b", 0, [], engine="f1")
+    a.finished(e2e_s=1.0, queue_s=None, prompt_tokens=3, generation_tokens=4, max_model_len=100)
+    b.finished(e2e_s=1.0, queue_s=None, prompt_tokens=30, generation_tokens=40, max_model_len=1000)
+    text = a.render([], None, [b.export()])
+    assert value(text, "mixserve:request_prompt_tokens_sum", engine="0") == 3.0  # b's other buckets: not summed
+    assert value(text, "mixserve:request_prompt_tokens_bucket", engine="0", le="1000.0") is None
+    assert value(text, "mixserve:e2e_request_latency_seconds_count", engine="0") == 2.0  # same buckets: summed
+
+
+def test_a_peer_not_heard_of_for_a_minute_is_no_longer_asked_but_still_counts(monkeypatch):
+    import cluster.serve.ingress.ingress_totals as totals
+
+    now = [1000.0]
+    monkeypatch.setattr(totals.time, "monotonic", lambda: now[0])
+    a, b = replica("a", 1, [], engine="f1"), replica("b", 2, [], engine="f1")
+    a.render([], None, [b.export()])
+    assert a.known_ingresses() == 2
+    now[0] += totals.LIVE_S + 1
+    assert a.known_ingresses() == 1
+    text = a.render([], None)
+    assert value(text, "mixserve:api_requests_total", endpoint="completions", status="200") == 3.0

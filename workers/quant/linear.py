@@ -101,7 +101,8 @@ class DequantLinear(QuantLinear):
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """w[start:stop] [R, K] in the matmul dtype (columns in stored order), in :data:`SCRATCH`: the values of
-        ``((q - zero) * scale).to(matmul dtype)`` computed in float32, without a temporary of that size."""
+        ``((q - zero) * scale).to(matmul dtype)`` computed in float32, without a float32 temporary (int4's unpacked
+        bytes are one, a quarter of that size)."""
         r, k = stop - start, self.shape[1]
         w = SCRATCH.take(r, k, dtype=torch.float32, device=self.q.device)
         if self.integer:
