@@ -14,6 +14,7 @@ application with a changed frontend-only option restarts the frontends and keeps
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -151,17 +152,21 @@ def _expert_workers() -> int:
 
 
 def _frontends() -> dict[str, int]:
-    """Replica name -> pid of both frontend replicas (asked until both answered: the handle picks one per call)."""
-    handle = serve.get_deployment_handle("Frontend", app_name=APP)
-    seen: dict[str, int] = {}
+    """Replica name -> pid of every live frontend replica of the application, asked of each replica's actor directly:
+    through Serve's router the calls would all go to the less busy replica while the other streams."""
+    prefix = f"SERVE_REPLICA::{APP}#Frontend#"
+    out: dict[str, int] = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith(prefix):
+            actor = ray.get_actor(a["name"], namespace=a["namespace"])
+            with contextlib.suppress(Exception):  # one being stopped
+                out[a["name"]] = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+    return out
 
-    def both() -> bool:
-        s = handle.stats.remote().result(timeout_s=30)
-        seen[s["frontend"]] = s["pid"]
-        return len(seen) == 2
 
-    wait_until(both, f"two frontend replicas never answered: {seen}", 120, 0.05, ignore=(Exception,))
-    return seen
+def _two_frontends() -> dict[str, int]:
+    """:func:`_frontends` once exactly two answer (one may be starting or stopping)."""
+    return wait_until(lambda: f if len(f := _frontends()) == 2 else None, "not two frontend replicas", 120, 0.2)
 
 
 def _worker_pids(base: str) -> list[int]:
@@ -202,7 +207,7 @@ def test_two_frontends_share_one_pool_and_equal_the_reference(replicated, refere
     base, _ = replicated
     # both applications' workers: the main app's 2 and this app's 2 (one pool for its two frontends, not 4)
     assert _expert_workers() == 4 and _placement_groups() == 2
-    assert len(set(_frontends().values())) == 2
+    assert len(set(_two_frontends().values())) == 2
     many = [[1, 500 + 11 * i, 40 + i, 900 + 2 * i] for i in range(32)]
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     expected = [o.text for o in reference_llm.generate(many, greedy)]
@@ -290,7 +295,7 @@ def test_sigkill_of_a_frontend_under_load_keeps_the_other_serving_and_the_worker
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     expected = [o.text for o in reference_llm.generate(prompts(), greedy)]
     wait_until(lambda: health(base)[1].get("status") == "ok", "not ok before the kill", 90, 0.3)
-    old_workers, frontends = _worker_pids(base), _frontends()
+    old_workers, frontends = _worker_pids(base), _two_frontends()
     victim = frontends[min(frontends)]
     results: list = [None] * STREAMS
     kill_while_streaming(base, lambda i: results.__setitem__(i, stream_text(base, prompts()[i])), victim)
@@ -301,7 +306,8 @@ def test_sigkill_of_a_frontend_under_load_keeps_the_other_serving_and_the_worker
     # new requests are served at once: one routed to the dead replica before Serve noticed is sent again
     assert [complete(base, p) for p in prompts()[:4]] == expected[:4]
     assert _worker_pids(base) == old_workers  # the pool was not touched
-    wait_until(lambda: victim not in _frontends().values(), "Serve did not start a new frontend replica", 120, 0.5)
+    wait_until(lambda: len(f := _frontends()) == 2 and victim not in f.values(),
+               "Serve did not start a new frontend replica", 120, 0.5)  # fmt: skip
     wait_healthy(f"{base}/health", timeout_s=120)
     assert _worker_pids(base) == old_workers  # the new frontend attached to the same workers
     assert (_expert_workers(), _placement_groups()) == (4, 2)
@@ -319,7 +325,7 @@ def test_rolling_update_of_a_frontend_option_under_load_fails_no_request_and_kee
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     expected = [o.text for o in reference_llm.generate(prompts(), greedy)]
     wait_until(lambda: health(base)[1].get("status") == "ok", "not ok before the update", 90, 0.3)
-    workers, frontends = _worker_pids(base), _frontends()
+    workers, frontends = _worker_pids(base), _two_frontends()
     results: list[tuple[int, int, str, str | None]] = []
     stop = threading.Event()
 
@@ -333,8 +339,8 @@ def test_rolling_update_of_a_frontend_option_under_load_fails_no_request_and_kee
     try:
         wait_until(lambda: len(results) >= 8, "no request finished before the update", 120, 0.05)
         serve.run(build_app({**args, "max_num_seqs": STREAMS + 8}), name=APP, route_prefix=f"/{APP}", blocking=False)
-        wait_until(lambda: not set(_frontends().values()) & set(frontends.values()), "the frontends were not updated",
-                   180, 0.5)  # fmt: skip
+        wait_until(lambda: len(f := _frontends()) == 2 and not set(f.values()) & set(frontends.values()),
+                   "the frontends were not updated", 180, 0.5)  # fmt: skip
         wait_healthy(f"{base}/health", timeout_s=120)
         after = len(results)
         wait_until(lambda: len(results) >= after + 8, "no request finished after the update", 120, 0.05)

@@ -143,6 +143,12 @@ def test_dequantize_chunks_reuse_one_buffer_per_thread(monkeypatch):
         check(lb, b, 7)
         check(la, a, 5)
     assert list(linear.SCRATCH.buffers.items()) == [((CPU, torch.float32), buf)]  # the same one, never replaced
+    with torch.inference_mode():  # buffers made under inference mode still serve calls outside it, and back
+        fresh = prepare(int_weight(64, 496, bits=4, group=16, seed=3), device=CPU, dtype=torch.float32)
+        fresh(torch.randn(2, 496))  # grows the float32 buffer (2 x 496 > 960) inside inference mode
+    check(la, a, 5)
+    with torch.inference_mode():
+        check(lb, b, 7)
     other: list = []
     t = threading.Thread(target=lambda: (check(la, a, 3), other.append(linear.SCRATCH.buffers)))
     t.start()

@@ -67,7 +67,10 @@ class Scratch(threading.local):
         key, n = (device, dtype), rows * cols
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < n:
-            buf = self.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+            # a normal tensor even when the first call runs under torch.inference_mode: an inference tensor could
+            # not be written in place by a later call outside it
+            with torch.inference_mode(False):
+                buf = self.buffers[key] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(rows, cols)
 
 
