@@ -82,3 +82,25 @@ def post(base: str, path: str, body=None, *, key: str | None = API_KEY, raw: byt
         h["authorization"] = f"Bearer {key}"
     content = raw if raw is not None else json.dumps(body)
     return httpx.post(f"{base}{path}", content=content, headers=h, timeout=timeout)
+
+
+def stream_choices(base: str, body: dict, *, headers: dict[str, str] | None = None) -> tuple[int, list[dict] | str]:
+    """POST ``body`` (with ``stream: true``) to /v1/completions: (200, the first choice of every data event), or
+    (the status, the error's text) for a refused request (its status) or an error event (500)."""
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=headers, timeout=120) as r:
+        if r.status_code != 200:
+            return r.status_code, r.read().decode()
+        choices = []
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                return 500, json.dumps(chunk)
+            choices.append(chunk["choices"][0])
+    return 200, choices
+
+
+def finish_reason(choices: list[dict]) -> str | None:
+    """The last finish_reason a stream's choices gave."""
+    return next((c["finish_reason"] for c in reversed(choices) if c.get("finish_reason")), None)

@@ -14,7 +14,6 @@ application with a changed frontend-only option restarts the frontends and keeps
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -32,7 +31,7 @@ from cluster.serve.app import build_app, build_pool_app
 from cluster.serve.proto import mixserve_pb2 as pb
 from cluster.serve.proto import mixserve_pb2_grpc as pb_grpc
 from tests.helpers import wait_until
-from tests.serving.helpers import API_KEY, metric, post, wait_healthy
+from tests.serving.helpers import API_KEY, finish_reason, metric, post, stream_choices, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving]
 
@@ -77,21 +76,10 @@ def prompts() -> list[list[int]]:
 def stream_text(base: str, prompt: list[int]) -> tuple[int, str, str | None]:
     """(status, text, finish_reason) of one streamed greedy completion."""
     body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
-    headers = {"authorization": f"Bearer {API_KEY}"}
-    text, reason = "", None
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=headers, timeout=120) as r:
-        if r.status_code != 200:
-            return r.status_code, r.read().decode(), None
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: ") :])
-            if "error" in chunk:
-                return 500, json.dumps(chunk), None
-            choice = chunk["choices"][0]
-            text += choice["text"]
-            reason = choice.get("finish_reason") or reason
-    return 200, text, reason
+    status, choices = stream_choices(base, body, headers={"authorization": f"Bearer {API_KEY}"})
+    if isinstance(choices, str):
+        return status, choices, None
+    return status, "".join(c["text"] for c in choices), finish_reason(choices)
 
 
 def grpc_stream_text(target: str, prompt: list[int]) -> tuple[int, str, str | None]:
@@ -114,28 +102,14 @@ def health(base: str) -> tuple[int, dict]:
     return r.status_code, r.json()
 
 
-def ingress_counts(base: str, name: str) -> dict[tuple, float]:
-    """Samples of ``name`` (a series the ingress counts) by their labels, once three /metrics scrapes in a row agree
-    (a stream's last counts land just after its client has read the end)."""
-    seen: list[dict[tuple, float]] = []
-
-    def settled() -> bool:
-        out = {}
-        for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
-            for sample in family.samples:
-                if sample.name == name:
-                    out[tuple(sorted(sample.labels.items()))] = sample.value
-        seen.append(out)
-        return len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]
-
-    wait_until(settled, f"the ingress replicas never agreed on {name}: {seen[-3:]}", 60, 0.1)
-    return seen[-1]
-
-
 def frontend_requests(base: str) -> dict[str, float]:
     """Engine requests each frontend replica accepted (``engine`` label: the replica), from /metrics."""
-    counts = ingress_counts(base, "mixserve:frontend_requests_total")
-    return {dict(labels)["engine"]: n for labels, n in counts.items()}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "mixserve:frontend_requests_total":
+                out[sample.labels["engine"]] = sample.value
+    return out
 
 
 def _expert_workers() -> int:

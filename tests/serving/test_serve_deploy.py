@@ -17,7 +17,6 @@ the ones from before (no worker restarted, no expert reloaded).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -37,7 +36,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import LOGITS_TOL, wait_until
-from tests.serving.helpers import free_port, wait_healthy
+from tests.serving.helpers import finish_reason, free_port, stream_choices, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.serving, pytest.mark.slow]
 
@@ -118,24 +117,14 @@ def _stream_ids(base: str, prompt: list[int]) -> tuple[int, list[int] | str, str
     an error event, a broken connection: 599) the error's text instead of the ids."""
     body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
             "logprobs": 0, "return_tokens_as_token_ids": True}  # fmt: skip
-    ids: list[int] = []
-    reason = None
     try:
-        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
-            if r.status_code != 200:
-                return r.status_code, r.read().decode(), None
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[len("data: ") :])
-                if "error" in chunk:
-                    return 500, json.dumps(chunk), None
-                choice = chunk["choices"][0]
-                ids += [int(t.removeprefix("token_id:")) for t in (choice.get("logprobs") or {}).get("tokens", [])]
-                reason = choice.get("finish_reason") or reason
+        status, choices = stream_choices(base, body)
     except httpx.HTTPError as e:
         return 599, repr(e), None
-    return 200, ids, reason
+    if isinstance(choices, str):
+        return status, choices, None
+    ids = [int(t.removeprefix("token_id:")) for c in choices for t in (c.get("logprobs") or {}).get("tokens", [])]
+    return status, ids, finish_reason(choices)
 
 
 def _health(base: str) -> dict:
