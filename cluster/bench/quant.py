@@ -6,11 +6,15 @@ experts quantized on load, ``quantization=``) and each batch size, an in-process
 prompts of --prompt-len tokens for --new-tokens greedy tokens (after one warm-up run). decode tokens/s = batch /
 median full-batch decode step (schedule, forward, sample). Floor = the bytes one decode step must read (every 2-D
 non-expert matrix but an untied embedding, plus the experts its tokens hit, as stored: quantized ones with their
-scales) / the memory bandwidth measured here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor).
+scales) / the memory bandwidth measured here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor). Compute
+floor = the step's multiply-adds (2 x every dense matrix's weights x the batch, plus 2 x each routed (token, expert)
+pair x an expert's 3 D F weights) / the float32 matmul rate measured here (best of 3 2048^3 matmuls): where a step
+must multiply more than it must read, no kernel gets it near its bytes floor (``step_over_both_floors``).
 (f) Kernels. One expert matrix of --kernel-shape (default Mixtral-8x7B's w1, 14336 x 4096), median ms of --kernel-iters
 calls per row count: dense ``F.linear`` in bfloat16 and float32, then each quantized form as mixserve runs it
-(``workers.quant``: the kernel, and for int8 its dequantize + matmul path) in --dtype. The int8 crossover is the first
-row count where dequantize + matmul beats ``_weight_int8pack_mm``.
+(``workers.quant``: the kernel, and where that kernel has a row limit its dequantize + matmul path, forced) in
+--dtype, and where the fused CPU kernel runs, the same format without it (torch's kernels only). A format's
+crossover is the first row count where its dequantize + matmul beats its kernel for few rows.
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ from cluster.engine.step import Executor
 from cluster.runtime.frontend import build_frontend
 from router.transport import LocalTransport
 from workers.model import MixtralModel
-from workers.quant.linear import DequantLinear, Int8Linear, prepare
+from workers.quant import cpu_kernel
+from workers.quant.linear import DequantLinear, FusedLinear, Int8Linear, prepare
 
 FORMATS = ("none", "int8", "int4", "fp8")
+NO_FUSED = "without the fused CPU kernel"
+COLUMNS = ["format", "batch", "decode_tokens_per_s", "speed_vs_none", "step_ms_p50", "floor_ms", "step_over_floor"]
+COLUMNS += ["compute_floor_ms", "step_over_both_floors", "weight_mb_per_step", "expert_mb"]
 
 
 def bandwidth_gb_s(mib: int = 512, iters: int = 5) -> float:
@@ -45,6 +53,12 @@ def bandwidth_gb_s(mib: int = 512, iters: int = 5) -> float:
     x = torch.ones(mib * 2**20 // 4)
     best = min(h.time_calls(lambda: x.sum(), iters))
     return x.numel() * 4 / best / 1e9
+
+
+def flop_rate(n: int = 2048, iters: int = 3) -> float:
+    """Multiply-adds this process's threads reach (FLOP/s): a float32 n x n x n matmul over its best time."""
+    a = torch.randn(n, n)
+    return 2 * n**3 / min(h.time_calls(lambda: a @ a, iters))
 
 
 def model_of(o: Any) -> str:
@@ -66,8 +80,13 @@ def token_bytes(model: MixtralModel, config: ModelConfig, per_expert: float) -> 
     return {k: v / total for k, v in parts.items()}
 
 
-def format_run(o: Any, cluster: dict[str, Any], kind: str, batch: int, bandwidth: float, run: h.Run) -> dict:
-    """One format at one batch size: decode tokens/s, step p50, bytes read per step and the floor."""
+def format_run(
+    o: Any, cluster: dict[str, Any], kind: str, batch: int, machine: tuple[float, float], run: h.Run
+) -> dict:
+    """One format at one batch size: decode tokens/s, step p50, bytes read per step and the floor, and the compute
+    floor of the same step (its multiply-adds: every dense matrix times the batch, every expert times the tokens
+    routed to it, over ``machine``'s FLOP/s)."""
+    bandwidth, flops = machine
     options = {**cluster, "quantization": None if kind == "none" else kind, "max_num_seqs": max(batch, 1)}
     config = resolve(ClusterConfig.create(model=model_of(o), **options))
     run(f"(e) {kind}, batch {batch}: loading, warm-up, {o.repeats} runs")
@@ -84,15 +103,16 @@ def format_run(o: Any, cluster: dict[str, Any], kind: str, batch: int, bandwidth
     per_expert = shard.nbytes() / len(shard.experts)  # type: ignore[attr-defined]
     model = fe.model
     tied = model.lm_head is None
-    dense = sum(
-        p.numel() * p.element_size()
-        for n, p in model.named_parameters()
-        if p.dim() == 2 and (tied or n != "embed_tokens")
-    )
+    matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and (tied or n != "embed_tokens")]
+    dense = sum(p.numel() * p.element_size() for p in matrices)
     hits = statistics.fmean(int((s.routed > 0).sum()) for s in steps)
     nbytes = dense + hits * per_expert
     step_s = statistics.median(s.step_s for s in steps)
     floor_s = nbytes / (bandwidth * 1e9)
+    mc = fe.model_config
+    routed = statistics.fmean(int(s.routed.sum()) for s in steps)  # (token, expert) pairs per step, all layers
+    flop = 2 * (batch * sum(p.numel() for p in matrices) + routed * 3 * mc.hidden_size * mc.intermediate_size)
+    compute_s = flop / flops
     return {
         "format": kind,
         "batch": batch,
@@ -102,6 +122,8 @@ def format_run(o: Any, cluster: dict[str, Any], kind: str, batch: int, bandwidth
         "weight_mb_per_step": nbytes / 2**20,
         "floor_ms": floor_s * 1e3,
         "step_over_floor": step_s / floor_s,
+        "compute_floor_ms": compute_s * 1e3,
+        "step_over_both_floors": step_s / max(floor_s, compute_s),
         "expert_mb": shard.nbytes() / 2**20,  # type: ignore[attr-defined]
         "token_bytes": token_bytes(model, fe.model_config, per_expert),
     }
@@ -117,11 +139,17 @@ def kernel_table(o: Any, dtype: torch.dtype, run: h.Run) -> list[dict]:
         "dense bfloat16 F.linear": lambda x, wb=w.bfloat16(): F.linear(x.bfloat16(), wb),
         "dense float32 F.linear": lambda x, wf=w: F.linear(x.float(), wf),
     }
+    cpu = torch.device("cpu")
     for kind in ("int8", "int4", "fp8"):
-        lin = prepare(quantize(w, kind), device=torch.device("cpu"), dtype=dtype)
+        q = quantize(w, kind)
+        lin = prepare(q, device=cpu, dtype=dtype)
         ways[f"{kind}: {lin.kernel}"] = lambda x, lin=lin: lin(x.to(dtype))
-        if isinstance(lin, Int8Linear):
-            ways["int8: dequantize + matmul (forced)"] = lambda x, lin=lin: DequantLinear.matmul(lin, x.to(dtype))
+        if isinstance(lin, Int8Linear | FusedLinear):  # a kernel up to a row count, dequantize + matmul above
+            ways[f"{kind}: dequantize + matmul (forced)"] = lambda x, lin=lin: DequantLinear.matmul(lin, x.to(dtype))
+        if cpu_kernel.kernel() is not None:
+            torch_only = prepare(q, device=cpu, dtype=dtype, cpu_mode="off")
+            if torch_only.kernel != lin.kernel:
+                ways[f"{kind}: {torch_only.kernel} ({NO_FUSED})"] = lambda x, lin=torch_only: lin(x.to(dtype))
     out = []
     with torch.inference_mode():
         for name, fn in ways.items():
@@ -133,14 +161,17 @@ def kernel_table(o: Any, dtype: torch.dtype, run: h.Run) -> list[dict]:
     return out
 
 
-def crossover(kernels: list[dict], rows: list[int]) -> int | None:
-    """The first row count where int8's dequantize + matmul beats its kernel (None: never within ``rows``)."""
-    by = {r["way"]: r for r in kernels}
-    kernel = next((r for w, r in by.items() if w.startswith("int8: _weight_int8pack_mm")), None)
-    forced = by.get("int8: dequantize + matmul (forced)")
-    if kernel is None or forced is None:
-        return None
-    return next((r for r in rows if forced[f"{r} rows"] < kernel[f"{r} rows"]), None)
+def crossover(kernels: list[dict], rows: list[int]) -> dict[str, int | None]:
+    """Per format with a kernel for few rows: the first row count where its dequantize + matmul path beats that
+    kernel (None: never within ``rows``)."""
+    out: dict[str, int | None] = {}
+    for row in kernels:
+        kind, _, way = row["way"].partition(": ")
+        forced = next((r for r in kernels if r["way"] == f"{kind}: dequantize + matmul (forced)"), None)
+        if forced is None or forced is row or way.endswith(f"({NO_FUSED})"):
+            continue
+        out[kind] = next((r for r in rows if forced[f"{r} rows"] < row[f"{r} rows"]), None)
+    return out
 
 
 def goals_of(rows: list[dict], batches: list[int]) -> list[dict]:
@@ -188,36 +219,30 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
     dtype = parse_dtype("bfloat16" if asked == "auto" else asked)  # the formats are compared against bfloat16
     cluster = {**cluster, "dtype": str(dtype).removeprefix("torch.")}
     batches = h.ints(o.batch_sizes, "batch-sizes")
-    r("(e) memory bandwidth")
-    bandwidth = bandwidth_gb_s()
+    r("(e) memory bandwidth, float32 matmul FLOP/s")
+    bandwidth, flops = bandwidth_gb_s(), flop_rate()
     t0 = time.perf_counter()
-    rows = [format_run(o, cluster, k, b, bandwidth, r) for k in kinds for b in batches]
+    rows = [format_run(o, cluster, k, b, (bandwidth, flops), r) for k in kinds for b in batches]
     dense = {x["batch"]: x["decode_tokens_per_s"] for x in rows if x["format"] == "none"}
     for row in rows:
         row["speed_vs_none"] = h.ratio(row["decode_tokens_per_s"], dense.get(row["batch"]))
     kernels = kernel_table(o, dtype, r) if o.kernel_iters else []
-    cross = crossover(kernels, h.ints(o.kernel_rows, "kernel-rows")) if kernels else None
-    cols = [
-        "format",
-        "batch",
-        "decode_tokens_per_s",
-        "speed_vs_none",
-        "step_ms_p50",
-        "floor_ms",
-        "step_over_floor",
-        "weight_mb_per_step",
-        "expert_mb",
-    ]
+    cross = crossover(kernels, h.ints(o.kernel_rows, "kernel-rows")) if kernels else {}
     tables = [
-        h.table(rows, cols, title=f"(e) decode per expert format ({cluster['dtype']}; bandwidth {bandwidth:.1f} GB/s)")
+        h.table(
+            rows,
+            COLUMNS,
+            title=f"(e) decode per expert format ({cluster['dtype']}; bandwidth {bandwidth:.1f} GB/s, float32 matmul "
+            f"{flops / 1e9:.0f} GFLOP/s)",
+        )
     ]
     if kernels:
         cols = ["way"] + [c for c in kernels[0] if c != "way"]
-        tables.append(
-            h.table(
-                kernels, cols, title=f"(f) one expert matrix {o.kernel_shape}, median ms (int8 crossover: {cross} rows)"
-            )
+        where = ", ".join(f"{kind} {rows}" for kind, rows in cross.items())
+        title = (
+            f"(f) one expert matrix {o.kernel_shape}, median ms (rows where dequantize + matmul takes over: {where})"
         )
+        tables.append(h.table(kernels, cols, title=title))
     share = next((x["token_bytes"] for x in rows if x["format"] == "none"), rows[0]["token_bytes"])
     tables.insert(0, "bytes a token reads at batch 1 (" + rows[0]["format"] + " experts): " + ", ".join(
         f"{k} {v:.1%}" for k, v in share.items()) + " (Mixtral-8x7B in bfloat16: experts 88.4%, attention 10.5%, "
@@ -226,9 +251,11 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
         "formats": rows,
         "model": model_of(o),
         "bandwidth_gb_s": bandwidth,
+        "float32_gflop_s": flops / 1e9,
         "cpu_has_bf16_units": cpu_has_fast_bf16(),
         "kernels": kernels,
-        "int8_crossover_rows": cross,
+        "crossover_rows": cross,
+        "cpu_kernel": None if (k := cpu_kernel.kernel()) is None else k.name,
         "seconds": time.perf_counter() - t0,
     }
     settings = {"cluster": cluster, "formats": kinds}

@@ -30,6 +30,11 @@ def test_engine_formats(tiny, tmp_path):
     for r in rows.values():
         assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms_p50"])
         assert r["step_over_floor"] == pytest.approx(r["step_ms_p50"] / r["floor_ms"])
+        assert r["step_over_both_floors"] == pytest.approx(r["step_ms_p50"] / max(r["floor_ms"], r["compute_floor_ms"]))
+        # the compute floor: 2 x (batch x every dense matrix + top-2 x 2 layers x batch x an expert's 3 x 64 x 128)
+        dense = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 4 * 64) + 32000 * 64  # 2 layers of q, o, k, v, router; lm_head
+        flop = 2 * r["batch"] * (dense + 2 * 2 * 3 * 64 * 128)
+        assert r["compute_floor_ms"] == pytest.approx(flop / (res["float32_gflop_s"] * 1e9) * 1e3)
         assert r["speed_vs_none"] == pytest.approx(
             r["decode_tokens_per_s"] / rows[("none", r["batch"])]["decode_tokens_per_s"]
         )
@@ -49,11 +54,19 @@ def test_engine_formats(tiny, tmp_path):
 
 def test_crossover_is_the_first_row_count_where_dequantize_wins():
     kernels = [
-        {"way": "int8: _weight_int8pack_mm (<= 8 rows), dequantize + matmul above", "1 rows": 1.0, "8 rows": 5.0},
+        {"way": "dense float32 F.linear", "1 rows": 9.0, "8 rows": 9.0},
+        {"way": "int8: fused decode + matmul (C, AVX-512) (<= 32 rows), dequantize + matmul above", "1 rows": 1.0,
+         "8 rows": 5.0},
         {"way": "int8: dequantize + matmul (forced)", "1 rows": 3.0, "8 rows": 4.0},
-    ]
-    assert crossover(kernels, [1, 8]) == 8
-    assert crossover(kernels[:1], [1, 8]) is None
+        {"way": "int8: _weight_int8pack_mm (<= 32 rows), dequantize + matmul above (without the fused CPU kernel)",
+         "1 rows": 0.5, "8 rows": 0.5},
+        {"way": "fp8: fused decode + matmul (C, AVX-512) (<= 32 rows), dequantize + matmul above", "1 rows": 1.0,
+         "8 rows": 2.0},
+        {"way": "fp8: dequantize + matmul (forced)", "1 rows": 3.0, "8 rows": 4.0},
+        {"way": "int4: _weight_int4pack_mm_for_cpu", "1 rows": 1.0, "8 rows": 2.0},
+    ]  # fmt: skip
+    assert crossover(kernels, [1, 8]) == {"int8": 8, "fp8": None}
+    assert crossover(kernels[:2], [1, 8]) == {}
 
 
 @pytest.mark.ray

@@ -1,6 +1,7 @@
-"""Every way a quantized matrix runs (torch's int8 / int4 kernels, dequantize + matmul in chunks) gives
-``x @ w.T`` of its exact float32 dequantization; the kernel is chosen by the rows an expert gets; a quantized
-expert shard equals a dense shard of the dequantized weights."""
+"""Every way a quantized matrix runs (the fused CPU kernel in each build, torch's int8 / int4 kernels, dequantize +
+matmul in chunks) gives ``x @ w.T`` of its exact float32 dequantization; the kernel is chosen by the device, the
+activation dtype and the rows an expert gets; a quantized expert shard equals a dense shard of the dequantized
+weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import workers.quant.linear as linear
 from cluster.checkpoint.quant.quantize import quantize
 from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, pack_nibbles
 from workers.expert import ExpertShard
-from workers.quant.linear import DequantLinear, Int4Linear, Int8Linear, prepare
+from workers.quant import cpu_kernel
+from workers.quant.linear import DequantLinear, FusedLinear, Int4Linear, Int8Linear, prepare
 
 CPU = torch.device("cpu")
 
@@ -38,39 +40,86 @@ def check(lin, w, rows: int, *, dtype=torch.float32, seed: int = 1):
     assert err <= tol * max(1.0, want.abs().max().item()), (rows, err)
 
 
+def every_fp8_byte(n: int, k: int) -> FloatWeight:
+    """An fp8 weight [n, k] whose bytes run through all 254 finite e4m3fn values (subnormals, both zeros)."""
+    finite = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
+    data = finite.repeat(n * k // 254 + 1)[: n * k].view(torch.float8_e4m3fn).reshape(n, k)
+    return FloatWeight(data, torch.rand(n, 1, generator=torch.Generator().manual_seed(5)) * 0.01)
+
+
+def fused_name(mode: str) -> str | None:
+    k = cpu_kernel.kernel(mode)
+    return None if k is None else k.name
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_and_dequantize_paths(rows, sym, dtype):
+def test_int8_kernel_and_dequantize_paths(monkeypatch, cpu_kernel_mode, fast_bf16, rows, sym, dtype):
+    monkeypatch.setattr(linear, "FUSED_MAX_ROWS", 8)
     w = int_weight(96, 128, bits=8, group=128, sym=sym)
     lin = prepare(w, device=CPU, dtype=dtype)
     assert isinstance(lin, Int8Linear)
     lin.max_rows = 8  # both paths, whatever this CPU would choose
-    assert lin.kernel_for(rows) == ("_weight_int8pack_mm" if rows <= 8 else "dequantize + matmul")
+    pack = cpu_kernel_mode == "off" or (dtype == torch.bfloat16 and fast_bf16)
+    small = "_weight_int8pack_mm" if pack else fused_name(cpu_kernel_mode)
+    assert lin.kernel_for(rows) == (small if rows <= 8 else "dequantize + matmul")
     assert (lin.shift is None) == sym  # zero points other than 128 add sum(x) * (128 - zero) * scale
     check(lin, w, rows, dtype=dtype)
 
 
-def test_int8_kernel_row_limit_follows_the_cpu_and_dtype(fast_bf16):
-    """The measured crossovers (workers/quant/kernels.py): float32 activations always dequantize; bfloat16 uses the
-    kernel up to 8 rows on a CPU with bf16 units, up to 32 without them."""
+def test_int8_row_limit_follows_the_kernel_cpu_and_dtype(cpu_kernel_mode, fast_bf16):
+    """The measured crossovers (workers/quant/kernels.py). With the fused kernel: it runs up to 32 rows, except for
+    bfloat16 on a CPU with bf16 units, where torch's kernel runs up to 8. Without it: float32 activations always
+    dequantize; bfloat16 uses torch's kernel up to 8 rows with bf16 units, up to 32 without them."""
     w = int_weight(96, 128, bits=8, group=128)
-    assert prepare(w, device=CPU, dtype=torch.float32).kernel_for(1) == "dequantize + matmul"
-    lin = prepare(w, device=CPU, dtype=torch.bfloat16)
-    assert lin.kernel_for(8) == "_weight_int8pack_mm"
-    assert lin.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
-    assert lin.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
-    assert lin.kernel_for(33) == "dequantize + matmul"
+    fused = fused_name(cpu_kernel_mode)
+    f32, bf16 = (prepare(w, device=CPU, dtype=d) for d in (torch.float32, torch.bfloat16))
+    assert f32.kernel_for(1) == (fused or "dequantize + matmul")
+    assert f32.kernel_for(32) == (fused or "dequantize + matmul")
+    assert f32.kernel_for(33) == "dequantize + matmul"
+    small = "_weight_int8pack_mm" if fast_bf16 or fused is None else fused
+    assert bf16.kernel_for(8) == small
+    assert bf16.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else small)
+    assert bf16.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else small)
+    assert bf16.kernel_for(33) == "dequantize + matmul"
 
 
 @pytest.mark.parametrize("rows", [1, 8, 33])
 @pytest.mark.parametrize(("k", "group"), [(128, 32), (256, 128), (512, 512)])  # 512: per channel, kernel groups 256
-def test_int4_kernel(rows, k, group):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernels(cpu_kernel_mode, rows, k, group, dtype):
+    """bfloat16: torch's int4 kernel; float32: the fused kernel (torch's is slow for float32 activations on a CPU),
+    dequantize + matmul above 32 rows; torch's kernel where the fused one is off."""
     w = int_weight(80, k, bits=4, group=group)
-    lin = prepare(w, device=CPU, dtype=torch.float32)
-    assert isinstance(lin, Int4Linear) and lin.group == min(group, 256)
-    assert lin.kernel_for(rows) == "_weight_int4pack_mm_for_cpu"
-    check(lin, w, rows)
+    lin = prepare(w, device=CPU, dtype=dtype)
+    fused = fused_name(cpu_kernel_mode) if dtype == torch.float32 else None
+    if fused is None:
+        assert isinstance(lin, Int4Linear) and lin.group == min(group, 256)
+        assert lin.kernel_for(rows) == "_weight_int4pack_mm_for_cpu"
+    else:
+        assert isinstance(lin, FusedLinear)
+        assert lin.kernel_for(rows) == (fused if rows <= 32 else "dequantize + matmul")
+    check(lin, w, rows, dtype=dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", ["channel", "tensor"])
+def test_fp8_on_a_cpu(cpu_kernel_mode, rows, dtype, scale):
+    """fp8 weights on a CPU: the fused kernel up to 32 rows and dequantize + matmul above, or dequantize + matmul
+    only where the kernel is off; every finite e4m3fn byte value, per-channel and per-tensor scales."""
+    w = every_fp8_byte(72, 136)
+    if scale == "tensor":
+        w = FloatWeight(w.data, torch.tensor([[0.003]]))
+    lin = prepare(w, device=CPU, dtype=dtype)
+    fused = fused_name(cpu_kernel_mode)
+    assert type(lin) is (DequantLinear if fused is None else FusedLinear)
+    if fused is None:
+        assert lin.kernel_for(rows) == lin.kernel  # dequantize + matmul (in float32 without bf16 units)
+    else:
+        assert lin.kernel_for(rows) == (fused if rows <= 32 else "dequantize + matmul")
+    check(lin, w, rows, dtype=dtype)
 
 
 def test_int4_packing_in_row_chunks_equals_one_packing():
@@ -96,16 +145,16 @@ def test_act_order_columns(kind):
     [
         int_weight(64, 96, bits=4, group=16),  # no int4 kernel takes groups of 16
         int_weight(64, 128, bits=8, group=32),  # grouped int8: no kernel
-        FloatWeight((torch.randn(64, 128) * 30).to(torch.float8_e4m3fn), torch.rand(64, 1) * 0.01),
-        FloatWeight((torch.randn(64, 128) * 30).to(torch.float8_e4m3fn), torch.tensor([[0.003]])),
+        every_fp8_byte(64, 128),
+        FloatWeight(every_fp8_byte(64, 128).data, torch.tensor([[0.003]])),
     ],
     ids=["int4-g16", "int8-g32", "fp8-channel", "fp8-tensor"],
 )
 @pytest.mark.parametrize("rows", [1, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_path(monkeypatch, w, rows, dtype):
+    monkeypatch.setenv(cpu_kernel.ENV, "off")  # fp8: the dequantize path only
     monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1000)  # several row chunks
-    monkeypatch.setattr(linear, "LOOKUP_ELEMENTS", 300)  # fp8: several lookups per chunk, the last one shorter
     lin = prepare(w, device=CPU, dtype=dtype)
     assert type(lin) is DequantLinear and lin.rows_per_chunk < w.shape[0]
     check(lin, w, rows, dtype=dtype)
@@ -115,9 +164,9 @@ def test_dequantize_path(monkeypatch, w, rows, dtype):
 def test_dequantize_path_multiplies_bf16_in_float32_on_a_cpu_without_bf16_units(monkeypatch, fast_bf16, kind):
     """bfloat16 activations: the chunks are multiplied in float32 where the CPU has no bf16 units (its bfloat16
     matmul is emulated), in bfloat16 where it has them; the output is bfloat16 and right either way."""
+    monkeypatch.setenv(cpu_kernel.ENV, "off")  # fp8: the dequantize path only
     monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1000)
-    w = int_weight(64, 96, bits=4, group=16) if kind != "fp8" else FloatWeight(
-        (torch.randn(64, 128) * 30).to(torch.float8_e4m3fn), torch.rand(64, 1) * 0.01)  # fmt: skip
+    w = int_weight(64, 96, bits=4, group=16) if kind != "fp8" else every_fp8_byte(64, 128)
     lin = prepare(w, device=CPU, dtype=torch.bfloat16)
     assert type(lin) is DequantLinear
     assert lin.matmul_dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
@@ -131,6 +180,7 @@ def test_dequantize_chunks_reuse_one_buffer_per_thread(monkeypatch):
     heap would keep), and two matrices taking turns, or two threads, do not disturb each other's results."""
     import threading
 
+    monkeypatch.setenv(cpu_kernel.ENV, "off")  # int4 g16 in float32: the dequantize path only
     monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(linear, "SCRATCH", linear.Scratch())
     a, b = int_weight(64, 96, bits=4, group=16, seed=1), int_weight(40, 128, bits=8, group=32, seed=2)

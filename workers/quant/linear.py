@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, unpack_nibbles
+from cluster.config.dtype import cpu_has_fast_bf16
+from workers.quant import cpu_kernel
 from workers.quant.kernels import (
     DEQUANT_CHUNK_ELEMENTS,
+    FUSED_MAX_ROWS,
     dequant_matmul_dtype,
     fp8_matmul_device,
     int4_kernel_group,
@@ -24,7 +27,7 @@ from workers.quant.kernels import (
 )
 
 _FP8_MAX = 448.0
-LOOKUP_ELEMENTS = 1 << 18  # float8 bytes looked up at once (their int32 indices: 1 MiB)
+_E4M3_AS_F16 = -16512  # 0xBF80: the bits of (e4m3fn byte << 7) that make the float16 of its value times 2^-8
 aten = torch.ops.aten  # torch's quantized matmuls are private ops; reached here, typed as the dispatcher's
 
 
@@ -91,8 +94,8 @@ class DequantLinear(QuantLinear):
             self.bits, self.group = w.bits, w.group_size
         else:
             self.q, self.scale, self.zero = w.data.to(device), w.scale.to(device), torch.empty(0)
-        # float8 -> float32 on a CPU: a lookup of the 256 values by byte is ~2x faster than torch's conversion
-        self.table = _float8_values(self.q.dtype) if not self.integer and device.type == "cpu" else None
+        # e4m3fn -> float32 through float16 bits: ~4x faster on a CPU than torch's conversion of float8
+        self.e4m3 = not self.integer and self.q.dtype == torch.float8_e4m3fn
         self.rows_per_chunk = max(1, DEQUANT_CHUNK_ELEMENTS // self.shape[1])
         self.matmul_dtype = dequant_matmul_dtype(device, dtype)
 
@@ -114,15 +117,14 @@ class DequantLinear(QuantLinear):
             g = w.view(r, k // self.group, self.group)
             g.sub_(self.zero[start:stop, :, None]).mul_(self.scale[start:stop, :, None])
         else:
-            if self.table is not None:  # float8 -> float32 by byte, through a small index buffer
-                flat, q = w.view(-1), self.q[start:stop].view(torch.uint8).view(-1)
-                for i in range(0, flat.numel(), LOOKUP_ELEMENTS):
-                    part = q[i : i + LOOKUP_ELEMENTS]
-                    idx = SCRATCH.take(1, part.numel(), dtype=torch.int32, device=w.device).view(-1).copy_(part)
-                    torch.index_select(self.table, 0, idx, out=flat[i : i + part.numel()])
+            scale = self.scale if self.scale.shape[0] == 1 else self.scale[start:stop]
+            if self.e4m3:  # the byte, sign-extended, shifted and masked: float16 bits of its value * 2^-8
+                h = SCRATCH.take(r, k, dtype=torch.int16, device=w.device).copy_(self.q[start:stop].view(torch.int8))
+                w.copy_(h.bitwise_left_shift_(7).bitwise_and_(_E4M3_AS_F16).view(torch.float16))
+                scale = scale * 256.0
             else:
                 w.copy_(self.q[start:stop])
-            w.mul_(self.scale if self.scale.shape[0] == 1 else self.scale[start:stop])
+            w.mul_(scale)
         if self.matmul_dtype == torch.float32:
             return w
         return SCRATCH.take(r, k, dtype=self.matmul_dtype, device=w.device).copy_(w)
@@ -144,29 +146,36 @@ class DequantLinear(QuantLinear):
 
 
 class Int8Linear(DequantLinear):
-    """int8, one scale per output feature: ``torch._weight_int8pack_mm`` up to ``max_rows`` rows, the dequantize
-    path above (its cost is paid once for all rows). Zero points other than 128 add ``sum(x) * (128 - zero) s``."""
+    """int8, one scale per output feature, up to ``max_rows`` rows through a kernel that reads 1 byte per weight:
+    the fused CPU kernel (``cpu_kernel``), or ``torch._weight_int8pack_mm`` for bfloat16 on a CPU with bf16 units
+    and on CUDA; above them the dequantize path (its cost is paid once for all rows). Zero points other than 128
+    add ``sum(x) * (128 - zero) s``."""
 
-    def __init__(self, w: IntWeight, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, w: IntWeight, *, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None = None
+    ) -> None:
         super().__init__(w, device=device, dtype=dtype)
+        pack = device.type != "cpu" or (dtype == torch.bfloat16 and cpu_has_fast_bf16())
+        self.fused = None if pack else fused
         self.signed = (self.q.to(torch.int16) - 128).to(torch.int8)  # [N, K]
-        self.kernel_scale = self.scale[:, 0].to(dtype).contiguous()  # [N]
+        scale_dtype = torch.float32 if self.fused is not None else dtype  # what the kernel takes
+        self.kernel_scale = self.scale[:, 0].to(scale_dtype).contiguous()  # [N]
         shift = (128 - self.zero[:, 0]) * self.scale[:, 0]  # [N]
         self.shift = shift.to(dtype) if bool((shift != 0).any()) else None
-        self.max_rows = int8_kernel_max_rows(device, dtype)
+        self.max_rows = FUSED_MAX_ROWS if self.fused is not None else int8_kernel_max_rows(device, dtype)
         self.q = self.zero = torch.empty(0)  # the dequantize path reads the signed copy instead
-        aten._weight_int8pack_mm(
-            torch.zeros(1, self.shape[1], dtype=dtype, device=device), self.signed, self.kernel_scale
-        )
+        self.matmul(torch.zeros(1, self.shape[1], dtype=dtype, device=device))
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
         if self.max_rows == 0:
             return "dequantize + matmul (float32 activations)"
-        return f"_weight_int8pack_mm (<= {self.max_rows} rows), dequantize + matmul above"
+        return f"{self.kernel_for(1)} (<= {self.max_rows} rows), dequantize + matmul above"
 
     def kernel_for(self, rows: int) -> str:
-        return "_weight_int8pack_mm" if rows <= self.max_rows else "dequantize + matmul"
+        if rows > self.max_rows:
+            return "dequantize + matmul"
+        return "_weight_int8pack_mm" if self.fused is None else self.fused.name
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         w = SCRATCH.take(stop - start, self.shape[1], dtype=self.matmul_dtype, device=self.signed.device)
@@ -176,11 +185,38 @@ class Int8Linear(DequantLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_rows:
             return super().matmul(x)
-        y = aten._weight_int8pack_mm(x, self.signed, self.kernel_scale)
+        if self.fused is not None:
+            y = self.fused.linear(x, self.signed, self.kernel_scale).to(x.dtype)
+        else:
+            y = aten._weight_int8pack_mm(x, self.signed, self.kernel_scale)
         return y if self.shift is None else y + x.sum(-1, keepdim=True) * self.shift
 
     def tensors(self) -> list[torch.Tensor | None]:
         return [self.perm, self.signed, self.kernel_scale, self.shift]
+
+
+class FusedLinear(DequantLinear):
+    """fp8 e4m3fn, or int4 in groups of a multiple of 16, on a CPU: the fused CPU kernel (``cpu_kernel``: each
+    weight decoded in registers, the matrix read once per call) up to ``FUSED_MAX_ROWS`` rows, the dequantize path
+    above."""
+
+    def __init__(self, w: QuantWeight, fused: cpu_kernel.Kernel, *, device: torch.device, dtype: torch.dtype):
+        super().__init__(w, device=device, dtype=dtype)
+        self.fused = fused
+        self.kernel_scale = self.scale if self.integer else self.scale.reshape(-1)  # [N, K / G]; fp8: [N] or [1]
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        return f"{self.fused.name} (<= {FUSED_MAX_ROWS} rows), dequantize + matmul above"
+
+    def kernel_for(self, rows: int) -> str:
+        return self.fused.name if rows <= FUSED_MAX_ROWS else "dequantize + matmul"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > FUSED_MAX_ROWS:
+            return super().matmul(x)
+        zero = self.zero if self.integer else None
+        return self.fused.linear(x, self.q, self.kernel_scale, zero=zero).to(x.dtype)
 
 
 class Int4Linear(QuantLinear):
@@ -243,22 +279,24 @@ class Fp8Linear(QuantLinear):
         return [self.data, self.scale_b, self.input_scale]
 
 
-def prepare(w: QuantWeight, *, device: torch.device, dtype: torch.dtype) -> QuantLinear:
+def prepare(w: QuantWeight, *, device: torch.device, dtype: torch.dtype, cpu_mode: str | None = None) -> QuantLinear:
     """The form ``w`` runs in on ``device``: a kernel's where one runs for it (tried here, once per matrix), else
-    :class:`DequantLinear`. Each choice is logged once per process."""
+    :class:`DequantLinear`. ``cpu_mode``: which build of the fused CPU kernel (default: ``$MIXSERVE_CPU_KERNEL``).
+    Each choice is logged once per process."""
+    fused = cpu_kernel.kernel(cpu_mode) if device.type == "cpu" else None
     try:
-        linear = _kernel(w, device, dtype)
+        linear = _kernel(w, device, dtype, fused)
     except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError) as e:
         log.info("%s %s: no kernel on %s (%s); dequantize + matmul", _kind(w), w.shape, device, str(e)[:160])
         linear = None
     if linear is None:
         linear = DequantLinear(w, device=device, dtype=dtype)
         if isinstance(w, FloatWeight) and device.type == "cpu":
+            mode = cpu_mode or cpu_kernel.mode()
             note(
-                "fp8 experts on the CPU dequantize every call (~80 ms per 14336 x 4096 matrix on a 2-core CPU, "
-                "whatever the rows; a bfloat16 matmul of it takes ~8 ms at one row): fp8 is for GPUs with FP8 "
-                "tensor cores; on a CPU serve "
-                "the dense checkpoint with quantization='int8' or 'int4' instead",
+                f"fp8 experts on the CPU without the fused CPU kernel ({cpu_kernel.ENV}={mode}, or no C compiler) "
+                "dequantize every call (~30 ms per 14336 x 4096 matrix on a 2-core CPU, whatever the rows; "
+                "a bfloat16 matmul of it takes ~9 ms at one row)",
                 level=logging.WARNING,
             )
     linear.kind = _kind(w)
@@ -266,32 +304,35 @@ def prepare(w: QuantWeight, *, device: torch.device, dtype: torch.dtype) -> Quan
     return linear
 
 
-def _kernel(w: QuantWeight, device: torch.device, dtype: torch.dtype) -> QuantLinear | None:
+def _kernel(
+    w: QuantWeight, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None
+) -> QuantLinear | None:
     if isinstance(w, IntWeight):
         group = int4_kernel_group(w.group_size)
+        # torch's int4 kernel is slow for float32 activations on a CPU (~80 ms at one row of a Mixtral matrix)
+        if w.bits == 4 and fused is not None and dtype == torch.float32 and w.group_size % 16 == 0:
+            return FusedLinear(w, fused, device=device, dtype=dtype)
         if w.bits == 4 and group is not None and (device.type == "cpu" or dtype == torch.bfloat16):
             return Int4Linear(w, device=device, dtype=dtype, group=group)
         if w.bits == 8 and w.group_size == w.shape[1]:
-            return Int8Linear(w, device=device, dtype=dtype)
+            return Int8Linear(w, device=device, dtype=dtype, fused=fused)
         return None
-    if w.activations is None:
-        return None
-    if fp8_matmul_device(device) and dtype in (torch.bfloat16, torch.float16):
-        return Fp8Linear(w, device=device, dtype=dtype)
-    note(f"fp8 experts on {device.type}: the scheme quantizes activations, but this device has no fp8 matmul; "
-         "running weight-only (dequantize + matmul)")  # fmt: skip
-    return None
+    if w.activations is not None:
+        if fp8_matmul_device(device) and dtype in (torch.bfloat16, torch.float16):
+            return Fp8Linear(w, device=device, dtype=dtype)
+        note(f"fp8 experts on {device.type}: the scheme quantizes activations, but this device has no fp8 matmul; "
+             "running weight-only")  # fmt: skip
+    return (
+        None
+        if fused is None or w.data.dtype != torch.float8_e4m3fn
+        else FusedLinear(w, fused, device=device, dtype=dtype)
+    )
 
 
 def _kind(w: QuantWeight) -> str:
     if isinstance(w, FloatWeight):
         return "fp8"
     return f"int{w.bits}" + ("" if w.group_size == w.shape[1] else f" g{w.group_size}")
-
-
-def _float8_values(dtype: torch.dtype) -> torch.Tensor:
-    """float32 [256]: the value of each byte read as ``dtype`` (a float8 type), NaNs included."""
-    return torch.arange(256, dtype=torch.uint8).view(dtype).float()
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

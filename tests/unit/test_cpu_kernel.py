@@ -1,0 +1,141 @@
+"""The fused CPU kernel (workers/quant/cpu_kernel.c), both builds: every float8 byte decodes to torch's own value of
+it, and every product equals ``x @ w.T`` of the weight's float64 dequantization, for any shape (row and column
+tails, more than 8 rows, one or two threads); the build is cached per source and host and fails soft."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.checkpoint.quant.weights import pack_nibbles
+from workers.quant import cpu_kernel
+
+BUILDS = ["auto", "portable"]
+
+
+@pytest.fixture(params=BUILDS, scope="module")
+def build(request) -> cpu_kernel.Kernel:
+    k = cpu_kernel.kernel(request.param)
+    assert k is not None, "this machine has a C compiler: the kernel must build"
+    return k
+
+
+def test_builds_are_the_ones_asked_for():
+    """auto: AVX-512 where the CPU has it (the CI hosts do), else the portable loop; portable: never SIMD."""
+    flags = Path("/proc/cpuinfo").read_text()
+    avx512 = all(f in flags for f in (" avx512f", " avx512bw", " f16c"))
+    assert cpu_kernel.kernel("auto").simd == (512 if avx512 else 0)  # type: ignore[union-attr]
+    assert cpu_kernel.kernel("portable").simd == 0  # type: ignore[union-attr]
+    assert cpu_kernel.kernel("off") is None
+
+
+def test_every_float8_byte_decodes_to_torchs_value(build):
+    """x one-hot: y[m, n] = w[n, m] * scale, a single product, so it must equal torch's float8 -> float32 value
+    times the scale exactly, for all 254 finite e4m3fn bytes (subnormals and both zeros included)."""
+    finite = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
+    w = finite.view(torch.float8_e4m3fn).reshape(2, 127)  # [N 2, K 127]: a column tail after 7 blocks of 16
+    eye = torch.eye(127)
+    for scale in (torch.tensor([0.75, 3.0]), torch.tensor([0.375])):
+        got = build.linear(eye, w, scale)  # [127, 2]
+        want = (w.float() * scale.reshape(-1, 1)).t()
+        assert torch.equal(got, want)
+
+
+def _check(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
+    want = x.double() @ dense.t()
+    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert err <= 1e-5 * max(1.0, want.abs().max().item()), err
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 19), n=st.integers(1, 37), k=st.integers(1, 70), seed=st.integers(0, 2**16),
+       per_row=st.booleans())  # fmt: skip
+@pytest.mark.parametrize("mode", BUILDS)
+def test_one_byte_weights_match_their_dequantization(mode, m, n, k, seed, per_row):
+    build = cpu_kernel.kernel(mode)
+    assert build is not None
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    scale = torch.rand(n if per_row else 1, generator=g) + 0.01
+    fp8 = (torch.randn(n, k, generator=g) * 40).to(torch.float8_e4m3fn)
+    i8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    for w in (fp8, i8):
+        _check(build.linear(x, w, scale), x, w.double() * scale.double().reshape(-1, 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 19), n=st.integers(1, 37), groups=st.integers(1, 4), group=st.sampled_from([16, 32, 128]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+@pytest.mark.parametrize("mode", BUILDS)
+def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed):
+    build = cpu_kernel.kernel(mode)
+    assert build is not None
+    g = torch.Generator().manual_seed(seed)
+    k = groups * group
+    values = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, groups, generator=g) * 0.02 + 0.001
+    zero = torch.randint(0, 16, (n, groups), generator=g).float()
+    x = torch.randn(m, k, generator=g)
+    dense = (values.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
+    _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, dense)
+
+
+def test_threads_split_rows_without_changing_a_bit(build):
+    """Each output is summed by one thread in one order, so 1 or 2 threads give identical results."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(1030, 1024, generator=g) * 40).to(torch.float8_e4m3fn)
+    x, scale = torch.randn(9, 1024, generator=g), torch.rand(1030, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = build.linear(x, w, scale)
+        torch.set_num_threads(2)
+        two = build.linear(x, w, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_shapes_it_cannot_take_are_refused(build):
+    x = torch.randn(2, 32)
+    w = torch.zeros(4, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="cpu kernel"):
+        build.linear(torch.randn(2, 31), w, torch.ones(4))  # K differs
+    with pytest.raises(ValueError, match="cpu kernel"):
+        build.linear(x, w, torch.ones(3))  # neither [N] nor [1]
+    with pytest.raises(ValueError, match="cpu kernel"):
+        build.linear(x, torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1), zero=torch.ones(4, 2))
+    with pytest.raises(ValueError, match="group 8"):  # int4 groups must be multiples of 16
+        build.linear(x, torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 4), zero=torch.ones(4, 4))
+
+
+def test_the_build_is_cached_per_source_and_host(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    first = cpu_kernel.build()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel.build() == first and first.stat().st_mtime_ns == stamp  # not compiled again
+    assert cpu_kernel.build(portable=True) != first
+    monkeypatch.setattr(cpu_kernel, "_host", lambda: "another CPU")
+    assert cpu_kernel.build() != first  # a shared cache never hands one host another's -march=native binary
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".so"] * 3  # no half-written files left
+
+
+def test_without_a_compiler_the_kernel_is_off_and_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))  # nothing cached
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    with caplog.at_level(logging.WARNING, logger="mixserve.quant"):
+        assert cpu_kernel.kernel("auto") is None
+    assert "no C compiler (no-such-compiler)" in caplog.text
+
+
+def test_a_mode_it_does_not_know_is_an_error(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV, "fast")
+    with pytest.raises(ValueError, match="MIXSERVE_CPU_KERNEL='fast': use one of auto, portable, off"):
+        cpu_kernel.mode()

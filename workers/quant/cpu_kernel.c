@@ -1,0 +1,215 @@
+/* mixserve: y [M, N] = x [M, K] @ w.T, w stored in one byte (or half a byte) per weight, for the few rows per expert
+ * of a decode step on a CPU. Weight rows are decoded in registers, 2 or 4 at a time, and multiplied into up to 8 (or
+ * 4) rows of x at once, so the matrix is read once per call and never written out in float
+ * (workers/quant/cpu_kernel.py builds and calls this).
+ *
+ * Letters: M rows of x, N output features (rows of w), K input features.
+ * kind 0: w [N, K] holds float8 e4m3fn bytes, kind 1: int8 values; scale: float32 [N] (per_row) or [1].
+ * kind 2: w [N, K / 2] holds 4-bit values 0..15, column 2i in the low nibble of byte i; scale and zero: float32
+ * [N, K / G] for groups of G columns (G a multiple of 16), the weight (q - zero) * scale.
+ * With AVX-512 (F, BW) and F16C a float8 byte b becomes the float16 whose bits are (b << 7) & 0xBF80 (sign to bit
+ * 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite e4m3fn value, subnormals
+ * included, so the row sum is multiplied by 256 once. Elsewhere a 256-entry table holds each byte's value.
+ * Example: b = 0x38 (1.0 in e4m3fn) -> 0x1C00, the float16 2^-8; b = 0xB8 (-1.0) -> 0x9C00, -2^-8.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__) && !defined(MIXSERVE_PORTABLE)
+#include <immintrin.h>
+#define MIXSERVE_AVX512 1
+#endif
+
+#define MAX_THREADS 256
+#define MT_MAX 8 /* rows of x per pass over a weight row */
+#define UNROLL _Pragma("GCC unroll 16")
+
+typedef struct {
+    int kind, M, K, N, per_row, group, n0, n1;
+    const float* x;
+    const uint8_t* w;
+    const float* scale;
+    const float* zero;
+    float* out;
+} job_t;
+
+static inline int64_t row_bytes(const job_t* j) { return j->kind == 2 ? j->K / 2 : j->K; }
+
+int mixserve_simd(void) {
+#ifdef MIXSERVE_AVX512
+    return 512;
+#else
+    return 0;
+#endif
+}
+
+#ifdef MIXSERVE_AVX512
+/* the 16 weights of a row (its bytes p) from column k (mask: those < K), int4 before its scale and zero */
+static inline __attribute__((always_inline)) __m512 decode16(const int kind, const uint8_t* p, int k, __mmask16 mask) {
+    if (kind == 2) {
+        const __m128i b = _mm_loadl_epi64((const __m128i*)(p + k / 2)), low = _mm_set1_epi8(0x0F);
+        const __m128i q = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+    }
+    const __m128i b = _mm_maskz_loadu_epi8(mask, p + k);
+    if (kind == 0) {
+        __m256i h = _mm256_cvtepi8_epi16(b);
+        h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBF80));
+        return _mm512_cvtph_ps(h);
+    }
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+/* out[m0 .. m0 + MT, n .. n + count] from weight rows n .. n + NR (count: how many of them are this job's; the rest
+ * repeat row n and are not stored). NR 4 for up to 4 rows of x (4 weight streams in flight: one row is one 4 KiB page,
+ * where the hardware prefetcher stops), else 2; 16 accumulators either way. */
+static inline __attribute__((always_inline)) void tile(const int kind, const int NR, const int MT, const job_t* j,
+                                                       int n, int m0, int count) {
+    const int K = j->K, G = kind == 2 ? j->group : K, groups = K / G;
+    const float* x = j->x + (int64_t)m0 * K;
+    const int64_t rb = row_bytes(j);
+    const uint8_t* w[4];
+    const float *scale[4], *zero[4];
+    for (int r = 0; r < NR; r++) {
+        const int64_t row = r < count ? n + r : n;
+        w[r] = j->w + row * rb;
+        scale[r] = j->scale + row * groups; /* kind 2 only */
+        zero[r] = kind == 2 ? j->zero + row * groups : 0;
+    }
+    const uint8_t* next = j->w + (int64_t)(n + NR) * rb; /* the next rows, fetched while these are multiplied */
+    const int ahead = n + 2 * NR <= j->n1, shift = kind == 2 ? 1 : 0;
+    __m512 acc[16]; /* [NR][MT], NR * MT <= 16: in registers */
+    UNROLL for (int i = 0; i < NR * MT; i++) acc[i] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512 s[4], z[4];
+        for (int r = 0; r < NR && kind == 2; r++) s[r] = _mm512_set1_ps(scale[r][g]), z[r] = _mm512_set1_ps(zero[r][g]);
+        for (int k = g * G; k < (g + 1) * G; k += 16) {
+            const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            if (ahead && ((k >> shift) & 63) == 0)
+                for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + (k >> shift), _MM_HINT_T0);
+            __m512 v[4];
+            UNROLL for (int r = 0; r < NR; r++) {
+                v[r] = decode16(kind, w[r], k, mask);
+                if (kind == 2) v[r] = _mm512_mul_ps(_mm512_sub_ps(v[r], z[r]), s[r]);
+            }
+            UNROLL for (int m = 0; m < MT; m++) {
+                const __m512 xv = _mm512_maskz_loadu_ps(mask, x + (int64_t)m * K + k);
+                UNROLL for (int r = 0; r < NR; r++) acc[r * MT + m] = _mm512_fmadd_ps(v[r], xv, acc[r * MT + m]);
+            }
+        }
+    }
+    const float unit = kind == 0 ? 256.0f : 1.0f; /* kind 2: scaled as decoded */
+    UNROLL for (int r = 0; r < NR; r++) { /* every loop over r and m unrolled: acc stays in registers */
+        if (r >= count) continue;
+        const float f = kind == 2 ? 1.0f : j->scale[j->per_row ? n + r : 0] * unit;
+        UNROLL for (int m = 0; m < MT; m++) {
+            j->out[(int64_t)(m0 + m) * j->N + n + r] = _mm512_reduce_add_ps(acc[r * MT + m]) * f;
+        }
+    }
+}
+
+#define TILES(kind)                                                                                                   \
+    if (nr == 4) {                                                                                                     \
+        switch (mt) {                                                                                                  \
+            case 1: tile(kind, 4, 1, j, n, m0, count); break;                                                          \
+            case 2: tile(kind, 4, 2, j, n, m0, count); break;                                                          \
+            case 3: tile(kind, 4, 3, j, n, m0, count); break;                                                          \
+            default: tile(kind, 4, 4, j, n, m0, count); break;                                                         \
+        }                                                                                                              \
+    } else {                                                                                                           \
+        switch (mt) {                                                                                                  \
+            case 1: tile(kind, 2, 1, j, n, m0, count); break;                                                          \
+            case 2: tile(kind, 2, 2, j, n, m0, count); break;                                                          \
+            case 3: tile(kind, 2, 3, j, n, m0, count); break;                                                          \
+            case 4: tile(kind, 2, 4, j, n, m0, count); break;                                                          \
+            case 5: tile(kind, 2, 5, j, n, m0, count); break;                                                          \
+            case 6: tile(kind, 2, 6, j, n, m0, count); break;                                                          \
+            case 7: tile(kind, 2, 7, j, n, m0, count); break;                                                          \
+            default: tile(kind, 2, 8, j, n, m0, count); break;                                                         \
+        }                                                                                                              \
+    }
+
+static void* run(void* arg) {
+    const job_t* j = (const job_t*)arg;
+    const int nr = j->M <= 4 ? 4 : 2;
+    for (int n = j->n0; n < j->n1; n += nr) {
+        const int count = j->n1 - n < nr ? j->n1 - n : nr;
+        for (int m0 = 0; m0 < j->M; m0 += MT_MAX) {
+            const int mt = j->M - m0 < MT_MAX ? j->M - m0 : MT_MAX;
+            if (j->kind == 0) {
+                TILES(0)
+            } else if (j->kind == 1) {
+                TILES(1)
+            } else {
+                TILES(2)
+            }
+        }
+    }
+    return 0;
+}
+#else
+static float fp8_value(int b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    float v = e ? (float)(8 + m) : (float)m; /* times 2^(e - 10), or 2^-9 for a subnormal */
+    for (int i = 0; i < (e ? e : 1); i++) v *= 2.0f;
+    v *= 1.0f / 1024.0f;
+    return (b & 0x80) ? -v : v;
+}
+
+static void* run(void* arg) {
+    const job_t* j = (const job_t*)arg;
+    float table[256];
+    for (int b = 0; b < 256; b++) table[b] = j->kind == 0 ? fp8_value(b) : (float)(int8_t)b;
+    float* row = malloc(sizeof(float) * j->K); /* row n of w, decoded */
+    if (!row) return (void*)1;
+    for (int n = j->n0; n < j->n1; n++) {
+        const uint8_t* w = j->w + n * row_bytes(j);
+        const float s = j->kind == 2 ? 1.0f : j->scale[j->per_row ? n : 0];
+        for (int k = 0; k < j->K; k++) {
+            if (j->kind == 2) {
+                const int64_t g = (int64_t)n * (j->K / j->group) + k / j->group;
+                row[k] = ((float)((w[k / 2] >> (4 * (k & 1))) & 15) - j->zero[g]) * j->scale[g];
+            } else {
+                row[k] = table[w[k]];
+            }
+        }
+        for (int m = 0; m < j->M; m++) {
+            const float* x = j->x + (int64_t)m * j->K;
+            float lanes[16] = {0};
+            int k = 0;
+            for (; k + 16 <= j->K; k += 16)
+                for (int l = 0; l < 16; l++) lanes[l] += row[k + l] * x[k + l];
+            for (; k < j->K; k++) lanes[0] += row[k] * x[k];
+            float sum = 0.0f;
+            for (int l = 0; l < 16; l++) sum += lanes[l];
+            j->out[(int64_t)m * j->N + n] = sum * s;
+        }
+    }
+    free(row);
+    return 0;
+}
+#endif
+
+/* 0 when done; -1 for a kind or size it does not take. Rows of w are split across `threads` threads (the caller's
+ * one included), in blocks of a multiple of 4. zero and group: kind 2 only. */
+int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
+                     const float* zero, int group, float* out, int threads) {
+    if (kind < 0 || kind > 2 || M < 1 || K < 1 || N < 1) return -1;
+    if (kind == 2 && (group < 16 || group % 16 || K % group || !zero || !per_row)) return -1;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    const int per = ((N + threads - 1) / threads + 3) & ~3; /* whole tiles of rows */
+    pthread_t tid[MAX_THREADS];
+    job_t jobs[MAX_THREADS];
+    int made[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        const int n0 = (int64_t)t * per < N ? t * per : N, n1 = n0 + per < N ? n0 + per : N;
+        jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, x, w, scale, zero, out};
+        made[t] = t > 0 && n0 < n1 && pthread_create(&tid[t], 0, run, &jobs[t]) == 0;
+        if (t > 0 && n0 < n1 && !made[t]) run(&jobs[t]);
+    }
+    run(&jobs[0]);
+    for (int t = 1; t < threads; t++)
+        if (made[t]) pthread_join(tid[t], 0);
+    return 0;
+}
