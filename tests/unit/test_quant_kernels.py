@@ -55,33 +55,31 @@ def fused_name(mode: str) -> str | None:
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_and_dequantize_paths(monkeypatch, cpu_kernel_mode, fast_bf16, rows, sym, dtype):
+def test_int8_kernel_and_dequantize_paths(monkeypatch, cpu_kernel_mode, rows, sym, dtype):
     monkeypatch.setattr(linear, "FUSED_MAX_ROWS", 8)
     w = int_weight(96, 128, bits=8, group=128, sym=sym)
     lin = prepare(w, device=CPU, dtype=dtype)
     assert isinstance(lin, Int8Linear)
     lin.max_rows = 8  # both paths, whatever this CPU would choose
-    pack = cpu_kernel_mode == "off" or (dtype == torch.bfloat16 and fast_bf16)
-    small = "_weight_int8pack_mm" if pack else fused_name(cpu_kernel_mode)
-    assert lin.kernel_for(rows) == (small if rows <= 8 else "dequantize + matmul")
+    fused = fused_name(cpu_kernel_mode) if dtype == torch.float32 else None
+    assert lin.kernel_for(rows) == ((fused or "_weight_int8pack_mm") if rows <= 8 else "dequantize + matmul")
     assert (lin.shift is None) == sym  # zero points other than 128 add sum(x) * (128 - zero) * scale
     check(lin, w, rows, dtype=dtype)
 
 
 def test_int8_row_limit_follows_the_kernel_cpu_and_dtype(cpu_kernel_mode, fast_bf16):
-    """The measured crossovers (workers/quant/kernels.py). With the fused kernel: it runs up to 32 rows, except for
-    bfloat16 on a CPU with bf16 units, where torch's kernel runs up to 8. Without it: float32 activations always
-    dequantize; bfloat16 uses torch's kernel up to 8 rows with bf16 units, up to 32 without them."""
+    """The measured crossovers (workers/quant/kernels.py). float32 activations: the fused kernel up to 32 rows, or
+    dequantize + matmul where it is off (torch's kernel is far slower in float32). bfloat16: torch's kernel up to 8
+    rows on a CPU with bf16 units, up to 32 without them."""
     w = int_weight(96, 128, bits=8, group=128)
     fused = fused_name(cpu_kernel_mode)
     f32, bf16 = (prepare(w, device=CPU, dtype=d) for d in (torch.float32, torch.bfloat16))
     assert f32.kernel_for(1) == (fused or "dequantize + matmul")
     assert f32.kernel_for(32) == (fused or "dequantize + matmul")
     assert f32.kernel_for(33) == "dequantize + matmul"
-    small = "_weight_int8pack_mm" if fast_bf16 or fused is None else fused
-    assert bf16.kernel_for(8) == small
-    assert bf16.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else small)
-    assert bf16.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else small)
+    assert bf16.kernel_for(8) == "_weight_int8pack_mm"
+    assert bf16.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
+    assert bf16.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
     assert bf16.kernel_for(33) == "dequantize + matmul"
 
 

@@ -6,9 +6,8 @@ first use; the dequantize-then-matmul path (``workers.quant.linear.DequantLinear
 Nothing here is required to run.
 
     kind  device        activations  kernel                                   rows per expert
-    int8  cpu           bf16, with   torch._weight_int8pack_mm                <= 8; above: dequantize + matmul
-                        bf16 units
-    int8  cpu           otherwise    fused CPU kernel                         <= FUSED_MAX_ROWS; above: dequantize
+    int8  cpu           float32      fused CPU kernel                         <= FUSED_MAX_ROWS; above: dequantize
+    int8  cpu           bf16, fp16   torch._weight_int8pack_mm                <= 8 with bf16 units, 32 without
     int8  cuda          any          torch._weight_int8pack_mm                <= 16; above: dequantize + matmul
     int4  cpu           float32      fused CPU kernel (groups of 16k)         <= FUSED_MAX_ROWS; above: dequantize
     int4  cpu           bf16, fp16   torch._weight_int4pack_mm_for_cpu        all
@@ -19,22 +18,24 @@ Nothing here is required to run.
 
 The row limits are measured crossovers (``mixserve bench engine --quantization``' kernel table; one Mixtral expert
 matrix 14336 x 4096, 2-core CPUs). A kernel that reads 1 byte per weight costs more with every row, while the
-dequantize path pays its conversion once for all rows. Median ms at 1 / 8 / 32 / 64 rows, CPU without bf16 units,
-bfloat16 activations (2026-12-07):
+dequantize path pays its conversion once for all rows. Median ms at 1 / 8 / 32 / 64 rows on a CPU without bf16 units
+(2026-12-07):
 
-    int8 fused CPU kernel          3.2 / 14.4 / 46.0 / 61.3     dense bf16 F.linear   7.9 / 28.0 / 71.3 / 136
-    int8 _weight_int8pack_mm       2.8 / 8.1 / 36.8 / 74.5      dense fp32 F.linear   9.2 / 26.7 / 27.5 / 41.0
-    int8 dequantize + matmul       20.1 / 38.2 / 95.7 / 78.5
-    fp8 fused CPU kernel           4.1 / 16.1 / 42.4 / 99.9
-    fp8 dequantize + matmul        43.7 / 56.1 / 114 / 103
+    bfloat16 activations                                   float32 activations
+    int8 _weight_int8pack_mm   3.19 / 9.69 / 35.8 / 84.5    int8 fused CPU kernel      2.37 / 7.07 / 28.1 / 59.9
+    int8 fused CPU kernel      3.23 / 13.0 / 39.8 / 86.7    int8 _weight_int8pack_mm   44.3 / 396 / 1969 / 2867
+    int8 dequantize + matmul   20.1 / 33.4 / 93.3 / 78.8    int8 dequantize + matmul   18.5 / 28.9 / 75.7 / 74.0
+    fp8 fused CPU kernel       3.24 / 15.0 / 43.8 / 105     int4 fused CPU kernel      3.50 / 9.15 / 39.6 / 92.8
+    fp8 dequantize + matmul    42.2 / 49.3 / 98.4 / 73.2    int4 _weight_int4pack_mm   69.2 / 463 / 1759 / 3830
+    dense bf16 F.linear        10.1 / 30.9 / 88.1 / 151    fp8 fused CPU kernel       3.21 / 8.87 / 37.9 / 73.5
+    dense fp32 F.linear        8.82 / 29.7 / 38.2 / 52.6    dense fp32 F.linear        8.25 / 28.1 / 32.8 / 40.9
 
-and with bf16 units (issue 19's figures): ``_weight_int8pack_mm`` 2.12 / 7.78 / 27.3, dense bf16 5.75 / 7.23 / 12.4
-at 1 / 8 / 32 rows, so there bf16 activations keep torch's kernel, up to 8 rows. Without bf16 units the dequantize path
-multiplies in float32 (``dequant_matmul_dtype``); torch's int8 kernel in float32 (44 / 396 / 1969 ms) and its int4
-kernel in float32 (78 / 496 / 1834 ms) are far slower than the fused one, which is why float32 never runs them.
-Where the fused kernel is off (``$MIXSERVE_CPU_KERNEL=off``, or no C compiler): int8 on a CPU runs torch's kernel up
-to 8 rows with bf16 units, 32 without them, never for float32 activations (:func:`int8_kernel_max_rows`); int4 runs
-torch's kernel in every dtype; fp8 dequantizes on every call.
+With bf16 units (issue 19's figures): ``_weight_int8pack_mm`` 2.12 / 7.78 / 27.3 and dense bf16 5.75 / 7.23 / 12.4
+at 1 / 8 / 32 rows. So bfloat16 activations keep torch's int8 kernel (up to 8 rows with bf16 units, 32 without:
+:func:`int8_kernel_max_rows`); float32 activations never run torch's int8 or int4 kernels on a CPU. Without bf16
+units the dequantize path multiplies in float32 (``dequant_matmul_dtype``). Where the fused kernel is off
+(``$MIXSERVE_CPU_KERNEL=off``, or no C compiler), float32 int8 dequantizes, int4 runs torch's kernel in every dtype and
+fp8 dequantizes on every call.
 """
 
 from __future__ import annotations
@@ -82,8 +83,7 @@ def int4_kernel_group(group: int) -> int | None:
 
 
 def int8_kernel_max_rows(device: torch.device, dtype: torch.dtype) -> int:
-    """Rows per call up to which ``_weight_int8pack_mm`` beats dequantize + matmul, where the fused CPU kernel does
-    not run instead (module docstring's table)."""
+    """Rows per call up to which ``_weight_int8pack_mm`` beats dequantize + matmul (module docstring's table)."""
     if device.type == "cuda":
         return 16
     if dtype == torch.float32:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, unpack_nibbles
-from cluster.config.dtype import cpu_has_fast_bf16
 from workers.quant import cpu_kernel
 from workers.quant.kernels import (
     DEQUANT_CHUNK_ELEMENTS,
@@ -147,16 +146,15 @@ class DequantLinear(QuantLinear):
 
 class Int8Linear(DequantLinear):
     """int8, one scale per output feature, up to ``max_rows`` rows through a kernel that reads 1 byte per weight:
-    the fused CPU kernel (``cpu_kernel``), or ``torch._weight_int8pack_mm`` for bfloat16 on a CPU with bf16 units
-    and on CUDA; above them the dequantize path (its cost is paid once for all rows). Zero points other than 128
-    add ``sum(x) * (128 - zero) s``."""
+    ``torch._weight_int8pack_mm``, or for float32 activations on a CPU the fused CPU kernel (``cpu_kernel``; torch's
+    kernel is ~10x slower in float32 there); above them the dequantize path (its cost is paid once for all rows).
+    Zero points other than 128 add ``sum(x) * (128 - zero) s``."""
 
     def __init__(
         self, w: IntWeight, *, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None = None
     ) -> None:
         super().__init__(w, device=device, dtype=dtype)
-        pack = device.type != "cpu" or (dtype == torch.bfloat16 and cpu_has_fast_bf16())
-        self.fused = None if pack else fused
+        self.fused = fused if device.type == "cpu" and dtype == torch.float32 else None
         self.signed = (self.q.to(torch.int16) - 128).to(torch.int8)  # [N, K]
         scale_dtype = torch.float32 if self.fused is not None else dtype  # what the kernel takes
         self.kernel_scale = self.scale[:, 0].to(scale_dtype).contiguous()  # [N]
