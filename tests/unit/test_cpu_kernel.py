@@ -5,6 +5,7 @@ tails, more than 8 rows, one or two threads); the build is cached per source and
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -86,48 +87,91 @@ def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed)
     _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, dense)
 
 
-def test_threads_split_rows_without_changing_a_bit(build):
+@pytest.mark.parametrize("rows", [3, 9])  # 4 weight rows at a time up to 4 rows of x, else 2
+def test_threads_split_rows_without_changing_a_bit(build, rows):
     """Each output is summed by one thread in one order, so 1 or 2 threads give identical results."""
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(1030, 1024, generator=g) * 40).to(torch.float8_e4m3fn)
-    x, scale = torch.randn(9, 1024, generator=g), torch.rand(1030, generator=g)
+    fp8 = (torch.randn(1030, 1024, generator=g) * 40).to(torch.float8_e4m3fn)
+    int4 = torch.randint(0, 256, (1030, 512), generator=g, dtype=torch.uint8)
+    scale, groups = torch.rand(1030, generator=g), torch.rand(1030, 8, generator=g)
+    zero = torch.randint(0, 16, (1030, 8), generator=g).float()
+    x = torch.randn(rows, 1024, generator=g)
     before = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = build.linear(x, w, scale)
-        torch.set_num_threads(2)
-        two = build.linear(x, w, scale)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append((build.linear(x, fp8, scale), build.linear(x, int4, groups, zero=zero)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
-def test_shapes_it_cannot_take_are_refused(build):
-    x = torch.randn(2, 32)
-    w = torch.zeros(4, 32, dtype=torch.int8)
-    with pytest.raises(ValueError, match="cpu kernel"):
-        build.linear(torch.randn(2, 31), w, torch.ones(4))  # K differs
-    with pytest.raises(ValueError, match="cpu kernel"):
-        build.linear(x, w, torch.ones(3))  # neither [N] nor [1]
-    with pytest.raises(ValueError, match="cpu kernel"):
-        build.linear(x, torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1), zero=torch.ones(4, 2))
-    with pytest.raises(ValueError, match="group 8"):  # int4 groups must be multiples of 16
-        build.linear(x, torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 4), zero=torch.ones(4, 4))
+@pytest.mark.parametrize(
+    ("x", "w", "scale", "zero", "message"),
+    [
+        (torch.randn(2, 31), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), None, "w must be [N, K]"),
+        (torch.randn(2, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(3), None, "scale [N] or [1]"),
+        (torch.randn(2, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4, dtype=torch.bfloat16), None,
+         "scale must be float32, not torch.bfloat16"),
+        (torch.randn(2, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), torch.ones(4), "take no zero"),
+        (torch.randn(1, 2, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), None, "x and w must be 2-D"),
+        (torch.randn(2, 32), torch.zeros(4, 32, device="meta", dtype=torch.int8), torch.ones(4), None,
+         "every tensor must be on the CPU"),
+        (torch.randn(2, 32), torch.zeros(4, 32, dtype=torch.int16), torch.ones(4), None, "not torch.int16"),
+        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 2), None, "scale and zero of one"),
+        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(1, 2), torch.ones(1, 2), "[N, K / G]"),
+        (torch.randn(2, 48), torch.zeros(4, 24, dtype=torch.uint8), torch.ones(4, 2), torch.ones(4, 2), "of 16"),
+        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 4), torch.ones(4, 4), "of 16"),
+        (torch.randn(2, 288), torch.zeros(4, 144, dtype=torch.uint8), torch.ones(4, 17), torch.ones(4, 17), "K / G"),
+    ],
+)  # fmt: skip
+def test_operands_it_cannot_take_are_refused_by_name(build, x, w, scale, zero, message):
+    with pytest.raises(ValueError, match="cpu kernel: ") as e:
+        build.linear(x, w, scale, zero=zero)
+    assert message in str(e.value)
+
+
+def test_no_rows_or_no_outputs_give_an_empty_result(build):
+    assert build.linear(torch.randn(0, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4)).shape == (0, 4)
+    assert build.linear(torch.randn(2, 32), torch.zeros(0, 32, dtype=torch.int8), torch.ones(1)).shape == (2, 0)
 
 
 def test_the_build_is_cached_per_source_and_host(tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no other cache folder holds a build
     first = cpu_kernel.build()
     stamp = first.stat().st_mtime_ns
+    assert first.parent == tmp_path and first.stat().st_mode & 0o555 == 0o555  # others sharing the folder load it
     assert cpu_kernel.build() == first and first.stat().st_mtime_ns == stamp  # not compiled again
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert cpu_kernel.build() == first  # a cached build needs no compiler
+    monkeypatch.delenv("CC")
     assert cpu_kernel.build(portable=True) != first
     monkeypatch.setattr(cpu_kernel, "_host", lambda: "another CPU")
     assert cpu_kernel.build() != first  # a shared cache never hands one host another's -march=native binary
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".so"] * 3  # no half-written files left
+    monkeypatch.undo()
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    changed = tmp_path / "changed.c"
+    changed.write_text(cpu_kernel.SOURCE.read_text() + "/* changed */\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", changed)
+    assert cpu_kernel.build() not in (first, cpu_kernel.build(portable=True))  # a new source: a new build
+    assert len([p for p in tmp_path.iterdir() if p.suffix == ".so"]) == 5  # and no half-written files left
+
+
+def test_the_temp_fallback_is_a_folder_only_this_user_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_kernel.tempfile, "tempdir", str(tmp_path))
+    own = cpu_kernel._private_temp()
+    assert own == tmp_path / f"mixserve-kernels-{os.getuid()}" and own.stat().st_mode & 0o777 == 0o700
+    own.chmod(0o777)  # as if another user had made it, writable by anyone: never used
+    other = cpu_kernel._private_temp()
+    assert other != own and other.parent == tmp_path and other.stat().st_mode & 0o077 == 0
 
 
 def test_without_a_compiler_the_kernel_is_off_and_says_why(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))  # nothing cached
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setattr(cpu_kernel, "_LOADED", {})
     with caplog.at_level(logging.WARNING, logger="mixserve.quant"):

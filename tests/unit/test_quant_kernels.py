@@ -88,13 +88,15 @@ def test_int8_row_limit_follows_the_kernel_cpu_and_dtype(cpu_kernel_mode, fast_b
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_kernels(cpu_kernel_mode, rows, k, group, dtype):
     """bfloat16: torch's int4 kernel; float32: the fused kernel (torch's is slow for float32 activations on a CPU),
-    dequantize + matmul above 32 rows; torch's kernel where the fused one is off."""
+    dequantize + matmul above 32 rows, and dequantize + matmul for every row count where the fused one is off."""
     w = int_weight(80, k, bits=4, group=group)
     lin = prepare(w, device=CPU, dtype=dtype)
     fused = fused_name(cpu_kernel_mode) if dtype == torch.float32 else None
-    if fused is None:
+    if dtype == torch.bfloat16:
         assert isinstance(lin, Int4Linear) and lin.group == min(group, 256)
         assert lin.kernel_for(rows) == "_weight_int4pack_mm_for_cpu"
+    elif fused is None:
+        assert type(lin) is DequantLinear and lin.kernel_for(rows) == "dequantize + matmul"
     else:
         assert isinstance(lin, FusedLinear)
         assert lin.kernel_for(rows) == (fused if rows <= 32 else "dequantize + matmul")
@@ -130,12 +132,13 @@ def test_int4_packing_in_row_chunks_equals_one_packing():
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_act_order_columns(kind):
-    """GPTQ's act order: stored columns are input features perm[k]; the kernels gather x's columns to match."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_order_columns(cpu_kernel_mode, kind, dtype):
+    """GPTQ's act order: stored columns are input features perm[k]; every kernel gathers x's columns to match."""
     w = int_weight(64, 128, bits=4 if kind == "int4" else 8, group=32 if kind == "int4" else 128, perm=True)
-    lin = prepare(w, device=CPU, dtype=torch.float32)
+    lin = prepare(w, device=CPU, dtype=dtype)
     assert lin.perm is not None
-    check(lin, w, 3)
+    check(lin, w, 3, dtype=dtype)
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,18 @@
  * kind 0: w [N, K] holds float8 e4m3fn bytes, kind 1: int8 values; scale: float32 [N] (per_row) or [1].
  * kind 2: w [N, K / 2] holds 4-bit values 0..15, column 2i in the low nibble of byte i; scale and zero: float32
  * [N, K / G] for groups of G columns (G a multiple of 16), the weight (q - zero) * scale.
- * With AVX-512 (F, BW) and F16C a float8 byte b becomes the float16 whose bits are (b << 7) & 0xBF80 (sign to bit
- * 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite e4m3fn value, subnormals
- * included, so the row sum is multiplied by 256 once. Elsewhere a 256-entry table holds each byte's value.
- * Example: b = 0x38 (1.0 in e4m3fn) -> 0x1C00, the float16 2^-8; b = 0xB8 (-1.0) -> 0x9C00, -2^-8.
+ * With AVX-512 (F, BW, VL) and F16C a float8 byte b, sign-extended to 16 bits, becomes the float16 whose bits are
+ * (b << 7) & 0xBF80 (sign to bit 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite
+ * e4m3fn value, subnormals included, so the row sum is multiplied by 256 once. Elsewhere a 256-entry table holds each
+ * byte's value. The two NaN bytes (0x7F, 0xFF) decode to +-480 in both builds (a checkpoint stores no NaN weights).
+ * Example: b = 0x38 (1.0 in e4m3fn) -> 0x1C00, the float16 2^-8; b = 0xB8 (-1.0), sign-extended 0xFFB8 -> 0x9C00.
+ * Above 8 rows of x (4 with 4 weight rows) the weights are read again for each further 8 rows, from cache.
  */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__) && !defined(MIXSERVE_PORTABLE)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && \
+    !defined(MIXSERVE_PORTABLE)
 #include <immintrin.h>
 #define MIXSERVE_AVX512 1
 #endif
@@ -25,7 +28,7 @@
 #define UNROLL _Pragma("GCC unroll 16")
 
 typedef struct {
-    int kind, M, K, N, per_row, group, n0, n1;
+    int kind, M, K, N, per_row, group, n0, n1, failed;
     const float* x;
     const uint8_t* w;
     const float* scale;
@@ -73,7 +76,7 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
     for (int r = 0; r < NR; r++) {
         const int64_t row = r < count ? n + r : n;
         w[r] = j->w + row * rb;
-        scale[r] = j->scale + row * groups; /* kind 2 only */
+        scale[r] = kind == 2 ? j->scale + row * groups : j->scale; /* kind 2 only */
         zero[r] = kind == 2 ? j->zero + row * groups : 0;
     }
     const uint8_t* next = j->w + (int64_t)(n + NR) * rb; /* the next rows, fetched while these are multiplied */
@@ -161,7 +164,10 @@ static void* run(void* arg) {
     float table[256];
     for (int b = 0; b < 256; b++) table[b] = j->kind == 0 ? fp8_value(b) : (float)(int8_t)b;
     float* row = malloc(sizeof(float) * j->K); /* row n of w, decoded */
-    if (!row) return (void*)1;
+    if (!row) {
+        ((job_t*)arg)->failed = 1;
+        return 0;
+    }
     for (int n = j->n0; n < j->n1; n++) {
         const uint8_t* w = j->w + n * row_bytes(j);
         const float s = j->kind == 2 ? 1.0f : j->scale[j->per_row ? n : 0];
@@ -190,7 +196,7 @@ static void* run(void* arg) {
 }
 #endif
 
-/* 0 when done; -1 for a kind or size it does not take. Rows of w are split across `threads` threads (the caller's
+/* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads` threads (the caller's
  * one included), in blocks of a multiple of 4. zero and group: kind 2 only. */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
                      const float* zero, int group, float* out, int threads) {
@@ -204,12 +210,14 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     int made[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         const int n0 = (int64_t)t * per < N ? t * per : N, n1 = n0 + per < N ? n0 + per : N;
-        jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, x, w, scale, zero, out};
+        jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, 0, x, w, scale, zero, out};
         made[t] = t > 0 && n0 < n1 && pthread_create(&tid[t], 0, run, &jobs[t]) == 0;
         if (t > 0 && n0 < n1 && !made[t]) run(&jobs[t]);
     }
     run(&jobs[0]);
     for (int t = 1; t < threads; t++)
         if (made[t]) pthread_join(tid[t], 0);
+    for (int t = 0; t < threads; t++)
+        if (jobs[t].failed) return -1;
     return 0;
 }

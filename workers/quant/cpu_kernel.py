@@ -17,6 +17,7 @@ Letters: M rows of x, N output features, K input features.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -63,22 +64,14 @@ class Kernel:
 
         Example: x [[1., 2.]], w int8 [[3, -1]], scale [0.5] -> [[0.5]] (= (1 * 3 + 2 * -1) * 0.5).
         """
-        m, k = x.shape
-        n = w.shape[0]
+        problem = _problem(x, w, scale, zero)
+        if problem:
+            raise ValueError(f"cpu kernel: {problem} (x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype})")
+        (m, k), n = x.shape, w.shape[0]
         packed = w.dtype == torch.uint8
-        group = k // scale.shape[1] if packed and scale.dim() == 2 else 0
-        fits = (
-            scale.dtype == torch.float32
-            and x.device.type == "cpu"
-            and (
-                (w.dtype in KINDS and w.shape[1] == k and scale.numel() in (1, n) and zero is None)
-                or (packed and w.shape[1] * 2 == k and zero is not None and group and zero.shape == scale.shape)
-            )
-        )
-        if not fits:
-            raise ValueError(
-                f"cpu kernel: x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}, scale {tuple(scale.shape)}"
-            )
+        group = k // scale.shape[1] if packed else 0
+        if m == 0 or n == 0:
+            return torch.zeros(m, n, dtype=torch.float32)
         x = x.float().contiguous()
         w, scale = w.contiguous(), scale.contiguous()
         zero = None if zero is None else zero.float().contiguous()
@@ -101,8 +94,36 @@ class Kernel:
             threads,
         )
         if rc != 0:
-            raise ValueError(f"cpu kernel refused x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}, group {group}")
+            raise MemoryError(f"cpu kernel: out of memory for x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}")
         return out
+
+
+def _problem(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> str:
+    """What makes these operands ones the kernel cannot take ('' when none): every check the C code relies on."""
+    tensors = [x, w, scale] + ([] if zero is None else [zero])
+    if any(t.device.type != "cpu" for t in tensors):
+        return "every tensor must be on the CPU"
+    if x.dim() != 2 or w.dim() != 2:
+        return "x and w must be 2-D"
+    (m, k), n = x.shape, w.shape[0]
+    if max(m, n, k) >= 2**31:
+        return "sizes must be below 2^31"
+    if scale.dtype != torch.float32:
+        return f"scale must be float32, not {scale.dtype}"
+    if w.dtype in KINDS:
+        if zero is not None:
+            return f"{w.dtype} weights take no zero points"
+        if w.shape[1] != k or scale.numel() not in (1, n) or scale.dim() > 2:
+            return f"w must be [N, K] and scale [N] or [1], scale is {tuple(scale.shape)}"
+        return ""
+    if w.dtype != torch.uint8:
+        return f"w must be float8_e4m3fn, int8 or uint8 (packed int4), not {w.dtype}"
+    if zero is None or scale.dim() != 2 or zero.shape != scale.shape or w.shape[1] * 2 != k:
+        return "packed int4 needs w [N, K / 2] and scale and zero of one shape [N, K / G]"
+    groups = scale.shape[1]
+    if scale.shape[0] != n or groups == 0 or k % groups or (k // groups) % 16:
+        return f"scale {tuple(scale.shape)} must be [N, K / G] with a group size G that is a multiple of 16"
+    return ""
 
 
 _LOCK = threading.Lock()
@@ -145,28 +166,31 @@ def _load(*, portable: bool) -> Kernel | None:
 
 
 def build(*, portable: bool = False) -> Path:
-    """The compiled library for this host (built now unless cached); RuntimeError when no compiler works."""
+    """The compiled library for this host: a cached one where a cache folder holds it, else built now into the first
+    writable one; RuntimeError when none is cached and no compiler works."""
     flags = [*_FLAGS, *(["-DMIXSERVE_PORTABLE"] if portable else [])]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _host().encode()).hexdigest()[:16]
+    name = f"mixserve_qlinear_{key}.so"
+    folders = _cache_folders()
+    cached = next((f / name for f in folders if (f / name).is_file()), None)
+    if cached is not None:
+        return cached
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(flags).encode() + _host().encode()).hexdigest()[:16]
-    folder = _cache_folder()
-    path = folder / f"mixserve_qlinear_{key}.so"
-    if path.is_file():
-        return path
+    folder = next((f for f in folders if os.access(f, os.W_OK)), None) or _private_temp()
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
     os.close(fd)
     try:  # built beside the final name and renamed: workers that build at once never load a half-written file
         done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-400:]}")
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o755)  # other users of a shared cache folder load it too
+        os.replace(tmp, folder / name)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+    return folder / name
 
 
 def _host() -> str:
@@ -179,15 +203,27 @@ def _host() -> str:
     return platform.machine() + "\n".join(sorted(set(keep)))
 
 
-def _cache_folder() -> Path:
-    for folder in (os.environ.get(CACHE_ENV), Path.home() / ".cache" / "mixserve" / "kernels"):
-        if folder:
-            try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                if os.access(folder, os.W_OK):
-                    return Path(folder)
-            except OSError:
-                continue
-    fallback = Path(tempfile.gettempdir()) / f"mixserve-kernels-{os.getuid()}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
+def _cache_folders() -> list[Path]:
+    """``$MIXSERVE_KERNEL_CACHE``, then ``~/.cache/mixserve/kernels`` (made where missing), those that exist."""
+    candidates = [os.environ.get(CACHE_ENV)]
+    with contextlib.suppress(RuntimeError, KeyError):  # no home folder (an unnamed uid in a container)
+        candidates.append(str(Path.home() / ".cache" / "mixserve" / "kernels"))
+    out = []
+    for folder in filter(None, candidates):
+        with contextlib.suppress(OSError):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        if Path(folder).is_dir():
+            out.append(Path(folder))
+    return out
+
+
+def _private_temp() -> Path:
+    """A folder in the temp folder that only this user can write: its own ``mixserve-kernels-<uid>``, else a new one
+    (never one another user made, whose files this process would load)."""
+    folder = Path(tempfile.gettempdir()) / f"mixserve-kernels-{os.getuid()}"
+    with contextlib.suppress(OSError):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat() if folder.exists() else None
+    if info is not None and folder.is_dir() and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+        return folder
+    return Path(tempfile.mkdtemp(prefix="mixserve-kernels-"))

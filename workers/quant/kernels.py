@@ -10,7 +10,7 @@ Nothing here is required to run.
     int8  cpu           bf16, fp16   torch._weight_int8pack_mm                <= 8 with bf16 units, 32 without
     int8  cuda          any          torch._weight_int8pack_mm                <= 16; above: dequantize + matmul
     int4  cpu           float32      fused CPU kernel (groups of 16k)         <= FUSED_MAX_ROWS; above: dequantize
-    int4  cpu           bf16, fp16   torch._weight_int4pack_mm_for_cpu        all
+    int4  cpu           bf16, fp16   torch._weight_int4pack_mm_for_cpu        all (groups divisible by 32)
     int4  cuda          bf16         torch._weight_int4pack_mm (tinygemm)     all
     fp8   cuda sm89+    bf16, fp16   torch._scaled_mm, activations quantized  all, when the scheme quantizes them
     fp8   cpu           any          fused CPU kernel (weight-only)           <= FUSED_MAX_ROWS; above: dequantize
@@ -32,10 +32,9 @@ dequantize path pays its conversion once for all rows. Median ms at 1 / 8 / 32 /
 
 With bf16 units (issue 19's figures): ``_weight_int8pack_mm`` 2.12 / 7.78 / 27.3 and dense bf16 5.75 / 7.23 / 12.4
 at 1 / 8 / 32 rows. So bfloat16 activations keep torch's int8 kernel (up to 8 rows with bf16 units, 32 without:
-:func:`int8_kernel_max_rows`); float32 activations never run torch's int8 or int4 kernels on a CPU. Without bf16
-units the dequantize path multiplies in float32 (``dequant_matmul_dtype``). Where the fused kernel is off
-(``$MIXSERVE_CPU_KERNEL=off``, or no C compiler), float32 int8 dequantizes, int4 runs torch's kernel in every dtype and
-fp8 dequantizes on every call.
+:func:`int8_kernel_max_rows`); float32 activations never run torch's int8 or int4 kernels on a CPU: where the
+fused kernel is off (``$MIXSERVE_CPU_KERNEL=off``, or no C compiler) they dequantize, as fp8 then does on every call.
+Without bf16 units the dequantize path multiplies in float32 (``dequant_matmul_dtype``).
 """
 
 from __future__ import annotations
