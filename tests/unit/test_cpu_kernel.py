@@ -27,9 +27,10 @@ def build(request) -> cpu_kernel.Kernel:
 
 
 def test_builds_are_the_ones_asked_for():
-    """auto: AVX-512 where the CPU has it (the CI hosts do), else the portable loop; portable: never SIMD."""
+    """auto: AVX-512 (F, BW, VL and F16C) where the CPU has it (the CI hosts do), else the portable loop; portable:
+    never SIMD."""
     flags = Path("/proc/cpuinfo").read_text()
-    avx512 = all(f in flags for f in (" avx512f", " avx512bw", " f16c"))
+    avx512 = all(f in flags for f in (" avx512f", " avx512bw", " avx512vl", " f16c"))
     assert cpu_kernel.kernel("auto").simd == (512 if avx512 else 0)  # type: ignore[union-attr]
     assert cpu_kernel.kernel("portable").simd == 0  # type: ignore[union-attr]
     assert cpu_kernel.kernel("off") is None
