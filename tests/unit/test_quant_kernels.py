@@ -55,8 +55,7 @@ def fused_name(mode: str) -> str | None:
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_and_dequantize_paths(monkeypatch, cpu_kernel_mode, rows, sym, dtype):
-    monkeypatch.setattr(linear, "FUSED_MAX_ROWS", 8)
+def test_int8_kernel_and_dequantize_paths(cpu_kernel_mode, rows, sym, dtype):
     w = int_weight(96, 128, bits=8, group=128, sym=sym)
     lin = prepare(w, device=CPU, dtype=dtype)
     assert isinstance(lin, Int8Linear)

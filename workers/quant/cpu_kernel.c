@@ -1,6 +1,6 @@
 /* mixserve: y [M, N] = x [M, K] @ w.T, w stored in one byte (or half a byte) per weight, for the few rows per expert
  * of a decode step on a CPU. Weight rows are decoded in registers, 2 or 4 at a time, and multiplied into up to 8 (or
- * 4) rows of x at once, so the matrix is read once per call and never written out in float
+ * 4) rows of x at once, so the matrix is read once per 8 rows of x and never written out in float
  * (workers/quant/cpu_kernel.py builds and calls this).
  *
  * Letters: M rows of x, N output features (rows of w), K input features.
@@ -12,7 +12,6 @@
  * e4m3fn value, subnormals included, so the row sum is multiplied by 256 once. Elsewhere a 256-entry table holds each
  * byte's value. The two NaN bytes (0x7F, 0xFF) decode to +-480 in both builds (a checkpoint stores no NaN weights).
  * Example: b = 0x38 (1.0 in e4m3fn) -> 0x1C00, the float16 2^-8; b = 0xB8 (-1.0), sign-extended 0xFFB8 -> 0x9C00.
- * Above 8 rows of x (4 with 4 weight rows) the weights are read again for each further 8 rows, from cache.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -196,8 +195,8 @@ static void* run(void* arg) {
 }
 #endif
 
-/* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads` threads (the caller's
- * one included), in blocks of a multiple of 4. zero and group: kind 2 only. */
+/* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads`
+ * threads (the caller's one included), in blocks of a multiple of 4. zero and group: kind 2 only. */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
                      const float* zero, int group, float* out, int threads) {
     if (kind < 0 || kind > 2 || M < 1 || K < 1 || N < 1) return -1;

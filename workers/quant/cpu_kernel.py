@@ -3,14 +3,15 @@ with a scale per row or matrix) or half a byte (4-bit values with a scale and ze
 for the few rows per expert of a decode step. No Ray here.
 
 The C file is compiled once per host with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native``) into
-a cache folder (``$MIXSERVE_KERNEL_CACHE``, else ``~/.cache/mixserve/kernels``, else the temp folder) and loaded with
+a cache folder (``$MIXSERVE_KERNEL_CACHE``, else ``~/.cache/mixserve/kernels``, else a temp folder only this user
+writes) and loaded with
 ctypes, which releases the GIL for the call. The file name holds a hash of the source, the flags and this CPU's
 model and flags, so a cache shared between different hosts never hands one a binary built for another.
 
 ``$MIXSERVE_CPU_KERNEL`` chooses: ``auto`` (default: the AVX-512 build where the CPU has it, else portable C),
 ``portable`` (the plain-C loop, what a CPU without AVX-512 runs), ``off`` (torch's kernels and the dequantize path
-only). Without a compiler, or if the build fails, :func:`kernel` answers None and says why once in the log; nothing
-requires it.
+only). With no cached build and no compiler, or if the build fails, :func:`kernel` answers None and says why once
+in the log; nothing requires it.
 
 Letters: M rows of x, N output features, K input features.
 """

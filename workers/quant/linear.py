@@ -148,14 +148,14 @@ class DequantLinear(QuantLinear):
 class Int8Linear(DequantLinear):
     """int8, one scale per output feature, up to ``max_rows`` rows through a kernel that reads 1 byte per weight:
     ``torch._weight_int8pack_mm``, or for float32 activations on a CPU the fused CPU kernel (``cpu_kernel``; torch's
-    kernel is ~10x slower in float32 there); above them the dequantize path (its cost is paid once for all rows).
+    kernel takes 19-70x longer in float32 there); above them the dequantize path (its cost is paid once for all rows).
     Zero points other than 128 add ``sum(x) * (128 - zero) s``."""
 
     def __init__(
         self, w: IntWeight, *, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None = None
     ) -> None:
         super().__init__(w, device=device, dtype=dtype)
-        self.fused = fused if device.type == "cpu" and dtype == torch.float32 else None
+        self.fused = fused  # the fused CPU kernel, where _kernel chose it (float32 activations on a CPU)
         self.signed = (self.q.to(torch.int16) - 128).to(torch.int8)  # [N, K]
         scale_dtype = torch.float32 if self.fused is not None else dtype  # what the kernel takes
         self.kernel_scale = self.scale[:, 0].to(scale_dtype).contiguous()  # [N]
@@ -196,7 +196,7 @@ class Int8Linear(DequantLinear):
 
 class FusedLinear(DequantLinear):
     """fp8 e4m3fn, or int4 in groups of a multiple of 16, on a CPU: the fused CPU kernel (``cpu_kernel``: each
-    weight decoded in registers, the matrix read once per call) up to ``FUSED_MAX_ROWS`` rows, the dequantize path
+    weight decoded in registers, the matrix read once per 8 rows) up to ``FUSED_MAX_ROWS`` rows, the dequantize path
     above."""
 
     def __init__(self, w: QuantWeight, fused: cpu_kernel.Kernel, *, device: torch.device, dtype: torch.dtype):
@@ -294,7 +294,7 @@ def prepare(w: QuantWeight, *, device: torch.device, dtype: torch.dtype, cpu_mod
             mode = cpu_mode or cpu_kernel.mode()
             note(
                 f"fp8 experts on the CPU without the fused CPU kernel ({cpu_kernel.ENV}={mode}, or no C compiler) "
-                "dequantize every call (~30 ms per 14336 x 4096 matrix on a 2-core CPU, whatever the rows; "
+                "dequantize every call (30-40 ms per 14336 x 4096 matrix on a 2-core CPU, whatever the rows; "
                 "a bfloat16 matmul of it takes ~9 ms at one row)",
                 level=logging.WARNING,
             )
@@ -307,17 +307,16 @@ def _kernel(
     w: QuantWeight, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None
 ) -> QuantLinear | None:
     if isinstance(w, IntWeight):
+        # float32 activations on a CPU: the fused kernel, else dequantize + matmul; never torch's int8 / int4 kernels,
+        # which take 19-70x (int8) and 1.4-13x (int4) longer than these there (workers/quant/kernels.py)
+        f32 = fused if dtype == torch.float32 else None
         group = int4_kernel_group(w.group_size)
-        # torch's int4 kernel is slow for float32 activations on a CPU (~80 ms at one row of a Mixtral matrix)
-        if w.bits == 4 and fused is not None and dtype == torch.float32 and w.group_size % 16 == 0:
-            return FusedLinear(w, fused, device=device, dtype=dtype)
-        # float32 on a CPU without the fused kernel: dequantize + matmul (1.4 / 7.5 / 13x faster than torch's int4
-        # kernel at 1 / 8 / 32 rows of a Mixtral matrix)
-        cpu_f32 = device.type == "cpu" and dtype == torch.float32
-        if w.bits == 4 and group is not None and not cpu_f32 and (device.type == "cpu" or dtype == torch.bfloat16):
+        if w.bits == 4 and device.type == "cpu" and dtype == torch.float32:
+            return None if f32 is None or w.group_size % 16 else FusedLinear(w, f32, device=device, dtype=dtype)
+        if w.bits == 4 and group is not None and (device.type == "cpu" or dtype == torch.bfloat16):
             return Int4Linear(w, device=device, dtype=dtype, group=group)
         if w.bits == 8 and w.group_size == w.shape[1]:
-            return Int8Linear(w, device=device, dtype=dtype, fused=fused)
+            return Int8Linear(w, device=device, dtype=dtype, fused=f32)
         return None
     if w.activations is not None:
         if fp8_matmul_device(device) and dtype in (torch.bfloat16, torch.float16):
