@@ -6,7 +6,15 @@ RDT objects on a two-sided transport can only be passed from one actor task to a
 small tasks: ``stage`` on itself returns the rows for that worker as an RDT object; the worker's ``run``
 takes it and returns its partial output as an RDT object; ``absorb`` on the frontend takes that and parks it
 where the waiting layer picks it up. Every call of a layer is issued before any is awaited, and
-:meth:`RdtTransport.start` returns once they are issued (two micro-batches can be in flight).
+:meth:`RdtTransport.start` returns once they are issued.
+
+One micro-batch's transfers at a time: with two micro-batches, :meth:`RdtTransport.start` first waits until the
+other one's partials have landed. Ray queues each transfer's send and receive on the two actors' single system
+threads from whichever thread resolves it, so transfers of two micro-batches between the same pair of actors, in
+opposite directions, can be queued in opposite orders on the two ends and wait on each other until Ray's RDT timeout
+(60 s; seen as ``RayTaskError(TimeoutError)``). Within one micro-batch a worker's queue holds only its receive and,
+after its ``run``, its send, so the queues always drain. The frontend's attention for one micro-batch still runs while
+the workers compute the other's experts.
 
 The frontend's own tasks are its host hooks (:class:`RdtHostHooks`, the registry row's ``host_hooks``): the actor
 that drives this transport includes that mixin and provides ``expert_transport()``. The group is created on first
@@ -45,6 +53,7 @@ class RdtTransport(RemoteTransport):
         self._received: dict[int, torch.Tensor] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._in_flight: list[Any] = []  # the absorb refs of the last start()
 
     # -- called on the host actor through its own handle (RdtHostHooks) -----------------------------------------
     def stage(self, key: int) -> torch.Tensor:
@@ -74,12 +83,22 @@ class RdtTransport(RemoteTransport):
             self._group = None
         self._staged.clear()
         self._received.clear()
+        self._in_flight = []
+
+    def _drain(self) -> None:
+        """Wait (up to ``timeout_s``) until the last start's partials have landed, so two micro-batches' transfers
+        are never queued together (see the module docstring). A failure is not raised here: the layer it belongs to
+        raises it from :meth:`_Transfers.wait`."""
+        if self._in_flight:
+            ray.wait(self._in_flight, num_returns=len(self._in_flight), timeout=self.timeout_s)
+            self._in_flight = []
 
     def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> _Transfers:
         try:
             self._ensure_group()
         except (GetTimeoutError, RayActorError) as e:  # a worker is gone or not back yet: an outage (503)
             raise ExpertWorkerError(f"expert workers unavailable for the RDT collective group: {e!r}") from None
+        self._drain()
         me = self._me()
         method = "echo" if self.echo else "run"
         done, keys = [], []
@@ -94,6 +113,7 @@ class RdtTransport(RemoteTransport):
             )
             done.append(me.rdt_absorb.remote(key, out_ref))
             keys.append((key, m.worker))
+        self._in_flight = list(done)
         return _Transfers(self, layer, done, keys)
 
 

@@ -1,0 +1,76 @@
+"""RdtTransport keeps one micro-batch's transfers in flight at a time (router/rdt.py's module docstring says why):
+with fake actor handles, every ``start`` waits for the previous start's partials before it submits anything."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from router import rdt
+from router.dispatch import WorkerMessage
+
+
+class _Method:
+    """``handle.method.options(...).remote(*args)`` and ``handle.method.remote(*args)``: logs the call, returns a
+    fresh ref."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def options(self, **_: Any) -> _Method:
+        return self
+
+    def remote(self, *args: Any) -> str:
+        ref = f"{self.name}#{sum(1 for e in self.log if e[0] == self.name)}"
+        self.log.append((self.name, ref))
+        return ref
+
+
+class _Actor:
+    def __init__(self, log: list, name: str) -> None:
+        for method in ("run", "echo", "rdt_stage", "rdt_absorb"):
+            setattr(self, method, _Method(log, f"{name}.{method}"))
+
+
+@pytest.fixture
+def transport(monkeypatch):
+    log: list = []
+    t = rdt.GlooTransport([_Actor(log, "w0"), _Actor(log, "w1")], timeout_s=7.0)
+    monkeypatch.setattr(t, "_ensure_group", lambda: None)
+    monkeypatch.setattr(t, "_me", lambda: _Actor(log, "fe"))
+    monkeypatch.setattr(rdt.ray, "wait", lambda refs, **kw: log.append(("wait", list(refs), kw)) or (refs, []))
+    return t, log
+
+
+def _messages() -> list[WorkerMessage]:
+    rows = torch.tensor([0, 1])
+    experts = torch.tensor([0, 1])
+    weights = torch.ones(2)
+    return [
+        WorkerMessage(worker=w, tokens=torch.tensor([w]), rows=rows, experts=experts, weights=weights) for w in (0, 1)
+    ]
+
+
+def test_a_second_start_waits_for_the_first_ones_partials(transport):
+    t, log = transport
+    x = torch.randn(2, 4)
+    t.start(0, x, _messages())  # micro-batch A
+    assert not [e for e in log if e[0] == "wait"]  # nothing was in flight
+    first_absorbs = [e[1] for e in log if e[0] == "fe.rdt_absorb"]
+    assert len(first_absorbs) == 2
+    n = len(log)
+    t.start(0, x, _messages())  # micro-batch B
+    assert log[n] == ("wait", first_absorbs, {"num_returns": 2, "timeout": 7.0})  # before B submits anything
+    per_worker = [["fe.rdt_stage", f"w{w}.run", "fe.rdt_absorb"] for w in (0, 1)]
+    assert [e[0] for e in log[n + 1 :]] == per_worker[0] + per_worker[1]
+
+
+def test_after_a_failure_nothing_is_waited_for(transport):
+    t, log = transport
+    x = torch.randn(2, 4)
+    t.start(0, x, _messages())
+    t._invalidate()  # what a failed layer does: the group and what it carried are gone
+    t.start(1, x, _messages())
+    assert not [e for e in log if e[0] == "wait"]
