@@ -4,7 +4,8 @@ the actor that serves a shard is :class:`workers.expert_worker.ExpertWorker`.
 Shapes: N distinct tokens in a message, A (token, expert) assignments, D hidden, F intermediate.
 
 Quantized experts (a quantized checkpoint, or ``quantization=`` on a dense one) stay quantized in memory, each
-expert run by the kernel that suits its rows (``workers.quant``); dense experts run in grouped matmuls.
+expert run by the kernel that suits its rows (``workers.quant``); dense experts run in grouped matmuls, or expert by
+expert through ``workers.dense`` where that runs bfloat16 on the fused CPU kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cluster.checkpoint.load import LoadRole, load_tensors, parse_dtype
 from cluster.config.model import ModelConfig
 from cluster.config.quantization import OnLoad
 from cluster.errors import CheckpointError
+from workers import dense
 from workers.quant.experts import QuantExpert, QuantExperts
 
 # torch's grouped GEMM: a private API (the one transformers v5 uses for MoE experts); None where torch lacks it
@@ -160,7 +162,8 @@ class ExpertShard:
         return "; ".join(sorted(kinds)) or "none"
 
     def kernels(self, rows: int) -> set[str]:
-        """What a message of ``rows`` rows per expert runs on: kernel names, or ``grouped matmul`` when dense."""
+        """What a message of ``rows`` rows per expert runs on: kernel names; dense experts: ``grouped matmul``, or the
+        fused CPU kernel's name where ``workers.dense`` runs bfloat16 on it."""
         return {k for le in self._layers.values() for k in le.kernels(rows)}
 
     def run(
@@ -174,8 +177,7 @@ class ExpertShard:
         """Weighted sum of this shard's experts for each token.
 
         x [N, D]; rows/experts/weights [A] (experts sorted ascending). Returns [N, D] in x's dtype: for token n,
-        sum over its assignments of ``weight * expert(x[n])``. All experts of the message run in one grouped
-        matmul per projection (a loop over experts where grouped matmuls are not available).
+        sum over its assignments of ``weight * expert(x[n])``. Dense experts: see :func:`_dense_experts`.
 
         Example: experts [0, 0, 3], rows [0, 2, 1] -> expert 0 on x[0] and x[2], expert 3 on x[1].
         """
@@ -187,24 +189,30 @@ class ExpertShard:
         if le is None or local is None:
             raise KeyError(f"experts {sorted(set(experts.tolist()))} of layer {layer} are not all held by this shard")
         xa = x[rows]  # [A, D], grouped by expert
-        if le.quant is not None:
-            y = le.quant.run(xa, local)
-        elif GROUPED_MM is not None and grouped_mm_works(x.device, x.dtype):
-            ends = torch.cumsum(torch.bincount(local, minlength=len(le.ids)), 0).to(torch.int32)  # [E_l]
-            gate, up = GROUPED_MM(xa, le.w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-            y = GROUPED_MM(F.silu(gate) * up, le.w2.transpose(1, 2), offs=ends)  # [A, D]
-        else:
-            ids, counts = torch.unique_consecutive(local, return_counts=True)
-            parts, start = [], 0
-            for e, c in zip(ids.tolist(), counts.tolist(), strict=True):
-                gate, up = F.linear(xa[start : start + c], le.w13[e]).chunk(2, dim=-1)
-                parts.append(F.linear(F.silu(gate) * up, le.w2[e]))
-                start += c
-            y = torch.cat(parts)
+        y = le.quant.run(xa, local) if le.quant is not None else _dense_experts(le, xa, local)
         # A token's assignments go to the same row of out: index_put_ with accumulate sums them (index_add_ stalls
         # in an OpenMP region when the cores are busy: measured 5 us idle, 28 ms contended)
         out.index_put_((rows,), (y * weights[:, None].to(y.device)).to(out.dtype), accumulate=True)
         return out
+
+
+def _dense_experts(le: _LayerExperts, xa: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """xa [A, D] through dense experts, row a through expert ``local[a]`` (positions in ``le``, sorted) -> [A, D]:
+    one grouped matmul per projection, else a loop over the experts (no grouped matmul here, or bfloat16 on a CPU
+    where ``workers.dense`` runs the fused kernel for each expert's rows)."""
+    counts = torch.bincount(local, minlength=len(le.ids))  # [E_l]
+    fused = xa.device.type == "cpu" and dense.fused_kernel(le.w13, int(counts.max()), xa.dtype) is not None
+    if GROUPED_MM is not None and not fused and grouped_mm_works(xa.device, xa.dtype):
+        ends = torch.cumsum(counts, 0).to(torch.int32)  # [E_l]
+        gate, up = GROUPED_MM(xa, le.w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+        return GROUPED_MM(F.silu(gate) * up, le.w2.transpose(1, 2), offs=ends)  # [A, D]
+    parts, start = [], 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            gate, up = dense.linear(xa[start : start + c], le.w13[e]).chunk(2, dim=-1)
+            parts.append(dense.linear(F.silu(gate) * up, le.w2[e]))
+            start += c
+    return torch.cat(parts)
 
 
 class _LayerExperts:
@@ -234,7 +242,10 @@ class _LayerExperts:
         return sum(t.numel() * t.element_size() for t in (self.w13, self.w2))
 
     def kernels(self, rows: int) -> set[str]:
-        return self.quant.kernels(rows) if self.quant is not None else {"grouped matmul"}
+        if self.quant is not None:
+            return self.quant.kernels(rows)
+        fused = dense.fused_kernel(self.w13, rows, self.w13.dtype)
+        return {"grouped matmul" if fused is None else fused.name}
 
     def describe(self) -> set[str]:
         return (

@@ -45,6 +45,7 @@ from cluster.engine.step import StepOutput
 from cluster.errors import CheckpointError
 from router.client import ExpertClient, Pending
 from router.gate import ExpertLoad, route
+from workers import dense
 from workers.attention import Attention
 from workers.kv_cache import AttentionGroup, KVCache, LayerKV, StepPlan
 from workers.layers import Rope, apply_rope, rms_norm
@@ -81,13 +82,13 @@ class SelfAttention(nn.Module):
         """x [T, D] -> [T, D]; writes this step's keys and values into ``kv``."""
         c = self.config
         T = x.shape[0]
-        qk, v = F.linear(x, self.qkv_proj).split((c.q_size + c.kv_size, c.kv_size), dim=-1)
+        qk, v = dense.linear(x, self.qkv_proj).split((c.q_size + c.kv_size, c.kv_size), dim=-1)
         # q's and k's heads rotated together: one set of elementwise ops instead of two
         qk = apply_rope(qk.reshape(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # [T, H + Hkv, Dh]
         q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]  # [T, H, Dh], [T, Hkv, Dh]
         v = v.reshape(T, c.num_kv_heads, c.head_dim)
         out = self.attention(plan, q, k, v, kv)  # [T, H, Dh]
-        return F.linear(out.reshape(T, c.q_size), self.o_proj)
+        return dense.linear(out.reshape(T, c.q_size), self.o_proj)
 
 
 class MoEBlock(nn.Module):
@@ -277,7 +278,7 @@ class MixtralModel(nn.Module):
                 raise ValueError("this model is a classifier: it has no lm_head to compute next-token logits")
             return torch.empty(0, self.config.vocab_size)
         lm_head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(self.norm(h[rows.to(self.device)]), lm_head).float()
+        return dense.linear(self.norm(h[rows.to(self.device)]), lm_head).float()
 
     def _pooled(self, h: torch.Tensor, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """h [T, D] -> ``hidden`` [P, D] after the final norm and, in a classifier, ``scores`` [P, C] of the score

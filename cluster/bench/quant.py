@@ -11,10 +11,11 @@ floor = the step's multiply-adds (2 x every dense matrix's weights x the batch, 
 pair x an expert's 3 D F weights) / the float32 matmul rate measured here (best of 3 2048^3 matmuls): where a step
 must multiply more than it must read, no kernel gets it near its bytes floor (``step_over_both_floors``).
 (f) Kernels. One expert matrix of --kernel-shape (default Mixtral-8x7B's w1, 14336 x 4096), median ms of --kernel-iters
-calls per row count: dense ``F.linear`` in bfloat16 and float32, then each quantized form as mixserve runs it
-(``workers.quant``: the kernel, and where that kernel has a row limit its dequantize + matmul path, forced) in
---dtype, and where the fused CPU kernel runs, the same format without it (torch's kernels only). A format's
-crossover is the first row count where its dequantize + matmul beats its kernel for few rows.
+calls per row count: dense ``F.linear`` in bfloat16 and float32, dense bfloat16 as the model runs it
+(``workers.dense``: the fused CPU kernel at up to 32 rows on a CPU without bf16 units), then each quantized form as
+mixserve runs it (``workers.quant``: the kernel, and where that kernel has a row limit its dequantize + matmul path,
+forced) in --dtype, and where the fused CPU kernel runs, the same format without it (torch's kernels only). A
+format's crossover is the first row count where its dequantize + matmul beats its kernel for few rows.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cluster.config.model import ModelConfig
 from cluster.engine.step import Executor
 from cluster.runtime.frontend import build_frontend
 from router.transport import LocalTransport
+from workers import dense
 from workers.model import MixtralModel
 from workers.quant import cpu_kernel
 from workers.quant.linear import DequantLinear, FusedLinear, Int8Linear, prepare
@@ -137,6 +139,7 @@ def kernel_table(o: Any, dtype: torch.dtype, run: h.Run) -> list[dict]:
     w = torch.randn(n, k) * 0.02
     ways: dict[str, Any] = {
         "dense bfloat16 F.linear": lambda x, wb=w.bfloat16(): F.linear(x.bfloat16(), wb),
+        "dense bfloat16 as mixserve runs it (workers.dense)": lambda x, wb=w.bfloat16(): dense.linear(x.bfloat16(), wb),
         "dense float32 F.linear": lambda x, wf=w: F.linear(x.float(), wf),
     }
     cpu = torch.device("cpu")

@@ -59,7 +59,7 @@ def _check(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
 @given(m=st.integers(1, 19), n=st.integers(1, 37), k=st.integers(1, 70), seed=st.integers(0, 2**16),
        per_row=st.booleans())  # fmt: skip
 @pytest.mark.parametrize("mode", BUILDS)
-def test_one_byte_weights_match_their_dequantization(mode, m, n, k, seed, per_row):
+def test_one_and_two_byte_weights_match_their_dequantization(mode, m, n, k, seed, per_row):
     build = cpu_kernel.kernel(mode)
     assert build is not None
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +67,8 @@ def test_one_byte_weights_match_their_dequantization(mode, m, n, k, seed, per_ro
     scale = torch.rand(n if per_row else 1, generator=g) + 0.01
     fp8 = (torch.randn(n, k, generator=g) * 40).to(torch.float8_e4m3fn)
     i8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-    for w in (fp8, i8):
+    bf16 = torch.randn(n, k, generator=g).bfloat16()
+    for w in (fp8, i8, bf16):
         _check(build.linear(x, w, scale), x, w.double() * scale.double().reshape(-1, 1))
 
 
@@ -94,6 +95,7 @@ def test_threads_split_rows_without_changing_a_bit(build, rows):
     g = torch.Generator().manual_seed(0)
     fp8 = (torch.randn(1030, 1024, generator=g) * 40).to(torch.float8_e4m3fn)
     int4 = torch.randint(0, 256, (1030, 512), generator=g, dtype=torch.uint8)
+    bf16 = torch.randn(1030, 1024, generator=g).bfloat16()
     scale, groups = torch.rand(1030, generator=g), torch.rand(1030, 8, generator=g)
     zero = torch.randint(0, 16, (1030, 8), generator=g).float()
     x = torch.randn(rows, 1024, generator=g)
@@ -102,7 +104,9 @@ def test_threads_split_rows_without_changing_a_bit(build, rows):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append((build.linear(x, fp8, scale), build.linear(x, int4, groups, zero=zero)))
+            results.append(
+                (build.linear(x, fp8, scale), build.linear(x, int4, groups, zero=zero), build.linear(x, bf16, scale))
+            )
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

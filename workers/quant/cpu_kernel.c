@@ -1,12 +1,13 @@
-/* mixserve: y [M, N] = x [M, K] @ w.T, w stored in one byte (or half a byte) per weight, for the few rows per expert
- * of a decode step on a CPU. Weight rows are decoded in registers, 2 or 4 at a time, and multiplied into up to 8 (or
- * 4) rows of x at once, so the matrix is read once per 8 rows of x and never written out in float
- * (workers/quant/cpu_kernel.py builds and calls this).
+/* mixserve: y [M, N] = x [M, K] @ w.T, w stored in one byte (or half a byte) per weight, or in bfloat16, for the
+ * few rows per matrix of a decode step on a CPU. Weight rows are decoded in registers, 2 or 4 at a time, and
+ * multiplied into up to 8 (or 4) rows of x at once, so the matrix is read once per 8 rows of x and never written out
+ * in float (workers/quant/cpu_kernel.py builds and calls this).
  *
  * Letters: M rows of x, N output features (rows of w), K input features.
  * kind 0: w [N, K] holds float8 e4m3fn bytes, kind 1: int8 values; scale: float32 [N] (per_row) or [1].
  * kind 2: w [N, K / 2] holds 4-bit values 0..15, column 2i in the low nibble of byte i; scale and zero: float32
  * [N, K / G] for groups of G columns (G a multiple of 16), the weight (q - zero) * scale.
+ * kind 3: w [N, K] holds bfloat16 bits (widened to float32 by a 16-bit shift); scale as kinds 0 and 1.
  * With AVX-512 (F, BW, VL) and F16C a float8 byte b, sign-extended to 16 bits, becomes the float16 whose bits are
  * (b << 7) & 0xBF80 (sign to bit 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite
  * e4m3fn value, subnormals included, so the row sum is multiplied by 256 once. Elsewhere a 256-entry table holds each
@@ -16,6 +17,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && \
     !defined(MIXSERVE_PORTABLE)
 #include <immintrin.h>
@@ -35,7 +37,11 @@ typedef struct {
     float* out;
 } job_t;
 
-static inline int64_t row_bytes(const job_t* j) { return j->kind == 2 ? j->K / 2 : j->K; }
+/* bytes of w before column k of a row (k even for kind 2) */
+static inline int64_t offset(const int kind, int64_t k) {
+    return kind == 2 ? k / 2 : kind == 3 ? 2 * k : k;
+}
+static inline int64_t row_bytes(const job_t* j) { return offset(j->kind, j->K); }
 
 int mixserve_simd(void) {
 #ifdef MIXSERVE_AVX512
@@ -52,6 +58,10 @@ static inline __attribute__((always_inline)) __m512 decode16(const int kind, con
         const __m128i b = _mm_loadl_epi64((const __m128i*)(p + k / 2)), low = _mm_set1_epi8(0x0F);
         const __m128i q = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
         return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+    }
+    if (kind == 3) {
+        const __m256i h = _mm256_maskz_loadu_epi16(mask, p + 2 * (int64_t)k);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     const __m128i b = _mm_maskz_loadu_epi8(mask, p + k);
     if (kind == 0) {
@@ -79,7 +89,7 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
         zero[r] = kind == 2 ? j->zero + row * groups : 0;
     }
     const uint8_t* next = j->w + (int64_t)(n + NR) * rb; /* the next rows, fetched while these are multiplied */
-    const int ahead = n + 2 * NR <= j->n1, shift = kind == 2 ? 1 : 0;
+    const int ahead = n + 2 * NR <= j->n1;
     __m512 acc[16]; /* [NR][MT], NR * MT <= 16: in registers */
     UNROLL for (int i = 0; i < NR * MT; i++) acc[i] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
@@ -87,8 +97,9 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
         for (int r = 0; r < NR && kind == 2; r++) s[r] = _mm512_set1_ps(scale[r][g]), z[r] = _mm512_set1_ps(zero[r][g]);
         for (int k = g * G; k < (g + 1) * G; k += 16) {
             const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            if (ahead && ((k >> shift) & 63) == 0)
-                for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + (k >> shift), _MM_HINT_T0);
+            const int64_t at = offset(kind, k); /* 16 columns span 8 to 32 bytes: one line per 64 */
+            if (ahead && (at & 63) == 0)
+                for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + at, _MM_HINT_T0);
             __m512 v[4];
             UNROLL for (int r = 0; r < NR; r++) {
                 v[r] = decode16(kind, w[r], k, mask);
@@ -142,8 +153,10 @@ static void* run(void* arg) {
                 TILES(0)
             } else if (j->kind == 1) {
                 TILES(1)
-            } else {
+            } else if (j->kind == 2) {
                 TILES(2)
+            } else {
+                TILES(3)
             }
         }
     }
@@ -168,12 +181,15 @@ static void* run(void* arg) {
         return 0;
     }
     for (int n = j->n0; n < j->n1; n++) {
-        const uint8_t* w = j->w + n * row_bytes(j);
+        const uint8_t* w = j->w + (int64_t)n * row_bytes(j);
         const float s = j->kind == 2 ? 1.0f : j->scale[j->per_row ? n : 0];
         for (int k = 0; k < j->K; k++) {
             if (j->kind == 2) {
                 const int64_t g = (int64_t)n * (j->K / j->group) + k / j->group;
                 row[k] = ((float)((w[k / 2] >> (4 * (k & 1))) & 15) - j->zero[g]) * j->scale[g];
+            } else if (j->kind == 3) {
+                const uint32_t bits = (uint32_t)((const uint16_t*)w)[k] << 16;
+                memcpy(&row[k], &bits, 4);
             } else {
                 row[k] = table[w[k]];
             }
@@ -199,7 +215,7 @@ static void* run(void* arg) {
  * threads (the caller's one included), in blocks of a multiple of 4. zero and group: kind 2 only. */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
                      const float* zero, int group, float* out, int threads) {
-    if (kind < 0 || kind > 2 || M < 1 || K < 1 || N < 1) return -1;
+    if (kind < 0 || kind > 3 || M < 1 || K < 1 || N < 1) return -1;
     if (kind == 2 && (group < 16 || group % 16 || K % group || !zero || !per_row)) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;

@@ -1,6 +1,6 @@
 """The fused CPU kernel of ``cpu_kernel.c``: ``y = x @ w.T`` for weights stored in one byte (float8 e4m3fn, int8,
-with a scale per row or matrix) or half a byte (4-bit values with a scale and zero per group), decoded in registers
-for the few rows per expert of a decode step. No Ray here.
+with a scale per row or matrix), half a byte (4-bit values with a scale and zero per group) or as bfloat16, decoded
+in registers for the few rows per matrix of a decode step. No Ray here.
 
 The C file is compiled once per host with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native``) into
 a cache folder (``$MIXSERVE_KERNEL_CACHE``, else ``~/.cache/mixserve/kernels``, else a temp folder only this user
@@ -38,7 +38,8 @@ ENV = "MIXSERVE_CPU_KERNEL"
 CACHE_ENV = "MIXSERVE_KERNEL_CACHE"
 MODES = ("auto", "portable", "off")
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
-KINDS = {torch.float8_e4m3fn: 0, torch.int8: 1}  # the stored dtype -> the C kernel's ``kind``
+# the stored dtype -> the C kernel's ``kind`` (2 is packed int4, stored as uint8)
+KINDS = {torch.float8_e4m3fn: 0, torch.int8: 1, torch.bfloat16: 3}
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 _WORK_PER_THREAD = 1 << 20  # weights x rows one thread takes before another is started
 
@@ -59,7 +60,8 @@ class Kernel:
     ) -> torch.Tensor:
         """x [M, K] (any float dtype) times w as stored -> float32 [M, N]:
 
-        - w [N, K] float8_e4m3fn or int8, scale float32 [N] or [1] (one for the matrix), zero None;
+        - w [N, K] float8_e4m3fn, int8 or bfloat16, scale float32 [N] or [1] (one for the matrix), zero
+          None;
         - w uint8 [N, K / 2] of 4-bit values (column 2i in the low nibble of byte i), scale and zero float32
           [N, K / G] (groups of G columns, G a multiple of 16): the weight (q - zero) * scale.
 
@@ -118,7 +120,7 @@ def _problem(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.
             return f"w must be [N, K] and scale [N] or [1], scale is {tuple(scale.shape)}"
         return ""
     if w.dtype != torch.uint8:
-        return f"w must be float8_e4m3fn, int8 or uint8 (packed int4), not {w.dtype}"
+        return f"w must be float8_e4m3fn, int8, bfloat16 or uint8 (packed int4), not {w.dtype}"
     if zero is None or scale.dim() != 2 or zero.shape != scale.shape or w.shape[1] * 2 != k:
         return "packed int4 needs w [N, K / 2] and scale and zero of one shape [N, K / G]"
     groups = scale.shape[1]
