@@ -87,11 +87,20 @@ class RdtTransport(RemoteTransport):
 
     def _drain(self) -> None:
         """Wait (up to ``timeout_s``) until the last start's partials have landed, so two micro-batches' transfers
-        are never queued together (see the module docstring). A failure is not raised here: the layer it belongs to
-        raises it from :meth:`_Transfers.wait`."""
-        if self._in_flight:
-            ray.wait(self._in_flight, num_returns=len(self._in_flight), timeout=self.timeout_s)
-            self._in_flight = []
+        are never queued together (see the module docstring). A transfer that failed is raised by the layer it
+        belongs to (:meth:`_Transfers.wait`); one still pending after ``timeout_s`` fails this layer instead of
+        sending beside it."""
+        if not self._in_flight:
+            return
+        waiting = len(self._in_flight)
+        ready, _ = ray.wait(self._in_flight, num_returns=waiting, timeout=self.timeout_s)
+        self._in_flight = []
+        if len(ready) < waiting:
+            self._invalidate()
+            raise ExpertWorkerError(
+                f"expert workers did not return the other micro-batch's partials over RDT/{self.backend} within "
+                f"{self.timeout_s:g} s"
+            )
 
     def start(self, layer: int, x: torch.Tensor, messages: list[WorkerMessage]) -> _Transfers:
         try:

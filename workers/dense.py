@@ -48,11 +48,15 @@ def fused_kernel(w: torch.Tensor, rows: int, dtype: torch.dtype) -> cpu_kernel.K
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K].T -> [M, N] in x's dtype, as ``F.linear(x, w)``.
+    """x [M, K] @ w [N, K].T -> [M, N] in x's dtype, as ``F.linear(x, w)`` (which takes every case the kernel does
+    not: other shapes, devices and dtypes, and inputs autograd tracks).
 
     Example: x [[1., 2.]] and w [[3., -1.], [0., 1.]] in bfloat16 -> [[1., 2.]] (either way).
     """
-    kernel = fused_kernel(w, x.shape[0], x.dtype) if x.dim() == 2 else None
+    plain = x.dim() != 2 or w.dim() != 2 or x.device.type != "cpu" or not 0 < x.shape[1] == w.shape[1]
+    if plain or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        return F.linear(x, w)
+    kernel = fused_kernel(w, x.shape[0], x.dtype)
     if kernel is None:
         return F.linear(x, w)
     return kernel.linear(x, w, _ONE).to(x.dtype)

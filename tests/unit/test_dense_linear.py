@@ -73,6 +73,23 @@ def test_everything_else_is_f_linear(monkeypatch, kernel_calls, bf16_units, mode
     assert kernel_calls == []
 
 
+def test_what_the_kernel_does_not_take_is_left_to_f_linear(monkeypatch, kernel_calls):
+    """No inner dimension, a mismatched one, a 1-D weight or inputs autograd tracks: F.linear's result or error."""
+    monkeypatch.setenv(FAST_BF16_ENV, "0")
+    monkeypatch.setenv(cpu_kernel.ENV, "auto")
+    x, w = torch.randn(2, 16).bfloat16(), torch.randn(4, 16).bfloat16()
+    assert torch.equal(dense.linear(x[:, :0], w[:, :0]), torch.zeros(2, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        dense.linear(x, w[:, :8])
+    assert torch.equal(dense.linear(x, w[0]), F.linear(x, w[0]))  # a 1-D weight gives [M]
+    tracked = w.clone().requires_grad_()
+    assert dense.linear(x, tracked).grad_fn is not None
+    assert kernel_calls == []
+    with torch.no_grad():
+        dense.linear(x, tracked)
+    assert kernel_calls == [(2, 4)]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bf16-model")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from cluster.errors import ExpertWorkerError
 from router import rdt
 from router.dispatch import WorkerMessage
 
@@ -74,3 +75,19 @@ def test_after_a_failure_nothing_is_waited_for(transport):
     t._invalidate()  # what a failed layer does: the group and what it carried are gone
     t.start(1, x, _messages())
     assert not [e for e in log if e[0] == "wait"]
+
+
+def test_partials_still_pending_after_the_timeout_fail_the_layer(transport, monkeypatch):
+    """The other micro-batch's transfers not back within timeout_s: this layer fails (503 upstream) instead of
+    queueing its transfers beside them, and the group is rebuilt by the next step."""
+    t, log = transport
+    x = torch.randn(2, 4)
+    t.start(0, x, _messages())
+    half_back = lambda refs, **kw: log.append(("wait", list(refs), kw)) or (refs[:1], refs[1:])  # noqa: E731
+    monkeypatch.setattr(rdt.ray, "wait", half_back)
+    n = len(log)
+    t._group = object()  # what _ensure_group set up
+    with pytest.raises(ExpertWorkerError, match=r"other micro-batch's partials over RDT/gloo within 7 s"):
+        t.start(0, x, _messages())
+    assert [e[0] for e in log[n:]] == ["wait"]  # nothing of this layer was submitted
+    assert t._group is None and t._in_flight == []

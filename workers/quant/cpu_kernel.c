@@ -73,8 +73,9 @@ static inline __attribute__((always_inline)) __m512 decode16(const int kind, con
 }
 
 /* out[m0 .. m0 + MT, n .. n + count] from weight rows n .. n + NR (count: how many of them are this job's; the rest
- * repeat row n and are not stored). NR 4 for up to 4 rows of x (4 weight streams in flight: one row is one 4 KiB page,
- * where the hardware prefetcher stops), else 2; 16 accumulators either way. */
+ * repeat row n and are not stored). NR 4 for up to 4 rows of x (4 weight streams in flight: a Mixtral row is 4 KiB
+ * of fp8 or int8, 8 KiB of bf16, and the hardware prefetcher stops at each 4 KiB page), else 2; 16 accumulators
+ * either way. */
 static inline __attribute__((always_inline)) void tile(const int kind, const int NR, const int MT, const job_t* j,
                                                        int n, int m0, int count) {
     const int K = j->K, G = kind == 2 ? j->group : K, groups = K / G;

@@ -157,7 +157,7 @@ def _load(*, portable: bool) -> Kernel | None:
         path = build(portable=portable)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("the fused CPU kernel is unavailable (%s); quantized experts use torch's kernels", e)
+        log.warning("the fused CPU kernel is unavailable (%s); quantized experts and dense bf16 use torch's kernels", e)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.mixserve_qlinear.argtypes = [i, p, i, i, p, i, p, i, p, i, p, i]
