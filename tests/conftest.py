@@ -36,10 +36,11 @@ def fast_bf16(request, monkeypatch) -> bool:
     return request.param
 
 
-@pytest.fixture(params=["auto", "portable", "off"])
+@pytest.fixture(params=["auto", "avx2", "portable", "off"])
 def cpu_kernel_mode(request, monkeypatch) -> str:
     """The test runs with each build of the fused CPU kernel ($MIXSERVE_CPU_KERNEL): this CPU's (AVX-512 where it has
-    it), the portable C loop a CPU without AVX-512 runs, and none (torch's kernels and the dequantize path)."""
+    it, else AVX2), the AVX2 one, the portable C loop a CPU without either runs, and none (torch's kernels and the
+    dequantize path)."""
     from workers.quant.cpu_kernel import ENV
 
     monkeypatch.setenv(ENV, request.param)

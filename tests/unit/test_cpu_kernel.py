@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from cluster.checkpoint.quant.weights import pack_nibbles
 from workers.quant import cpu_kernel
 
-BUILDS = ["auto", "portable"]
+BUILDS = ["auto", "avx2", "portable"]
 
 
 @pytest.fixture(params=BUILDS, scope="module")
@@ -27,11 +27,14 @@ def build(request) -> cpu_kernel.Kernel:
 
 
 def test_builds_are_the_ones_asked_for():
-    """auto: AVX-512 (F, BW, VL and F16C) where the CPU has it (the CI hosts do), else the portable loop; portable:
-    never SIMD."""
+    """auto: AVX-512 (F, BW, VL and F16C) where the CPU has it, else AVX2 (with FMA and F16C), else the portable
+    loop (CI hosts have been of both SIMD kinds); avx2: AVX2 on either kind of host, so both SIMD builds run where
+    AVX-512 is; portable: never SIMD."""
     flags = Path("/proc/cpuinfo").read_text()
     avx512 = all(f in flags for f in (" avx512f", " avx512bw", " avx512vl", " f16c"))
-    assert cpu_kernel.kernel("auto").simd == (512 if avx512 else 0)  # type: ignore[union-attr]
+    avx2 = all(f in flags for f in (" avx2", " fma", " f16c"))
+    assert cpu_kernel.kernel("auto").simd == (512 if avx512 else 256 if avx2 else 0)  # type: ignore[union-attr]
+    assert cpu_kernel.kernel("avx2").simd == (256 if avx2 else 0)  # type: ignore[union-attr]
     assert cpu_kernel.kernel("portable").simd == 0  # type: ignore[union-attr]
     assert cpu_kernel.kernel("off") is None
 
@@ -152,7 +155,7 @@ def test_the_build_is_cached_per_source_and_host(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler")
     assert cpu_kernel.build() == first  # a cached build needs no compiler
     monkeypatch.delenv("CC")
-    assert cpu_kernel.build(portable=True) != first
+    assert cpu_kernel.build("portable") != first
     monkeypatch.setattr(cpu_kernel, "_host", lambda: "another CPU")
     assert cpu_kernel.build() != first  # a shared cache never hands one host another's -march=native binary
     monkeypatch.undo()
@@ -161,7 +164,7 @@ def test_the_build_is_cached_per_source_and_host(tmp_path, monkeypatch):
     changed = tmp_path / "changed.c"
     changed.write_text(cpu_kernel.SOURCE.read_text() + "/* changed */\n")
     monkeypatch.setattr(cpu_kernel, "SOURCE", changed)
-    assert cpu_kernel.build() not in (first, cpu_kernel.build(portable=True))  # a new source: a new build
+    assert cpu_kernel.build() not in (first, cpu_kernel.build("portable"))  # a new source: a new build
     assert len([p for p in tmp_path.iterdir() if p.suffix == ".so"]) == 5  # and no half-written files left
 
 
@@ -186,5 +189,5 @@ def test_without_a_compiler_the_kernel_is_off_and_says_why(monkeypatch, tmp_path
 
 def test_a_mode_it_does_not_know_is_an_error(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV, "fast")
-    with pytest.raises(ValueError, match="MIXSERVE_CPU_KERNEL='fast': use one of auto, portable, off"):
+    with pytest.raises(ValueError, match="MIXSERVE_CPU_KERNEL='fast': use one of auto, avx2, portable, off"):
         cpu_kernel.mode()

@@ -11,6 +11,7 @@ import torch
 import workers.quant.linear as linear
 from cluster.checkpoint.quant.quantize import quantize
 from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, pack_nibbles
+from cluster.config.dtype import cpu_has_fast_bf16
 from workers.expert import ExpertShard
 from workers.quant import cpu_kernel
 from workers.quant.linear import DequantLinear, FusedLinear, Int4Linear, Int8Linear, prepare
@@ -52,6 +53,15 @@ def fused_name(mode: str) -> str | None:
     return None if k is None else k.name
 
 
+def int_kernel(mode: str, dtype: torch.dtype) -> str | None:
+    """The fused kernel int8 / int4 weights run under ``dtype`` in build ``mode``: any build for float32; for
+    bfloat16 only the AVX2 one on a CPU without bf16 units (measured faster than torch's kernels there only)."""
+    k = cpu_kernel.kernel(mode)
+    if k is None or dtype == torch.float32:
+        return None if k is None else k.name
+    return k.name if k.simd == 256 and not cpu_has_fast_bf16() else None
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -60,7 +70,7 @@ def test_int8_kernel_and_dequantize_paths(cpu_kernel_mode, rows, sym, dtype):
     lin = prepare(w, device=CPU, dtype=dtype)
     assert isinstance(lin, Int8Linear)
     lin.max_rows = 8  # both paths, whatever this CPU would choose
-    fused = fused_name(cpu_kernel_mode) if dtype == torch.float32 else None
+    fused = int_kernel(cpu_kernel_mode, dtype)
     assert lin.kernel_for(rows) == ((fused or "_weight_int8pack_mm") if rows <= 8 else "dequantize + matmul")
     assert (lin.shift is None) == sym  # zero points other than 128 add sum(x) * (128 - zero) * scale
     check(lin, w, rows, dtype=dtype)
@@ -69,16 +79,18 @@ def test_int8_kernel_and_dequantize_paths(cpu_kernel_mode, rows, sym, dtype):
 def test_int8_row_limit_follows_the_kernel_cpu_and_dtype(cpu_kernel_mode, fast_bf16):
     """The measured crossovers (workers/quant/kernels.py). float32 activations: the fused kernel up to 32 rows, or
     dequantize + matmul where it is off (torch's kernel is far slower in float32). bfloat16: torch's kernel up to 8
-    rows on a CPU with bf16 units, up to 32 without them."""
+    rows on a CPU with bf16 units, up to 32 without them, where the AVX2 build's fused kernel runs instead."""
     w = int_weight(96, 128, bits=8, group=128)
     fused = fused_name(cpu_kernel_mode)
     f32, bf16 = (prepare(w, device=CPU, dtype=d) for d in (torch.float32, torch.bfloat16))
     assert f32.kernel_for(1) == (fused or "dequantize + matmul")
     assert f32.kernel_for(32) == (fused or "dequantize + matmul")
     assert f32.kernel_for(33) == "dequantize + matmul"
-    assert bf16.kernel_for(8) == "_weight_int8pack_mm"
-    assert bf16.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
-    assert bf16.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
+    own = int_kernel(cpu_kernel_mode, torch.bfloat16)
+    assert own is None or (not fast_bf16 and cpu_kernel.kernel(cpu_kernel_mode).simd == 256)  # type: ignore[union-attr]
+    assert bf16.kernel_for(8) == (own or "_weight_int8pack_mm")
+    assert bf16.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else own or "_weight_int8pack_mm")
+    assert bf16.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else own or "_weight_int8pack_mm")
     assert bf16.kernel_for(33) == "dequantize + matmul"
 
 
@@ -86,12 +98,13 @@ def test_int8_row_limit_follows_the_kernel_cpu_and_dtype(cpu_kernel_mode, fast_b
 @pytest.mark.parametrize(("k", "group"), [(128, 32), (256, 128), (512, 512)])  # 512: per channel, kernel groups 256
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_kernels(cpu_kernel_mode, rows, k, group, dtype):
-    """bfloat16: torch's int4 kernel; float32: the fused kernel (torch's is slow for float32 activations on a CPU),
-    dequantize + matmul above 32 rows, and dequantize + matmul for every row count where the fused one is off."""
+    """bfloat16: torch's int4 kernel, but the AVX2 build's fused kernel on a CPU without bf16 units; float32: the
+    fused kernel (torch's is slow for float32 activations on a CPU), dequantize + matmul above 32 rows, and dequantize
+    + matmul for every row count where the fused one is off."""
     w = int_weight(80, k, bits=4, group=group)
     lin = prepare(w, device=CPU, dtype=dtype)
-    fused = fused_name(cpu_kernel_mode) if dtype == torch.float32 else None
-    if dtype == torch.bfloat16:
+    fused = int_kernel(cpu_kernel_mode, dtype)
+    if dtype == torch.bfloat16 and fused is None:
         assert isinstance(lin, Int4Linear) and lin.group == min(group, 256)
         assert lin.kernel_for(rows) == "_weight_int4pack_mm_for_cpu"
     elif fused is None:

@@ -8,10 +8,15 @@
  * kind 2: w [N, K / 2] holds 4-bit values 0..15, column 2i in the low nibble of byte i; scale and zero: float32
  * [N, K / G] for groups of G columns (G a multiple of 16), the weight (q - zero) * scale.
  * kind 3: w [N, K] holds bfloat16 bits (widened to float32 by a 16-bit shift); scale as kinds 0 and 1.
- * With AVX-512 (F, BW, VL) and F16C a float8 byte b, sign-extended to 16 bits, becomes the float16 whose bits are
- * (b << 7) & 0xBF80 (sign to bit 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite
- * e4m3fn value, subnormals included, so the row sum is multiplied by 256 once. Elsewhere a 256-entry table holds each
- * byte's value. The two NaN bytes (0x7F, 0xFF) decode to +-480 in both builds (a checkpoint stores no NaN weights).
+ * Builds: AVX-512 (F, BW, VL) + F16C, AVX2 + FMA + F16C, or portable C, whichever the compiler targets first.
+ * The AVX2 build takes kind 2 16 columns per step from 8 bytes: widened to 32-bit lanes, the low nibbles (columns
+ * k, k + 2, ..., k + 14) masked and the high ones (k + 1, ..., k + 15) shifted down, each weight q * scale - zero *
+ * scale in one fused multiply-subtract; x is copied once per call with each 16 columns' even ones first
+ * (permute_pairs), so both halves meet their columns of x in order.
+ * In both SIMD builds a float8 byte b, sign-extended to 16 bits, becomes the float16 whose bits are (b << 7) &
+ * 0xBF80 (sign to bit 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite e4m3fn
+ * value, subnormals included, so the row sum is multiplied by 256 once. The portable build looks each byte's value up
+ * in a 256-entry table. The two NaN bytes (0x7F, 0xFF) decode to +-480 in both builds (a checkpoint stores no NaN weights).
  * Example: b = 0x38 (1.0 in e4m3fn) -> 0x1C00, the float16 2^-8; b = 0xB8 (-1.0), sign-extended 0xFFB8 -> 0x9C00.
  */
 #include <pthread.h>
@@ -22,10 +27,14 @@
     !defined(MIXSERVE_PORTABLE)
 #include <immintrin.h>
 #define MIXSERVE_AVX512 1
+#define MT_MAX 8 /* rows of x per pass over a weight row */
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(MIXSERVE_PORTABLE)
+#include <immintrin.h>
+#define MIXSERVE_AVX2 1
+#define MT_MAX 4
 #endif
 
 #define MAX_THREADS 256
-#define MT_MAX 8 /* rows of x per pass over a weight row */
 #define UNROLL _Pragma("GCC unroll 16")
 
 typedef struct {
@@ -44,8 +53,10 @@ static inline int64_t offset(const int kind, int64_t k) {
 static inline int64_t row_bytes(const job_t* j) { return offset(j->kind, j->K); }
 
 int mixserve_simd(void) {
-#ifdef MIXSERVE_AVX512
+#if defined(MIXSERVE_AVX512)
     return 512;
+#elif defined(MIXSERVE_AVX2)
+    return 256;
 #else
     return 0;
 #endif
@@ -163,6 +174,126 @@ static void* run(void* arg) {
     }
     return 0;
 }
+#elif defined(MIXSERVE_AVX2)
+/* AVX2 (with FMA and F16C): 8 columns per step, or for kind 2 16 columns from 8 bytes (x permuted in pairs
+ * of 8: permute_pairs); a column tail (K not a multiple of 8) is copied into zero-padded buffers. 16 registers:
+ * up to 8 accumulators, NR 4 x MT 2 or NR 2 x MT 4, and each weight row is multiplied into every row of x before
+ * the next one is decoded. */
+static inline __attribute__((always_inline)) __m256 decode8(const int kind, const uint8_t* p, int64_t k) {
+    if (kind == 3) {
+        const __m128i h = _mm_loadu_si128((const __m128i*)(p + 2 * k));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    const __m128i b = _mm_loadl_epi64((const __m128i*)(p + k));
+    if (kind == 0) {
+        const __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16((short)0xBF80));
+        return _mm256_cvtph_ps(h);
+    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline __attribute__((always_inline)) void tile(const int kind, const int NR, const int MT, const job_t* j,
+                                                       int n, int m0, int count) {
+    const int K = j->K, G = kind == 2 ? j->group : K, groups = K / G, step = kind == 2 ? 16 : 8;
+    const float* x = j->x + (int64_t)m0 * K;
+    const int64_t rb = row_bytes(j);
+    const uint8_t* w[4];
+    const float *scale[4], *zero[4];
+    for (int r = 0; r < NR; r++) {
+        const int64_t row = r < count ? n + r : n;
+        w[r] = j->w + row * rb;
+        scale[r] = kind == 2 ? j->scale + row * groups : j->scale;
+        zero[r] = kind == 2 ? j->zero + row * groups : 0;
+    }
+    const uint8_t* next = j->w + (int64_t)(n + NR) * rb;
+    const int ahead = n + 2 * NR <= j->n1, full = kind == 2 ? K : K - K % 8;
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 acc[8]; /* [NR][MT] */
+    UNROLL for (int i = 0; i < NR * MT; i++) acc[i] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const int end = (g + 1) * G < full ? (g + 1) * G : full;
+        for (int k = g * G; k < end; k += step) {
+            const int64_t at = offset(kind, k);
+            if (ahead && (at & 63) == 0)
+                for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + at, _MM_HINT_T0);
+            UNROLL for (int r = 0; r < NR; r++) {
+                if (kind == 2) {
+                    const __m256 s = _mm256_set1_ps(scale[r][g]), zs = _mm256_set1_ps(scale[r][g] * zero[r][g]);
+                    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w[r] + k / 2)));
+                    const __m256 lo = _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low)), s, zs);
+                    const __m256 hi = _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s, zs);
+                    UNROLL for (int m = 0; m < MT; m++) {
+                        const float* xm = x + (int64_t)m * K + k;
+                        acc[r * MT + m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), acc[r * MT + m]);
+                        acc[r * MT + m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + 8), acc[r * MT + m]);
+                    }
+                } else {
+                    const __m256 v = decode8(kind, w[r], k);
+                    UNROLL for (int m = 0; m < MT; m++)
+                        acc[r * MT + m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + (int64_t)m * K + k), acc[r * MT + m]);
+                }
+            }
+        }
+    }
+    if (full < K) { /* kinds 0, 1, 3: the last K % 8 columns, zero-padded (a zero byte decodes to 0 in each) */
+        uint8_t pad[16] = {0};
+        float xt[8] = {0};
+        UNROLL for (int r = 0; r < NR; r++) {
+            memcpy(pad, w[r] + offset(kind, full), offset(kind, K - full));
+            const __m256 v = decode8(kind, pad, 0);
+            UNROLL for (int m = 0; m < MT; m++) {
+                memcpy(xt, x + (int64_t)m * K + full, sizeof(float) * (K - full));
+                acc[r * MT + m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xt), acc[r * MT + m]);
+            }
+        }
+    }
+    const float unit = kind == 0 ? 256.0f : 1.0f;
+    UNROLL for (int r = 0; r < NR; r++) {
+        if (r >= count) continue;
+        const float f = kind == 2 ? 1.0f : j->scale[j->per_row ? n + r : 0] * unit;
+        UNROLL for (int m = 0; m < MT; m++) j->out[(int64_t)(m0 + m) * j->N + n + r] = sum8(acc[r * MT + m]) * f;
+    }
+}
+
+#define TILE_KIND(kind)                                                                                                \
+    if (nr == 4) {                                                                                                     \
+        if (mt == 1) tile(kind, 4, 1, j, n, m0, count);                                                                \
+        else tile(kind, 4, 2, j, n, m0, count);                                                                        \
+    } else {                                                                                                           \
+        switch (mt) {                                                                                                  \
+            case 1: tile(kind, 2, 1, j, n, m0, count); break;                                                          \
+            case 2: tile(kind, 2, 2, j, n, m0, count); break;                                                          \
+            case 3: tile(kind, 2, 3, j, n, m0, count); break;                                                          \
+            default: tile(kind, 2, 4, j, n, m0, count); break;                                                         \
+        }                                                                                                              \
+    }
+
+static void* run(void* arg) {
+    const job_t* j = (const job_t*)arg;
+    const int nr = j->M <= 2 ? 4 : 2, rows_max = nr == 4 ? 2 : MT_MAX;
+    for (int n = j->n0; n < j->n1; n += nr) {
+        const int count = j->n1 - n < nr ? j->n1 - n : nr;
+        for (int m0 = 0; m0 < j->M; m0 += rows_max) {
+            const int mt = j->M - m0 < rows_max ? j->M - m0 : rows_max;
+            if (j->kind == 0) {
+                TILE_KIND(0)
+            } else if (j->kind == 1) {
+                TILE_KIND(1)
+            } else if (j->kind == 2) {
+                TILE_KIND(2)
+            } else {
+                TILE_KIND(3)
+            }
+        }
+    }
+    return 0;
+}
 #else
 static float fp8_value(int b) {
     const int e = (b >> 3) & 15, m = b & 7;
@@ -181,20 +312,22 @@ static void* run(void* arg) {
         ((job_t*)arg)->failed = 1;
         return 0;
     }
+    const int groups = j->kind == 2 ? j->K / j->group : 0;
     for (int n = j->n0; n < j->n1; n++) {
         const uint8_t* w = j->w + (int64_t)n * row_bytes(j);
         const float s = j->kind == 2 ? 1.0f : j->scale[j->per_row ? n : 0];
-        for (int k = 0; k < j->K; k++) {
-            if (j->kind == 2) {
-                const int64_t g = (int64_t)n * (j->K / j->group) + k / j->group;
-                row[k] = ((float)((w[k / 2] >> (4 * (k & 1))) & 15) - j->zero[g]) * j->scale[g];
-            } else if (j->kind == 3) {
-                const uint32_t bits = (uint32_t)((const uint16_t*)w)[k] << 16;
-                memcpy(&row[k], &bits, 4);
-            } else {
-                row[k] = table[w[k]];
+        for (int g = 0; g < groups; g++) { /* kind 2 */
+            const float gs = j->scale[(int64_t)n * groups + g], gz = j->zero[(int64_t)n * groups + g];
+            for (int k = g * j->group; k < (g + 1) * j->group; k += 2) {
+                row[k] = ((float)(w[k / 2] & 15) - gz) * gs;
+                row[k + 1] = ((float)(w[k / 2] >> 4) - gz) * gs;
             }
         }
+        for (int k = 0; k < j->K && j->kind == 3; k++) {
+            const uint32_t bits = (uint32_t)((const uint16_t*)w)[k] << 16;
+            memcpy(&row[k], &bits, 4);
+        }
+        for (int k = 0; k < j->K && j->kind < 2; k++) row[k] = table[w[k]];
         for (int m = 0; m < j->M; m++) {
             const float* x = j->x + (int64_t)m * j->K;
             float lanes[16] = {0};
@@ -212,6 +345,17 @@ static void* run(void* arg) {
 }
 #endif
 
+#ifdef MIXSERVE_AVX2
+/* x [M, K] (K a multiple of 16) with each 16 columns reordered even ones first: 0, 2, ..., 14, 1, 3, ..., 15 */
+static float* permute_pairs(const float* x, int M, int K) {
+    float* out = malloc(sizeof(float) * (size_t)M * K);
+    if (!out) return 0;
+    for (int64_t i = 0; i < (int64_t)M * K; i += 16)
+        for (int c = 0; c < 8; c++) out[i + c] = x[i + 2 * c], out[i + 8 + c] = x[i + 2 * c + 1];
+    return out;
+}
+#endif
+
 /* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads`
  * threads (the caller's one included), in blocks of a multiple of 4. zero and group: kind 2 only. */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
@@ -220,6 +364,13 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     if (kind == 2 && (group < 16 || group % 16 || K % group || !zero || !per_row)) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
+    float* pairs = 0; /* x as the SIMD builds' int4 paths read it */
+#ifdef MIXSERVE_AVX2
+    if (kind == 2) {
+        if (!(pairs = permute_pairs(x, M, K))) return -1;
+        x = pairs;
+    }
+#endif
     const int per = ((N + threads - 1) / threads + 3) & ~3; /* whole tiles of rows */
     pthread_t tid[MAX_THREADS];
     job_t jobs[MAX_THREADS];
@@ -233,6 +384,7 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     run(&jobs[0]);
     for (int t = 1; t < threads; t++)
         if (made[t]) pthread_join(tid[t], 0);
+    free(pairs);
     for (int t = 0; t < threads; t++)
         if (jobs[t].failed) return -1;
     return 0;

@@ -8,10 +8,10 @@ writes) and loaded with
 ctypes, which releases the GIL for the call. The file name holds a hash of the source, the flags and this CPU's
 model and flags, so a cache shared between different hosts never hands one a binary built for another.
 
-``$MIXSERVE_CPU_KERNEL`` chooses: ``auto`` (default: the AVX-512 build where the CPU has it, else portable C),
-``portable`` (the plain-C loop, what a CPU without AVX-512 runs), ``off`` (torch's kernels and the dequantize path
-only). With no cached build and no compiler, or if the build fails, :func:`kernel` answers None and says why once
-in the log; nothing requires it.
+``$MIXSERVE_CPU_KERNEL`` chooses: ``auto`` (default: the AVX-512 build where the CPU has it, else AVX2 with FMA and
+F16C, else portable C), ``avx2`` (the AVX2 build even where AVX-512 is there), ``portable`` (the plain-C loop, what a
+CPU without either runs), ``off`` (torch's kernels and the dequantize path only). With no cached build and no
+compiler, or if the build fails, :func:`kernel` answers None and says why once in the log; nothing requires it.
 
 Letters: M rows of x, N output features, K input features.
 """
@@ -36,24 +36,25 @@ from workers.quant.kernels import log
 
 ENV = "MIXSERVE_CPU_KERNEL"
 CACHE_ENV = "MIXSERVE_KERNEL_CACHE"
-MODES = ("auto", "portable", "off")
+MODES = ("auto", "avx2", "portable", "off")
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 # the stored dtype -> the C kernel's ``kind`` (2 is packed int4, stored as uint8)
 KINDS = {torch.float8_e4m3fn: 0, torch.int8: 1, torch.bfloat16: 3}
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+_BUILD_FLAGS = {"auto": [], "avx2": ["-mno-avx512f"], "portable": ["-DMIXSERVE_PORTABLE"]}  # per mode but off
 _WORK_PER_THREAD = 1 << 20  # weights x rows one thread takes before another is started
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """A loaded build: ``simd`` 512 (AVX-512) or 0 (portable C)."""
+    """A loaded build: ``simd`` 512 (AVX-512), 256 (AVX2 with FMA and F16C) or 0 (portable C)."""
 
     lib: ctypes.CDLL
     simd: int
 
     @property
     def name(self) -> str:
-        return "fused decode + matmul (C, " + ("AVX-512" if self.simd else "portable") + ")"
+        return "fused decode + matmul (C, " + {512: "AVX-512", 256: "AVX2"}.get(self.simd, "portable") + ")"
 
     def linear(
         self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, zero: torch.Tensor | None = None
@@ -148,13 +149,13 @@ def kernel(want: str | None = None) -> Kernel | None:
         return None
     with _LOCK:
         if want not in _LOADED:
-            _LOADED[want] = _load(portable=want == "portable")
+            _LOADED[want] = _load(want)
         return _LOADED[want]
 
 
-def _load(*, portable: bool) -> Kernel | None:
+def _load(variant: str) -> Kernel | None:
     try:
-        path = build(portable=portable)
+        path = build(variant)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("the fused CPU kernel is unavailable (%s); quantized experts and dense bf16 use torch's kernels", e)
@@ -168,10 +169,10 @@ def _load(*, portable: bool) -> Kernel | None:
     return k
 
 
-def build(*, portable: bool = False) -> Path:
-    """The compiled library for this host: a cached one where a cache folder holds it, else built now into the first
-    writable one; RuntimeError when none is cached and no compiler works."""
-    flags = [*_FLAGS, *(["-DMIXSERVE_PORTABLE"] if portable else [])]
+def build(variant: str = "auto") -> Path:
+    """The compiled library of ``variant`` (a mode but off) for this host: a cached one where a cache folder holds
+    it, else built now into the first writable one; RuntimeError when none is cached and no compiler works."""
+    flags = [*_FLAGS, *_BUILD_FLAGS[variant]]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _host().encode()).hexdigest()[:16]
     name = f"mixserve_qlinear_{key}.so"
     folders = _cache_folders()

@@ -8,9 +8,11 @@ Nothing here is required to run.
     kind  device        activations  kernel                                   rows per expert
     int8  cpu           float32      fused CPU kernel                         <= FUSED_MAX_ROWS; above: dequantize
     int8  cpu           bf16, fp16   torch._weight_int8pack_mm                <= 8 with bf16 units, 32 without
+    int8  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units)         <= FUSED_MAX_ROWS; above: dequantize
     int8  cuda          any          torch._weight_int8pack_mm                <= 16; above: dequantize + matmul
     int4  cpu           float32      fused CPU kernel (groups of 16k)         <= FUSED_MAX_ROWS; above: dequantize
     int4  cpu           bf16, fp16   torch._weight_int4pack_mm_for_cpu        all (groups divisible by 32)
+    int4  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units)         <= FUSED_MAX_ROWS; above: dequantize
     int4  cuda          bf16         torch._weight_int4pack_mm (tinygemm)     all
     fp8   cuda sm89+    bf16, fp16   torch._scaled_mm, activations quantized  all, when the scheme quantizes them
     fp8   cpu           any          fused CPU kernel (weight-only)           <= FUSED_MAX_ROWS; above: dequantize
@@ -18,8 +20,8 @@ Nothing here is required to run.
 
 The row limits are measured crossovers (``mixserve bench engine --quantization``' kernel table; one Mixtral expert
 matrix 14336 x 4096, 2-core CPUs). A kernel that reads 1 byte per weight costs more with every row, while the
-dequantize path pays its conversion once for all rows. Median ms at 1 / 8 / 32 / 64 rows on a CPU without bf16 units
-(2026-12-07):
+dequantize path pays its conversion once for all rows. Median ms at 1 / 8 / 32 / 64 rows on a Xeon @ 2.80 GHz with
+AVX-512 and no bf16 units, the fused kernel's AVX-512 build (2026-12-07):
 
     bfloat16 activations                                   float32 activations
     int8 _weight_int8pack_mm   3.19 / 9.69 / 35.8 / 84.5    int8 fused CPU kernel      2.37 / 7.07 / 28.1 / 59.9
@@ -29,6 +31,11 @@ dequantize path pays its conversion once for all rows. Median ms at 1 / 8 / 32 /
     fp8 dequantize + matmul    42.2 / 49.3 / 98.4 / 73.2    int4 _weight_int4pack_mm   69.2 / 463 / 1759 / 3830
     dense bf16 F.linear        10.1 / 30.9 / 88.1 / 151    fp8 fused CPU kernel       3.21 / 8.87 / 37.9 / 73.5
     dense fp32 F.linear        8.82 / 29.7 / 38.2 / 52.6    dense fp32 F.linear        8.25 / 28.1 / 32.8 / 40.9
+
+On a 2-core AMD EPYC with AVX2 but no AVX-512 (2026-12-07), where the fused kernel is its AVX2 build, bfloat16
+activations, 1 / 8 / 32 rows: int4 fused 3.14 / 10.9 / 45.5 against ``_weight_int4pack_mm_for_cpu`` 4.27 / 15.3 /
+46.0; int8 fused 2.90 / 9.38 / 38.9 against ``_weight_int8pack_mm`` 3.91 / 13.5 / 53.9; fp8 fused 4.09 / 11.4 / 44.0.
+So there bfloat16 int8 and int4 run the fused kernel too (:func:`fused_runs_int`).
 
 With bf16 units (issue 19's figures): ``_weight_int8pack_mm`` 2.12 / 7.78 / 27.3 and dense bf16 5.75 / 7.23 / 12.4
 at 1 / 8 / 32 rows. So bfloat16 activations keep torch's int8 kernel (up to 8 rows with bf16 units, 32 without:
@@ -88,6 +95,17 @@ def int8_kernel_max_rows(device: torch.device, dtype: torch.dtype) -> int:
     if dtype == torch.float32:
         return 0
     return 8 if cpu_has_fast_bf16() else 32
+
+
+def fused_runs_int(dtype: torch.dtype, simd: int) -> bool:
+    """Whether int8 and int4 weights under ``dtype`` activations on a CPU run the fused CPU kernel of SIMD width
+    ``simd`` (``cpu_kernel.Kernel.simd``) rather than torch's kernels: float32 always (torch's take 19-70x longer
+    there); bfloat16 from the AVX2 build on a CPU without bf16 units, which beat ``_weight_int8pack_mm`` and
+    ``_weight_int4pack_mm_for_cpu`` at 1-32 rows (table above); not from the AVX-512 build, which lost to torch's
+    int8 kernel at 4-32 rows and to its int4 kernel at one row, nor from the portable one."""
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and simd == 256 and not cpu_has_fast_bf16()
 
 
 def dequant_matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -19,6 +19,7 @@ from workers.quant.kernels import (
     FUSED_MAX_ROWS,
     dequant_matmul_dtype,
     fp8_matmul_device,
+    fused_runs_int,
     int4_kernel_group,
     int8_kernel_max_rows,
     log,
@@ -147,15 +148,16 @@ class DequantLinear(QuantLinear):
 
 class Int8Linear(DequantLinear):
     """int8, one scale per output feature, up to ``max_rows`` rows through a kernel that reads 1 byte per weight:
-    ``torch._weight_int8pack_mm``, or for float32 activations on a CPU the fused CPU kernel (``cpu_kernel``; torch's
-    kernel takes 19-70x longer in float32 there); above them the dequantize path (its cost is paid once for all rows).
+    ``torch._weight_int8pack_mm``, or on a CPU where ``fused_runs_int`` says so (float32 activations; bfloat16 on the
+    AVX2 build without bf16 units) the fused CPU kernel (``cpu_kernel``); above them the dequantize path (its cost is
+    paid once for all rows).
     Zero points other than 128 add ``sum(x) * (128 - zero) s``."""
 
     def __init__(
         self, w: IntWeight, *, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None = None
     ) -> None:
         super().__init__(w, device=device, dtype=dtype)
-        self.fused = fused  # the fused CPU kernel, where _kernel chose it (float32 activations on a CPU)
+        self.fused = fused  # the fused CPU kernel, where _kernel chose it
         self.signed = (self.q.to(torch.int16) - 128).to(torch.int8)  # [N, K]
         scale_dtype = torch.float32 if self.fused is not None else dtype  # what the kernel takes
         self.kernel_scale = self.scale[:, 0].to(scale_dtype).contiguous()  # [N]
@@ -196,8 +198,8 @@ class Int8Linear(DequantLinear):
 
 class FusedLinear(DequantLinear):
     """fp8 e4m3fn, or int4 in groups of a multiple of 16, on a CPU: the fused CPU kernel (``cpu_kernel``: each
-    weight decoded in registers, the matrix read once per 8 rows) up to ``FUSED_MAX_ROWS`` rows, the dequantize path
-    above."""
+    weight decoded in registers, the matrix read once per 8 rows in the AVX-512 build, 4 in the AVX2 one) up to
+    ``FUSED_MAX_ROWS`` rows, the dequantize path above."""
 
     def __init__(self, w: QuantWeight, fused: cpu_kernel.Kernel, *, device: torch.device, dtype: torch.dtype):
         super().__init__(w, device=device, dtype=dtype)
@@ -307,16 +309,18 @@ def _kernel(
     w: QuantWeight, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None
 ) -> QuantLinear | None:
     if isinstance(w, IntWeight):
-        # float32 activations on a CPU: the fused kernel, else dequantize + matmul; never torch's int8 / int4 kernels,
-        # which take 19-70x (int8) and 1.4-13x (int4) longer than these there (workers/quant/kernels.py)
-        f32 = fused if dtype == torch.float32 else None
+        # the fused kernel where it beats torch's (fused_runs_int); float32 activations on a CPU never run torch's
+        # int8 / int4 kernels, which take 19-70x (int8) and 1.4-13x (int4) longer there: dequantize + matmul instead
+        own = fused if fused is not None and fused_runs_int(dtype, fused.simd) else None
         group = int4_kernel_group(w.group_size)
+        if w.bits == 4 and own is not None and w.group_size % 16 == 0:
+            return FusedLinear(w, own, device=device, dtype=dtype)
         if w.bits == 4 and device.type == "cpu" and dtype == torch.float32:
-            return None if f32 is None or w.group_size % 16 else FusedLinear(w, f32, device=device, dtype=dtype)
+            return None
         if w.bits == 4 and group is not None and (device.type == "cpu" or dtype == torch.bfloat16):
             return Int4Linear(w, device=device, dtype=dtype, group=group)
         if w.bits == 8 and w.group_size == w.shape[1]:
-            return Int8Linear(w, device=device, dtype=dtype, fused=f32)
+            return Int8Linear(w, device=device, dtype=dtype, fused=own)
         return None
     if w.activations is not None:
         if fp8_matmul_device(device) and dtype in (torch.bfloat16, torch.float16):
