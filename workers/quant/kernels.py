@@ -33,9 +33,12 @@ AVX-512 and no bf16 units, the fused kernel's AVX-512 build (2026-12-07):
     dense fp32 F.linear        8.82 / 29.7 / 38.2 / 52.6    dense fp32 F.linear        8.25 / 28.1 / 32.8 / 40.9
 
 On a 2-core AMD EPYC with AVX2 but no AVX-512 (2026-12-07), where the fused kernel is its AVX2 build, bfloat16
-activations, 1 / 8 / 32 rows: int4 fused 3.14 / 10.9 / 45.5 against ``_weight_int4pack_mm_for_cpu`` 4.27 / 15.3 /
-46.0; int8 fused 2.90 / 9.38 / 38.9 against ``_weight_int8pack_mm`` 3.91 / 13.5 / 53.9; fp8 fused 4.09 / 11.4 / 44.0.
-So there bfloat16 int8 and int4 run the fused kernel too (:func:`fused_runs_int`).
+activations, 1 / 8 / 32 rows, two runs (timings there varied by up to 2x between runs): int4 fused 3.14 / 10.9 / 45.5
+and 2.98 / 18.8 / 59.9 against ``_weight_int4pack_mm_for_cpu`` 4.27 / 15.3 / 46.0 and 4.34 / 11.2 / 44.6; int8 fused
+2.90 / 9.38 / 38.9 and 2.94 / 16.6 / 45.2 against ``_weight_int8pack_mm`` 3.91 / 13.5 / 53.9 and 3.53 / 12.2 / 56.4;
+fp8 fused 4.09 / 11.4 / 44.0. The fused kernel won at one row each time, and an int4 decode step at batch 1 ran ~10%
+faster on it in two engine A/B pairs, so there bfloat16 int8 and int4 run the fused kernel too
+(:func:`fused_runs_int`); above a few rows neither way won consistently.
 
 With bf16 units (issue 19's figures): ``_weight_int8pack_mm`` 2.12 / 7.78 / 27.3 and dense bf16 5.75 / 7.23 / 12.4
 at 1 / 8 / 32 rows. So bfloat16 activations keep torch's int8 kernel (up to 8 rows with bf16 units, 32 without:
@@ -101,8 +104,8 @@ def fused_runs_int(dtype: torch.dtype, simd: int) -> bool:
     """Whether int8 and int4 weights under ``dtype`` activations on a CPU run the fused CPU kernel of SIMD width
     ``simd`` (``cpu_kernel.Kernel.simd``) rather than torch's kernels: float32 always (torch's take 19-70x longer
     there); bfloat16 from the AVX2 build on a CPU without bf16 units, which beat ``_weight_int8pack_mm`` and
-    ``_weight_int4pack_mm_for_cpu`` at 1-32 rows (table above); not from the AVX-512 build, which lost to torch's
-    int8 kernel at 4-32 rows and to its int4 kernel at one row, nor from the portable one."""
+    ``_weight_int4pack_mm_for_cpu`` at one row every time measured (module docstring); not from the AVX-512 build,
+    which lost to torch's int8 kernel at 4-32 rows and to its int4 kernel at one row, nor from the portable one."""
     if dtype == torch.float32:
         return True
     return dtype == torch.bfloat16 and simd == 256 and not cpu_has_fast_bf16()
