@@ -1,4 +1,4 @@
-"""The fused CPU kernel (workers/quant/cpu_kernel.c), both builds: every float8 byte decodes to torch's own value of
+"""The fused CPU kernel (workers/quant/cpu_kernel.c), every build: every float8 byte decodes to torch's own value of
 it, and every product equals ``x @ w.T`` of the weight's float64 dequantization, for any shape (row and column
 tails, more than 8 rows, one or two threads); the build is cached per source and host and fails soft."""
 
@@ -43,7 +43,7 @@ def test_every_float8_byte_decodes_to_torchs_value(build):
     """x one-hot: y[m, n] = w[n, m] * scale, a single product, so it must equal torch's float8 -> float32 value
     times the scale exactly, for all 254 finite e4m3fn bytes (subnormals and both zeros included)."""
     finite = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
-    w = finite.view(torch.float8_e4m3fn).reshape(2, 127)  # [N 2, K 127]: a column tail after 7 blocks of 16
+    w = finite.view(torch.float8_e4m3fn).reshape(2, 127)  # [N 2, K 127]: a column tail after whole blocks of 8 or 16
     eye = torch.eye(127)
     for scale in (torch.tensor([0.75, 3.0]), torch.tensor([0.375])):
         got = build.linear(eye, w, scale)  # [127, 2]
@@ -92,7 +92,25 @@ def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed)
     _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, dense)
 
 
-@pytest.mark.parametrize("rows", [3, 9])  # 4 weight rows at a time up to 4 rows of x, else 2
+@pytest.mark.parametrize("m", range(1, 10))
+def test_every_tile_shape(build, m):
+    """Each row count from 1 to 9 (every tile of both SIMD builds: 4 weight rows x 1-4 rows of x, 2 x 1-8, and a
+    second pass over x), each kind, 7 weight rows (a partial tile) and a column tail, against float64."""
+    g = torch.Generator().manual_seed(m)
+    x, k = torch.randn(m, 200, generator=g), 200  # 200 = 12 x 16 + 8: a tail in every kind but int4 (groups of 40)
+    scale, groups = torch.rand(7, generator=g) + 0.01, torch.rand(7, 5, generator=g) * 0.02 + 0.001
+    fp8 = (torch.randn(7, k, generator=g) * 40).to(torch.float8_e4m3fn)
+    i8 = torch.randint(-128, 128, (7, k), generator=g, dtype=torch.int8)
+    bf16 = torch.randn(7, k, generator=g).bfloat16()
+    for w in (fp8, i8, bf16):
+        _check(build.linear(x, w, scale), x, w.double() * scale.double().reshape(-1, 1))
+    x4 = torch.randn(m, 160, generator=g)  # int4: groups of 32 (a multiple of 16)
+    values, zero = torch.randint(0, 16, (7, 160), generator=g, dtype=torch.uint8), torch.randint(0, 16, (7, 5)).float()
+    dense = (values.double() - zero.double().repeat_interleave(32, 1)) * groups.double().repeat_interleave(32, 1)
+    _check(build.linear(x4, pack_nibbles(values), groups, zero=zero), x4, dense)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 9])  # tiles of 4 weight rows up to 4 (AVX-512) or 2 (AVX2) rows, else 2
 def test_threads_split_rows_without_changing_a_bit(build, rows):
     """Each output is summed by one thread in one order, so 1 or 2 threads give identical results."""
     g = torch.Generator().manual_seed(0)
@@ -141,6 +159,8 @@ def test_operands_it_cannot_take_are_refused_by_name(build, x, w, scale, zero, m
 
 
 def test_no_rows_or_no_outputs_give_an_empty_result(build):
+    assert torch.equal(build.linear(torch.randn(2, 0), torch.zeros(4, 0, dtype=torch.int8), torch.ones(4)),
+                       torch.zeros(2, 4))  # no columns: sums of nothing  # fmt: skip
     assert build.linear(torch.randn(0, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4)).shape == (0, 4)
     assert build.linear(torch.randn(2, 32), torch.zeros(0, 32, dtype=torch.int8), torch.ones(1)).shape == (2, 0)
 

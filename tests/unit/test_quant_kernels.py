@@ -11,9 +11,10 @@ import torch
 import workers.quant.linear as linear
 from cluster.checkpoint.quant.quantize import quantize
 from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, pack_nibbles
-from cluster.config.dtype import cpu_has_fast_bf16
+from cluster.config.dtype import FAST_BF16_ENV, cpu_has_fast_bf16
 from workers.expert import ExpertShard
 from workers.quant import cpu_kernel
+from workers.quant.kernels import fused_runs_int
 from workers.quant.linear import DequantLinear, FusedLinear, Int4Linear, Int8Linear, prepare
 
 CPU = torch.device("cpu")
@@ -71,7 +72,10 @@ def test_int8_kernel_and_dequantize_paths(cpu_kernel_mode, rows, sym, dtype):
     assert isinstance(lin, Int8Linear)
     lin.max_rows = 8  # both paths, whatever this CPU would choose
     fused = int_kernel(cpu_kernel_mode, dtype)
-    assert lin.kernel_for(rows) == ((fused or "_weight_int8pack_mm") if rows <= 8 else "dequantize + matmul")
+    if rows > 8:
+        assert lin.kernel_for(rows) == "dequantize + matmul"
+    else:
+        assert lin.kernel_for(rows) == (fused if fused and rows <= lin.fused_rows else "_weight_int8pack_mm")
     assert (lin.shift is None) == sym  # zero points other than 128 add sum(x) * (128 - zero) * scale
     check(lin, w, rows, dtype=dtype)
 
@@ -79,18 +83,18 @@ def test_int8_kernel_and_dequantize_paths(cpu_kernel_mode, rows, sym, dtype):
 def test_int8_row_limit_follows_the_kernel_cpu_and_dtype(cpu_kernel_mode, fast_bf16):
     """The measured crossovers (workers/quant/kernels.py). float32 activations: the fused kernel up to 32 rows, or
     dequantize + matmul where it is off (torch's kernel is far slower in float32). bfloat16: torch's kernel up to 8
-    rows on a CPU with bf16 units, up to 32 without them, where the AVX2 build's fused kernel runs instead."""
+    rows on a CPU with bf16 units, up to 32 without them, where the AVX2 build's fused kernel takes 1 and 2 rows."""
     w = int_weight(96, 128, bits=8, group=128)
     fused = fused_name(cpu_kernel_mode)
     f32, bf16 = (prepare(w, device=CPU, dtype=d) for d in (torch.float32, torch.bfloat16))
     assert f32.kernel_for(1) == (fused or "dequantize + matmul")
     assert f32.kernel_for(32) == (fused or "dequantize + matmul")
     assert f32.kernel_for(33) == "dequantize + matmul"
-    own = int_kernel(cpu_kernel_mode, torch.bfloat16)
-    assert own is None or (not fast_bf16 and cpu_kernel.kernel(cpu_kernel_mode).simd == 256)  # type: ignore[union-attr]
-    assert bf16.kernel_for(8) == (own or "_weight_int8pack_mm")
-    assert bf16.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else own or "_weight_int8pack_mm")
-    assert bf16.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else own or "_weight_int8pack_mm")
+    own = int_kernel(cpu_kernel_mode, torch.bfloat16)  # the AVX2 build without bf16 units: up to 2 rows
+    assert bf16.kernel_for(1) == bf16.kernel_for(2) == (own or "_weight_int8pack_mm")
+    assert bf16.kernel_for(3) == bf16.kernel_for(8) == "_weight_int8pack_mm"
+    assert bf16.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
+    assert bf16.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
     assert bf16.kernel_for(33) == "dequantize + matmul"
 
 
@@ -248,3 +252,20 @@ def test_quantized_shard_equals_a_dense_shard_of_its_dequantization(kind):
     got = shard.run(0, x, rows[order], experts, weights)
     want = reference.run(0, x, rows[order], experts, weights)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "simd", "units", "fused"),
+    [
+        (torch.float32, 512, True, True),  # torch's int kernels take 19-70x longer in float32 on a CPU
+        (torch.float32, 0, False, True),
+        (torch.bfloat16, 256, False, True),  # the AVX2 build beat torch's at one row there
+        (torch.bfloat16, 256, True, False),  # bf16 units: torch's kernels
+        (torch.bfloat16, 512, False, False),  # the AVX-512 build lost to torch's int8 (4-32 rows) and int4 (1 row)
+        (torch.bfloat16, 0, False, False),  # the portable loop
+        (torch.float16, 256, False, False),
+    ],
+)
+def test_which_activations_run_int_weights_on_the_fused_kernel(monkeypatch, dtype, simd, units, fused):
+    monkeypatch.setenv(FAST_BF16_ENV, "1" if units else "0")
+    assert fused_runs_int(dtype, simd) is fused

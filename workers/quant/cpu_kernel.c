@@ -364,19 +364,19 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     if (kind == 2 && (group < 16 || group % 16 || K % group || !zero || !per_row)) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    float* pairs = 0; /* x as the SIMD builds' int4 paths read it */
+    float* pairs = 0; /* x as the AVX2 build's int4 path reads it */
 #ifdef MIXSERVE_AVX2
     if (kind == 2) {
         if (!(pairs = permute_pairs(x, M, K))) return -1;
         x = pairs;
     }
 #endif
-    const int per = ((N + threads - 1) / threads + 3) & ~3; /* whole tiles of rows */
+    const int64_t per = (((int64_t)N + threads - 1) / threads + 3) & ~(int64_t)3; /* whole tiles of rows */
     pthread_t tid[MAX_THREADS];
     job_t jobs[MAX_THREADS];
     int made[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
-        const int n0 = (int64_t)t * per < N ? t * per : N, n1 = n0 + per < N ? n0 + per : N;
+        const int n0 = t * per < N ? (int)(t * per) : N, n1 = n0 + per < N ? (int)(n0 + per) : N;
         jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, 0, x, w, scale, zero, out};
         made[t] = t > 0 && n0 < n1 && pthread_create(&tid[t], 0, run, &jobs[t]) == 0;
         if (t > 0 && n0 < n1 && !made[t]) run(&jobs[t]);

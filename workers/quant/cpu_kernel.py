@@ -41,7 +41,13 @@ SOURCE = Path(__file__).with_name("cpu_kernel.c")
 # the stored dtype -> the C kernel's ``kind`` (2 is packed int4, stored as uint8)
 KINDS = {torch.float8_e4m3fn: 0, torch.int8: 1, torch.bfloat16: 3}
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
-_BUILD_FLAGS = {"auto": [], "avx2": ["-mno-avx512f"], "portable": ["-DMIXSERVE_PORTABLE"]}  # per mode but off
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+# per mode but off; avx2 elsewhere than x86 is the portable loop (-mno-avx512f is an x86 option)
+_BUILD_FLAGS = {
+    "auto": [],
+    "avx2": ["-mno-avx512f" if _X86 else "-DMIXSERVE_PORTABLE"],
+    "portable": ["-DMIXSERVE_PORTABLE"],
+}
 _WORK_PER_THREAD = 1 << 20  # weights x rows one thread takes before another is started
 
 
@@ -74,7 +80,7 @@ class Kernel:
         (m, k), n = x.shape, w.shape[0]
         packed = w.dtype == torch.uint8
         group = k // scale.shape[1] if packed else 0
-        if m == 0 or n == 0:
+        if m == 0 or n == 0 or k == 0:  # k == 0: sums of nothing
             return torch.zeros(m, n, dtype=torch.float32)
         x = x.float().contiguous()
         w, scale = w.contiguous(), scale.contiguous()

@@ -8,11 +8,11 @@ Nothing here is required to run.
     kind  device        activations  kernel                                   rows per expert
     int8  cpu           float32      fused CPU kernel                         <= FUSED_MAX_ROWS; above: dequantize
     int8  cpu           bf16, fp16   torch._weight_int8pack_mm                <= 8 with bf16 units, 32 without
-    int8  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units)         <= FUSED_MAX_ROWS; above: dequantize
+    int8  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units)         <= 2; then torch's, as above
     int8  cuda          any          torch._weight_int8pack_mm                <= 16; above: dequantize + matmul
     int4  cpu           float32      fused CPU kernel (groups of 16k)         <= FUSED_MAX_ROWS; above: dequantize
     int4  cpu           bf16, fp16   torch._weight_int4pack_mm_for_cpu        all (groups divisible by 32)
-    int4  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units)         <= FUSED_MAX_ROWS; above: dequantize
+    int4  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units, 16k)    <= FUSED_MAX_ROWS; above: dequantize
     int4  cuda          bf16         torch._weight_int4pack_mm (tinygemm)     all
     fp8   cuda sm89+    bf16, fp16   torch._scaled_mm, activations quantized  all, when the scheme quantizes them
     fp8   cpu           any          fused CPU kernel (weight-only)           <= FUSED_MAX_ROWS; above: dequantize
@@ -36,15 +36,17 @@ On a 2-core AMD EPYC with AVX2 but no AVX-512 (2026-12-07), where the fused kern
 activations, 1 / 8 / 32 rows, two runs (timings there varied by up to 2x between runs): int4 fused 3.14 / 10.9 / 45.5
 and 2.98 / 18.8 / 59.9 against ``_weight_int4pack_mm_for_cpu`` 4.27 / 15.3 / 46.0 and 4.34 / 11.2 / 44.6; int8 fused
 2.90 / 9.38 / 38.9 and 2.94 / 16.6 / 45.2 against ``_weight_int8pack_mm`` 3.91 / 13.5 / 53.9 and 3.53 / 12.2 / 56.4;
-fp8 fused 4.09 / 11.4 / 44.0. The fused kernel won at one row each time, and an int4 decode step at batch 1 ran ~10%
-faster on it in two engine A/B pairs, so there bfloat16 int8 and int4 run the fused kernel too
-(:func:`fused_runs_int`); above a few rows neither way won consistently.
+fp8 fused 4.09 / 11.4 / 44.0. The fused kernel won at one row each time (and int8 at two: 3.61 against 4.02), and an
+int4 decode step at batch 1 ran ~10% faster on it in two engine A/B pairs, so there bfloat16 int8 runs it at up to 2
+rows (``AVX2_BF16_INT8_ROWS``; int8 keeps one copy for both kernels) and int4 at up to 32 (int4 is stored for one
+kernel or the other: :func:`fused_runs_int`); above a few rows neither way won consistently.
 
 With bf16 units (issue 19's figures): ``_weight_int8pack_mm`` 2.12 / 7.78 / 27.3 and dense bf16 5.75 / 7.23 / 12.4
 at 1 / 8 / 32 rows. So bfloat16 activations keep torch's int8 kernel (up to 8 rows with bf16 units, 32 without:
-:func:`int8_kernel_max_rows`); float32 activations never run torch's int8 or int4 kernels on a CPU: where the
-fused kernel is off (``$MIXSERVE_CPU_KERNEL=off``, or no C compiler) they dequantize, as fp8 then does on every call.
-Without bf16 units the dequantize path multiplies in float32 (``dequant_matmul_dtype``).
+:func:`int8_kernel_max_rows`; without them the AVX2 build takes the first 2); float32 activations never run torch's
+int8 or int4 kernels on a CPU: where the fused kernel is off (``$MIXSERVE_CPU_KERNEL=off``, or no C compiler) they
+dequantize, as fp8 then does on every call. Without bf16 units the dequantize path multiplies in float32
+(``dequant_matmul_dtype``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ log = logging.getLogger("mixserve.quant")
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernels take
 FUSED_MAX_ROWS = 32  # rows per call up to which the fused CPU kernel beats dequantize + matmul (table above)
+AVX2_BF16_INT8_ROWS = 2  # bf16 int8 on the AVX2 build: rows up to which it beat _weight_int8pack_mm in both runs
 DEQUANT_CHUNK_ELEMENTS = 1 << 21  # weights dequantized at once (8 MiB of float32): stays in cache, bounds memory
 
 _WORKS: dict[tuple, bool] = {}
