@@ -16,7 +16,8 @@
  * In both SIMD builds a float8 byte b, sign-extended to 16 bits, becomes the float16 whose bits are (b << 7) &
  * 0xBF80 (sign to bit 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite e4m3fn
  * value, subnormals included, so the row sum is multiplied by 256 once. The portable build looks each byte's value up
- * in a 256-entry table. The two NaN bytes (0x7F, 0xFF) decode to +-480 in both builds (a checkpoint stores no NaN weights).
+ * in a 256-entry table. The two NaN bytes (0x7F, 0xFF) decode to +-480 in every build (a checkpoint stores no NaN
+ * weights).
  * Example: b = 0x38 (1.0 in e4m3fn) -> 0x1C00, the float16 2^-8; b = 0xB8 (-1.0), sign-extended 0xFFB8 -> 0x9C00.
  */
 #include <pthread.h>
@@ -154,26 +155,7 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
         }                                                                                                              \
     }
 
-static void* run(void* arg) {
-    const job_t* j = (const job_t*)arg;
-    const int nr = j->M <= 4 ? 4 : 2;
-    for (int n = j->n0; n < j->n1; n += nr) {
-        const int count = j->n1 - n < nr ? j->n1 - n : nr;
-        for (int m0 = 0; m0 < j->M; m0 += MT_MAX) {
-            const int mt = j->M - m0 < MT_MAX ? j->M - m0 : MT_MAX;
-            if (j->kind == 0) {
-                TILES(0)
-            } else if (j->kind == 1) {
-                TILES(1)
-            } else if (j->kind == 2) {
-                TILES(2)
-            } else {
-                TILES(3)
-            }
-        }
-    }
-    return 0;
-}
+#define SMALL_M 4 /* rows of x up to which tiles take 4 weight rows */
 #elif defined(MIXSERVE_AVX2)
 /* AVX2 (with FMA and F16C): 8 columns per step, or for kind 2 16 columns from 8 bytes (x permuted in pairs
  * of 8: permute_pairs); a column tail (K not a multiple of 8) is copied into zero-padded buffers. 16 registers:
@@ -261,7 +243,8 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
     }
 }
 
-#define TILE_KIND(kind)                                                                                                \
+#define SMALL_M 2
+#define TILES(kind)                                                                                                    \
     if (nr == 4) {                                                                                                     \
         if (mt == 1) tile(kind, 4, 1, j, n, m0, count);                                                                \
         else tile(kind, 4, 2, j, n, m0, count);                                                                        \
@@ -273,22 +256,25 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
             default: tile(kind, 2, 4, j, n, m0, count); break;                                                         \
         }                                                                                                              \
     }
+#endif
 
+#if defined(MIXSERVE_AVX512) || defined(MIXSERVE_AVX2)
+/* this job's rows of w in tiles of 4 weight rows (up to SMALL_M rows of x) or 2, each over x in passes of MT_MAX */
 static void* run(void* arg) {
     const job_t* j = (const job_t*)arg;
-    const int nr = j->M <= 2 ? 4 : 2, rows_max = nr == 4 ? 2 : MT_MAX;
+    const int nr = j->M <= SMALL_M ? 4 : 2;
     for (int n = j->n0; n < j->n1; n += nr) {
         const int count = j->n1 - n < nr ? j->n1 - n : nr;
-        for (int m0 = 0; m0 < j->M; m0 += rows_max) {
-            const int mt = j->M - m0 < rows_max ? j->M - m0 : rows_max;
+        for (int m0 = 0; m0 < j->M; m0 += MT_MAX) {
+            const int mt = j->M - m0 < MT_MAX ? j->M - m0 : MT_MAX;
             if (j->kind == 0) {
-                TILE_KIND(0)
+                TILES(0)
             } else if (j->kind == 1) {
-                TILE_KIND(1)
+                TILES(1)
             } else if (j->kind == 2) {
-                TILE_KIND(2)
+                TILES(2)
             } else {
-                TILE_KIND(3)
+                TILES(3)
             }
         }
     }
