@@ -17,6 +17,7 @@ from cluster.checkpoint.quant.weights import pack_nibbles
 from workers.quant import cpu_kernel
 
 BUILDS = ["auto", "avx2", "portable"]
+GROUPS = [16, 32, 64, 128, 48]  # the AVX2 build's int4 loop is unrolled for the first four; 48 takes the general one
 
 
 @pytest.fixture(params=BUILDS, scope="module")
@@ -76,7 +77,7 @@ def test_one_and_two_byte_weights_match_their_dequantization(mode, m, n, k, seed
 
 
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 19), n=st.integers(1, 37), groups=st.integers(1, 4), group=st.sampled_from([16, 32, 128]),
+@given(m=st.integers(1, 19), n=st.integers(1, 37), groups=st.integers(1, 4), group=st.sampled_from(GROUPS),
        seed=st.integers(0, 2**16))  # fmt: skip
 @pytest.mark.parametrize("mode", BUILDS)
 def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed):
@@ -95,19 +96,24 @@ def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed)
 @pytest.mark.parametrize("m", range(1, 10))
 def test_every_tile_shape(build, m):
     """Each row count from 1 to 9 (every tile of both SIMD builds: 4 weight rows x 1-4 rows of x, 2 x 1-8, and a
-    second pass over x), each kind, 7 weight rows (a partial tile) and a column tail, against float64."""
+    second pass over x), each kind (int4 in every group size of GROUPS), 7 weight rows (a partial tile) and a column
+    tail, against float64."""
     g = torch.Generator().manual_seed(m)
-    x, k = torch.randn(m, 200, generator=g), 200  # 200 = 12 x 16 + 8: a tail in every kind but int4 (groups of 40)
-    scale, groups = torch.rand(7, generator=g) + 0.01, torch.rand(7, 5, generator=g) * 0.02 + 0.001
+    x, k = torch.randn(m, 200, generator=g), 200  # 200 = 12 x 16 + 8: a tail in every kind but int4
+    scale = torch.rand(7, generator=g) + 0.01
     fp8 = (torch.randn(7, k, generator=g) * 40).to(torch.float8_e4m3fn)
     i8 = torch.randint(-128, 128, (7, k), generator=g, dtype=torch.int8)
     bf16 = torch.randn(7, k, generator=g).bfloat16()
     for w in (fp8, i8, bf16):
         _check(build.linear(x, w, scale), x, w.double() * scale.double().reshape(-1, 1))
-    x4 = torch.randn(m, 160, generator=g)  # int4: groups of 32 (a multiple of 16)
-    values, zero = torch.randint(0, 16, (7, 160), generator=g, dtype=torch.uint8), torch.randint(0, 16, (7, 5)).float()
-    dense = (values.double() - zero.double().repeat_interleave(32, 1)) * groups.double().repeat_interleave(32, 1)
-    _check(build.linear(x4, pack_nibbles(values), groups, zero=zero), x4, dense)
+    for group in GROUPS:  # int4: 3 groups (K a multiple of 16)
+        x4, k4 = torch.randn(m, 3 * group, generator=g), 3 * group
+        values = torch.randint(0, 16, (7, k4), generator=g, dtype=torch.uint8)
+        groups, zero = torch.rand(7, 3, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (7, 3), generator=g).float()
+        dense = (values.double() - zero.double().repeat_interleave(group, 1)) * groups.double().repeat_interleave(
+            group, 1
+        )
+        _check(build.linear(x4, pack_nibbles(values), groups, zero=zero), x4, dense)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 9])  # tiles of 4 weight rows up to 4 (AVX-512) or 2 (AVX2) rows, else 2

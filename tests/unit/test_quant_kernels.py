@@ -251,7 +251,10 @@ def test_quantized_shard_equals_a_dense_shard_of_its_dequantization(kind):
     weights = torch.rand(24, generator=g)
     got = shard.run(0, x, rows[order], experts, weights)
     want = reference.run(0, x, rows[order], experts, weights)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # int4 on the fused kernel's AVX2 build sums q x over a group and applies its scale and zero once, which in float32
+    # rounds up to ~1e-5 of the output's scale (where x's mean is large): 10x what a dense float32 matmul rounds
+    tol = 1e-4 if kind == "int4" else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(
