@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -116,9 +117,8 @@ def test_every_tile_shape(build, m):
         _check(build.linear(x4, pack_nibbles(values), groups, zero=zero), x4, dense)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 9])  # tiles of 4 weight rows up to 4 (AVX-512) or 2 (AVX2) rows, else 2
-def test_threads_split_rows_without_changing_a_bit(build, rows):
-    """Each output is summed by one thread in one order, so 1 or 2 threads give identical results."""
+def _by_threads(build: cpu_kernel.Kernel, rows: int) -> list[tuple[torch.Tensor, ...]]:
+    """fp8, int4 and bf16 products of ``rows`` rows on 1 thread, then on 2."""
     g = torch.Generator().manual_seed(0)
     fp8 = (torch.randn(1030, 1024, generator=g) * 40).to(torch.float8_e4m3fn)
     int4 = torch.randint(0, 256, (1030, 512), generator=g, dtype=torch.uint8)
@@ -136,7 +136,57 @@ def test_threads_split_rows_without_changing_a_bit(build, rows):
             )
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    return results
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 9])  # tiles of 4 weight rows up to 4 (AVX-512) or 2 (AVX2) rows, else 2
+def test_threads_split_rows_without_changing_a_bit(build, rows):
+    """Each output is summed by one thread in one order, so 1 or 2 threads give identical results."""
+    one, two = _by_threads(build, rows)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def _compiles_openmp(tmp_path: Path) -> bool:
+    source = tmp_path / "omp.c"
+    source.write_text("#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n")
+    cc = os.environ.get("CC", "cc")
+    return subprocess.run([cc, "-fopenmp", "-shared", "-fPIC", "-o", str(tmp_path / "omp.so"), str(source)],
+                          capture_output=True).returncode == 0  # fmt: skip
+
+
+def test_its_threads_are_the_openmp_runtime_torch_loaded(tmp_path):
+    """Where the compiler takes -fopenmp, the kernel's parallel loop runs on torch's OpenMP threads: one OpenMP
+    runtime in the process (its own threads would share the cores with torch's spinning ones)."""
+    if not _compiles_openmp(tmp_path):
+        pytest.skip("this C compiler has no OpenMP")
+    k = cpu_kernel.kernel("auto")
+    assert k is not None and k.openmp
+    k.linear(torch.randn(3, 1024), torch.zeros(1030, 1024, dtype=torch.int8), torch.ones(1030))
+    maps = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line}
+    assert len(maps) == 1 and Path(next(iter(maps))).parent == Path(torch.__file__).parent / "lib", maps
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_build_with_threads_of_its_own_gives_the_same_bits(rows):
+    """Without OpenMP the kernel starts threads of its own; the same SIMD code, so the same bits on 1 or 2."""
+    own = cpu_kernel.load("auto", openmp=False)
+    shared = cpu_kernel.kernel("auto")
+    assert own is not None and shared is not None and not own.openmp
+    mine, theirs = _by_threads(own, rows), _by_threads(shared, rows)
+    assert all(torch.equal(a, b) for a, b in zip(mine[0] + mine[1], theirs[0] + theirs[1], strict=True))
+
+
+def test_a_compiler_without_openmp_builds_with_threads_of_its_own(tmp_path, monkeypatch):
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\ncase "$*" in *-fopenmp*) echo "no OpenMP here" >&2; exit 1;; esac\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    k = cpu_kernel.load("auto")
+    assert k is not None and not k.openmp
+    x, w = torch.randn(2, 64), torch.randint(-128, 128, (8, 64), dtype=torch.int8)
+    _check(k.linear(x, w, torch.ones(8)), x, w.double())
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,11 @@
  * weights).
  * Example: b = 0x38 (1.0 in e4m3fn) -> 0x1C00, the float16 2^-8; b = 0xB8 (-1.0), sign-extended 0xFFB8 -> 0x9C00.
  */
+#ifdef _OPENMP
+#include <omp.h>
+#else
 #include <pthread.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +60,15 @@ static inline int64_t offset(const int kind, int64_t k) {
     return kind == 2 ? k / 2 : kind == 3 ? 2 * k : k;
 }
 static inline int64_t row_bytes(const job_t* j) { return offset(j->kind, j->K); }
+
+/* 1 when built with OpenMP (threads from the process's OpenMP runtime), 0 when with threads of its own */
+int mixserve_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 int mixserve_simd(void) {
 #if defined(MIXSERVE_AVX512)
@@ -424,8 +437,9 @@ static void* run(void* arg) {
  * followed by the sum of each group of G columns of x, [M, K / G] */
 static float* permute_pairs(const float* x, int M, int K, int G) {
     const int64_t n = (int64_t)M * K;
-    float* out = malloc(sizeof(float) * (size_t)(n + n / G));
-    if (!out) return 0;
+    void* at = 0; /* on a cache line: a heap block (16-byte aligned) split every other 32-byte load of x in two */
+    if (posix_memalign(&at, 64, sizeof(float) * (size_t)(n + n / G))) return 0;
+    float* out = at;
     for (int64_t i = 0; i < n; i += 16)
         for (int c = 0; c < 8; c++) out[i + c] = x[i + 2 * c], out[i + 8 + c] = x[i + 2 * c + 1];
     for (int64_t i = 0; i < n / G; i++) {
@@ -455,18 +469,28 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     }
 #endif
     const int64_t per = (((int64_t)N + threads - 1) / threads + 3) & ~(int64_t)3; /* whole tiles of rows */
-    pthread_t tid[MAX_THREADS];
     job_t jobs[MAX_THREADS];
-    int made[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         const int n0 = t * per < N ? (int)(t * per) : N, n1 = n0 + per < N ? (int)(n0 + per) : N;
         jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, 0, x, w, scale, zero, xsum, out};
-        made[t] = t > 0 && n0 < n1 && pthread_create(&tid[t], 0, run, &jobs[t]) == 0;
-        if (t > 0 && n0 < n1 && !made[t]) run(&jobs[t]);
+    }
+#ifdef _OPENMP
+    /* on the threads of the process's OpenMP runtime: torch's own (its libgomp.so.1 is the one loaded), whose
+     * threads spin for a while after each of torch's parallel ops; threads of our own would share the cores with
+     * them (2-3x slower at 3-8 rows on 2 cores) */
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) run(&jobs[t]);
+#else
+    pthread_t tid[MAX_THREADS];
+    int made[MAX_THREADS];
+    for (int t = 1; t < threads; t++) {
+        made[t] = jobs[t].n0 < jobs[t].n1 && pthread_create(&tid[t], 0, run, &jobs[t]) == 0;
+        if (jobs[t].n0 < jobs[t].n1 && !made[t]) run(&jobs[t]);
     }
     run(&jobs[0]);
     for (int t = 1; t < threads; t++)
         if (made[t]) pthread_join(tid[t], 0);
+#endif
     free(pairs);
     for (int t = 0; t < threads; t++)
         if (jobs[t].failed) return -1;
