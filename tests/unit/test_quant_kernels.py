@@ -75,7 +75,7 @@ def test_int8_kernel_and_dequantize_paths(cpu_kernel_mode, rows, sym, dtype):
     if rows > 8:
         assert lin.kernel_for(rows) == "dequantize + matmul"
     else:
-        assert lin.kernel_for(rows) == (fused if fused and rows <= lin.fused_rows else "_weight_int8pack_mm")
+        assert lin.kernel_for(rows) == (fused or "_weight_int8pack_mm")
     assert (lin.shift is None) == sym  # zero points other than 128 add sum(x) * (128 - zero) * scale
     check(lin, w, rows, dtype=dtype)
 
@@ -83,18 +83,17 @@ def test_int8_kernel_and_dequantize_paths(cpu_kernel_mode, rows, sym, dtype):
 def test_int8_row_limit_follows_the_kernel_cpu_and_dtype(cpu_kernel_mode, fast_bf16):
     """The measured crossovers (workers/quant/kernels.py). float32 activations: the fused kernel up to 32 rows, or
     dequantize + matmul where it is off (torch's kernel is far slower in float32). bfloat16: torch's kernel up to 8
-    rows on a CPU with bf16 units, up to 32 without them, where the AVX2 build's fused kernel takes 1 and 2 rows."""
+    rows on a CPU with bf16 units, up to 32 without them, where the AVX2 build's fused kernel takes them instead."""
     w = int_weight(96, 128, bits=8, group=128)
     fused = fused_name(cpu_kernel_mode)
     f32, bf16 = (prepare(w, device=CPU, dtype=d) for d in (torch.float32, torch.bfloat16))
     assert f32.kernel_for(1) == (fused or "dequantize + matmul")
     assert f32.kernel_for(32) == (fused or "dequantize + matmul")
     assert f32.kernel_for(33) == "dequantize + matmul"
-    own = int_kernel(cpu_kernel_mode, torch.bfloat16)  # the AVX2 build without bf16 units: up to 2 rows
-    assert bf16.kernel_for(1) == bf16.kernel_for(2) == (own or "_weight_int8pack_mm")
-    assert bf16.kernel_for(3) == bf16.kernel_for(8) == "_weight_int8pack_mm"
-    assert bf16.kernel_for(9) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
-    assert bf16.kernel_for(32) == ("dequantize + matmul" if fast_bf16 else "_weight_int8pack_mm")
+    own = int_kernel(cpu_kernel_mode, torch.bfloat16)  # the AVX2 build without bf16 units
+    for rows in (1, 2, 3, 8, 9, 32):
+        torchs = "_weight_int8pack_mm" if rows <= (8 if fast_bf16 else 32) else "dequantize + matmul"
+        assert bf16.kernel_for(rows) == (own or torchs)
     assert bf16.kernel_for(33) == "dequantize + matmul"
 
 
@@ -262,7 +261,7 @@ def test_quantized_shard_equals_a_dense_shard_of_its_dequantization(kind):
     [
         (torch.float32, 512, True, True),  # torch's int kernels take 19-70x longer in float32 on a CPU
         (torch.float32, 0, False, True),
-        (torch.bfloat16, 256, False, True),  # the AVX2 build beat torch's at one row there
+        (torch.bfloat16, 256, False, True),  # the AVX2 build beat torch's at 1-32 rows there
         (torch.bfloat16, 256, True, False),  # bf16 units: torch's kernels
         (torch.bfloat16, 512, False, False),  # the AVX-512 build lost to torch's int8 (4-32 rows) and int4 (1 row)
         (torch.bfloat16, 0, False, False),  # the portable loop

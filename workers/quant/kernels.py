@@ -8,7 +8,7 @@ Nothing here is required to run.
     kind  device        activations  kernel                                   rows per expert
     int8  cpu           float32      fused CPU kernel                         <= FUSED_MAX_ROWS; above: dequantize
     int8  cpu           bf16, fp16   torch._weight_int8pack_mm                <= 8 with bf16 units, 32 without
-    int8  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units)         <= 2; then torch's, as above
+    int8  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units)         <= FUSED_MAX_ROWS; above: dequantize
     int8  cuda          any          torch._weight_int8pack_mm                <= 16; above: dequantize + matmul
     int4  cpu           float32      fused CPU kernel (groups of 16k)         <= FUSED_MAX_ROWS; above: dequantize
     int4  cpu           bf16, fp16   torch._weight_int4pack_mm_for_cpu        all (groups divisible by 32)
@@ -32,18 +32,18 @@ AVX-512 and no bf16 units, the fused kernel's AVX-512 build (2026-12-07):
     dense bf16 F.linear        10.1 / 30.9 / 88.1 / 151    fp8 fused CPU kernel       3.21 / 8.87 / 37.9 / 73.5
     dense fp32 F.linear        8.82 / 29.7 / 38.2 / 52.6    dense fp32 F.linear        8.25 / 28.1 / 32.8 / 40.9
 
-On a 2-core AMD EPYC with AVX2 but no AVX-512 (2026-12-07), where the fused kernel is its AVX2 build, bfloat16
-activations, 1 / 8 / 32 rows, two runs (timings there varied by up to 2x between runs): int4 fused 3.14 / 10.9 / 45.5
-and 2.98 / 18.8 / 59.9 against ``_weight_int4pack_mm_for_cpu`` 4.27 / 15.3 / 46.0 and 4.34 / 11.2 / 44.6; int8 fused
-2.90 / 9.38 / 38.9 and 2.94 / 16.6 / 45.2 against ``_weight_int8pack_mm`` 3.91 / 13.5 / 53.9 and 3.53 / 12.2 / 56.4;
-fp8 fused 4.09 / 11.4 / 44.0. The fused kernel won at one row each time (and int8 at two: 3.61 against 4.02), and an
-int4 decode step at batch 1 ran ~10% faster on it in two engine A/B pairs, so there bfloat16 int8 runs it at up to 2
-rows (``AVX2_BF16_INT8_ROWS``; int8 keeps one copy for both kernels) and int4 at up to 32 (int4 is stored for one
-kernel or the other: :func:`fused_runs_int`); above a few rows neither way won consistently.
+On a 2-core AMD EPYC with AVX2 but no AVX-512, where the fused kernel is its AVX2 build, bfloat16 activations, 1 /
+8 / 32 rows, after the kernel moved onto torch's OpenMP threads and int4 to per-group scaling (sixth session,
+2026-12-07; before, its own threads shared the cores with torch's spinning ones, which cost it up to 2x above 2 rows,
+so earlier runs there and on the Xeon above understate it): int4 fused 1.89 / 7.81 / 31.8 against
+``_weight_int4pack_mm_for_cpu`` 4.32 / 11.0 / 44.4; int8 fused 2.21 / 7.20 / 36.7 against ``_weight_int8pack_mm``
+3.10 / 11.5 / 55.4 (an A/B of the two, the fused kernel ahead at every row count 1-32); fp8 fused 2.82 / 9.05 / 36.5;
+dense bf16 fused 3.86 / 8.53 / 34.0. So there bfloat16 int8 and int4 run the fused kernel up to 32 rows
+(:func:`fused_runs_int`).
 
 With bf16 units (issue 19's figures): ``_weight_int8pack_mm`` 2.12 / 7.78 / 27.3 and dense bf16 5.75 / 7.23 / 12.4
 at 1 / 8 / 32 rows. So bfloat16 activations keep torch's int8 kernel (up to 8 rows with bf16 units, 32 without:
-:func:`int8_kernel_max_rows`; without them the AVX2 build takes the first 2); float32 activations never run torch's
+:func:`int8_kernel_max_rows`; without them the AVX2 build runs instead); float32 activations never run torch's
 int8 or int4 kernels on a CPU: where the fused kernel is off (``$MIXSERVE_CPU_KERNEL=off``, or no C compiler) they
 dequantize, as fp8 then does on every call. Without bf16 units the dequantize path multiplies in float32
 (``dequant_matmul_dtype``).
@@ -62,7 +62,6 @@ log = logging.getLogger("mixserve.quant")
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernels take
 FUSED_MAX_ROWS = 32  # rows per call up to which the fused CPU kernel beats dequantize + matmul (table above)
-AVX2_BF16_INT8_ROWS = 2  # bf16 int8 on the AVX2 build: rows up to which it beat _weight_int8pack_mm in both runs
 DEQUANT_CHUNK_ELEMENTS = 1 << 21  # weights dequantized at once (8 MiB of float32): stays in cache, bounds memory
 
 _WORKS: dict[tuple, bool] = {}
@@ -107,8 +106,9 @@ def fused_runs_int(dtype: torch.dtype, simd: int) -> bool:
     """Whether int8 and int4 weights under ``dtype`` activations on a CPU run the fused CPU kernel of SIMD width
     ``simd`` (``cpu_kernel.Kernel.simd``) rather than torch's kernels: float32 always (torch's take 19-70x longer
     there); bfloat16 from the AVX2 build on a CPU without bf16 units, which beat ``_weight_int8pack_mm`` and
-    ``_weight_int4pack_mm_for_cpu`` at one row every time measured (module docstring); not from the AVX-512 build,
-    which lost to torch's int8 kernel at 4-32 rows and to its int4 kernel at one row, nor from the portable one."""
+    ``_weight_int4pack_mm_for_cpu`` at 1-32 rows (module docstring); not from the AVX-512 build, which lost to torch's
+    int8 kernel at 4-32 rows and to its int4 kernel at one row (measured while its threads still shared the cores
+    with torch's: to be measured again on such a CPU), nor from the portable one."""
     if dtype == torch.float32:
         return True
     return dtype == torch.bfloat16 and simd == 256 and not cpu_has_fast_bf16()

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, unpack_nibbles
 from workers.quant import cpu_kernel
 from workers.quant.kernels import (
-    AVX2_BF16_INT8_ROWS,
     DEQUANT_CHUNK_ELEMENTS,
     FUSED_MAX_ROWS,
     dequant_matmul_dtype,
@@ -149,47 +148,34 @@ class DequantLinear(QuantLinear):
 
 class Int8Linear(DequantLinear):
     """int8, one scale per output feature, through a kernel that reads 1 byte per weight: the fused CPU kernel
-    (``cpu_kernel``) up to ``fused_rows`` rows where ``_kernel`` gave it one (float32 activations: up to 32 rows;
-    bfloat16 on the AVX2 build without bf16 units: up to 2), then ``torch._weight_int8pack_mm`` up to ``max_rows``;
-    above them the dequantize path (its cost is paid once for all rows). Zero points other than 128 add
-    ``sum(x) * (128 - zero) s``."""
+    (``cpu_kernel``) up to ``FUSED_MAX_ROWS`` rows where ``_kernel`` gave it one (float32 activations; bfloat16 on
+    the AVX2 build without bf16 units), else ``torch._weight_int8pack_mm`` up to its own row limit; above them the
+    dequantize path (its cost is paid once for all rows). Zero points other than 128 add ``sum(x) * (128 - zero) s``."""
 
     def __init__(
-        self,
-        w: IntWeight,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        fused: cpu_kernel.Kernel | None = None,
-        fused_rows: int = FUSED_MAX_ROWS,
+        self, w: IntWeight, *, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None = None
     ) -> None:
         super().__init__(w, device=device, dtype=dtype)
         self.fused = fused  # the fused CPU kernel, where _kernel chose it
         self.signed = (self.q.to(torch.int16) - 128).to(torch.int8)  # [N, K]
-        self.fused_rows = fused_rows if fused is not None else 0
         self.fused_scale = self.scale[:, 0].float().contiguous() if fused is not None else None  # [N]
         self.kernel_scale = self.scale[:, 0].to(dtype).contiguous()  # [N], as torch's kernel takes it
         shift = (128 - self.zero[:, 0]) * self.scale[:, 0]  # [N]
         self.shift = shift.to(dtype) if bool((shift != 0).any()) else None
-        self.max_rows = max(self.fused_rows, int8_kernel_max_rows(device, dtype))
+        self.max_rows = FUSED_MAX_ROWS if fused is not None else int8_kernel_max_rows(device, dtype)
         self.q = self.zero = torch.empty(0)  # the dequantize path reads the signed copy instead
-        both = 0 < self.fused_rows < self.max_rows
-        for rows in (1, self.fused_rows + 1) if both else (1,):  # each kernel it runs (an error: prepare falls back)
-            self.matmul(torch.zeros(rows, self.shape[1], dtype=dtype, device=device))
+        self.matmul(torch.zeros(1, self.shape[1], dtype=dtype, device=device))  # an error: prepare falls back
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
         if self.max_rows == 0:
             return "dequantize + matmul (float32 activations)"
-        ways = [f"{self.kernel_for(1)} (<= {self.fused_rows if self.fused_rows else self.max_rows} rows)"]
-        if 0 < self.fused_rows < self.max_rows:
-            ways.append(f"_weight_int8pack_mm (<= {self.max_rows} rows)")
-        return ", ".join(ways) + ", dequantize + matmul above"
+        return f"{self.kernel_for(1)} (<= {self.max_rows} rows), dequantize + matmul above"
 
     def kernel_for(self, rows: int) -> str:
         if rows > self.max_rows:
             return "dequantize + matmul"
-        return self.fused.name if self.fused is not None and rows <= self.fused_rows else "_weight_int8pack_mm"
+        return self.fused.name if self.fused is not None else "_weight_int8pack_mm"
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         w = SCRATCH.take(stop - start, self.shape[1], dtype=self.matmul_dtype, device=self.signed.device)
@@ -199,7 +185,7 @@ class Int8Linear(DequantLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_rows:
             return super().matmul(x)
-        if self.fused is not None and self.fused_scale is not None and x.shape[0] <= self.fused_rows:
+        if self.fused is not None and self.fused_scale is not None:
             y = self.fused.linear(x, self.signed, self.fused_scale).to(x.dtype)
         else:
             y = aten._weight_int8pack_mm(x, self.signed, self.kernel_scale)
@@ -333,8 +319,7 @@ def _kernel(
         if w.bits == 4 and group is not None and (device.type == "cpu" or dtype == torch.bfloat16):
             return Int4Linear(w, device=device, dtype=dtype, group=group)
         if w.bits == 8 and w.group_size == w.shape[1]:
-            rows = FUSED_MAX_ROWS if dtype == torch.float32 else AVX2_BF16_INT8_ROWS
-            return Int8Linear(w, device=device, dtype=dtype, fused=own, fused_rows=rows)
+            return Int8Linear(w, device=device, dtype=dtype, fused=own)
         return None
     if w.activations is not None:
         if fp8_matmul_device(device) and dtype in (torch.bfloat16, torch.float16):
