@@ -174,9 +174,9 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
 
 #define SMALL_M 4 /* rows of x up to which tiles take 4 weight rows */
 #elif defined(MIXSERVE_AVX2)
-/* AVX2 (with FMA and F16C): kinds 0, 1 and 3 8 columns per step, a column tail (K not a multiple of 8) copied into
- * zero-padded buffers; kind 2 in tile_int4. 16 registers: up to 8 accumulators, NR 4 x MT 2 or NR 2 x MT 4, and each
- * weight row is multiplied into every row of x before the next one is decoded. */
+/* AVX2 (with FMA and F16C): kinds 1 and 3 8 columns per step, kind 0 16 (8 after the last whole 16), a column tail (K
+ * not a multiple of 8) copied into zero-padded buffers; kind 2 in tile_int4. 16 registers: up to 8 accumulators, NR 4
+ * x MT 2 or NR 2 x MT 4, and each weight row is multiplied into every row of x before the next one is decoded. */
 static inline __attribute__((always_inline)) __m256 decode8(const int kind, const uint8_t* p, int64_t k) {
     if (kind == 3) {
         const __m128i h = _mm_loadu_si128((const __m128i*)(p + 2 * k));
@@ -208,7 +208,23 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
     const int ahead = n + 2 * NR <= j->n1;
     __m256 acc[8]; /* [NR][MT] */
     UNROLL for (int i = 0; i < NR * MT; i++) acc[i] = _mm256_setzero_ps();
-    for (int k = 0; k < full; k += 8) {
+    int k = 0;
+    for (; kind == 0 && k + 16 <= K; k += 16) { /* float8: 16 columns from 16 bytes, widened to 16-bit lanes at once */
+        if (ahead && (k & 63) == 0)
+            for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + k, _MM_HINT_T0);
+        UNROLL for (int r = 0; r < NR; r++) {
+            const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w[r] + k)));
+            const __m256i h = _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16((short)0xBF80));
+            const __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+            const __m256 hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+            UNROLL for (int m = 0; m < MT; m++) { /* in the order of two 8-column steps: the same sums */
+                const float* xm = x + (int64_t)m * K + k;
+                acc[r * MT + m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), acc[r * MT + m]);
+                acc[r * MT + m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + 8), acc[r * MT + m]);
+            }
+        }
+    }
+    for (; k < full; k += 8) {
         const int64_t at = offset(kind, k);
         if (ahead && (at & 63) == 0)
             for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + at, _MM_HINT_T0);
