@@ -164,7 +164,7 @@ def test_its_threads_are_the_openmp_runtime_torch_loaded(tmp_path):
     k = cpu_kernel.kernel("auto")
     assert k is not None and k.openmp
     k.linear(torch.randn(3, 1024), torch.zeros(1030, 1024, dtype=torch.int8), torch.ones(1030))
-    lib = Path(torch.__file__).parent / "lib"
+    lib = (Path(torch.__file__).parent / "lib").resolve()  # /proc/self/maps shows resolved paths
     maps = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line}
     torchs = [m for m in maps if Path(m).parent == lib]
     if not torchs:
@@ -186,6 +186,25 @@ def test_a_build_with_threads_of_its_own_gives_the_same_bits(rows):
 def test_a_compiler_without_openmp_builds_with_threads_of_its_own(tmp_path, monkeypatch):
     cc = tmp_path / "cc"
     cc.write_text('#!/bin/sh\ncase "$*" in *-fopenmp*) echo "no OpenMP here" >&2; exit 1;; esac\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    k = cpu_kernel.load("auto")
+    assert k is not None and not k.openmp
+    x, w = torch.randn(2, 64), torch.randint(-128, 128, (8, 64), dtype=torch.int8)
+    _check(k.linear(x, w, torch.ones(8)), x, w.double())
+
+
+def test_an_openmp_build_that_does_not_load_gives_way_to_one_without(tmp_path, monkeypatch):
+    """An OpenMP build can link against a runtime library the loader then cannot find (clang's libomp outside the
+    library path): the build without OpenMP is loaded instead of turning the kernel off."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(fake / "libnowhere.so"), "-x", "c", "/dev/null"], check=True)
+    cc = tmp_path / "cc"
+    link = f"-L{fake} -Wl,--no-as-needed -lnowhere"  # a library the loader will not find
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-fopenmp*) exec cc "$@" {link};; esac\nexec cc "$@"\n')
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))

@@ -388,8 +388,10 @@ static void* run(void* arg) {
                 TILES(0)
             } else if (j->kind == 1) {
                 TILES(1)
+#ifndef MIXSERVE_AVX2 /* the AVX2 build took kind 2 above */
             } else if (j->kind == 2) {
                 TILES(2)
+#endif
             } else {
                 TILES(3)
             }

@@ -166,10 +166,18 @@ def kernel(want: str | None = None) -> Kernel | None:
 
 
 def load(variant: str, *, openmp: bool = True) -> Kernel | None:
-    """``variant`` built (:func:`build`) and loaded, each call anew; None (logged) when it cannot be."""
+    """``variant`` built (:func:`build`) and loaded, each call anew; None (logged) when it cannot be. An OpenMP
+    build that links but does not load (its runtime library missing at run time) gives way to the build without."""
     try:
         path = build(variant, openmp=openmp)
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            if not openmp:
+                raise
+            log.info("the fused CPU kernel's OpenMP build does not load (%s); building it without OpenMP", e)
+            path = build(variant, openmp=False)
+            lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("the fused CPU kernel is unavailable (%s); quantized experts and dense bf16 use torch's kernels", e)
         return None
