@@ -321,31 +321,21 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
 }
 
 #define SMALL_M 2
-#define TILES(kind)                                                                                                    \
+/* TILE(A, NR, MT, j, n, m0, count) for this pass's tile shape: 4 weight rows x 1-2 rows of x, or 2 x 1-4 */
+#define SHAPES(TILE, A)                                                                                                \
     if (nr == 4) {                                                                                                     \
-        if (mt == 1) tile(kind, 4, 1, j, n, m0, count);                                                                \
-        else tile(kind, 4, 2, j, n, m0, count);                                                                        \
+        if (mt == 1) TILE(A, 4, 1, j, n, m0, count);                                                                   \
+        else TILE(A, 4, 2, j, n, m0, count);                                                                           \
     } else {                                                                                                           \
         switch (mt) {                                                                                                  \
-            case 1: tile(kind, 2, 1, j, n, m0, count); break;                                                          \
-            case 2: tile(kind, 2, 2, j, n, m0, count); break;                                                          \
-            case 3: tile(kind, 2, 3, j, n, m0, count); break;                                                          \
-            default: tile(kind, 2, 4, j, n, m0, count); break;                                                         \
+            case 1: TILE(A, 2, 1, j, n, m0, count); break;                                                             \
+            case 2: TILE(A, 2, 2, j, n, m0, count); break;                                                             \
+            case 3: TILE(A, 2, 3, j, n, m0, count); break;                                                             \
+            default: TILE(A, 2, 4, j, n, m0, count); break;                                                            \
         }                                                                                                              \
     }
-/* kind 2's tiles, unrolled for the common group sizes */
-#define INT4_SHAPES(G)                                                                                                 \
-    if (nr == 4) {                                                                                                     \
-        if (mt == 1) tile_int4(G, 4, 1, j, n, m0, count);                                                              \
-        else tile_int4(G, 4, 2, j, n, m0, count);                                                                      \
-    } else {                                                                                                           \
-        switch (mt) {                                                                                                  \
-            case 1: tile_int4(G, 2, 1, j, n, m0, count); break;                                                        \
-            case 2: tile_int4(G, 2, 2, j, n, m0, count); break;                                                        \
-            case 3: tile_int4(G, 2, 3, j, n, m0, count); break;                                                        \
-            default: tile_int4(G, 2, 4, j, n, m0, count); break;                                                       \
-        }                                                                                                              \
-    }
+#define TILES(kind) SHAPES(tile, kind)
+#define INT4_SHAPES(G) SHAPES(tile_int4, G) /* kind 2's tiles, unrolled for the common group sizes */
 /* a job of kind 2 with groups of GC columns, in one function per group size that the compiler lays out alone (one
  * function holding every size ran the 128-column one ~10% slower) */
 static inline __attribute__((always_inline)) void int4_job(const int GC, const job_t* j) {
