@@ -19,7 +19,7 @@ from cluster.checkpoint.quant.weights import pack_nibbles
 from workers.quant import cpu_kernel
 
 BUILDS = ["auto", "avx2", "portable"]
-GROUPS = [16, 32, 64, 128, 48]  # the AVX2 build's int4 loop is unrolled for the first four; 48 takes the general one
+GROUPS = [16, 32, 64, 128, 48, 96, 512]  # AVX2: unrolled for 16-128; 48, 96 and 512 take the general loops
 
 
 @pytest.fixture(params=BUILDS, scope="module")
@@ -116,6 +116,36 @@ def test_every_tile_shape(build, m):
             group, 1
         )
         _check(build.linear(x4, pack_nibbles(values), groups, zero=zero), x4, dense)
+
+
+@pytest.mark.parametrize("size", [1e-33, 1e-28, 1.0, 1e30])
+@pytest.mark.parametrize("group", [32, 512])
+def test_int4_at_one_row_holds_its_precision_at_any_scale(build, size, group):
+    """One row of x, which the AVX2 build multiplies in fixed point per block of columns (2^-21 of the block's largest
+    |x|): within 1e-5 of float64 relative to the largest output at every scale (1e-33 is below the fixed point's range
+    and takes the float loop), and where one column holds a value 1000x the others (a block's largest) too."""
+    g = torch.Generator().manual_seed(group)
+    values = torch.randint(0, 16, (9, 2 * group), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(9, 2, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (9, 2), generator=g).float()
+    dense = (values.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
+    for outlier in (1.0, 1000.0):
+        x = torch.randn(1, 2 * group, generator=g) * size
+        x[0, 7] *= outlier
+        want = x.double() @ dense.t()
+        got = build.linear(x, pack_nibbles(values), scale, zero=zero).double()
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int4_at_one_row_keeps_a_value_that_is_not_finite(build, bad):
+    """A NaN or infinity in x makes every output not finite, as in a float matmul (the fixed point cannot hold it, so
+    that row takes the float loop)."""
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(1, 16, (5, 64), generator=g, dtype=torch.uint8)
+    x = torch.randn(1, 64, generator=g)
+    x[0, 40] = bad
+    got = build.linear(x, pack_nibbles(values), torch.full((5, 2), 0.01), zero=torch.full((5, 2), 0.5))
+    assert not torch.isfinite(got).any()
 
 
 def _by_threads(build: cpu_kernel.Kernel, rows: int) -> list[tuple[torch.Tensor, ...]]:

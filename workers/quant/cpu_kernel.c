@@ -15,7 +15,8 @@
  * group and applies the group's scale and zero once per group: s * (sum of q x) - s z (sum of x), the sums of x per
  * group taken in the same copy. Those two terms cancel where x has a large mean, so this rounds up to ~1e-5 of the
  * output's scale (a dense float32 matmul ~3e-7; bfloat16 itself 4e-3); for 1.5-1.8x the speed of a per-weight
- * q * s - z * s at one row.
+ * q * s - z * s at one row. At one row of x with groups of a multiple of 32 columns (of at most 256, or of a multiple
+ * of 256), it multiplies x in fixed point with integer multiply-adds instead (tile_int4_one), 32 columns per step.
  * In both SIMD builds a float8 byte b, sign-extended to 16 bits, becomes the float16 whose bits are (b << 7) &
  * 0xBF80 (sign to bit 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite e4m3fn
  * value, subnormals included, so the row sum is multiplied by 256 once. The portable build looks each byte's value up
@@ -28,6 +29,7 @@
 #else
 #include <pthread.h>
 #endif
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,6 +54,10 @@ typedef struct {
     const float* scale;
     const float* zero;
     const float* xsum; /* kind 2 in the AVX2 build: x's sums per group of columns, [M, K / G] */
+    const int8_t* digits; /* kind 2, one row of x in the AVX2 build: x in fixed point (x_digits) */
+    const float* unit;    /* [K / B]: the value of 1 in each block of B columns of those digits */
+    const float* total;   /* [K / B]: each block's sum of x as the digits hold it */
+    int block;            /* B */
     float* out;
 } job_t;
 
@@ -320,7 +326,75 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
     }
 }
 
+/* kind 2 at one row of x, where decoding each weight to float (tile_int4) bounds the speed: x in fixed point, times
+ * the 4-bit values with integer multiply-adds, 32 columns per step. x_digits writes each block of B columns of x as
+ * integers X = x / u (u a power of 2 per block, |X| <= 2^20) in three signed 8-bit digits, X = 16384 a + 128 b + c (a
+ * in -65..65, b and c in -64..63). A step loads 16 bytes of a weight row (32 columns) into both halves of a register
+ * and keeps the low half's low nibbles and the high half's high ones: columns 2i, then 2i + 1, the order of the
+ * digits. maddubs multiplies them into each digit's 32 bytes, adjacent pairs summed into 16-bit lanes (at most 2 * 15 *
+ * 65 = 1950 each, so 16 steps fit). At the end of a block the three sums are combined exactly in 32-bit lanes (16384
+ * A + 128 B + C) and converted to float once: y += s u (sum of q X) - s z (sum of u X). X differs from x / u by at
+ * most 1/2, so each x is used to within 2^-21 of its block's largest |x|. Example, 32 columns of x = 0.75 (the
+ * largest, 0.75 * 2^0: u = 2^-20, X = 786432 = 16384 * 48, a = 48, b = c = 0), q = 2, s = 1, z = 0: each 16-bit lane
+ * of A is 2 * 48 + 2 * 48 = 192, 8 lanes of 16384 * 2 * 192 = 6291456, whose sum 50331648 times u is 48 = 32 * 2 *
+ * 0.75. */
+static inline __attribute__((always_inline)) void tile_int4_one(const int BC, const int NR, const job_t* j, int n,
+                                                                int count) {
+    const int K = j->K, G = j->group, B = BC ? BC : j->block;
+    const int64_t rb = K / 2;
+    const uint8_t* w[4];
+    const float *scale[4], *zero[4];
+    for (int r = 0; r < NR; r++) {
+        const int64_t row = r < count ? n + r : n;
+        w[r] = j->w + row * rb;
+        scale[r] = j->scale + row * (K / G);
+        zero[r] = j->zero + row * (K / G);
+    }
+    const uint8_t* next = j->w + (int64_t)(n + NR) * rb;
+    const int ahead = n + 2 * NR <= j->n1;
+    const __m256i low = _mm256_set1_epi8(15), halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    __m256 acc[4];
+    float shift[4] = {0};
+    UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    const int per = BC ? 1 : G / B; /* blocks per group (no division in the loop: it showed in the time) */
+    for (int k0 = 0, b = 0, g = 0, left = per; k0 < K; k0 += B, b++) { /* block b of group g */
+        const int8_t* d = j->digits + (int64_t)k0 * 3; /* 96 bytes per 32 columns */
+        if (ahead)
+            for (int64_t b = ((k0 / 2) + 63) & ~(int64_t)63; b < (k0 + B) / 2; b += 64)
+                UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + b, _MM_HINT_T0);
+        __m256i sa[4], sb[4], sc[4]; /* [NR]: the block's sums of q times each digit, in 16-bit lanes */
+        UNROLL for (int r = 0; r < NR; r++) sa[r] = sb[r] = sc[r] = _mm256_setzero_si256();
+        UNROLL for (int c = 0; c < B / 32; c++) {
+            const __m256i da = _mm256_load_si256((const __m256i*)(d + 96 * c));
+            const __m256i db = _mm256_load_si256((const __m256i*)(d + 96 * c + 32));
+            const __m256i dc = _mm256_load_si256((const __m256i*)(d + 96 * c + 64));
+            UNROLL for (int r = 0; r < NR; r++) {
+                const __m128i b = _mm_loadu_si128((const __m128i*)(w[r] + k0 / 2 + 16 * c));
+                const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(b), halves), low);
+                sa[r] = _mm256_add_epi16(sa[r], _mm256_maddubs_epi16(q, da));
+                sb[r] = _mm256_add_epi16(sb[r], _mm256_maddubs_epi16(q, db));
+                sc[r] = _mm256_add_epi16(sc[r], _mm256_maddubs_epi16(q, dc));
+                /* each sum in a register, added to in order: left alone, the compiler regroups these integer
+                 * additions into trees and spills their terms (as slow as tile_int4) */
+                __asm__("" : "+x"(sa[r]), "+x"(sb[r]), "+x"(sc[r]));
+            }
+        }
+        const float u = j->unit[b], total = j->total[b];
+        UNROLL for (int r = 0; r < NR; r++) {
+            const __m256i ab = _mm256_add_epi32(_mm256_madd_epi16(sa[r], _mm256_set1_epi16(16384)),
+                                                _mm256_madd_epi16(sb[r], _mm256_set1_epi16(128)));
+            const __m256i sum = _mm256_add_epi32(ab, _mm256_madd_epi16(sc[r], _mm256_set1_epi16(1)));
+            const float s = scale[r][g];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(s * u), acc[r]);
+            shift[r] += s * zero[r][g] * total;
+        }
+        if (--left == 0) left = per, g++;
+    }
+    UNROLL for (int r = 0; r < count && r < NR; r++) j->out[n + r] = sum8(acc[r]) - shift[r];
+}
+
 #define SMALL_M 2
+#define ONE_NR 4 /* weight rows per tile_int4_one (2: 0-10% slower at one row of 14336 x 4096 or larger) */
 /* TILE(A, NR, MT, j, n, m0, count) for this pass's tile shape: 4 weight rows x 1-2 rows of x, or 2 x 1-4 */
 #define SHAPES(TILE, A)                                                                                                \
     if (nr == 4) {                                                                                                     \
@@ -339,6 +413,11 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
 /* a job of kind 2 with groups of GC columns, in one function per group size that the compiler lays out alone (one
  * function holding every size ran the 128-column one ~10% slower) */
 static inline __attribute__((always_inline)) void int4_job(const int GC, const job_t* j) {
+    if (GC % 32 == 0 && j->digits) { /* one row of x, blocks of GC columns (0: j->block) */
+        for (int n = j->n0; n < j->n1; n += ONE_NR)
+            tile_int4_one(GC, ONE_NR, j, n, j->n1 - n < ONE_NR ? j->n1 - n : ONE_NR);
+        return;
+    }
     const int nr = j->M <= SMALL_M ? 4 : 2;
     for (int n = j->n0; n < j->n1; n += nr) {
         const int count = j->n1 - n < nr ? j->n1 - n : nr;
@@ -457,6 +536,70 @@ static float* permute_pairs(const float* x, int M, int K, int G) {
     }
     return out;
 }
+
+/* one row x [K] as the digits tile_int4_one multiplies (K a multiple of B, B of 32): per block of B columns, u = 2^(e -
+ * 20) for its largest |x| = f 2^e (f in [0.5, 1)) and X = x / u rounded to nearest (|X| <= 2^20), then per 32 columns
+ * (the 16 even ones, then the 16 odd) 32 bytes of a, 32 of b, 32 of c; unit [K / B] = u, total [K / B] = u (sum of X).
+ * 0 where a block holds a value that is not finite, or a largest |x| below 2^-100 but not 0: the float path takes
+ * those. */
+/* 2^n for n in -126..127 */
+static inline float power2(int n) {
+    const uint32_t bits = (uint32_t)(n + 127) << 23;
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+static int x_digits(const float* x, int K, int B, int8_t* digits, float* unit, float* total) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), huge = _mm256_set1_ps(FLT_MAX);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), half = _mm256_set1_epi32(64);
+    const __m256i seven = _mm256_set1_epi32(127);
+    for (int k0 = 0; k0 < K; k0 += B) {
+        __m256 top = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int k = k0; k < k0 + B; k += 8) {
+            const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, huge, _CMP_NLE_UQ)); /* > FLT_MAX, or NaN */
+            top = _mm256_max_ps(top, a);
+        }
+        if (_mm256_movemask_ps(bad)) return 0;
+        float lanes[8], largest = 0.0f;
+        _mm256_storeu_ps(lanes, top);
+        for (int i = 0; i < 8; i++) largest = lanes[i] > largest ? lanes[i] : largest;
+        uint32_t bits;
+        memcpy(&bits, &largest, 4);
+        const int e = (int)(bits >> 23) - 126; /* largest = f 2^e, f in [0.5, 1), for a normal float */
+        if (largest > 0.0f && e < -100) return 0;
+        const __m256 inv = _mm256_set1_ps(largest > 0.0f ? power2(20 - e) : 0.0f);
+        __m256i count = _mm256_setzero_si256(); /* the sum of X, in 8 lanes of at most 2^20 * B / 8 */
+        for (int k = k0; k < k0 + B; k += 32) {
+            float p[32];
+            for (int i = 0; i < 16; i++) p[i] = x[k + 2 * i], p[16 + i] = x[k + 2 * i + 1];
+            __m256i da[4], db[4], dc[4];
+            for (int v = 0; v < 4; v++) {
+                const __m256i X = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 8 * v), inv));
+                count = _mm256_add_epi32(count, X);
+                dc[v] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(X, half), seven), half);
+                const __m256i t = _mm256_srai_epi32(_mm256_sub_epi32(X, dc[v]), 7);
+                db[v] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(t, half), seven), half);
+                da[v] = _mm256_srai_epi32(_mm256_sub_epi32(t, db[v]), 7);
+            }
+            __m256i* out = (__m256i*)(digits + (int64_t)k * 3);
+            const __m256i* each[3] = {da, db, dc};
+            for (int i = 0; i < 3; i++) {
+                const __m256i* d = each[i];
+                const __m256i lo = _mm256_packs_epi32(d[0], d[1]), hi = _mm256_packs_epi32(d[2], d[3]);
+                _mm256_store_si256(out + i, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order));
+            }
+        }
+        int32_t sums[8];
+        _mm256_storeu_si256((__m256i*)sums, count);
+        int64_t sum = 0;
+        for (int i = 0; i < 8; i++) sum += sums[i];
+        unit[k0 / B] = largest > 0.0f ? power2(e - 20) : 0.0f;
+        total[k0 / B] = (float)((double)sum * unit[k0 / B]);
+    }
+    return 1;
+}
 #endif
 
 /* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads`
@@ -469,8 +612,20 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     float* pairs = 0; /* x as the AVX2 build's int4 path reads it, then its sums per group */
     const float* xsum = 0;
+    int8_t* digits = 0; /* one row of x in fixed point (x_digits), then the unit and total of each block */
+    const int block = group <= 256 ? group : group % 256 == 0 ? 256 : 0;
 #ifdef MIXSERVE_AVX2
-    if (kind == 2) {
+    if (kind == 2 && M == 1 && group % 32 == 0 && block) {
+        void* at = 0;
+        if (posix_memalign(&at, 64, (size_t)K * 3 + 2 * sizeof(float) * (size_t)(K / block))) return -1;
+        digits = at;
+        float* unit = (float*)(digits + (int64_t)K * 3);
+        if (!x_digits(x, K, block, digits, unit, unit + K / block)) {
+            free(digits);
+            digits = 0;
+        }
+    }
+    if (kind == 2 && !digits) {
         if (!(pairs = permute_pairs(x, M, K, group))) return -1;
         x = pairs;
         xsum = pairs + (int64_t)M * K;
@@ -480,7 +635,8 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         const int n0 = t * per < N ? (int)(t * per) : N, n1 = n0 + per < N ? (int)(n0 + per) : N;
-        jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, 0, x, w, scale, zero, xsum, out};
+        jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, 0, x, w, scale, zero, xsum, digits, 0, 0, block, out};
+        if (digits) jobs[t].unit = (const float*)(digits + (int64_t)K * 3), jobs[t].total = jobs[t].unit + K / block;
     }
 #ifdef _OPENMP
     /* on the threads of the process's OpenMP runtime: torch's own (its libgomp.so.1 is the one loaded), whose
@@ -500,6 +656,7 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
         if (made[t]) pthread_join(tid[t], 0);
 #endif
     free(pairs);
+    free(digits);
     for (int t = 0; t < threads; t++)
         if (jobs[t].failed) return -1;
     return 0;
