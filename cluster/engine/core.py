@@ -282,11 +282,15 @@ class EngineCore:
 
     def fail_running(self, error: Exception) -> list[RequestOutput]:
         """End every running request with ``error``: a :class:`MixserveError` as it is (e.g. ``ExpertWorkerError``
-        when a worker was lost), anything else as an :class:`InternalError` per request, carrying that request's
+        when a worker was lost; logged here once as a warning with its message, since the requests' own errors
+        reach only their clients), anything else as an :class:`InternalError` per request, carrying that request's
         id (a bug: logged here once with its traceback)."""
         running = list(self.scheduler.running)
-        if not isinstance(error, MixserveError):
-            log.error("step failed for requests %s", [r.request_id for r in running], exc_info=error)
+        ids = [r.request_id for r in running]
+        if isinstance(error, MixserveError):
+            log.warning("step failed for requests %s: %s: %s", ids, type(error).__name__, error.message)
+        else:
+            log.error("step failed for requests %s", ids, exc_info=error)
         return [self._fail(req, error, logged=True) for req in running]
 
     def _fail(self, req: Request, error: Exception, *, logged: bool = False) -> RequestOutput:

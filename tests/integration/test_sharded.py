@@ -105,7 +105,10 @@ def reference(ckpt):
 def test_sharded_matches_in_process(ray_instance, ckpt, reference, workers, transport, overlap):
     folder, model = ckpt
     with LLM(folder, expert_workers=workers, transport=transport, overlap_min_batch=overlap, progress=False) as llm:
-        tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        outs = llm.generate(PROMPTS, GREEDY)
+        # a failed step ends its requests with finish_reason "error": show that error, not only shorter tokens
+        assert [o.error for o in outs if o.finish_reason == "error"] == []
+        tokens = [o.token_ids for o in outs]
         assert tokens == reference["tokens"]
         logits = llm.logits(reference["ids"])
         assert (logits - reference["logits"]).abs().max().item() < 1e-5

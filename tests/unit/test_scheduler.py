@@ -9,6 +9,8 @@ holds the right KV for its position is checked against the real model (``test_pr
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -324,12 +326,16 @@ def test_a_failed_step_fails_its_requests_with_an_internal_error_and_the_engine_
     assert c["c"][-1].token_ids == expected([1, 9], 5)
 
 
-def test_a_worker_failure_keeps_its_own_error():
+def test_a_worker_failure_keeps_its_own_error(caplog):
+    """The requests get the worker's error as it is, and the server log says once which requests it ended."""
     core, ex = engine(max_num_seqs=2, max_num_batched_tokens=16)
     core.add_request("a", [1, 5], GREEDY)
     ex.fail_with = ExpertWorkerError("expert worker 1 is unavailable")
-    (out,) = core.step()
+    with caplog.at_level(logging.WARNING, logger="mixserve"):
+        (out,) = core.step()
     assert isinstance(out.error, ExpertWorkerError) and out.error.message == "expert worker 1 is unavailable"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["step failed for requests ['a']: ExpertWorkerError: expert worker 1 is unavailable"]
 
 
 def test_stop_token_ids_end_a_request():
