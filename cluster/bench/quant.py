@@ -3,13 +3,15 @@ each against its own weight-bytes floor, and the kernels behind it.
 
 (e) Formats. For each format (``none``: the checkpoint's dense experts in --dtype; int8 / int4 / fp8: the same
 experts quantized on load, ``quantization=``) and each batch size, an in-process (W = 0) engine decodes ``batch``
-prompts of --prompt-len tokens for --new-tokens greedy tokens (after one warm-up run). decode tokens/s = batch /
-median full-batch decode step (schedule, forward, sample). Floor = the bytes one decode step must read (every 2-D
-non-expert matrix but an untied embedding, plus the experts its tokens hit, as stored: quantized ones with their
-scales) / the memory bandwidth measured here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor). Compute
-floor = the step's multiply-adds (2 x every dense matrix's weights x the batch, plus 2 x each routed (token, expert)
-pair x an expert's 3 D F weights) / the float32 matmul rate measured here (best of 3 2048^3 matmuls): where a step
-must multiply more than it must read, no kernel gets it near its bytes floor (``step_over_both_floors``).
+prompts of --prompt-len tokens for --new-tokens greedy tokens (after one warm-up run), --repeats times; the formats
+of one batch size are loaded side by side and run in turn (none, int8, ..., none, int8, ...), so a machine whose
+speed drifts slows each alike. decode tokens/s = batch / median full-batch decode step (schedule, forward, sample).
+Floor = the bytes one decode step must read (every 2-D non-expert matrix but an untied embedding, plus the experts
+its tokens hit, as stored: quantized ones with their scales) / the memory bandwidth measured here (best of 5 reads,
+``sum``, of a 512 MiB float32 tensor). Compute floor = the step's multiply-adds (2 x every dense matrix's weights x
+the batch, plus 2 x each routed (token, expert) pair x an expert's 3 D F weights) / the float32 matmul rate measured
+here (best of 3 2048^3 matmuls): where a step must multiply more than it must read, no kernel gets it near its bytes
+floor (``step_over_both_floors``).
 (f) Kernels. One expert matrix of --kernel-shape (default Mixtral-8x7B's w1, 14336 x 4096), median ms of --kernel-iters
 calls per row count: dense ``F.linear`` in bfloat16 and float32, dense bfloat16 as the model runs it
 (``workers.dense``: the fused CPU kernel at up to 32 rows on a CPU without bf16 units), then each quantized form as
@@ -82,23 +84,35 @@ def token_bytes(model: MixtralModel, config: ModelConfig, per_expert: float) -> 
     return {k: v / total for k, v in parts.items()}
 
 
-def format_run(
-    o: Any, cluster: dict[str, Any], kind: str, batch: int, machine: tuple[float, float], run: h.Run
-) -> dict:
+def format_runs(o: Any, cluster: dict[str, Any], kinds: list[str], batch: int, machine: tuple[float, float],
+                run: h.Run) -> list[dict]:  # fmt: skip
+    """Every format at one batch size, each in an engine of its own, their runs interleaved (none, int8, ..., none,
+    int8, ...) so that a machine whose speed drifts during the run (a shared VM) slows every format alike."""
+    loaded = []
+    for kind in kinds:
+        options = {**cluster, "quantization": None if kind == "none" else kind, "max_num_seqs": max(batch, 1)}
+        config = resolve(ClusterConfig.create(model=model_of(o), **options))
+        run(f"(e) {kind}, batch {batch}: loading, warm-up")
+        fe = build_frontend(config, progress=False)
+        fe.core.executor = cast(Executor, rec := Recorder(fe))
+        vocab = fe.model_config.vocab_size - 3
+        prompts = [[3 + (i * 7919 + j * 104729) % vocab for j in range(o.prompt_len)] for i in range(batch)]
+        work = [(p, o.new_tokens) for p in prompts]
+        drive(fe, rec, work)
+        loaded.append((kind, fe, rec, work))
+    steps: dict[str, list] = {kind: [] for kind in kinds}
+    for i in range(o.repeats):
+        run(f"(e) batch {batch}: run {i + 1} of {o.repeats} of each format, interleaved")
+        for kind, fe, rec, work in loaded:
+            steps[kind] += [s for s in drive(fe, rec, work)[1] if s.decode and s.tokens == batch]
+    return [format_row(kind, fe, batch, steps[kind], machine) for kind, fe, _, _ in loaded]
+
+
+def format_row(kind: str, fe: Any, batch: int, steps: list, machine: tuple[float, float]) -> dict:
     """One format at one batch size: decode tokens/s, step p50, bytes read per step and the floor, and the compute
     floor of the same step (its multiply-adds: every dense matrix times the batch, every expert times the tokens
     routed to it, over ``machine``'s FLOP/s)."""
     bandwidth, flops = machine
-    options = {**cluster, "quantization": None if kind == "none" else kind, "max_num_seqs": max(batch, 1)}
-    config = resolve(ClusterConfig.create(model=model_of(o), **options))
-    run(f"(e) {kind}, batch {batch}: loading, warm-up, {o.repeats} runs")
-    fe = build_frontend(config, progress=False)
-    fe.core.executor = cast(Executor, rec := Recorder(fe))
-    vocab = fe.model_config.vocab_size - 3
-    prompts = [[3 + (i * 7919 + j * 104729) % vocab for j in range(o.prompt_len)] for i in range(batch)]
-    work = [(p, o.new_tokens) for p in prompts]
-    drive(fe, rec, work)
-    steps = [s for _ in range(o.repeats) for s in drive(fe, rec, work)[1] if s.decode and s.tokens == batch]
     transport = fe.experts.transport
     assert isinstance(transport, LocalTransport)
     (shard,) = transport.shards.values()
@@ -225,7 +239,8 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
     r("(e) memory bandwidth, float32 matmul FLOP/s")
     bandwidth, flops = bandwidth_gb_s(), flop_rate()
     t0 = time.perf_counter()
-    rows = [format_run(o, cluster, k, b, (bandwidth, flops), r) for k in kinds for b in batches]
+    by_batch = [format_runs(o, cluster, kinds, b, (bandwidth, flops), r) for b in batches]
+    rows = [row for k in kinds for runs in by_batch for row in runs if row["format"] == k]
     dense = {x["batch"]: x["decode_tokens_per_s"] for x in rows if x["format"] == "none"}
     for row in rows:
         row["speed_vs_none"] = h.ratio(row["decode_tokens_per_s"], dense.get(row["batch"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from cluster.bench import quant
 from cluster.bench.quant import crossover
 from cluster.checkpoint.tiny_model import TinyModelSpec, write_tiny_model
 from tests.unit.test_bench_cli import run_bench
@@ -18,11 +19,23 @@ def tiny(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("bench-model"), SPEC)
 
 
-def test_engine_formats(tiny, tmp_path):
+def test_engine_formats(tiny, tmp_path, monkeypatch):
     argv = ["engine", "--model", str(tiny), "--quantization", "none,int8,int4,fp8", "--batch-sizes", "1,2"]
-    argv += ["--new-tokens", "3", "--prompt-len", "2", "--repeats", "1", "--max-model-len", "64"]
+    argv += ["--new-tokens", "3", "--prompt-len", "2", "--repeats", "2", "--max-model-len", "64"]
     argv += ["--kernel-shape", "64,128", "--kernel-rows", "1,16", "--kernel-iters", "1"]
+    runs = []  # (format, batch) of each run, warm-ups included
+    real = quant.drive
+
+    def drive(fe, rec, work):
+        runs.append((fe.config.load.quantization or "none", len(work)))
+        return real(fe, rec, work)
+
+    monkeypatch.setattr(quant, "drive", drive)
     report = run_bench(argv, tmp_path / "engine.json")
+    kinds = [(k, 1) for k in ("none", "int8", "int4", "fp8")]
+    # per batch size: each format loaded and warmed up, then the repeats run the formats in turn
+    assert runs[:12] == kinds + kinds + kinds
+    assert runs[12:] == [(k, 2) for k, _ in kinds] * 3
     res = report["results"]
     rows = {(r["format"], r["batch"]): r for r in res["formats"]}
     assert set(rows) == {(k, b) for k in ("none", "int8", "int4", "fp8") for b in (1, 2)}
