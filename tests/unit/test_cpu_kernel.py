@@ -121,7 +121,7 @@ def test_every_tile_shape(build, m):
 @pytest.mark.parametrize("size", [1e-33, 1e-28, 1.0, 1e30])
 @pytest.mark.parametrize("group", [32, 512])
 def test_int4_at_one_row_holds_its_precision_at_any_scale(build, size, group):
-    """One row of x, which the AVX2 build multiplies in fixed point per block of columns (2^-21 of the block's largest
+    """One row of x, which the AVX2 build multiplies in fixed point per block of columns (2^-20 of the block's largest
     |x|): within 1e-5 of float64 relative to the largest output at every scale (1e-33 is below the fixed point's range
     and takes the float loop), and where one column holds a value 1000x the others (a block's largest) too."""
     g = torch.Generator().manual_seed(group)

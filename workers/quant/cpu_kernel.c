@@ -329,12 +329,12 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
 /* kind 2 at one row of x, where decoding each weight to float (tile_int4) bounds the speed: x in fixed point, times
  * the 4-bit values with integer multiply-adds, 32 columns per step. x_digits writes each block of B columns of x as
  * integers X = x / u (u a power of 2 per block, |X| <= 2^20) in three signed 8-bit digits, X = 16384 a + 128 b + c (a
- * in -65..65, b and c in -64..63). A step loads 16 bytes of a weight row (32 columns) into both halves of a register
+ * in -64..64, b and c in -64..63). A step loads 16 bytes of a weight row (32 columns) into both halves of a register
  * and keeps the low half's low nibbles and the high half's high ones: columns 2i, then 2i + 1, the order of the
  * digits. maddubs multiplies them into each digit's 32 bytes, adjacent pairs summed into 16-bit lanes (at most 2 * 15 *
- * 65 = 1950 each, so 16 steps fit). At the end of a block the three sums are combined exactly in 32-bit lanes (16384
+ * 64 = 1920 each, so 16 steps fit). At the end of a block the three sums are combined exactly in 32-bit lanes (16384
  * A + 128 B + C) and converted to float once: y += s u (sum of q X) - s z (sum of u X). X differs from x / u by at
- * most 1/2, so each x is used to within 2^-21 of its block's largest |x|. Example, 32 columns of x = 0.75 (the
+ * most 1/2, so each x is used to within 2^-20 of its block's largest |x|. Example, 32 columns of x = 0.75 (the
  * largest, 0.75 * 2^0: u = 2^-20, X = 786432 = 16384 * 48, a = 48, b = c = 0), q = 2, s = 1, z = 0: each 16-bit lane
  * of A is 2 * 48 + 2 * 48 = 192, 8 lanes of 16384 * 2 * 192 = 6291456, whose sum 50331648 times u is 48 = 32 * 2 *
  * 0.75. */
