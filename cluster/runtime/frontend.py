@@ -22,7 +22,7 @@ from cluster.text.tokenizer import Tokenizer
 from router.client import ExpertClient
 from router.placement import ExpertPlacement
 from router.transport import LocalTransport
-from workers.attention import Attention, select_attention_backend
+from workers.attention import Attention, attention_compute_dtype, select_attention_backend
 from workers.expert import ExpertShard
 from workers.model import MixtralModel
 from workers.runner import ModelRunner
@@ -106,11 +106,13 @@ def _model(
 ) -> MixtralModel:
     load = config.load
     assert load.model is not None, "resolve the config first"
+    dtype = parse_dtype(load.dtype)
     attention = Attention(
-        backend=select_attention_backend(load.attention_backend, device=device, dtype=parse_dtype(load.dtype)),
+        backend=select_attention_backend(load.attention_backend, device=device, dtype=dtype),
         num_heads=model_config.num_heads,
         head_dim=model_config.head_dim,
         window=model_config.sliding_window,
+        compute_dtype=attention_compute_dtype(device=device, dtype=dtype),
     )
     return MixtralModel.load(
         load.model, model_config, experts=experts, attention=attention, dtype=load.dtype, device=device,

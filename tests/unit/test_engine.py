@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cluster.checkpoint.tiny_model import TinyModelSpec, random_weights, write_checkpoint, write_tiny_model
+from cluster.config.dtype import FAST_BF16_ENV
 from cluster.engine import AsyncEngine, EngineCore, RequestOutput
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import EngineOverloadedError, EngineStoppedError, InvalidRequestError, PromptTooLongError
@@ -102,6 +103,17 @@ def alone(models) -> Alone:
 
 def random_prompt(rng: random.Random, n: int) -> list[int]:
     return [1] + [rng.randrange(3, 32000) for _ in range(n - 1)]
+
+
+@pytest.mark.parametrize(("fast_bf16", "want"), [("0", torch.float32), ("1", None)])
+def test_a_bfloat16_model_attends_in_float32_on_a_cpu_without_bf16_units(models, monkeypatch, fast_bf16, want):
+    """The frontend builds its attention to compute in float32 where torch's bfloat16 attention is emulated (a
+    bfloat16 model on a CPU without bf16 units), and in bfloat16 where the CPU has them."""
+    monkeypatch.setenv(FAST_BF16_ENV, fast_bf16)
+    fe = frontend(models["plain"], dtype="bfloat16", max_num_seqs=1)
+    assert all(layer.self_attn.attention.compute_dtype == want for layer in fe.model.layers)
+    out = fe.core.generate([[1, 5, 9]], [SamplingParams(max_tokens=3, temperature=0)])[0]
+    assert len(out.token_ids) == 3 and out.error is None
 
 
 PROMPT_LENS = [1, 2, 3, 5, 8, 13, 21, 31, 32, 33, 40, 47, 64, 70, 12, 25]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.config.dtype import FAST_BF16_ENV
 from cluster.engine.step import FREED, SeqChunk
-from workers.attention import Attention
+from workers.attention import Attention, attention_compute_dtype
 from workers.kv_cache import KVCache, plan_step
 
 
@@ -76,3 +77,41 @@ def test_paged_attention_equals_a_plain_reference(backend, window):
             probs = torch.softmax(torch.einsum("hd,lhd->hl", q[row], k) / Dh**0.5, dim=-1)
             torch.testing.assert_close(out[row], torch.einsum("hl,lhd->hd", probs, v), rtol=1e-5, atol=1e-6)
             row += 1
+
+
+def _steps(dtype: torch.dtype, *, backend: str, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """Two decodes and a prefill chunk over scattered blocks (window 3) with the same bfloat16-exact numbers in
+    ``dtype``: the step's attention output [T, H, Dh]."""
+    g = torch.Generator().manual_seed(1)
+    H, Hkv, Dh, bs = 4, 2, 8, 2
+    kv = KVCache(num_layers=1, num_blocks=16, block_size=bs, num_kv_heads=Hkv, head_dim=Dh, dtype=dtype)
+    layer = kv.layers[0]
+    layer.k.copy_(torch.randn(layer.k.shape, generator=g).bfloat16())
+    layer.v.copy_(torch.randn(layer.v.shape, generator=g).bfloat16())
+    plan = plan_step([SeqChunk(5, 1, (9, 3, 14)), SeqChunk(2, 1, (0, 6)), SeqChunk(3, 3, (12, 1, 7))], block_size=bs,
+                     window=3)  # fmt: skip
+    q, k, v = (torch.randn(5, n, Dh, generator=g).bfloat16().to(dtype) for n in (H, Hkv, Hkv))
+    attention = Attention(backend=backend, num_heads=H, head_dim=Dh, window=3, compute_dtype=compute_dtype)
+    return attention(plan, q, k, v, layer)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_bfloat16_attention_in_float32_is_float32_attention_rounded_once(backend):
+    """compute_dtype float32: bfloat16 queries, keys and values are attended in float32 and the output rounded to
+    bfloat16 once, so it is exactly float32 attention of the same numbers, rounded."""
+    got = _steps(torch.bfloat16, backend=backend, compute_dtype=torch.float32)
+    want = _steps(torch.float32, backend=backend, compute_dtype=None)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+    assert not torch.equal(_steps(torch.bfloat16, backend=backend, compute_dtype=None), got)  # it is not a no-op
+
+
+@pytest.mark.parametrize(
+    ("fast_bf16", "device", "dtype", "want"),
+    [("0", "cpu", torch.bfloat16, torch.float32), ("1", "cpu", torch.bfloat16, None),
+     ("0", "cpu", torch.float32, None), ("0", "cuda", torch.bfloat16, None)],
+)  # fmt: skip
+def test_attention_runs_in_float32_for_bfloat16_on_a_cpu_without_bf16_units(
+    monkeypatch, fast_bf16, device, dtype, want
+):
+    monkeypatch.setenv(FAST_BF16_ENV, fast_bf16)
+    assert attention_compute_dtype(device=device, dtype=dtype) == want
