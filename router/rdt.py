@@ -18,7 +18,8 @@ the workers compute the other's experts.
 
 The frontend's own tasks are its host hooks (:class:`RdtHostHooks`, the registry row's ``host_hooks``): the actor
 that drives this transport includes that mixin and provides ``expert_transport()``. The group is created on first
-use from inside that actor (the process that submits the transfers must know it). Ray stops both ends of a failed
+use from inside that actor (the process that submits the transfers must know it); a failed creation is tried
+once more, then fails the layer as an ``ExpertWorkerError``. Ray stops both ends of a failed
 transfer (the frontend actor included), so after a failure the whole frontend and its workers are replaced.
 """
 
@@ -73,10 +74,27 @@ class RdtTransport(RemoteTransport):
                 return
             # A restarted worker must be up before it can join; its old group (if any) is gone with it.
             ray.get([h.ping.remote() for h in self.handles], timeout=self.timeout_s)
+            self._group = self._form_group()
+
+    def _form_group(self) -> Any:
+        """A new collective group of this actor and its workers, whatever was left of an old one destroyed first. A
+        failed try is tried once more (forming a group can fail under load: a rank's rendezvous times out, a port is
+        taken before it is bound); a second failure is an :class:`ExpertWorkerError` naming the cause."""
+        for attempt in range(2):
             for g in get_collective_groups([self._me()]):
                 with contextlib.suppress(Exception):
                     destroy_collective_group(g)
-            self._group = create_collective_group([self._me(), *self.handles], backend=self.group_backend)
+            try:
+                return create_collective_group([self._me(), *self.handles], backend=self.group_backend)
+            except (GetTimeoutError, RayActorError):
+                raise  # a worker is gone: start() reports the outage
+            except Exception as e:  # Ray raises RayTaskError, RuntimeError, TimeoutError, ...
+                if attempt:
+                    raise ExpertWorkerError(
+                        f"could not form the RDT/{self.backend} collective group with the expert workers (tried "
+                        f"twice): {type(e).__name__}: {e}"
+                    ) from None
+        raise AssertionError("unreachable")
 
     def _invalidate(self) -> None:
         with self._lock:

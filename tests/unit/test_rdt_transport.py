@@ -91,3 +91,47 @@ def test_partials_still_pending_after_the_timeout_fail_the_layer(transport, monk
         t.start(0, x, _messages())
     assert [e[0] for e in log[n:]] == ["wait"]  # nothing of this layer was submitted
     assert t._group is None and t._in_flight == []
+
+
+def _forming(monkeypatch, failures: list[Exception]) -> tuple[rdt.GlooTransport, list]:
+    """A transport whose workers answer ping and whose group creation raises ``failures`` in turn, then succeeds."""
+    log: list = []
+    t = rdt.GlooTransport([_Actor(log, "w0"), _Actor(log, "w1")], timeout_s=7.0)
+    for a in t.handles:
+        a.ping = _Method(log, "ping")
+    monkeypatch.setattr(t, "_me", lambda: "fe")
+    monkeypatch.setattr(rdt.ray, "get", lambda refs, **kw: [None for _ in refs])
+    monkeypatch.setattr(rdt, "get_collective_groups", lambda actors: [g for e, g in log if e == "created"])
+    monkeypatch.setattr(rdt, "destroy_collective_group", lambda g: log.append(("destroyed", g)))
+
+    def create(actors, backend):
+        log.append(("create", backend))
+        if failures:
+            raise failures.pop(0)
+        log.append(("created", "group"))
+        return "group"
+
+    monkeypatch.setattr(rdt, "create_collective_group", create)
+    return t, log
+
+
+def test_a_group_that_fails_to_form_is_tried_once_more(monkeypatch):
+    t, log = _forming(monkeypatch, [TimeoutError("rank 0 did not publish its address")])
+    t._ensure_group()
+    assert [e for e in log if e[0] in ("create", "created")] == [("create", "torch_gloo")] * 2 + [("created", "group")]
+    assert t._group == "group"
+    t._ensure_group()  # formed: not again
+    assert sum(1 for e in log if e[0] == "create") == 2
+
+
+def test_a_group_that_fails_twice_fails_the_layer_with_the_cause(monkeypatch):
+    t, log = _forming(monkeypatch, [TimeoutError("rendezvous"), RuntimeError("address already in use")])
+    with pytest.raises(ExpertWorkerError) as err:
+        t.start(0, torch.randn(2, 4), _messages())
+    assert err.value.message == (
+        "could not form the RDT/gloo collective group with the expert workers (tried twice): RuntimeError: address "
+        "already in use"
+    )
+    assert t._group is None  # the next step tries again
+    t._ensure_group()
+    assert t._group == "group"
