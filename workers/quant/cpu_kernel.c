@@ -260,6 +260,18 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
     }
 }
 
+/* kind 2: the bytes, scales and zeros of weight rows n .. n + NR (count of them this job's; the rest repeat row n) */
+static inline void int4_rows(const job_t* j, int NR, int n, int count, const uint8_t** w, const float** scale,
+                             const float** zero) {
+    const int groups = j->K / j->group;
+    for (int r = 0; r < NR; r++) {
+        const int64_t row = r < count ? n + r : n;
+        w[r] = j->w + row * (j->K / 2);
+        scale[r] = j->scale + row * groups;
+        zero[r] = j->zero + row * groups;
+    }
+}
+
 /* kind 2, groups of GC columns (0: j->group, known only at run time). A group's sum of (q - z) s x is taken as
  * s * (sum of q x) - s z (sum of x), the sums of x per group (j->xsum) once per call, so 16 columns cost a load, a
  * widening, 2 integer ops, 2 conversions and 2 multiply-adds per row of x. The 8 bytes of a step hold 16 columns: low
@@ -273,12 +285,7 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
     const int64_t rb = K / 2;
     const uint8_t* w[4];
     const float *scale[4], *zero[4];
-    for (int r = 0; r < NR; r++) {
-        const int64_t row = r < count ? n + r : n;
-        w[r] = j->w + row * rb;
-        scale[r] = j->scale + row * groups;
-        zero[r] = j->zero + row * groups;
-    }
+    int4_rows(j, NR, n, count, w, scale, zero);
     const uint8_t* next = j->w + (int64_t)(n + NR) * rb;
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi32(15);
@@ -344,12 +351,7 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const int64_t rb = K / 2;
     const uint8_t* w[4];
     const float *scale[4], *zero[4];
-    for (int r = 0; r < NR; r++) {
-        const int64_t row = r < count ? n + r : n;
-        w[r] = j->w + row * rb;
-        scale[r] = j->scale + row * (K / G);
-        zero[r] = j->zero + row * (K / G);
-    }
+    int4_rows(j, NR, n, count, w, scale, zero);
     const uint8_t* next = j->w + (int64_t)(n + NR) * rb;
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi8(15), halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
