@@ -102,7 +102,9 @@ def test_bfloat16_attention_in_float32_is_float32_attention_rounded_once(backend
     got = _steps(torch.bfloat16, backend=backend, compute_dtype=torch.float32)
     want = _steps(torch.float32, backend=backend, compute_dtype=None)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
-    assert not torch.equal(_steps(torch.bfloat16, backend=backend, compute_dtype=None), got)  # it is not a no-op
+    if backend == "eager":  # not a no-op: eager's bf16 scores are rounded to bf16 on any CPU (how torch's bf16 sdpa
+        # rounds inside depends on the CPU's bf16 units)
+        assert not torch.equal(_steps(torch.bfloat16, backend=backend, compute_dtype=None), got)
 
 
 @pytest.mark.parametrize(
