@@ -224,13 +224,13 @@ def write_awq(folder: Path, *, group: int = 32) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------ references
 def dense_reference(folder: Path, reference: dict[str, torch.Tensor], out: Path):
-    """A transformers MixtralForCausalLM (float32) of the dequantized weights: the quantized checkpoint's config
-    without its quantization_config, saved to ``out`` and loaded back."""
+    """A transformers MixtralForCausalLM (float32) of the dequantized weights: the checkpoint's config without its
+    quantization_config (if any), saved to ``out`` and loaded back."""
     from transformers import MixtralForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((folder / "config.json").read_text())
-    config.pop("quantization_config")
+    config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config))
     save_file({k: v.float().contiguous() for k, v in reference.items()}, out / "model.safetensors")
     shutil.copyfile(folder / "tokenizer.model", out / "tokenizer.model")

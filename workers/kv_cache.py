@@ -7,7 +7,8 @@ at ``(blocks[p // block_size], p % block_size)``.
 A step is laid out once for every layer (:func:`plan_step`): where each new token's keys and values are written,
 and the attention groups: all decoding sequences (one query each) in one group, each longer chunk (prefill) in a
 group of its own. A group gathers, per sequence, the blocks from the first one any of its queries may see up to
-its last, so with a sliding window only the window is read.
+its last, so with a sliding window only the window is read. A step of two micro-batches is cut between chunks
+(:func:`split_point`) into two layouts (:func:`split_plan`).
 
 Shapes: T tokens in the step, Hkv KV heads, Dh head dim, B sequences in a group, n queries per sequence,
 NB blocks gathered per sequence, bs block size, L = NB * bs keys per sequence.
@@ -170,4 +171,40 @@ def _group(
         tables=tables.to(device),
         mask=mask[:, None].to(device),
         lengths=[c.start + c.n - first * bs for c in chunks],
+    )
+
+
+def split_point(plan: StepPlan, min_batch: int) -> int | None:
+    """Where to cut a step of T >= ``min_batch`` tokens into two micro-batches: the chunk boundary nearest T / 2 (a
+    chunk is never cut). None when ``min_batch`` is 0, the step is smaller, or no boundary leaves each half at
+    least T / 4 tokens (one long prefill chunk, say)."""
+    T = int(plan.positions.shape[0])
+    if min_batch <= 0 or min_batch > T:
+        return None
+    starts = sorted(r for g in plan.groups for r in g.rows[:, 0].tolist())  # first row of every chunk
+    cuts = [c for c in starts if 4 * min(c, T - c) >= T]
+    return min(cuts, key=lambda c: (abs(2 * c - T), c)) if cuts else None
+
+
+def split_plan(plan: StepPlan, k: int) -> tuple[StepPlan, StepPlan]:
+    """The layout of tokens [:k] and of tokens [k:] (rows renumbered from 0). ``k`` must be a chunk boundary, so
+    every sequence of an attention group falls wholly in one half; a group keeps its gathered blocks and masks."""
+    halves: tuple[list[AttentionGroup], list[AttentionGroup]] = ([], [])
+    for g in plan.groups:
+        first = g.rows[:, 0] < k  # [B]
+        for half, sel, base in ((0, first, 0), (1, ~first, k)):
+            idx = sel.nonzero().flatten().tolist()
+            if idx:
+                halves[half].append(
+                    AttentionGroup(
+                        rows=g.rows[sel] - base,
+                        tables=g.tables[sel],
+                        mask=g.mask[sel],
+                        lengths=[g.lengths[b] for b in idx],
+                    )
+                )
+    a, b = slice(0, k), slice(k, None)
+    return (
+        StepPlan(plan.positions[a], plan.write_block[a], plan.write_offset[a], halves[0]),
+        StepPlan(plan.positions[b], plan.write_block[b], plan.write_offset[b], halves[1]),
     )

@@ -4,7 +4,8 @@
       embed_tokens                      [V, D]
       layers[i]: DecoderLayer
         input_layernorm                 RMSNorm
-        self_attn: SelfAttention        fused qkv_proj [(H + 2 Hkv) Dh, D], o_proj [D, H Dh], RoPE, Attention
+        self_attn: SelfAttention        qkv_proj [(H + 2 Hkv) Dh, D], o_proj [D, H Dh] (Projections: dense or
+                                        quantized), RoPE, Attention
         post_attention_layernorm        RMSNorm
         block_sparse_moe: MoEBlock      gate [E, D] (top-k in float32); experts = an ExpertClient, not weights
       norm                              RMSNorm
@@ -16,11 +17,11 @@ every non-expert tensor is used, every parameter is filled. The model never hold
 
 Two micro-batches in flight: when the expert client asks for it (``ExpertClient.overlap_min_batch``) and a step has
 at least that many tokens in two or more chunks, the step is cut at the chunk boundary nearest its middle into
-halves A and B, each with its share of the step's layout (:func:`split_plan`). Per layer, A's attention and gate
-run and its experts are sent (``ExpertClient.submit``); while the workers run them the frontend runs B's attention
-and gate and sends B; then A's reply is added and A goes on to the next layer while the workers run B. Every token
-sees exactly the same operations as without the split (sequences never share a chunk, so no half reads the other's
-keys), only in another order.
+halves A and B, each with its share of the step's layout (:func:`workers.kv_cache.split_plan`). Per layer, A's
+attention and gate run and its experts are sent (``ExpertClient.submit``); while the workers run them the frontend
+runs B's attention and gate and sends B; then A's reply is added and A goes on to the next layer while the workers
+run B. Every token sees exactly the same operations as without the split (sequences never share a chunk, so no half
+reads the other's keys), only in another order.
 
 Every step records the experts each token was routed to, per layer ([T, L, K], written by each MoE block into its
 column), which the runner keeps beside the KV cache (``workers.runner``).
@@ -39,16 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.checkpoint.load import LoadRole, load_tensors, parse_dtype
+from cluster.checkpoint.load import LoadRole, iter_weights, parse_dtype
+from cluster.checkpoint.quant.quantize import quantize
+from cluster.checkpoint.quant.weights import QuantWeight
 from cluster.config.model import ModelConfig
+from cluster.config.quantization import OnLoad
 from cluster.engine.step import StepOutput
 from cluster.errors import CheckpointError
 from router.client import ExpertClient, Pending
 from router.gate import ExpertLoad, route
 from workers import dense
 from workers.attention import Attention
-from workers.kv_cache import AttentionGroup, KVCache, LayerKV, StepPlan
+from workers.kv_cache import KVCache, LayerKV, StepPlan, split_plan, split_point
 from workers.layers import Rope, apply_rope, rms_norm
+from workers.projection import Projection
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -72,8 +77,8 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, attention: Attention) -> None:
         super().__init__()
         self.config = config
-        self.qkv_proj = _param(config.q_size + 2 * config.kv_size, config.hidden_size)
-        self.o_proj = _param(config.hidden_size, config.q_size)
+        self.qkv_proj = Projection.placeholder(config.q_size + 2 * config.kv_size, config.hidden_size)
+        self.o_proj = Projection.placeholder(config.hidden_size, config.q_size)
         self.attention = attention
 
     def forward(
@@ -82,13 +87,13 @@ class SelfAttention(nn.Module):
         """x [T, D] -> [T, D]; writes this step's keys and values into ``kv``."""
         c = self.config
         T = x.shape[0]
-        qk, v = dense.linear(x, self.qkv_proj).split((c.q_size + c.kv_size, c.kv_size), dim=-1)
+        qk, v = self.qkv_proj(x).split((c.q_size + c.kv_size, c.kv_size), dim=-1)
         # q's and k's heads rotated together: one set of elementwise ops instead of two
         qk = apply_rope(qk.reshape(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # [T, H + Hkv, Dh]
         q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]  # [T, H, Dh], [T, Hkv, Dh]
         v = v.reshape(T, c.num_kv_heads, c.head_dim)
         out = self.attention(plan, q, k, v, kv)  # [T, H, Dh]
-        return dense.linear(out.reshape(T, c.q_size), self.o_proj)
+        return self.o_proj(out.reshape(T, c.q_size))
 
 
 class MoEBlock(nn.Module):
@@ -185,18 +190,32 @@ class MixtralModel(nn.Module):
         dtype: str | torch.dtype,
         device: torch.device | str = "cpu",
         progress: bool = True,
+        quantize_attention: OnLoad | None = None,
     ) -> MixtralModel:
-        """Read the non-expert tensors of the checkpoint (never an expert weight) into a new model on ``device``."""
-        tensors = load_tensors(
-            folder, config, role=LoadRole.frontend(), dtype=parse_dtype(dtype), progress=progress, label="frontend"
-        )
+        """Read the non-expert tensors of the checkpoint (never an expert weight) into a new model on ``device``;
+        ``quantize_attention``: the kind to quantize a dense checkpoint's attention projections to while loading (a
+        quantized checkpoint is served as stored; see :meth:`load_weights`)."""
+        weights = dict(iter_weights(folder, config, role=LoadRole.frontend(), progress=progress, label="frontend"))
         model = cls(config, experts=experts, attention=attention)
-        model.load_weights(tensors, device=device)
+        on_load = quantize_attention if config.quantization is None else None
+        model.load_weights(weights, device=device, dtype=parse_dtype(dtype), quantize_attention=on_load)
         return model
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu") -> None:
+    def load_weights(
+        self,
+        weights: Mapping[str, torch.Tensor | QuantWeight],
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        quantize_attention: OnLoad | None = None,
+    ) -> None:
         """Fill every parameter from Hugging Face tensor names (``cluster.checkpoint.load`` maps the original Mistral
-        names to these). Every tensor given must be used and every parameter filled, with the right shape."""
+        names to these). Every tensor given must be used and every parameter filled, with the right shape.
+
+        Attention's projections keep a quantized checkpoint's form (``workers.projection``);
+        ``quantize_attention`` quantizes the dense ones to that kind (as the experts are:
+        ``cluster.checkpoint.quant.quantize``). Every other weight (embeddings, norms, router gates, lm_head) is
+        dense: a quantized one is dequantized exactly, in float32, then cast to ``dtype``."""
         c = self.config
         names = {
             "model.embed_tokens.weight": "embed_tokens",
@@ -206,26 +225,31 @@ class MixtralModel(nn.Module):
             names["lm_head.weight"] = "lm_head"
         if self.score is not None:
             names["score.weight"] = "score"
-        fused: dict[str, tuple[str, ...]] = {}
+        projections: dict[str, tuple[str, ...]] = {}
         for i in range(c.num_layers):
             p, m = f"model.layers.{i}.", f"layers.{i}."
             names[p + "input_layernorm.weight"] = m + "input_layernorm.weight"
             names[p + "post_attention_layernorm.weight"] = m + "post_attention_layernorm.weight"
-            names[p + "self_attn.o_proj.weight"] = m + "self_attn.o_proj"
             names[p + "block_sparse_moe.gate.weight"] = m + "block_sparse_moe.gate"
-            # q, k and v in one [q_size + 2 * kv_size, D] matrix: one matmul per layer instead of three
-            fused[m + "self_attn.qkv_proj"] = tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv")
-        used = set(names) | {n for parts in fused.values() for n in parts}
-        unexpected = sorted(set(tensors) - used)
+            # q, k and v in one [q_size + 2 * kv_size, D] matrix where they allow: one matmul per layer, not three
+            projections[m + "self_attn.qkv_proj"] = tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv")
+            projections[m + "self_attn.o_proj"] = (p + "self_attn.o_proj.weight",)
+        used = set(names) | {n for parts in projections.values() for n in parts}
+        unexpected = sorted(set(weights) - used)
         if unexpected:
             raise CheckpointError(f"tensor {unexpected[0]!r} is not a non-expert tensor of this model")
-        missing = sorted(used - set(tensors))
+        missing = sorted(used - set(weights))
         if missing:
             raise CheckpointError(f"tensor {missing[0]!r} is missing from the checkpoint")
         for src, dst in names.items():
-            self._assign(dst, tensors[src], device)
-        for dst, parts in fused.items():
-            self._assign(dst, torch.cat([tensors[n] for n in parts]), device)
+            w = weights[src]
+            t = w if isinstance(w, torch.Tensor) else w.dequantize()
+            self._assign(dst, t.to(dtype).contiguous(), device)
+        for dst, parts in projections.items():
+            stored = [weights[n] for n in parts]
+            if quantize_attention is not None:
+                stored = [quantize(w, quantize_attention) if isinstance(w, torch.Tensor) else w for w in stored]
+            self._assign_projection(dst, Projection.build(stored, device=device, dtype=dtype))
         self.rope = Rope(c.head_dim, c.rope_theta, device)
 
     def _assign(self, name: str, tensor: torch.Tensor, device: torch.device | str) -> None:
@@ -236,6 +260,30 @@ class MixtralModel(nn.Module):
             raise CheckpointError(f"tensor for {name} has shape {tuple(tensor.shape)}; expected {tuple(old.shape)}")
         setattr(module, attr, nn.Parameter(tensor.to(device), requires_grad=False))
 
+    def _assign_projection(self, name: str, projection: Projection) -> None:
+        owner, _, attr = name.rpartition(".")
+        module = self.get_submodule(owner)
+        old = getattr(module, attr)
+        if old.shape != projection.shape:
+            raise CheckpointError(f"weights for {name} have shape {projection.shape}; expected {old.shape}")
+        setattr(module, attr, projection)
+
+    def projections(self) -> dict[str, Projection]:
+        """Every layer's attention projections by name (``layers.0.self_attn.qkv_proj`` ...)."""
+        return {
+            f"layers.{i}.self_attn.{n}": getattr(layer.self_attn, n)
+            for i, layer in enumerate(self.layers)
+            for n in ("qkv_proj", "o_proj")
+        }
+
+    def matrices(self) -> dict[str, torch.Tensor | Projection]:
+        """Every matrix a decode step multiplies by, by name: the attention projections, the router gates, and
+        lm_head (the embedding when tied; a classifier's score head). An untied embedding is only indexed."""
+        out: dict[str, torch.Tensor | Projection] = dict(self.projections())
+        tied = self.lm_head is None
+        out |= {n: p for n, p in self.named_parameters() if p.dim() == 2 and (tied or n != "embed_tokens")}
+        return out
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
@@ -245,7 +293,10 @@ class MixtralModel(nn.Module):
         return self.embed_tokens.device
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of every weight held here: parameters, and the projections as stored (quantized ones with their
+        scales)."""
+        params = sum(p.numel() * p.element_size() for p in self.parameters())
+        return params + sum(p.nbytes() for p in self.projections().values())
 
     @torch.inference_mode()
     def forward(
@@ -324,38 +375,3 @@ class MixtralModel(nn.Module):
                     moe.discard()
         return torch.cat(hs)
 
-
-def split_point(plan: StepPlan, min_batch: int) -> int | None:
-    """Where to cut a step of T >= ``min_batch`` tokens into two micro-batches: the chunk boundary nearest T / 2 (a
-    chunk is never cut). None when ``min_batch`` is 0, the step is smaller, or no boundary leaves each half at
-    least T / 4 tokens (one long prefill chunk, say)."""
-    T = int(plan.positions.shape[0])
-    if min_batch <= 0 or min_batch > T:
-        return None
-    starts = sorted(r for g in plan.groups for r in g.rows[:, 0].tolist())  # first row of every chunk
-    cuts = [c for c in starts if 4 * min(c, T - c) >= T]
-    return min(cuts, key=lambda c: (abs(2 * c - T), c)) if cuts else None
-
-
-def split_plan(plan: StepPlan, k: int) -> tuple[StepPlan, StepPlan]:
-    """The layout of tokens [:k] and of tokens [k:] (rows renumbered from 0). ``k`` must be a chunk boundary, so
-    every sequence of an attention group falls wholly in one half; a group keeps its gathered blocks and masks."""
-    halves: tuple[list[AttentionGroup], list[AttentionGroup]] = ([], [])
-    for g in plan.groups:
-        first = g.rows[:, 0] < k  # [B]
-        for half, sel, base in ((0, first, 0), (1, ~first, k)):
-            idx = sel.nonzero().flatten().tolist()
-            if idx:
-                halves[half].append(
-                    AttentionGroup(
-                        rows=g.rows[sel] - base,
-                        tables=g.tables[sel],
-                        mask=g.mask[sel],
-                        lengths=[g.lengths[b] for b in idx],
-                    )
-                )
-    a, b = slice(0, k), slice(k, None)
-    return (
-        StepPlan(plan.positions[a], plan.write_block[a], plan.write_offset[a], halves[0]),
-        StepPlan(plan.positions[b], plan.write_block[b], plan.write_offset[b], halves[1]),
-    )

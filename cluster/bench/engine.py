@@ -44,6 +44,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.engine.step import Executor
 from cluster.runtime.frontend import Frontend, build_frontend
 from router.transport import LocalTransport
+from workers.projection import matrix_bytes
 
 
 @dataclass
@@ -118,8 +119,7 @@ class Floor:
 
     def __init__(self, fe: Frontend) -> None:
         model = fe.model
-        tied = model.lm_head is None  # untied, a step reads only its rows of the embedding: no matrix product
-        self.mats = [p for n, p in model.named_parameters() if p.dim() == 2 and (tied or n != "embed_tokens")]
+        self.mats = list(model.matrices().values())  # an untied embedding is only indexed: no matrix product
         transport = fe.experts.transport
         assert isinstance(transport, LocalTransport), "the engine benchmark runs every expert in-process (W = 0)"
         (self.shard,) = transport.shards.values()
@@ -137,7 +137,8 @@ class Floor:
 
         def run() -> None:
             for w in self.mats:
-                F.linear(xs[w.shape[1]], w)
+                x = xs[w.shape[1]]
+                F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
             for job in jobs:
                 self.shard.run(*job)
 
@@ -150,7 +151,7 @@ class Floor:
             best = [min(h.time_calls(self.pass_of(batch, s.routed), iters)) for s in picked]
         layers = picked[0].routed.shape[0]
         hits = statistics.fmean(int((s.routed > 0).sum()) for s in picked) / layers
-        nbytes = sum(w.numel() * w.element_size() for w in self.mats) + hits * layers * self.expert_bytes
+        nbytes = sum(matrix_bytes(w) for w in self.mats) + hits * layers * self.expert_bytes
         seconds = statistics.median(best)
         return {
             "floor_ms": seconds * 1e3,

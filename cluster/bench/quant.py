@@ -2,16 +2,17 @@
 each against its own weight-bytes floor, and the kernels behind it.
 
 (e) Formats. For each format (``none``: the checkpoint's dense experts in --dtype; int8 / int4 / fp8: the same
-experts quantized on load, ``quantization=``) and each batch size, an in-process (W = 0) engine decodes ``batch``
+experts quantized on load, ``quantization=``; ``int4+attention`` ...: attention's projections quantized too,
+``quantize_attention=True``) and each batch size, an in-process (W = 0) engine decodes ``batch``
 prompts of --prompt-len tokens for --new-tokens greedy tokens (after one warm-up run), --repeats times; the formats
 of one batch size are loaded side by side and run in turn (none, int8, ..., none, int8, ...), so a machine whose
 speed drifts slows each alike. decode tokens/s = batch / median full-batch decode step (schedule, forward, sample).
-Floor = the bytes one decode step must read (every 2-D non-expert matrix but an untied embedding, plus the experts
-its tokens hit, as stored: quantized ones with their scales) / the memory bandwidth measured here (best of 5 reads,
-``sum``, of a 512 MiB float32 tensor). Compute floor = the step's multiply-adds (2 x every dense matrix's weights x
-the batch, plus 2 x each routed (token, expert) pair x an expert's 3 D F weights) / the float32 matmul rate measured
-here (best of 3 2048^3 matmuls): where a step must multiply more than it must read, no kernel gets it near its bytes
-floor (``step_over_both_floors``).
+Floor = the bytes one decode step must read (every non-expert matrix it multiplies by, ``MixtralModel.matrices``,
+plus the experts its tokens hit, all as stored: quantized ones with their scales) / the memory bandwidth measured
+here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor). Compute floor = the step's multiply-adds (2 x every
+non-expert matrix's weights x the batch, plus 2 x each routed (token, expert) pair x an expert's 3 D F weights) /
+the float32 matmul rate measured here (best of 3 2048^3 matmuls): where a step must multiply more than it must read,
+no kernel gets it near its bytes floor (``step_over_both_floors``).
 (f) Kernels. One expert matrix of --kernel-shape (default Mixtral-8x7B's w1, 14336 x 4096), median ms of --kernel-iters
 calls per row count: dense ``F.linear`` in bfloat16 and float32, dense bfloat16 as the model runs it
 (``workers.dense``: the fused CPU kernel at up to 32 rows on a CPU without bf16 units), then each quantized form as
@@ -43,10 +44,12 @@ from cluster.runtime.frontend import build_frontend
 from router.transport import LocalTransport
 from workers import dense
 from workers.model import MixtralModel
+from workers.projection import matrix_bytes
 from workers.quant import cpu_kernel
 from workers.quant.linear import DequantLinear, FusedLinear, Int8Linear, prepare
 
 FORMATS = ("none", "int8", "int4", "fp8")
+ATTENTION = "+attention"  # a format's suffix: attention's projections quantized too (quantize_attention)
 NO_FUSED = "without the fused CPU kernel"
 COLUMNS = ["format", "batch", "decode_tokens_per_s", "speed_vs_none", "step_ms_p50", "floor_ms", "step_over_floor"]
 COLUMNS += ["compute_floor_ms", "step_over_both_floors", "weight_mb_per_step", "expert_mb"]
@@ -65,6 +68,13 @@ def flop_rate(n: int = 2048, iters: int = 3) -> float:
     return 2 * n**3 / min(h.time_calls(lambda: a @ a, iters))
 
 
+def split_format(label: str) -> tuple[str, bool] | None:
+    """``int4+attention`` -> ("int4", True): the kind and whether attention is quantized too; None when invalid."""
+    base = label.removesuffix(ATTENTION)
+    attention = base != label
+    return (base, attention) if base in FORMATS and not (attention and base == "none") else None
+
+
 def model_of(o: Any) -> str:
     """--model, else one Mixtral-8x7B layer (``MIXTRAL_LAYER_SPEC``: Mixtral's share of expert bytes per token)."""
     return h.model_dir(o.model, MIXTRAL_LAYER_SPEC, name="mixtral-layer-v1")
@@ -74,12 +84,9 @@ def token_bytes(model: MixtralModel, config: ModelConfig, per_expert: float) -> 
     """Share of the weight bytes one decoded token reads (at batch 1) per part: the top-k experts of every layer,
     attention (every 2-D matrix of the layers but the router), lm_head (or the tied embedding) and the routers."""
     parts = {"experts": config.num_layers * config.top_k * per_expert, "attention": 0.0, "lm_head": 0.0, "router": 0.0}
-    tied = model.lm_head is None
-    for n, p in model.named_parameters():
-        if p.dim() != 2 or (n == "embed_tokens" and not tied):
-            continue
+    for n, m in model.matrices().items():
         part = "lm_head" if n in ("lm_head", "embed_tokens") else "router" if ".gate" in n else "attention"
-        parts[part] += p.numel() * p.element_size()
+        parts[part] += matrix_bytes(m)
     total = sum(parts.values())
     return {k: v / total for k, v in parts.items()}
 
@@ -90,7 +97,9 @@ def format_runs(o: Any, cluster: dict[str, Any], kinds: list[str], batch: int, m
     int8, ...) so that a machine whose speed drifts during the run (a shared VM) slows every format alike."""
     loaded = []
     for kind in kinds:
-        options = {**cluster, "quantization": None if kind == "none" else kind, "max_num_seqs": max(batch, 1)}
+        base, attention = split_format(kind) or ("none", False)
+        options = {**cluster, "quantization": None if base == "none" else base, "max_num_seqs": max(batch, 1)}
+        options["quantize_attention"] = attention
         config = resolve(ClusterConfig.create(model=model_of(o), **options))
         run(f"(e) {kind}, batch {batch}: loading, warm-up")
         fe = build_frontend(config, progress=False)
@@ -117,10 +126,8 @@ def format_row(kind: str, fe: Any, batch: int, steps: list, machine: tuple[float
     assert isinstance(transport, LocalTransport)
     (shard,) = transport.shards.values()
     per_expert = shard.nbytes() / len(shard.experts)  # type: ignore[attr-defined]
-    model = fe.model
-    tied = model.lm_head is None
-    matrices = [p for n, p in model.named_parameters() if p.dim() == 2 and (tied or n != "embed_tokens")]
-    dense = sum(p.numel() * p.element_size() for p in matrices)
+    matrices = list(fe.model.matrices().values())
+    dense = sum(matrix_bytes(m) for m in matrices)
     hits = statistics.fmean(int((s.routed > 0).sum()) for s in steps)
     nbytes = dense + hits * per_expert
     step_s = statistics.median(s.step_s for s in steps)
@@ -141,7 +148,7 @@ def format_row(kind: str, fe: Any, batch: int, steps: list, machine: tuple[float
         "compute_floor_ms": compute_s * 1e3,
         "step_over_both_floors": step_s / max(floor_s, compute_s),
         "expert_mb": shard.nbytes() / 2**20,  # type: ignore[attr-defined]
-        "token_bytes": token_bytes(model, fe.model_config, per_expert),
+        "token_bytes": token_bytes(fe.model, fe.model_config, per_expert),
     }
 
 
@@ -194,8 +201,9 @@ def crossover(kernels: list[dict], rows: list[int]) -> dict[str, int | None]:
 def goals_of(rows: list[dict], batches: list[int]) -> list[dict]:
     speed = {(r["format"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
     out = []
-    for kind, want in (("int4", 2.0), ("int8", 1.5)):
-        if (kind, 1) in speed and ("none", 1) in speed:
+    labels = list(dict.fromkeys(k for k, _ in speed))
+    for kind, want in [(k, {"int4": 2.0, "int8": 1.5}.get(k.partition("+")[0])) for k in labels]:
+        if want is not None and (kind, 1) in speed and ("none", 1) in speed:
             out.append(
                 h.goal(
                     f"{kind} decode tokens/s >= {want}x none at batch 1",
@@ -228,9 +236,10 @@ def goals_of(rows: list[dict], batches: list[int]) -> list[dict]:
 
 def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
     kinds = [k.strip() for k in o.quantization.split(",") if k.strip()]
-    if not kinds or any(k not in FORMATS for k in kinds):
+    if not kinds or any(split_format(k) is None for k in kinds):
         raise SystemExit(
-            f"mixserve bench engine: --quantization takes a list of {', '.join(FORMATS)}, not {o.quantization!r}"
+            f"mixserve bench engine: --quantization takes a list of {', '.join(FORMATS)}, each but none optionally "
+            f"with {ATTENTION!r} (attention quantized too), not {o.quantization!r}"
         )
     asked = str(cluster.get("dtype") or "auto")
     dtype = parse_dtype("bfloat16" if asked == "auto" else asked)  # the formats are compared against bfloat16

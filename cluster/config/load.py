@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cluster.config.quantization import OnLoad
 
@@ -35,3 +35,16 @@ class LoadConfig(BaseModel):
         "int8 per channel, int4 groups of 128, fp8 e4m3 per channel; None: as stored (a quantized checkpoint loads "
         "quantized by itself)",
     )
+    quantize_attention: bool = Field(
+        False,
+        description="with quantization: quantize attention's q, k, v and o projections too, on the frontend (then "
+        "every linear but the router gates and lm_head is quantized, as vLLM's --quantization does); a quantized "
+        "checkpoint's attention is served as stored either way",
+    )
+
+    @field_validator("quantize_attention")
+    @classmethod
+    def _attention_needs_a_kind(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("quantization") is None:
+            raise ValueError("needs quantization (int8, int4 or fp8): the kind to quantize attention to")
+        return v

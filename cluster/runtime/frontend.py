@@ -51,6 +51,8 @@ class Frontend:
             "device": self.device,
             "attention_backend": self.model.attention.backend,
             "frontend_bytes": self.model.nbytes(),
+            # each attention projection's form: its dtype when dense, "kind: kernel" when quantized
+            "attention_weights": sorted({f for p in self.model.projections().values() for f in p.describe()}),
             "expert_bytes": self.local_expert_bytes,
             "kv_cache_bytes": self.runner.kv.nbytes(),
             "kv_blocks": self.runner.num_blocks,
@@ -116,7 +118,7 @@ def _model(
     )
     return MixtralModel.load(
         load.model, model_config, experts=experts, attention=attention, dtype=load.dtype, device=device,
-        progress=progress,
+        progress=progress, quantize_attention=load.quantization if load.quantize_attention else None,
     )  # fmt: skip
 
 

@@ -73,3 +73,18 @@ def test_placement_reports_the_stored_bytes(case):
     float32_bytes = config.num_layers * config.num_experts * config.expert_param_count() * 4
     # int4 ~ 0.16-0.2x, int8 / fp8 per channel ~ 0.27x, int8 in groups of 32 (a float32 scale and zero each) 0.31x
     assert 0 < entry["expert_bytes"] < 0.32 * float32_bytes, name
+
+
+def test_the_frontend_keeps_attention_as_stored(case):
+    """Attention's projections stay in the checkpoint's form on the frontend (no dense copy): each listed as
+    ``kind: kernel``, in at most a third of their float32 bytes (0.19-0.31x here; the logits above come from them)."""
+    name, _, llm = case
+    forms = llm.frontend_info()["attention_weights"]
+    assert forms and all(f.split()[0].rstrip(":") in ("int4", "int8", "fp8") for f in forms), (name, forms)
+    held, weights = llm.apply_model(
+        lambda model: (
+            sum(p.nbytes() for p in model.projections().values()),
+            sum(p.numel() for p in model.projections().values()),
+        )
+    )
+    assert held < 0.34 * 4 * weights, name

@@ -22,8 +22,7 @@ from router.latency import Lateness
 from router.placement import ExpertPlacement, PlacementError, interleave_nodes
 from router.transport import LocalTransport
 from workers.expert_worker import cpu_threads
-from workers.kv_cache import plan_step
-from workers.model import split_plan, split_point
+from workers.kv_cache import plan_step, split_plan, split_point
 
 
 def test_route_matches_the_definition():

@@ -279,13 +279,15 @@ class Fp8Linear(QuantLinear):
         return [self.data, self.scale_b, self.input_scale]
 
 
-def prepare(w: QuantWeight, *, device: torch.device, dtype: torch.dtype, cpu_mode: str | None = None) -> QuantLinear:
+def prepare(
+    w: QuantWeight, *, device: torch.device, dtype: torch.dtype, cpu_mode: str | None = None, role: str = "experts"
+) -> QuantLinear:
     """The form ``w`` runs in on ``device``: a kernel's where one runs for it (tried here, once per matrix), else
     :class:`DequantLinear`. ``cpu_mode``: which build of the fused CPU kernel (default: ``$MIXSERVE_CPU_KERNEL``).
-    Each choice is logged once per process."""
+    Each choice is logged once per process, per ``role`` (what the matrix is: experts, attention)."""
     fused = cpu_kernel.kernel(cpu_mode) if device.type == "cpu" else None
     try:
-        linear = _kernel(w, device, dtype, fused)
+        linear = _kernel(w, device, dtype, fused, role)
     except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError) as e:
         log.info("%s %s: no kernel on %s (%s); dequantize + matmul", _kind(w), w.shape, device, str(e)[:160])
         linear = None
@@ -294,18 +296,18 @@ def prepare(w: QuantWeight, *, device: torch.device, dtype: torch.dtype, cpu_mod
         if isinstance(w, FloatWeight) and device.type == "cpu":
             mode = cpu_mode or cpu_kernel.mode()
             note(
-                f"fp8 experts on the CPU without the fused CPU kernel ({cpu_kernel.ENV}={mode}, or no C compiler) "
+                f"fp8 {role} on the CPU without the fused CPU kernel ({cpu_kernel.ENV}={mode}, or no C compiler) "
                 "dequantize every call (30-40 ms per 14336 x 4096 matrix on a 2-core CPU, whatever the rows; "
                 "a bfloat16 matmul of it takes ~9 ms at one row)",
                 level=logging.WARNING,
             )
     linear.kind = _kind(w)
-    note(f"{_kind(w)} experts on {device.type} ({str(dtype).removeprefix('torch.')}): {linear.kernel}")
+    note(f"{_kind(w)} {role} on {device.type} ({str(dtype).removeprefix('torch.')}): {linear.kernel}")
     return linear
 
 
 def _kernel(
-    w: QuantWeight, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None
+    w: QuantWeight, device: torch.device, dtype: torch.dtype, fused: cpu_kernel.Kernel | None, role: str
 ) -> QuantLinear | None:
     if isinstance(w, IntWeight):
         # the fused kernel where it beats torch's (fused_runs_int); float32 activations on a CPU never run torch's
@@ -324,7 +326,7 @@ def _kernel(
     if w.activations is not None:
         if fp8_matmul_device(device) and dtype in (torch.bfloat16, torch.float16):
             return Fp8Linear(w, device=device, dtype=dtype)
-        note(f"fp8 experts on {device.type}: the scheme quantizes activations, but this device has no fp8 matmul; "
+        note(f"fp8 {role} on {device.type}: the scheme quantizes activations, but this device has no fp8 matmul; "
              "running weight-only")  # fmt: skip
     return (
         None
