@@ -374,4 +374,3 @@ class MixtralModel(nn.Module):
                 if moe is not None:
                     moe.discard()
         return torch.cat(hs)
-

@@ -136,6 +136,29 @@ def test_int4_at_one_row_holds_its_precision_at_any_scale(build, size, group):
         assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("group", [32, 128, 512])
+def test_int4_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, group):
+    """A bfloat16 row of x holds 8 significant bits, so the AVX2 build multiplies it in two digits (each x to within
+    2^-13 of its block's largest |x|, where float32 x gets three: 2^-20): each output within the bound that gives,
+    sum over columns of |w| 2^-13 (the block's largest |x|), of float64, with a value 1000x the others in one block.
+    Elsewhere bfloat16 x is used as float32 x is, to the bit."""
+    g = torch.Generator().manual_seed(group)
+    values = torch.randint(0, 16, (9, 2 * group), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(9, 2, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (9, 2), generator=g).float()
+    dense = (values.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
+    x = torch.randn(1, 2 * group, generator=g)
+    x[0, 7] *= 1000
+    x = x.bfloat16()
+    want = (x.double() @ dense.t())[0]
+    got = build.linear(x, pack_nibbles(values), scale, zero=zero).double()[0]
+    block = min(group, 256)
+    largest = x.double().abs().view(-1, block).amax(1).repeat_interleave(block)  # [K]: each column's block's
+    bound = (dense.abs() * largest).sum(1) * 2**-13  # [N]
+    assert ((got - want).abs() <= bound + 1e-6 * want.abs().max()).all()
+    as_float32 = build.linear(x.float(), pack_nibbles(values), scale, zero=zero).double()[0]
+    assert torch.equal(got, as_float32) == (build.simd != 256), build.simd
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_int4_at_one_row_keeps_a_value_that_is_not_finite(build, bad):
     """A NaN or infinity in x makes every output not finite, as in a float matmul (the fixed point cannot hold it, so

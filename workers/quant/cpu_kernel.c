@@ -54,10 +54,11 @@ typedef struct {
     const float* scale;
     const float* zero;
     const float* xsum; /* kind 2 in the AVX2 build: x's sums per group of columns, [M, K / G] */
-    const int8_t* digits; /* kind 2, one row of x in the AVX2 build: x in fixed point (x_digits) */
+    const int8_t* digits; /* kind 2, one row of x in the AVX2 build: x in fixed point (x_digits), D per column */
     const float* unit;    /* [K / B]: the value of 1 in each block of B columns of those digits */
     const float* total;   /* [K / B]: each block's sum of x as the digits hold it */
     int block;            /* B */
+    int depth;            /* D: digits per column, 3 or 2 */
     float* out;
 } job_t;
 
@@ -335,18 +336,19 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
 
 /* kind 2 at one row of x, where decoding each weight to float (tile_int4) bounds the speed: x in fixed point, times
  * the 4-bit values with integer multiply-adds, 32 columns per step. x_digits writes each block of B columns of x as
- * integers X = x / u (u a power of 2 per block, |X| <= 2^20) in three signed 8-bit digits, X = 16384 a + 128 b + c (a
- * in -64..64, b and c in -64..63). A step loads 16 bytes of a weight row (32 columns) into both halves of a register
- * and keeps the low half's low nibbles and the high half's high ones: columns 2i, then 2i + 1, the order of the
- * digits. maddubs multiplies them into each digit's 32 bytes, adjacent pairs summed into 16-bit lanes (at most 2 * 15 *
- * 64 = 1920 each, so 16 steps fit). At the end of a block the three sums are combined exactly in 32-bit lanes (16384
- * A + 128 B + C) and converted to float once: y += s u (sum of q X) - s z (sum of u X). X differs from x / u by at
- * most 1/2, so each x is used to within 2^-20 of its block's largest |x|. Example, 32 columns of x = 0.75 (the
- * largest, 0.75 * 2^0: u = 2^-20, X = 786432 = 16384 * 48, a = 48, b = c = 0), q = 2, s = 1, z = 0: each 16-bit lane
- * of A is 2 * 48 + 2 * 48 = 192, 8 lanes of 16384 * 2 * 192 = 6291456, whose sum 50331648 times u is 48 = 32 * 2 *
- * 0.75. */
-static inline __attribute__((always_inline)) void tile_int4_one(const int BC, const int NR, const job_t* j, int n,
-                                                                int count) {
+ * integers X = x / u (u a power of 2 per block) in D signed 8-bit digits: D = 3, |X| <= 2^20, X = 16384 a + 128 b + c
+ * (a in -64..64, b and c in -64..63); D = 2 (x of at most 11 significant bits: bfloat16, float16), |X| <= 2^13, X =
+ * 128 a + b. A step loads 16 bytes of a weight row (32 columns) into both halves of a register and keeps the low
+ * half's low nibbles and the high half's high ones: columns 2i, then 2i + 1, the order of the digits. maddubs
+ * multiplies them into each digit's 32 bytes, adjacent pairs summed into 16-bit lanes (at most 2 * 15 * 64 = 1920
+ * each, so 16 steps fit). At the end of a block the digits' sums are combined exactly in 32-bit lanes (16384 A + 128 B
+ * + C, or 128 A + B) and converted to float once: y += s u (sum of q X) - s z (sum of u X). X differs from x / u by at
+ * most 1/2, so each x is used to within 2^-20 (D = 3) or 2^-13 (D = 2) of its block's largest |x|. Example, D = 3, 32
+ * columns of x = 0.75 (the largest, 0.75 * 2^0: u = 2^-20, X = 786432 = 16384 * 48, a = 48, b = c = 0), q = 2, s = 1,
+ * z = 0: each 16-bit lane of A is 2 * 48 + 2 * 48 = 192, 8 lanes of 16384 * 2 * 192 = 6291456, whose sum 50331648
+ * times u is 48 = 32 * 2 * 0.75. */
+static inline __attribute__((always_inline)) void tile_int4_one(const int BC, const int D, const int NR,
+                                                                const job_t* j, int n, int count) {
     const int K = j->K, G = j->group, B = BC ? BC : j->block;
     const int64_t rb = K / 2;
     const uint8_t* w[4];
@@ -355,37 +357,41 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const uint8_t* next = j->w + (int64_t)(n + NR) * rb;
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi8(15), halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    const __m256i wa = _mm256_set1_epi16(D == 3 ? 16384 : 128), wb = _mm256_set1_epi16(D == 3 ? 128 : 1);
     __m256 acc[4];
     float shift[4] = {0};
     UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
     const int per = BC ? 1 : G / B; /* blocks per group (no division in the loop: it showed in the time) */
     for (int k0 = 0, b = 0, g = 0, left = per; k0 < K; k0 += B, b++) { /* block b of group g */
-        const int8_t* d = j->digits + (int64_t)k0 * 3; /* 96 bytes per 32 columns */
+        const int8_t* d = j->digits + (int64_t)k0 * D; /* 32 D bytes per 32 columns */
         if (ahead)
             for (int64_t b = ((k0 / 2) + 63) & ~(int64_t)63; b < (k0 + B) / 2; b += 64)
                 UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + b, _MM_HINT_T0);
         __m256i sa[4], sb[4], sc[4]; /* [NR]: the block's sums of q times each digit, in 16-bit lanes */
         UNROLL for (int r = 0; r < NR; r++) sa[r] = sb[r] = sc[r] = _mm256_setzero_si256();
         UNROLL for (int c = 0; c < B / 32; c++) {
-            const __m256i da = _mm256_load_si256((const __m256i*)(d + 96 * c));
-            const __m256i db = _mm256_load_si256((const __m256i*)(d + 96 * c + 32));
-            const __m256i dc = _mm256_load_si256((const __m256i*)(d + 96 * c + 64));
+            const __m256i da = _mm256_load_si256((const __m256i*)(d + 32 * D * c));
+            const __m256i db = _mm256_load_si256((const __m256i*)(d + 32 * D * c + 32));
+            const __m256i dc = D == 3 ? _mm256_load_si256((const __m256i*)(d + 32 * D * c + 64)) : db;
             UNROLL for (int r = 0; r < NR; r++) {
                 const __m128i b = _mm_loadu_si128((const __m128i*)(w[r] + k0 / 2 + 16 * c));
                 const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(b), halves), low);
                 sa[r] = _mm256_add_epi16(sa[r], _mm256_maddubs_epi16(q, da));
                 sb[r] = _mm256_add_epi16(sb[r], _mm256_maddubs_epi16(q, db));
-                sc[r] = _mm256_add_epi16(sc[r], _mm256_maddubs_epi16(q, dc));
                 /* each sum in a register, added to in order: left alone, the compiler regroups these integer
                  * additions into trees and spills their terms (as slow as tile_int4) */
-                __asm__("" : "+x"(sa[r]), "+x"(sb[r]), "+x"(sc[r]));
+                if (D == 3) {
+                    sc[r] = _mm256_add_epi16(sc[r], _mm256_maddubs_epi16(q, dc));
+                    __asm__("" : "+x"(sa[r]), "+x"(sb[r]), "+x"(sc[r]));
+                } else {
+                    __asm__("" : "+x"(sa[r]), "+x"(sb[r]));
+                }
             }
         }
         const float u = j->unit[b], total = j->total[b];
         UNROLL for (int r = 0; r < NR; r++) {
-            const __m256i ab = _mm256_add_epi32(_mm256_madd_epi16(sa[r], _mm256_set1_epi16(16384)),
-                                                _mm256_madd_epi16(sb[r], _mm256_set1_epi16(128)));
-            const __m256i sum = _mm256_add_epi32(ab, _mm256_madd_epi16(sc[r], _mm256_set1_epi16(1)));
+            __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(sa[r], wa), _mm256_madd_epi16(sb[r], wb));
+            if (D == 3) sum = _mm256_add_epi32(sum, _mm256_madd_epi16(sc[r], _mm256_set1_epi16(1)));
             const float s = scale[r][g];
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(s * u), acc[r]);
             shift[r] += s * zero[r][g] * total;
@@ -416,8 +422,11 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
  * function holding every size ran the 128-column one ~10% slower) */
 static inline __attribute__((always_inline)) void int4_job(const int GC, const job_t* j) {
     if (GC % 32 == 0 && j->digits) { /* one row of x, blocks of GC columns (0: j->block) */
-        for (int n = j->n0; n < j->n1; n += ONE_NR)
-            tile_int4_one(GC, ONE_NR, j, n, j->n1 - n < ONE_NR ? j->n1 - n : ONE_NR);
+        for (int n = j->n0; n < j->n1; n += ONE_NR) {
+            const int count = j->n1 - n < ONE_NR ? j->n1 - n : ONE_NR;
+            if (j->depth == 2) tile_int4_one(GC, 2, ONE_NR, j, n, count);
+            else tile_int4_one(GC, 3, ONE_NR, j, n, count);
+        }
         return;
     }
     const int nr = j->M <= SMALL_M ? 4 : 2;
@@ -539,11 +548,11 @@ static float* permute_pairs(const float* x, int M, int K, int G) {
     return out;
 }
 
-/* one row x [K] as the digits tile_int4_one multiplies (K a multiple of B, B of 32): per block of B columns, u = 2^(e -
- * 20) for its largest |x| = f 2^e (f in [0.5, 1)) and X = x / u rounded to nearest (|X| <= 2^20), then per 32 columns
- * (the 16 even ones, then the 16 odd) 32 bytes of a, 32 of b, 32 of c; unit [K / B] = u, total [K / B] = u (sum of X).
- * 0 where a block holds a value that is not finite, or a largest |x| below 2^-100 but not 0: the float path takes
- * those. */
+/* one row x [K] as the D digits per column tile_int4_one multiplies (K a multiple of B, B of 32): per block of B
+ * columns, u = 2^(e - P) for its largest |x| = f 2^e (f in [0.5, 1)), P = 20 for D = 3 and 13 for D = 2, and X = x / u
+ * rounded to nearest (|X| <= 2^P), then per 32 columns (the 16 even ones, then the 16 odd) 32 bytes of each digit,
+ * the highest first; unit [K / B] = u, total [K / B] = u (sum of X). 0 where a block holds a value that is not
+ * finite, or a largest |x| below 2^-100 but not 0: the float path takes those. */
 /* 2^n for n in -126..127 */
 static inline float power2(int n) {
     const uint32_t bits = (uint32_t)(n + 127) << 23;
@@ -552,7 +561,8 @@ static inline float power2(int n) {
     return v;
 }
 
-static int x_digits(const float* x, int K, int B, int8_t* digits, float* unit, float* total) {
+static int x_digits(const float* x, int K, int B, int D, int8_t* digits, float* unit, float* total) {
+    const int P = D == 3 ? 20 : 13;
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), huge = _mm256_set1_ps(FLT_MAX);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), half = _mm256_set1_epi32(64);
     const __m256i seven = _mm256_set1_epi32(127);
@@ -571,23 +581,28 @@ static int x_digits(const float* x, int K, int B, int8_t* digits, float* unit, f
         memcpy(&bits, &largest, 4);
         const int e = (int)(bits >> 23) - 126; /* largest = f 2^e, f in [0.5, 1), for a normal float */
         if (largest > 0.0f && e < -100) return 0;
-        const __m256 inv = _mm256_set1_ps(largest > 0.0f ? power2(20 - e) : 0.0f);
-        __m256i count = _mm256_setzero_si256(); /* the sum of X, in 8 lanes of at most 2^20 * B / 8 */
+        const __m256 inv = _mm256_set1_ps(largest > 0.0f ? power2(P - e) : 0.0f);
+        __m256i count = _mm256_setzero_si256(); /* the sum of X, in 8 lanes of at most 2^P * B / 8 */
         for (int k = k0; k < k0 + B; k += 32) {
             float p[32];
             for (int i = 0; i < 16; i++) p[i] = x[k + 2 * i], p[16 + i] = x[k + 2 * i + 1];
             __m256i da[4], db[4], dc[4];
-            for (int v = 0; v < 4; v++) {
+            for (int v = 0; v < 4; v++) { /* the lowest digit in -64..63, then the next, ... */
                 const __m256i X = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 8 * v), inv));
                 count = _mm256_add_epi32(count, X);
-                dc[v] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(X, half), seven), half);
-                const __m256i t = _mm256_srai_epi32(_mm256_sub_epi32(X, dc[v]), 7);
+                const __m256i c = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(X, half), seven), half);
+                const __m256i t = _mm256_srai_epi32(_mm256_sub_epi32(X, c), 7);
+                if (D == 2) {
+                    da[v] = t, db[v] = c;
+                    continue;
+                }
+                dc[v] = c;
                 db[v] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(t, half), seven), half);
                 da[v] = _mm256_srai_epi32(_mm256_sub_epi32(t, db[v]), 7);
             }
-            __m256i* out = (__m256i*)(digits + (int64_t)k * 3);
+            __m256i* out = (__m256i*)(digits + (int64_t)k * D);
             const __m256i* each[3] = {da, db, dc};
-            for (int i = 0; i < 3; i++) {
+            for (int i = 0; i < D; i++) {
                 const __m256i* d = each[i];
                 const __m256i lo = _mm256_packs_epi32(d[0], d[1]), hi = _mm256_packs_epi32(d[2], d[3]);
                 _mm256_store_si256(out + i, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order));
@@ -597,7 +612,7 @@ static int x_digits(const float* x, int K, int B, int8_t* digits, float* unit, f
         _mm256_storeu_si256((__m256i*)sums, count);
         int64_t sum = 0;
         for (int i = 0; i < 8; i++) sum += sums[i];
-        unit[k0 / B] = largest > 0.0f ? power2(e - 20) : 0.0f;
+        unit[k0 / B] = largest > 0.0f ? power2(e - P) : 0.0f;
         total[k0 / B] = (float)((double)sum * unit[k0 / B]);
     }
     return 1;
@@ -605,9 +620,11 @@ static int x_digits(const float* x, int K, int B, int8_t* digits, float* unit, f
 #endif
 
 /* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads`
- * threads (the caller's one included), in blocks of a multiple of 4. zero and group: kind 2 only. */
+ * threads (the caller's one included), in blocks of a multiple of 4. zero and group: kind 2 only. x_bits: the
+ * significant bits each x had before it was widened to float32 (24 float32, 8 bfloat16, 11 float16); at most 11 lets
+ * the AVX2 build's one-row int4 path hold x in 2 digits (13 bits per block) instead of 3 (20 bits). */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
-                     const float* zero, int group, float* out, int threads) {
+                     const float* zero, int group, float* out, int threads, int x_bits) {
     if (kind < 0 || kind > 3 || M < 1 || K < 1 || N < 1) return -1;
     if (kind == 2 && (group < 16 || group % 16 || K % group || !zero || !per_row)) return -1;
     if (threads < 1) threads = 1;
@@ -615,14 +632,15 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     float* pairs = 0; /* x as the AVX2 build's int4 path reads it, then its sums per group */
     const float* xsum = 0;
     int8_t* digits = 0; /* one row of x in fixed point (x_digits), then the unit and total of each block */
+    const int depth = x_bits <= 11 ? 2 : 3;
     const int block = group <= 256 ? group : group % 256 == 0 ? 256 : 0;
 #ifdef MIXSERVE_AVX2
     if (kind == 2 && M == 1 && group % 32 == 0 && block) {
         void* at = 0;
-        if (posix_memalign(&at, 64, (size_t)K * 3 + 2 * sizeof(float) * (size_t)(K / block))) return -1;
+        if (posix_memalign(&at, 64, (size_t)K * depth + 2 * sizeof(float) * (size_t)(K / block))) return -1;
         digits = at;
-        float* unit = (float*)(digits + (int64_t)K * 3);
-        if (!x_digits(x, K, block, digits, unit, unit + K / block)) {
+        float* unit = (float*)(digits + (int64_t)K * depth);
+        if (!x_digits(x, K, block, depth, digits, unit, unit + K / block)) {
             free(digits);
             digits = 0;
         }
@@ -637,8 +655,10 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         const int n0 = t * per < N ? (int)(t * per) : N, n1 = n0 + per < N ? (int)(n0 + per) : N;
-        jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, 0, x, w, scale, zero, xsum, digits, 0, 0, block, out};
-        if (digits) jobs[t].unit = (const float*)(digits + (int64_t)K * 3), jobs[t].total = jobs[t].unit + K / block;
+        jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, 0, x, w, scale, zero, xsum, digits, 0, 0, block, depth,
+                          out};
+        if (digits)
+            jobs[t].unit = (const float*)(digits + (int64_t)K * depth), jobs[t].total = jobs[t].unit + K / block;
     }
 #ifdef _OPENMP
     /* on the threads of the process's OpenMP runtime: torch's own (its libgomp.so.1 is the one loaded), whose

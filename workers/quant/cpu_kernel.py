@@ -53,6 +53,7 @@ _BUILD_FLAGS = {
     "portable": ["-DMIXSERVE_PORTABLE"],
 }
 _WORK_PER_THREAD = 1 << 20  # weights x rows one thread takes before another is started
+_X_BITS = {torch.bfloat16: 8, torch.float16: 11}  # significant bits of x the kernel is told of (float32: 24)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class Kernel:
         - w uint8 [N, K / 2] of 4-bit values (column 2i in the low nibble of byte i), scale and zero float32
           [N, K / G] (groups of G columns, G a multiple of 16): the weight (q - zero) * scale.
 
+        At one row of int4, the AVX2 build holds x in fixed point per block of columns: to 2^-20 of the block's
+        largest |x| for float32 x, 2^-13 for bfloat16 or float16 x (8 or 11 significant bits of their own).
+
         Example: x [[1., 2.]], w int8 [[3, -1]], scale [0.5] -> [[0.5]] (= (1 * 3 + 2 * -1) * 0.5).
         """
         problem = _problem(x, w, scale, zero)
@@ -88,6 +92,7 @@ class Kernel:
         group = k // scale.shape[1] if packed else 0
         if m == 0 or n == 0 or k == 0:  # k == 0: sums of nothing
             return torch.zeros(m, n, dtype=torch.float32)
+        x_bits = _X_BITS.get(x.dtype, 24)  # bfloat16 x lets the AVX2 one-row int4 path hold it in two digits
         x = x.float().contiguous()
         w, scale = w.contiguous(), scale.contiguous()
         zero = None if zero is None else zero.float().contiguous()
@@ -108,6 +113,7 @@ class Kernel:
             group,
             out.data_ptr(),
             threads,
+            x_bits,
         )
         if rc != 0:
             raise MemoryError(f"cpu kernel: out of memory for x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}")
@@ -182,7 +188,7 @@ def load(variant: str, *, openmp: bool = True) -> Kernel | None:
         log.warning("the fused CPU kernel is unavailable (%s); quantized experts and dense bf16 use torch's kernels", e)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.mixserve_qlinear.argtypes = [i, p, i, i, p, i, p, i, p, i, p, i]
+    lib.mixserve_qlinear.argtypes = [i, p, i, i, p, i, p, i, p, i, p, i, i]
     lib.mixserve_qlinear.restype = i
     lib.mixserve_simd.restype = lib.mixserve_openmp.restype = i
     k = Kernel(lib, int(lib.mixserve_simd()), bool(lib.mixserve_openmp()))
