@@ -159,6 +159,28 @@ def test_int4_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, group):
     assert torch.equal(got, as_float32) == (build.simd != 256), build.simd
 
 
+@pytest.mark.parametrize("k", [256, 192, 96, 100])  # blocks of 128, 64 and 32 columns; 100 takes the float loop
+def test_int8_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, k):
+    """The AVX2 build multiplies a bfloat16 row of x by int8 weights in two digits too (each x to within 2^-13 of its
+    block's largest |x|): every output within sum over columns of |w| 2^-13 (the block's largest |x|) of float64,
+    with a value 1000x the others in one block; a K of no multiple of 32, and every other build, as float32 x."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randint(-128, 128, (9, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(9, generator=g) * 0.02 + 0.001
+    dense = w.double() * scale.double()[:, None]
+    x = torch.randn(1, k, generator=g)
+    x[0, 7] *= 1000
+    x = x.bfloat16()
+    want = (x.double() @ dense.t())[0]
+    got = build.linear(x, w, scale).double()[0]
+    block = next((b for b in (128, 64, 32) if k % b == 0), k)
+    largest = x.double().abs().view(-1, block).amax(1).repeat_interleave(block)  # [K]: each column's block's
+    bound = (dense.abs() * largest).sum(1) * 2**-13  # [N]
+    assert ((got - want).abs() <= bound + 1e-6 * want.abs().max()).all()
+    as_float32 = build.linear(x.float(), w, scale).double()[0]
+    assert torch.equal(got, as_float32) == (build.simd != 256 or k % 32 != 0), build.simd
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_int4_at_one_row_keeps_a_value_that_is_not_finite(build, bad):
     """A NaN or infinity in x makes every output not finite, as in a float matmul (the fixed point cannot hold it, so

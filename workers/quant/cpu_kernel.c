@@ -16,7 +16,8 @@
  * group taken in the same copy. Those two terms cancel where x has a large mean, so this rounds up to ~1e-5 of the
  * output's scale (a dense float32 matmul ~3e-7; bfloat16 itself 4e-3); for 1.5-1.8x the speed of a per-weight
  * q * s - z * s at one row. At one row of x with groups of a multiple of 32 columns (of at most 256, or of a multiple
- * of 256), it multiplies x in fixed point with integer multiply-adds instead (tile_int4_one), 32 columns per step.
+ * of 256), it multiplies x in fixed point with integer multiply-adds instead (tile_int4_one), 32 columns per step;
+ * so it does kind 1 at one row of x that was bfloat16 or float16 (tile_int8_one).
  * In both SIMD builds a float8 byte b, sign-extended to 16 bits, becomes the float16 whose bits are (b << 7) &
  * 0xBF80 (sign to bit 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite e4m3fn
  * value, subnormals included, so the row sum is multiplied by 256 once. The portable build looks each byte's value up
@@ -401,6 +402,53 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     UNROLL for (int r = 0; r < count && r < NR; r++) j->out[n + r] = sum8(acc[r]) - shift[r];
 }
 
+/* kind 1 at one row of x that was bfloat16 or float16, where widening each weight to float bounds the speed: x in two
+ * digits per column (x_digits, in column order, blocks of B = 128, 64 or 32 columns: X = 128 a + b, |X| <= 2^13, each
+ * x to within 2^-13 of its block's largest |x|), times the weights with integer multiply-adds, 32 columns per step.
+ * maddubs takes an unsigned byte, so each weight is read as w + 128 (its top bit flipped): pairs of (w + 128) a sum to
+ * at most 2 * 255 * 64 = 32640, so each step widens them at once (madd by 128 for a, by 1 for b) into 32-bit lanes,
+ * converted to float once per block: y = s (sum over blocks of u (sum of (w + 128) X)) - 128 s (sum of u X). Example:
+ * x = 0.5 in every column of a block (0.5 * 2^0: u = 2^-13, X = 4096, a = 32, b = 0), w = 3: (3 + 128) * 4096 per
+ * column is 536576, times u is 65.5 = (3 + 128) * 0.5, less 128 * 0.5: 1.5 = w x per column. */
+static inline __attribute__((always_inline)) void tile_int8_one(const int NR, const job_t* j, int n, int count) {
+    const int K = j->K, B = j->block;
+    const uint8_t* w[4];
+    float s[4];
+    UNROLL for (int r = 0; r < NR; r++) {
+        const int64_t row = r < count ? n + r : n;
+        w[r] = j->w + row * K;
+        s[r] = j->scale[j->per_row ? row : 0];
+    }
+    const uint8_t* next = j->w + (int64_t)(n + NR) * K;
+    const int ahead = n + 2 * NR <= j->n1;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), by128 = _mm256_set1_epi16(128), by1 = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    float shift = 0.0f; /* the sum of u X over the blocks so far */
+    for (int k0 = 0, b = 0; k0 < K; k0 += B, b++) {
+        const int8_t* d = j->digits + (int64_t)k0 * 2; /* 64 bytes per 32 columns */
+        if (ahead)
+            for (int64_t o = (k0 + 63) & ~(int64_t)63; o < k0 + B; o += 64)
+                UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * K + o, _MM_HINT_T0);
+        __m256i t[4]; /* [NR]: the block's sums of (w + 128) X, in 32-bit lanes */
+        UNROLL for (int r = 0; r < NR; r++) t[r] = _mm256_setzero_si256();
+        for (int c = 0; c < B / 32; c++) {
+            const __m256i da = _mm256_load_si256((const __m256i*)(d + 64 * c));
+            const __m256i db = _mm256_load_si256((const __m256i*)(d + 64 * c + 32));
+            UNROLL for (int r = 0; r < NR; r++) {
+                const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w[r] + k0 + 32 * c)), flip);
+                const __m256i pa = _mm256_madd_epi16(_mm256_maddubs_epi16(q, da), by128);
+                const __m256i pb = _mm256_madd_epi16(_mm256_maddubs_epi16(q, db), by1);
+                t[r] = _mm256_add_epi32(t[r], _mm256_add_epi32(pa, pb));
+            }
+        }
+        const __m256 u = _mm256_set1_ps(j->unit[b]);
+        UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[r]), u, acc[r]);
+        shift += j->total[b];
+    }
+    UNROLL for (int r = 0; r < count && r < NR; r++) j->out[n + r] = s[r] * (sum8(acc[r]) - 128.0f * shift);
+}
+
 #define SMALL_M 2
 #define ONE_NR 4 /* weight rows per tile_int4_one (2: 0-10% slower at one row of 14336 x 4096 or larger) */
 /* TILE(A, NR, MT, j, n, m0, count) for this pass's tile shape: 4 weight rows x 1-2 rows of x, or 2 x 1-4 */
@@ -450,6 +498,11 @@ static __attribute__((noinline)) void int4_job_any(const job_t* j) { int4_job(0,
 static void* run(void* arg) {
     const job_t* j = (const job_t*)arg;
 #ifdef MIXSERVE_AVX2
+    if (j->kind == 1 && j->digits) { /* one row of bfloat16 or float16 x */
+        for (int n = j->n0; n < j->n1; n += ONE_NR)
+            tile_int8_one(ONE_NR, j, n, j->n1 - n < ONE_NR ? j->n1 - n : ONE_NR);
+        return 0;
+    }
     if (j->kind == 2) {
         if (j->group == 16) int4_job_16(j);
         else if (j->group == 32) int4_job_32(j);
@@ -548,11 +601,12 @@ static float* permute_pairs(const float* x, int M, int K, int G) {
     return out;
 }
 
-/* one row x [K] as the D digits per column tile_int4_one multiplies (K a multiple of B, B of 32): per block of B
- * columns, u = 2^(e - P) for its largest |x| = f 2^e (f in [0.5, 1)), P = 20 for D = 3 and 13 for D = 2, and X = x / u
- * rounded to nearest (|X| <= 2^P), then per 32 columns (the 16 even ones, then the 16 odd) 32 bytes of each digit,
- * the highest first; unit [K / B] = u, total [K / B] = u (sum of X). 0 where a block holds a value that is not
- * finite, or a largest |x| below 2^-100 but not 0: the float path takes those. */
+/* one row x [K] as the D digits per column tile_int4_one / tile_int8_one multiply (K a multiple of B, B of 32): per
+ * block of B columns, u = 2^(e - P) for its largest |x| = f 2^e (f in [0.5, 1)), P = 20 for D = 3 and 13 for D = 2,
+ * and X = x / u rounded to nearest (|X| <= 2^P), then per 32 columns (paired: the 16 even ones, then the 16 odd, as
+ * kind 2 holds them; else in order) 32 bytes of each digit, the highest first; unit [K / B] = u, total [K / B] = u
+ * (sum of X). 0 where a block holds a value that is not finite, or a largest |x| below 2^-100 but not 0: the float
+ * path takes those. */
 /* 2^n for n in -126..127 */
 static inline float power2(int n) {
     const uint32_t bits = (uint32_t)(n + 127) << 23;
@@ -561,7 +615,7 @@ static inline float power2(int n) {
     return v;
 }
 
-static int x_digits(const float* x, int K, int B, int D, int8_t* digits, float* unit, float* total) {
+static int x_digits(const float* x, int K, int B, int D, int paired, int8_t* digits, float* unit, float* total) {
     const int P = D == 3 ? 20 : 13;
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), huge = _mm256_set1_ps(FLT_MAX);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), half = _mm256_set1_epi32(64);
@@ -585,7 +639,10 @@ static int x_digits(const float* x, int K, int B, int D, int8_t* digits, float* 
         __m256i count = _mm256_setzero_si256(); /* the sum of X, in 8 lanes of at most 2^P * B / 8 */
         for (int k = k0; k < k0 + B; k += 32) {
             float p[32];
-            for (int i = 0; i < 16; i++) p[i] = x[k + 2 * i], p[16 + i] = x[k + 2 * i + 1];
+            if (paired)
+                for (int i = 0; i < 16; i++) p[i] = x[k + 2 * i], p[16 + i] = x[k + 2 * i + 1];
+            else
+                memcpy(p, x + k, sizeof(p));
             __m256i da[4], db[4], dc[4];
             for (int v = 0; v < 4; v++) { /* the lowest digit in -64..63, then the next, ... */
                 const __m256i X = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(p + 8 * v), inv));
@@ -622,7 +679,8 @@ static int x_digits(const float* x, int K, int B, int D, int8_t* digits, float* 
 /* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads`
  * threads (the caller's one included), in blocks of a multiple of 4. zero and group: kind 2 only. x_bits: the
  * significant bits each x had before it was widened to float32 (24 float32, 8 bfloat16, 11 float16); at most 11 lets
- * the AVX2 build's one-row int4 path hold x in 2 digits (13 bits per block) instead of 3 (20 bits). */
+ * the AVX2 build's one-row int4 path hold x in 2 digits (13 bits per block) instead of 3 (20 bits), and its one-row
+ * int8 path run (float32 x takes the float loop there). */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
                      const float* zero, int group, float* out, int threads, int x_bits) {
     if (kind < 0 || kind > 3 || M < 1 || K < 1 || N < 1) return -1;
@@ -633,14 +691,25 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     const float* xsum = 0;
     int8_t* digits = 0; /* one row of x in fixed point (x_digits), then the unit and total of each block */
     const int depth = x_bits <= 11 ? 2 : 3;
-    const int block = group <= 256 ? group : group % 256 == 0 ? 256 : 0;
+    int block = group <= 256 ? group : group % 256 == 0 ? 256 : 0; /* kind 2's blocks of digits; kind 1's below */
 #ifdef MIXSERVE_AVX2
     if (kind == 2 && M == 1 && group % 32 == 0 && block) {
         void* at = 0;
         if (posix_memalign(&at, 64, (size_t)K * depth + 2 * sizeof(float) * (size_t)(K / block))) return -1;
         digits = at;
         float* unit = (float*)(digits + (int64_t)K * depth);
-        if (!x_digits(x, K, block, depth, digits, unit, unit + K / block)) {
+        if (!x_digits(x, K, block, depth, 1, digits, unit, unit + K / block)) {
+            free(digits);
+            digits = 0;
+        }
+    }
+    if (kind == 1 && M == 1 && depth == 2 && K % 32 == 0) {
+        block = K % 128 == 0 ? 128 : K % 64 == 0 ? 64 : 32;
+        void* at = 0;
+        if (posix_memalign(&at, 64, (size_t)K * 2 + 2 * sizeof(float) * (size_t)(K / block))) return -1;
+        digits = at;
+        float* unit = (float*)(digits + (int64_t)K * 2);
+        if (!x_digits(x, K, block, 2, 0, digits, unit, unit + K / block)) {
             free(digits);
             digits = 0;
         }
