@@ -193,6 +193,31 @@ def test_int4_at_one_row_keeps_a_value_that_is_not_finite(build, bad):
     assert not torch.isfinite(got).any()
 
 
+@pytest.mark.parametrize("group", [16, 32, 96, 128, 512])
+def test_tiled_int4_gives_the_same_bits_as_rows_in_order(build, group):
+    """The AVX2 build reads int4 in tiles of 4 rows (``tile_rows``) to the same bits as rows in order, at 1-9 rows of
+    float32 and bfloat16 x (the one-row paths and the tiles of several rows), 7 weight rows (a partial tile); other
+    builds refuse it by name. ``untile_rows`` gives back any run of rows."""
+    g = torch.Generator().manual_seed(group)
+    k = 2 * max(group, 32)
+    values = torch.randint(0, 16, (7, k), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(7, k // group, generator=g) * 0.02, torch.randint(0, 16, (7, k // group), generator=g)
+    q, zero = pack_nibbles(values), zero.float()
+    tiled = cpu_kernel.tile_rows(q)
+    assert tiled.shape == (8, k // 2)
+    for start, stop in [(0, 7), (1, 3), (4, 5), (3, 7), (6, 7)]:
+        assert torch.equal(cpu_kernel.untile_rows(tiled, start, stop), q[start:stop])
+    if build.simd != 256:
+        with pytest.raises(ValueError, match="tiled int4 is the AVX2 build's"):
+            build.linear(torch.randn(1, k), tiled, scale, zero=zero, tiled=True)
+        return
+    for m in (1, 2, 3, 5, 9):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            want = build.linear(x, q, scale, zero=zero)
+            assert torch.equal(build.linear(x, tiled, scale, zero=zero, tiled=True), want), (m, dtype)
+
+
 def _by_threads(build: cpu_kernel.Kernel, rows: int) -> list[tuple[torch.Tensor, ...]]:
     """fp8, int4 and bf16 products of ``rows`` rows on 1 thread, then on 2."""
     g = torch.Generator().manual_seed(0)

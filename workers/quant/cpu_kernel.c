@@ -60,6 +60,8 @@ typedef struct {
     const float* total;   /* [K / B]: each block's sum of x as the digits hold it */
     int block;            /* B */
     int depth;            /* D: digits per column, 3 or 2 */
+    int spread;           /* kind 2: 1, rows in order; 4, in tiles of 4 rows (kind 4): byte b of a row at 4 (b - b % 16)
+                             + b % 16 from its first */
     float* out;
 } job_t;
 
@@ -268,7 +270,7 @@ static inline void int4_rows(const job_t* j, int NR, int n, int count, const uin
     const int groups = j->K / j->group;
     for (int r = 0; r < NR; r++) {
         const int64_t row = r < count ? n + r : n;
-        w[r] = j->w + row * (j->K / 2);
+        w[r] = j->spread == 1 ? j->w + row * (j->K / 2) : j->w + (row & ~3) * (j->K / 2) + (row & 3) * 16;
         scale[r] = j->scale + row * groups;
         zero[r] = j->zero + row * groups;
     }
@@ -288,7 +290,8 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
     const uint8_t* w[4];
     const float *scale[4], *zero[4];
     int4_rows(j, NR, n, count, w, scale, zero);
-    const uint8_t* next = j->w + (int64_t)(n + NR) * rb;
+    const int sp = j->spread;
+    const uint8_t* next = j->w + (int64_t)(sp == 1 ? n + NR : (n + NR) & ~3) * rb; /* tiled: the next rows' tile */
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi32(15);
     __m256 acc[8]; /* [NR][MT]: the scaled sums of the groups so far */
@@ -296,17 +299,19 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
     UNROLL for (int i = 0; i < NR * MT; i++) acc[i] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
         const int64_t at = (int64_t)g * G / 2; /* the group's first byte in a row */
-        const uint8_t* p[4];
-        UNROLL for (int r = 0; r < NR; r++) p[r] = w[r] + at;
         const float* xg = x + (int64_t)g * G;
-        if (ahead)
+        if (ahead && sp == 1)
             for (int64_t b = (at + 63) & ~(int64_t)63; b < at + G / 2; b += 64)
                 UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + b, _MM_HINT_T0);
+        if (ahead && sp == 4)
+            for (int64_t b = (4 * at + 63) & ~(int64_t)63; b < 4 * (at + G / 2); b += 64)
+                _mm_prefetch((const char*)next + b, _MM_HINT_T0);
         __m256 lo_sum[8], hi_sum[8]; /* [NR][MT]: this group's sums of q x over its even and odd columns */
         UNROLL for (int i = 0; i < NR * MT; i++) lo_sum[i] = _mm256_setzero_ps(), hi_sum[i] = _mm256_setzero_ps();
         UNROLL for (int c = 0; c < G / 2; c += 8) {
+            const int64_t b16 = sp * ((at + c) & ~(int64_t)15) + ((at + c) & 15); /* byte at + c of a row */
             UNROLL for (int r = 0; r < NR; r++) {
-                const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p[r] + c)));
+                const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w[r] + b16)));
                 const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
                 const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
                 UNROLL for (int m = 0; m < MT; m++) {
@@ -355,7 +360,8 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const uint8_t* w[4];
     const float *scale[4], *zero[4];
     int4_rows(j, NR, n, count, w, scale, zero);
-    const uint8_t* next = j->w + (int64_t)(n + NR) * rb;
+    const int sp = j->spread;
+    const uint8_t* next = j->w + (int64_t)(n + NR) * rb; /* n is a multiple of 4: tiled, the next tile */
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi8(15), halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     const __m256i wa = _mm256_set1_epi16(D == 3 ? 16384 : 128), wb = _mm256_set1_epi16(D == 3 ? 128 : 1);
@@ -365,9 +371,12 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const int per = BC ? 1 : G / B; /* blocks per group (no division in the loop: it showed in the time) */
     for (int k0 = 0, b = 0, g = 0, left = per; k0 < K; k0 += B, b++) { /* block b of group g */
         const int8_t* d = j->digits + (int64_t)k0 * D; /* 32 D bytes per 32 columns */
-        if (ahead)
+        if (ahead && sp == 1)
             for (int64_t b = ((k0 / 2) + 63) & ~(int64_t)63; b < (k0 + B) / 2; b += 64)
                 UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + b, _MM_HINT_T0);
+        if (sp == 4) /* tiled: one run of bytes, fetched 4 KiB ahead (into the next tile near the end) */
+            for (int64_t b = 2 * (int64_t)k0; b < 2 * (int64_t)(k0 + B); b += 64)
+                _mm_prefetch((const char*)w[0] + b + 4096, _MM_HINT_T0);
         __m256i sa[4], sb[4], sc[4]; /* [NR]: the block's sums of q times each digit, in 16-bit lanes */
         UNROLL for (int r = 0; r < NR; r++) sa[r] = sb[r] = sc[r] = _mm256_setzero_si256();
         UNROLL for (int c = 0; c < B / 32; c++) {
@@ -375,7 +384,7 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
             const __m256i db = _mm256_load_si256((const __m256i*)(d + 32 * D * c + 32));
             const __m256i dc = D == 3 ? _mm256_load_si256((const __m256i*)(d + 32 * D * c + 64)) : db;
             UNROLL for (int r = 0; r < NR; r++) {
-                const __m128i b = _mm_loadu_si128((const __m128i*)(w[r] + k0 / 2 + 16 * c));
+                const __m128i b = _mm_loadu_si128((const __m128i*)(w[r] + sp * (k0 / 2 + 16 * c)));
                 const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(b), halves), low);
                 sa[r] = _mm256_add_epi16(sa[r], _mm256_maddubs_epi16(q, da));
                 sb[r] = _mm256_add_epi16(sb[r], _mm256_maddubs_epi16(q, db));
@@ -683,7 +692,12 @@ static int x_digits(const float* x, int K, int B, int D, int paired, int8_t* dig
  * int8 path run (float32 x takes the float loop there). */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
                      const float* zero, int group, float* out, int threads, int x_bits) {
-    if (kind < 0 || kind > 3 || M < 1 || K < 1 || N < 1) return -1;
+    if (kind < 0 || kind > 4 || M < 1 || K < 1 || N < 1) return -1;
+    const int spread = kind == 4 ? 4 : 1; /* kind 4: kind 2 in tiles of 4 rows (the AVX2 build only) */
+#ifndef MIXSERVE_AVX2
+    if (kind == 4) return -1;
+#endif
+    if (kind == 4) kind = 2;
     if (kind == 2 && (group < 16 || group % 16 || K % group || !zero || !per_row)) return -1;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -724,8 +738,8 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         const int n0 = t * per < N ? (int)(t * per) : N, n1 = n0 + per < N ? (int)(n0 + per) : N;
-        jobs[t] = (job_t){kind, M, K, N, per_row, group, n0, n1, 0, x, w, scale, zero, xsum, digits, 0, 0, block, depth,
-                          out};
+        jobs[t] = (job_t){kind,   M,    K,    N,      per_row, group, n0,    n1,    0,      x,  w,
+                          scale,  zero, xsum, digits, 0,       0,     block, depth, spread, out};
         if (digits)
             jobs[t].unit = (const float*)(digits + (int64_t)K * depth), jobs[t].total = jobs[t].unit + K / block;
     }

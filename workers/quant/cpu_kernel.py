@@ -70,24 +70,33 @@ class Kernel:
         return "fused decode + matmul (C, " + {512: "AVX-512", 256: "AVX2"}.get(self.simd, "portable") + ")"
 
     def linear(
-        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, zero: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        zero: torch.Tensor | None = None,
+        tiled: bool = False,
     ) -> torch.Tensor:
         """x [M, K] (any float dtype) times w as stored -> float32 [M, N]:
 
         - w [N, K] float8_e4m3fn, int8 or bfloat16, scale float32 [N] or [1] (one for the matrix), zero
           None;
         - w uint8 [N, K / 2] of 4-bit values (column 2i in the low nibble of byte i), scale and zero float32
-          [N, K / G] (groups of G columns, G a multiple of 16): the weight (q - zero) * scale.
+          [N, K / G] (groups of G columns, G a multiple of 16): the weight (q - zero) * scale; ``tiled``: w as
+          :func:`tile_rows` lays it out (the AVX2 build only), N the rows of scale.
 
         At one row of int4, the AVX2 build holds x in fixed point per block of columns: to 2^-20 of the block's
         largest |x| for float32 x, 2^-13 for bfloat16 or float16 x (8 or 11 significant bits of their own).
 
         Example: x [[1., 2.]], w int8 [[3, -1]], scale [0.5] -> [[0.5]] (= (1 * 3 + 2 * -1) * 0.5).
         """
-        problem = _problem(x, w, scale, zero)
+        problem = _problem(x, w if not tiled else w[: scale.shape[0]], scale, zero)
+        if tiled and not problem and (self.simd != 256 or w.shape[0] != -(-scale.shape[0] // 4) * 4 or x.shape[1] % 32):
+            problem = "tiled int4 is the AVX2 build's: w [N rounded up to 4, K / 2], K a multiple of 32"
         if problem:
             raise ValueError(f"cpu kernel: {problem} (x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype})")
-        (m, k), n = x.shape, w.shape[0]
+        (m, k), n = x.shape, (w.shape[0] if not tiled else scale.shape[0])
         packed = w.dtype == torch.uint8
         group = k // scale.shape[1] if packed else 0
         if m == 0 or n == 0 or k == 0:  # k == 0: sums of nothing
@@ -98,7 +107,7 @@ class Kernel:
         zero = None if zero is None else zero.float().contiguous()
         out = torch.empty(m, n, dtype=torch.float32)
         threads = max(1, min(torch.get_num_threads(), n * k * m // _WORK_PER_THREAD))
-        kind, per_row = 2 if packed else KINDS[w.dtype], int(packed or scale.numel() != 1)
+        kind, per_row = (4 if tiled else 2) if packed else KINDS[w.dtype], int(packed or scale.numel() != 1)
         zero_ptr = None if zero is None else zero.data_ptr()
         rc = self.lib.mixserve_qlinear(
             kind,
@@ -118,6 +127,27 @@ class Kernel:
         if rc != 0:
             raise MemoryError(f"cpu kernel: out of memory for x {tuple(x.shape)}, w {tuple(w.shape)} {w.dtype}")
         return out
+
+
+def tile_rows(q: torch.Tensor) -> torch.Tensor:
+    """Packed int4 rows q [N, K / 2] (K a multiple of 32) -> the AVX2 build's tiled layout [N4, K / 2] (N4: N rounded
+    up to 4, the extra rows zero): in each tile of 4 rows, the 16 bytes (32 columns) of each row in turn, then their
+    next 16, so a one-row pass reads each tile as one run of bytes.
+
+    Example: rows a, b, c, d of 32 bytes each -> a[:16] b[:16] c[:16] d[:16] a[16:] b[16:] c[16:] d[16:].
+    """
+    n, half = q.shape
+    padded = torch.zeros(-(-n // 4) * 4, half, dtype=q.dtype)
+    padded[:n] = q
+    return padded.view(-1, 4, half // 16, 16).transpose(1, 2).contiguous().view(-1, half)
+
+
+def untile_rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start .. stop of :func:`tile_rows`' layout as packed int4 rows [stop - start, K / 2]."""
+    half = t.shape[1]
+    first, last = start // 4, -(-stop // 4)
+    rows = t[4 * first : 4 * last].view(-1, half // 16, 4, 16).transpose(1, 2).reshape(-1, half)
+    return rows[start - 4 * first : stop - 4 * first]
 
 
 def _problem(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> str:
