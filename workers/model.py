@@ -33,6 +33,7 @@ micro-batch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,6 +55,20 @@ from workers.attention import Attention
 from workers.kv_cache import KVCache, LayerKV, StepPlan, split_plan, split_point
 from workers.layers import Rope, apply_rope, rms_norm
 from workers.projection import Projection
+
+_PROJECTION = re.compile(r"\.self_attn\.[qkvo]_proj\.weight$")
+
+
+def _as_held(
+    name: str, w: torch.Tensor | QuantWeight, dtype: torch.dtype, quantize_attention: OnLoad | None
+) -> torch.Tensor | QuantWeight:
+    """A stored non-expert weight in the form the model holds it: attention's projections quantized as stored (or
+    to ``quantize_attention``), everything else dense in ``dtype``."""
+    if _PROJECTION.search(name):
+        if isinstance(w, torch.Tensor) and quantize_attention is not None:
+            return quantize(w, quantize_attention)
+        return w if not isinstance(w, torch.Tensor) else w.to(dtype).contiguous()
+    return (w if isinstance(w, torch.Tensor) else w.dequantize()).to(dtype).contiguous()
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -194,11 +209,15 @@ class MixtralModel(nn.Module):
     ) -> MixtralModel:
         """Read the non-expert tensors of the checkpoint (never an expert weight) into a new model on ``device``;
         ``quantize_attention``: the kind to quantize a dense checkpoint's attention projections to while loading (a
-        quantized checkpoint is served as stored; see :meth:`load_weights`)."""
-        weights = dict(iter_weights(folder, config, role=LoadRole.frontend(), progress=progress, label="frontend"))
-        model = cls(config, experts=experts, attention=attention)
+        quantized checkpoint is served as stored; see :meth:`load_weights`). Each tensor takes its held form as it is
+        read, so no more than one stored copy exists beside the model's."""
+        torch_dtype = parse_dtype(dtype)
         on_load = quantize_attention if config.quantization is None else None
-        model.load_weights(weights, device=device, dtype=parse_dtype(dtype), quantize_attention=on_load)
+        weights: dict[str, torch.Tensor | QuantWeight] = {}
+        for name, w in iter_weights(folder, config, role=LoadRole.frontend(), progress=progress, label="frontend"):
+            weights[name] = _as_held(name, w, torch_dtype, on_load)  # as each is read: one stored copy at a time
+        model = cls(config, experts=experts, attention=attention)
+        model.load_weights(weights, device=device, dtype=torch_dtype)
         return model
 
     def load_weights(
@@ -207,14 +226,12 @@ class MixtralModel(nn.Module):
         *,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
-        quantize_attention: OnLoad | None = None,
     ) -> None:
         """Fill every parameter from Hugging Face tensor names (``cluster.checkpoint.load`` maps the original Mistral
         names to these). Every tensor given must be used and every parameter filled, with the right shape.
 
-        Attention's projections keep a quantized checkpoint's form (``workers.projection``);
-        ``quantize_attention`` quantizes the dense ones to that kind (as the experts are:
-        ``cluster.checkpoint.quant.quantize``). Every other weight (embeddings, norms, router gates, lm_head) is
+        Attention's projections are held as given, dense (in ``dtype``) or quantized (``workers.projection``; a
+        quantized one runs through its kernel). Every other weight (embeddings, norms, router gates, lm_head) is
         dense: a quantized one is dequantized exactly, in float32, then cast to ``dtype``."""
         c = self.config
         names = {
@@ -246,10 +263,7 @@ class MixtralModel(nn.Module):
             t = w if isinstance(w, torch.Tensor) else w.dequantize()
             self._assign(dst, t.to(dtype).contiguous(), device)
         for dst, parts in projections.items():
-            stored = [weights[n] for n in parts]
-            if quantize_attention is not None:
-                stored = [quantize(w, quantize_attention) if isinstance(w, torch.Tensor) else w for w in stored]
-            self._assign_projection(dst, Projection.build(stored, device=device, dtype=dtype))
+            self._assign_projection(dst, Projection.build([weights[n] for n in parts], device=device, dtype=dtype))
         self.rope = Rope(c.head_dim, c.rope_theta, device)
 
     def _assign(self, name: str, tensor: torch.Tensor, device: torch.device | str) -> None:
@@ -280,7 +294,7 @@ class MixtralModel(nn.Module):
         """Every matrix a decode step multiplies by, by name: the attention projections, the router gates, and
         lm_head (the embedding when tied; a classifier's score head). An untied embedding is only indexed."""
         out: dict[str, torch.Tensor | Projection] = dict(self.projections())
-        tied = self.lm_head is None
+        tied = self.lm_head is None and self.score is None  # a classifier only indexes its embedding
         out |= {n: p for n, p in self.named_parameters() if p.dim() == 2 and (tied or n != "embed_tokens")}
         return out
 

@@ -11,7 +11,8 @@ q, k and v as one qkv projection, its o projection. No Ray here.
   each part on its own, their outputs concatenated.
 
 Quantized parts stay quantized: the frontend of a W4A16 checkpoint holds its attention in int4, never a dense copy.
-Quantize-on-load (``quantization="int4"`` ...) hands dense parts to :meth:`build` already quantized.
+``quantize_attention=True`` (with ``quantization="int4"`` ...) hands a dense checkpoint's parts to :meth:`build`
+already quantized.
 
 Letters: M rows of x, N output features (the parts' together), K input features.
 
@@ -73,12 +74,6 @@ class Projection:
         """x [M, K] -> [M, N] in x's dtype."""
         outs = [dense.linear(x, p) if isinstance(p, torch.Tensor) else p(x) for p in self.parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-    @property
-    def dense(self) -> torch.Tensor | None:
-        """The one dense matrix [N, K] when the projection is that, else None."""
-        (first, *rest) = self.parts
-        return first if isinstance(first, torch.Tensor) and not rest else None
 
     def numel(self) -> int:
         """Weights in the matrix (N x K), however they are stored."""

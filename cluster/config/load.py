@@ -45,6 +45,6 @@ class LoadConfig(BaseModel):
     @field_validator("quantize_attention")
     @classmethod
     def _attention_needs_a_kind(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("quantization") is None:
+        if v and "quantization" in info.data and info.data["quantization"] is None:  # (not when it failed itself)
             raise ValueError("needs quantization (int8, int4 or fp8): the kind to quantize attention to")
         return v

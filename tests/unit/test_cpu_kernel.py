@@ -136,8 +136,9 @@ def test_int4_at_one_row_holds_its_precision_at_any_scale(build, size, group):
         assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [32, 128, 512])
-def test_int4_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, group):
+def test_int4_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, group, dtype):
     """A bfloat16 row of x holds 8 significant bits, so the AVX2 build multiplies it in two digits (each x to within
     2^-13 of its block's largest |x|, where float32 x gets three: 2^-20): each output within the bound that gives,
     sum over columns of |w| 2^-13 (the block's largest |x|), of float64, with a value 1000x the others in one block.
@@ -148,7 +149,7 @@ def test_int4_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, group):
     dense = (values.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
     x = torch.randn(1, 2 * group, generator=g)
     x[0, 7] *= 1000
-    x = x.bfloat16()
+    x = x.to(dtype)
     want = (x.double() @ dense.t())[0]
     got = build.linear(x, pack_nibbles(values), scale, zero=zero).double()[0]
     block = min(group, 256)
@@ -159,8 +160,9 @@ def test_int4_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, group):
     assert torch.equal(got, as_float32) == (build.simd != 256), build.simd
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [256, 192, 96, 100])  # blocks of 128, 64 and 32 columns; 100 takes the float loop
-def test_int8_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, k):
+def test_int8_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, k, dtype):
     """The AVX2 build multiplies a bfloat16 row of x by int8 weights in two digits too (each x to within 2^-13 of its
     block's largest |x|): every output within sum over columns of |w| 2^-13 (the block's largest |x|) of float64,
     with a value 1000x the others in one block; a K of no multiple of 32, and every other build, as float32 x."""
@@ -170,7 +172,7 @@ def test_int8_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, k):
     dense = w.double() * scale.double()[:, None]
     x = torch.randn(1, k, generator=g)
     x[0, 7] *= 1000
-    x = x.bfloat16()
+    x = x.to(dtype)
     want = (x.double() @ dense.t())[0]
     got = build.linear(x, w, scale).double()[0]
     block = next((b for b in (128, 64, 32) if k % b == 0), k)
@@ -182,15 +184,18 @@ def test_int8_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, k):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_int4_at_one_row_keeps_a_value_that_is_not_finite(build, bad):
+def test_one_row_paths_keep_a_value_that_is_not_finite(build, bad):
     """A NaN or infinity in x makes every output not finite, as in a float matmul (the fixed point cannot hold it, so
-    that row takes the float loop)."""
+    that row takes the float loop): int4 with float32 and bfloat16 x, int8 with bfloat16 x."""
     g = torch.Generator().manual_seed(3)
     values = torch.randint(1, 16, (5, 64), generator=g, dtype=torch.uint8)
     x = torch.randn(1, 64, generator=g)
     x[0, 40] = bad
-    got = build.linear(x, pack_nibbles(values), torch.full((5, 2), 0.01), zero=torch.full((5, 2), 0.5))
-    assert not torch.isfinite(got).any()
+    for xd in (x, x.bfloat16()):  # three digits, two
+        got = build.linear(xd, pack_nibbles(values), torch.full((5, 2), 0.01), zero=torch.full((5, 2), 0.5))
+        assert not torch.isfinite(got).any()
+    int8 = torch.randint(1, 128, (5, 64), generator=g, dtype=torch.int8)
+    assert not torch.isfinite(build.linear(x.bfloat16(), int8, torch.full((5,), 0.01))).any()  # the int8 path
 
 
 @pytest.mark.parametrize("group", [16, 32, 96, 128, 512])
@@ -219,22 +224,30 @@ def test_tiled_int4_gives_the_same_bits_as_rows_in_order(build, group):
 
 
 def _by_threads(build: cpu_kernel.Kernel, rows: int) -> list[tuple[torch.Tensor, ...]]:
-    """fp8, int4 and bf16 products of ``rows`` rows on 1 thread, then on 2."""
+    """fp8, int4 and bf16 products of ``rows`` rows on 1 thread, then on 2; int4 (tiled too, in the AVX2 build) and
+    int8 also with bfloat16 x (the AVX2 build's integer paths at one row)."""
     g = torch.Generator().manual_seed(0)
     fp8 = (torch.randn(1030, 1024, generator=g) * 40).to(torch.float8_e4m3fn)
     int4 = torch.randint(0, 256, (1030, 512), generator=g, dtype=torch.uint8)
     bf16 = torch.randn(1030, 1024, generator=g).bfloat16()
     scale, groups = torch.rand(1030, generator=g), torch.rand(1030, 8, generator=g)
     zero = torch.randint(0, 16, (1030, 8), generator=g).float()
+    int8 = torch.randint(-128, 128, (1030, 1024), generator=g, dtype=torch.int8)
     x = torch.randn(rows, 1024, generator=g)
+    xb, tiled = x.bfloat16(), cpu_kernel.tile_rows(int4)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append(
-                (build.linear(x, fp8, scale), build.linear(x, int4, groups, zero=zero), build.linear(x, bf16, scale))
-            )
+            results.append((
+                build.linear(x, fp8, scale),
+                build.linear(x, int4, groups, zero=zero),
+                build.linear(x, bf16, scale),
+                build.linear(xb, int4, groups, zero=zero),
+                build.linear(xb, int8, scale),
+                *([build.linear(xb, tiled, groups, zero=zero, tiled=True)] if build.simd == 256 else []),
+            ))  # fmt: skip
     finally:
         torch.set_num_threads(before)
     return results

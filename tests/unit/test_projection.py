@@ -33,8 +33,9 @@ X = torch.randn(5, K, generator=torch.Generator().manual_seed(9))
 def test_dense_parts_become_one_matrix(dtype):
     parts = _parts(0)
     p = Projection.build(parts, device="cpu", dtype=dtype)
-    assert p.dense is not None and p.dense.dtype == dtype and p.shape == (128, K)
-    assert torch.equal(p.dense, torch.cat(parts).to(dtype))
+    (dense,) = p.parts
+    assert isinstance(dense, torch.Tensor) and dense.dtype == dtype and p.shape == (128, K)
+    assert torch.equal(dense, torch.cat(parts).to(dtype))
     assert p.describe() == [str(dtype).removeprefix("torch.")]
     assert matrix_bytes(p) == p.nbytes() == 128 * K * dtype.itemsize
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -46,7 +47,7 @@ def test_quantized_parts_of_one_scheme_become_one_quantized_matrix(kind):
     parts = [quantize(w, kind) for w in _parts(1)]
     p = Projection.build(parts, device="cpu", dtype=torch.float32)
     (only,) = p.parts
-    assert isinstance(only, QuantLinear) and only.shape == (128, K) and p.dense is None
+    assert isinstance(only, QuantLinear) and only.shape == (128, K)
     assert p.nbytes() == only.nbytes() < 128 * K * 4 // 2
     assert (p(X) - _reference(parts, X)).abs().max() < 1e-5
 
@@ -73,3 +74,20 @@ def test_parts_of_different_widths_are_refused():
 def test_a_placeholder_holds_no_memory():
     p = Projection.placeholder(128, K)
     assert p.shape == (128, K) and p.parts[0].device.type == "meta" and p.numel() == 128 * K
+
+
+@pytest.mark.parametrize("kind", ["untied", "tied", "classifier"])
+def test_the_matrices_a_step_multiplies_by(tmp_path, kind):
+    """``MixtralModel.matrices``: the projections and router gates, and lm_head; the embedding only where it is the
+    tied lm_head (a classifier only indexes it, and multiplies by its score head)."""
+    from cluster import LLM
+    from tests.helpers import hf_mixtral
+
+    extra = {"tied": {"tie_word_embeddings": True}, "classifier": {"classifier": True, "num_labels": 3}}
+    hf_mixtral(tmp_path, seed=1, pad_token_id=0, **extra.get(kind, {}))
+    with LLM(tmp_path, expert_workers=0, dtype="float32", progress=False) as llm:
+        names = llm.apply_model(lambda model: sorted(model.matrices()))
+    head = {"untied": ["lm_head"], "tied": ["embed_tokens"], "classifier": ["score"]}[kind]
+    layers = [f"layers.{i}.{m}" for i in range(2) for m in ("block_sparse_moe.gate", "self_attn.o_proj",
+                                                             "self_attn.qkv_proj")]  # fmt: skip
+    assert names == sorted(head + layers)

@@ -55,7 +55,7 @@ typedef struct {
     const float* scale;
     const float* zero;
     const float* xsum; /* kind 2 in the AVX2 build: x's sums per group of columns, [M, K / G] */
-    const int8_t* digits; /* kind 2, one row of x in the AVX2 build: x in fixed point (x_digits), D per column */
+    const int8_t* digits; /* kinds 1 and 2, one row of x in the AVX2 build: x in fixed point (x_digits), D per column */
     const float* unit;    /* [K / B]: the value of 1 in each block of B columns of those digits */
     const float* total;   /* [K / B]: each block's sum of x as the digits hold it */
     int block;            /* B */
@@ -291,7 +291,8 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
     const float *scale[4], *zero[4];
     int4_rows(j, NR, n, count, w, scale, zero);
     const int sp = j->spread;
-    const uint8_t* next = j->w + (int64_t)(sp == 1 ? n + NR : (n + NR) & ~3) * rb; /* tiled: the next rows' tile */
+    /* the next rows; tiled, the tile holding them (with 2 rows per tile, every other time the one being read) */
+    const uint8_t* next = j->w + (int64_t)(sp == 1 ? n + NR : (n + NR) & ~3) * rb;
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi32(15);
     __m256 acc[8]; /* [NR][MT]: the scaled sums of the groups so far */
@@ -361,7 +362,7 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const float *scale[4], *zero[4];
     int4_rows(j, NR, n, count, w, scale, zero);
     const int sp = j->spread;
-    const uint8_t* next = j->w + (int64_t)(n + NR) * rb; /* n is a multiple of 4: tiled, the next tile */
+    const uint8_t* next = j->w + (int64_t)(n + NR) * rb; /* the next rows (rows in order only) */
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi8(15), halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     const __m256i wa = _mm256_set1_epi16(D == 3 ? 16384 : 128), wb = _mm256_set1_epi16(D == 3 ? 128 : 1);
