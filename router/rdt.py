@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from typing import Any
@@ -39,6 +40,8 @@ from ray.experimental.collective import create_collective_group, destroy_collect
 from cluster.errors import ExpertWorkerError
 from router.dispatch import WorkerMessage
 from router.transport import RemoteTransport
+
+log = logging.getLogger("mixserve")
 
 
 class RdtTransport(RemoteTransport):
@@ -78,9 +81,10 @@ class RdtTransport(RemoteTransport):
 
     def _form_group(self) -> Any:
         """A new collective group of this actor and its workers, whatever was left of an old one destroyed first. A
-        failed try is tried once more (forming a group can fail under load: a rank's rendezvous times out, a port is
-        taken before it is bound); a second failure is an :class:`ExpertWorkerError` naming the cause."""
-        for attempt in range(2):
+        failed try is logged and tried once more (forming a group can fail under load: a rank's rendezvous times out,
+        a port is taken before it is bound); a second failure is an :class:`ExpertWorkerError` naming the cause."""
+        error: Exception | None = None
+        for _ in range(2):
             for g in get_collective_groups([self._me()]):
                 with contextlib.suppress(Exception):
                     destroy_collective_group(g)
@@ -89,12 +93,14 @@ class RdtTransport(RemoteTransport):
             except (GetTimeoutError, RayActorError):
                 raise  # a worker is gone: start() reports the outage
             except Exception as e:  # Ray raises RayTaskError, RuntimeError, TimeoutError, ...
-                if attempt:
-                    raise ExpertWorkerError(
-                        f"could not form the RDT/{self.backend} collective group with the expert workers (tried "
-                        f"twice): {type(e).__name__}: {e}"
-                    ) from None
-        raise AssertionError("unreachable")
+                if error is None:
+                    log.warning("forming the RDT/%s collective group failed (%s: %s); trying once more",
+                                self.backend, type(e).__name__, e)  # fmt: skip
+                error = e
+        raise ExpertWorkerError(
+            f"could not form the RDT/{self.backend} collective group with the expert workers (tried twice): "
+            f"{type(error).__name__}: {error}"
+        )
 
     def _invalidate(self) -> None:
         with self._lock:

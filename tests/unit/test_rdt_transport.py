@@ -3,6 +3,7 @@ with fake actor handles, every ``start`` waits for the previous start's partials
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -115,9 +116,14 @@ def _forming(monkeypatch, failures: list[Exception]) -> tuple[rdt.GlooTransport,
     return t, log
 
 
-def test_a_group_that_fails_to_form_is_tried_once_more(monkeypatch):
+def test_a_group_that_fails_to_form_is_tried_once_more(monkeypatch, caplog):
     t, log = _forming(monkeypatch, [TimeoutError("rank 0 did not publish its address")])
-    t._ensure_group()
+    with caplog.at_level(logging.WARNING, logger="mixserve"):
+        t._ensure_group()
+    assert [r.getMessage() for r in caplog.records] == [
+        "forming the RDT/gloo collective group failed (TimeoutError: rank 0 did not publish its address); trying once "
+        "more"
+    ]
     assert [e for e in log if e[0] in ("create", "created")] == [("create", "torch_gloo")] * 2 + [("created", "group")]
     assert t._group == "group"
     t._ensure_group()  # formed: not again
