@@ -258,12 +258,13 @@ class MixtralModel(nn.Module):
         missing = sorted(used - set(weights))
         if missing:
             raise CheckpointError(f"tensor {missing[0]!r} is missing from the checkpoint")
+        held = {n: _as_held(n, w, dtype, None) for n, w in weights.items()}  # as load() made them: no copies
         for src, dst in names.items():
-            w = weights[src]
-            t = w if isinstance(w, torch.Tensor) else w.dequantize()
-            self._assign(dst, t.to(dtype).contiguous(), device)
+            t = held[src]
+            assert isinstance(t, torch.Tensor)
+            self._assign(dst, t, device)
         for dst, parts in projections.items():
-            self._assign_projection(dst, Projection.build([weights[n] for n in parts], device=device, dtype=dtype))
+            self._assign_projection(dst, Projection.build([held[n] for n in parts], device=device, dtype=dtype))
         self.rope = Rope(c.head_dim, c.rope_theta, device)
 
     def _assign(self, name: str, tensor: torch.Tensor, device: torch.device | str) -> None:
