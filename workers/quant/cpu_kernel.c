@@ -58,6 +58,7 @@ typedef struct {
     const int8_t* digits; /* kinds 1 and 2, one row of x in the AVX2 build: x in fixed point (x_digits), D per column */
     const float* unit;    /* [K / B]: the value of 1 in each block of B columns of those digits */
     const float* total;   /* [K / B]: each block's sum of x as the digits hold it */
+    const float* group_total; /* kind 2: [K / G], each group's (the sum of its blocks') */
     int block;            /* B */
     int depth;            /* D: digits per column, 3 or 2 */
     int spread;           /* kind 2: 1, rows in order; 4, in tiles of 4 rows (kind 4): byte b of a row at 4 (b - b % 16)
@@ -349,14 +350,16 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
  * half's low nibbles and the high half's high ones: columns 2i, then 2i + 1, the order of the digits. maddubs
  * multiplies them into each digit's 32 bytes, adjacent pairs summed into 16-bit lanes (at most 2 * 15 * 64 = 1920
  * each, so 16 steps fit). At the end of a block the digits' sums are combined exactly in 32-bit lanes (16384 A + 128 B
- * + C, or 128 A + B) and converted to float once: y += s u (sum of q X) - s z (sum of u X). X differs from x / u by at
+ * + C, or 128 A + B), the 4 weight rows' lanes added across in each 128-bit half (hadd: at most 128 columns of
+ * 15 * 2^20 in a lane, below 2^31), converted to float once and multiplied by the 4 rows' s u at once: y += s u (sum
+ * of q X); after the last block, y -= s z (sum of u X) over the groups (8 at a time). X differs from x / u by at
  * most 1/2, so each x is used to within 2^-20 (D = 3) or 2^-13 (D = 2) of its block's largest |x|. Example, D = 3, 32
  * columns of x = 0.75 (the largest, 0.75 * 2^0: u = 2^-20, X = 786432 = 16384 * 48, a = 48, b = c = 0), q = 2, s = 1,
  * z = 0: each 16-bit lane of A is 2 * 48 + 2 * 48 = 192, 8 lanes of 16384 * 2 * 192 = 6291456, whose sum 50331648
  * times u is 48 = 32 * 2 * 0.75. */
-static inline __attribute__((always_inline)) void tile_int4_one(const int BC, const int D, const int NR,
-                                                                const job_t* j, int n, int count) {
-    const int K = j->K, G = j->group, B = BC ? BC : j->block;
+static inline __attribute__((always_inline)) void tile_int4_one(const int BC, const int D, const job_t* j, int n,
+                                                                int count) {
+    const int K = j->K, G = j->group, B = BC ? BC : j->block, NR = 4; /* 4 weight rows, count of them this job's */
     const int64_t rb = K / 2;
     const uint8_t* w[4];
     const float *scale[4], *zero[4];
@@ -366,9 +369,7 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi8(15), halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     const __m256i wa = _mm256_set1_epi16(D == 3 ? 16384 : 128), wb = _mm256_set1_epi16(D == 3 ? 128 : 1);
-    __m256 acc[4];
-    float shift[4] = {0};
-    UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps(); /* [2 halves of the columns][4 rows]: the scaled sums of the blocks so far */
     const int per = BC ? 1 : G / B; /* blocks per group (no division in the loop: it showed in the time) */
     for (int k0 = 0, b = 0, g = 0, left = per; k0 < K; k0 += B, b++) { /* block b of group g */
         const int8_t* d = j->digits + (int64_t)k0 * D; /* 32 D bytes per 32 columns */
@@ -399,17 +400,30 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
                 }
             }
         }
-        const float u = j->unit[b], total = j->total[b];
+        __m256i sum[4]; /* [NR]: the block's sums of q X, in 32-bit lanes */
         UNROLL for (int r = 0; r < NR; r++) {
-            __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(sa[r], wa), _mm256_madd_epi16(sb[r], wb));
-            if (D == 3) sum = _mm256_add_epi32(sum, _mm256_madd_epi16(sc[r], _mm256_set1_epi16(1)));
-            const float s = scale[r][g];
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(s * u), acc[r]);
-            shift[r] += s * zero[r][g] * total;
+            sum[r] = _mm256_add_epi32(_mm256_madd_epi16(sa[r], wa), _mm256_madd_epi16(sb[r], wb));
+            if (D == 3) sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(sc[r], _mm256_set1_epi16(1)));
         }
+        const __m256i rows = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0], sum[1]), _mm256_hadd_epi32(sum[2], sum[3]));
+        const __m128 su = _mm_mul_ps(_mm_setr_ps(scale[0][g], scale[1][g], scale[2][g], scale[3][g]),
+                                     _mm_set1_ps(j->unit[b]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_set_m128(su, su), acc);
         if (--left == 0) left = per, g++;
     }
-    UNROLL for (int r = 0; r < count && r < NR; r++) j->out[n + r] = sum8(acc[r]) - shift[r];
+    float y[4];
+    _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
+    const int groups = K / G;
+    UNROLL for (int r = 0; r < count && r < NR; r++) {
+        __m256 sz = _mm256_setzero_ps(); /* the sum of s z (sum of u X) over the groups */
+        int g = 0;
+        for (; g + 8 <= groups; g += 8)
+            sz = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale[r] + g), _mm256_loadu_ps(zero[r] + g)),
+                                 _mm256_loadu_ps(j->group_total + g), sz);
+        float shift = sum8(sz);
+        for (; g < groups; g++) shift += scale[r][g] * zero[r][g] * j->group_total[g];
+        j->out[n + r] = y[r] - shift;
+    }
 }
 
 /* kind 1 at one row of x that was bfloat16 or float16, where widening each weight to float bounds the speed: x in two
@@ -460,7 +474,7 @@ static inline __attribute__((always_inline)) void tile_int8_one(const int NR, co
 }
 
 #define SMALL_M 2
-#define ONE_NR 4 /* weight rows per tile_int4_one (2: 0-10% slower at one row of 14336 x 4096 or larger) */
+#define ONE_NR 4 /* weight rows per tile_int4_one (its combine adds across 4) and tile_int8_one */
 /* TILE(A, NR, MT, j, n, m0, count) for this pass's tile shape: 4 weight rows x 1-2 rows of x, or 2 x 1-4 */
 #define SHAPES(TILE, A)                                                                                                \
     if (nr == 4) {                                                                                                     \
@@ -482,8 +496,8 @@ static inline __attribute__((always_inline)) void int4_job(const int GC, const j
     if (GC % 32 == 0 && j->digits) { /* one row of x, blocks of GC columns (0: j->block) */
         for (int n = j->n0; n < j->n1; n += ONE_NR) {
             const int count = j->n1 - n < ONE_NR ? j->n1 - n : ONE_NR;
-            if (j->depth == 2) tile_int4_one(GC, 2, ONE_NR, j, n, count);
-            else tile_int4_one(GC, 3, ONE_NR, j, n, count);
+            if (j->depth == 2) tile_int4_one(GC, 2, j, n, count);
+            else tile_int4_one(GC, 3, j, n, count);
         }
         return;
     }
@@ -710,12 +724,19 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
 #ifdef MIXSERVE_AVX2
     if (kind == 2 && M == 1 && group % 32 == 0 && block) {
         void* at = 0;
-        if (posix_memalign(&at, 64, (size_t)K * depth + 2 * sizeof(float) * (size_t)(K / block))) return -1;
+        const size_t floats = 2 * (size_t)(K / block) + (size_t)(K / group); /* unit, total, group_total */
+        if (posix_memalign(&at, 64, (size_t)K * depth + sizeof(float) * floats)) return -1;
         digits = at;
         float* unit = (float*)(digits + (int64_t)K * depth);
-        if (!x_digits(x, K, block, depth, 1, digits, unit, unit + K / block)) {
+        float *total = unit + K / block, *group_total = total + K / block;
+        if (!x_digits(x, K, block, depth, 1, digits, unit, total)) {
             free(digits);
             digits = 0;
+        }
+        for (int g = 0; digits && g < K / group; g++) {
+            double t = 0.0;
+            for (int b = g * (group / block); b < (g + 1) * (group / block); b++) t += total[b];
+            group_total[g] = (float)t;
         }
     }
     if (kind == 1 && M == 1 && depth == 2 && K % 32 == 0) {
@@ -740,9 +761,10 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     for (int t = 0; t < threads; t++) {
         const int n0 = t * per < N ? (int)(t * per) : N, n1 = n0 + per < N ? (int)(n0 + per) : N;
         jobs[t] = (job_t){kind,   M,    K,    N,      per_row, group, n0,    n1,    0,      x,  w,
-                          scale,  zero, xsum, digits, 0,       0,     block, depth, spread, out};
+                          scale,  zero, xsum, digits, 0,       0,     0,     block, depth, spread, out};
         if (digits)
-            jobs[t].unit = (const float*)(digits + (int64_t)K * depth), jobs[t].total = jobs[t].unit + K / block;
+            jobs[t].unit = (const float*)(digits + (int64_t)K * depth), jobs[t].total = jobs[t].unit + K / block,
+            jobs[t].group_total = kind == 2 ? jobs[t].total + K / block : 0;
     }
 #ifdef _OPENMP
     /* on the threads of the process's OpenMP runtime: torch's own (its libgomp.so.1 is the one loaded), whose
