@@ -155,28 +155,31 @@ def test_int4_at_one_row_sums_the_largest_values_exactly(build, group, dtype):
     assert ((got - want).abs() <= 1e-6 * want).all(), (got, want)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [32, 128, 512])
-def test_int4_at_one_row_of_bfloat16_holds_each_x_to_its_block(build, group, dtype):
-    """A bfloat16 row of x holds 8 significant bits, so the AVX2 build multiplies it in two digits (each x to within
-    2^-13 of its block's largest |x|, where float32 x gets three: 2^-20): each output within the bound that gives,
-    sum over columns of |w| 2^-13 (the block's largest |x|), of float64, with a value 1000x the others in one block.
-    Elsewhere bfloat16 x is used as float32 x is, to the bit."""
+def test_int4_at_one_or_two_rows_of_bfloat16_hold_each_x_to_its_block(build, group, dtype, rows):
+    """A bfloat16 row of x holds 8 significant bits, so at one or two rows the AVX2 build multiplies it in two digits
+    (each x to within 2^-13 of its block's largest |x|, where float32 x gets three at one row: 2^-20): each output
+    within the bound that gives, sum over columns of |w| 2^-13 (the row's block's largest |x|), of float64, with a
+    value 1000x the others in one block of the first row and the second row 1000x smaller (its own blocks' scale).
+    At three rows, and in every other build, bfloat16 x is used as float32 x is, to the bit."""
     g = torch.Generator().manual_seed(group)
     values = torch.randint(0, 16, (9, 2 * group), generator=g, dtype=torch.uint8)
     scale, zero = torch.rand(9, 2, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (9, 2), generator=g).float()
     dense = (values.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
-    x = torch.randn(1, 2 * group, generator=g)
+    x = torch.randn(rows, 2 * group, generator=g)
     x[0, 7] *= 1000
+    x[1:] *= 1e-3
     x = x.to(dtype)
-    want = (x.double() @ dense.t())[0]
-    got = build.linear(x, pack_nibbles(values), scale, zero=zero).double()[0]
+    want = x.double() @ dense.t()  # [rows, N]
+    got = build.linear(x, pack_nibbles(values), scale, zero=zero).double()
     block = min(group, 256)
-    largest = x.double().abs().view(-1, block).amax(1).repeat_interleave(block)  # [K]: each column's block's
-    bound = (dense.abs() * largest).sum(1) * 2**-13  # [N]
-    assert ((got - want).abs() <= bound + 1e-6 * want.abs().max()).all()
-    as_float32 = build.linear(x.float(), pack_nibbles(values), scale, zero=zero).double()[0]
-    assert torch.equal(got, as_float32) == (build.simd != 256), build.simd
+    largest = x.double().abs().view(rows, -1, block).amax(2).repeat_interleave(block, 1)  # [rows, K]: each block's
+    bound = (largest * 2**-13) @ dense.abs().t()  # [rows, N]
+    assert ((got - want).abs() <= bound + 1e-6 * want.abs().amax(1, keepdim=True)).all()
+    as_float32 = build.linear(x.float(), pack_nibbles(values), scale, zero=zero).double()
+    assert torch.equal(got, as_float32) == (build.simd != 256 or rows > 2), build.simd
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

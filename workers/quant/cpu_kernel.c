@@ -15,9 +15,10 @@
  * group and applies the group's scale and zero once per group: s * (sum of q x) - s z (sum of x), the sums of x per
  * group taken in the same copy. Those two terms cancel where x has a large mean, so this rounds up to ~1e-5 of the
  * output's scale (a dense float32 matmul ~3e-7; bfloat16 itself 4e-3); for 1.5-1.8x the speed of a per-weight
- * q * s - z * s at one row. At one row of x with groups of a multiple of 32 columns (of at most 256, or of a multiple
- * of 256), it multiplies x in fixed point with integer multiply-adds instead (tile_int4_one), 32 columns per step;
- * so it does kind 1 at one row of x that was bfloat16 or float16 (tile_int8_one).
+ * q * s - z * s at one row. At one row of x (or two that were bfloat16 or float16) with groups of a multiple of 32
+ * columns (of at most 256, or of a multiple of 256), it multiplies x in fixed point with integer multiply-adds instead
+ * (tile_int4_one), 32 columns per step; so it does kind 1 at one row of x that was bfloat16 or float16
+ * (tile_int8_one).
  * In both SIMD builds a float8 byte b, sign-extended to 16 bits, becomes the float16 whose bits are (b << 7) &
  * 0xBF80 (sign to bit 15, exponent and mantissa to bits 7-13): the same number times 2^-8 for every finite e4m3fn
  * value, subnormals included, so the row sum is multiplied by 256 once. The portable build looks each byte's value up
@@ -55,7 +56,8 @@ typedef struct {
     const float* scale;
     const float* zero;
     const float* xsum; /* kind 2 in the AVX2 build: x's sums per group of columns, [M, K / G] */
-    const int8_t* digits; /* kinds 1 and 2, one row of x in the AVX2 build: x in fixed point (x_digits), D per column */
+    const int8_t* digits; /* kinds 1 and 2 at one or two rows of x in the AVX2 build: x in fixed point (x_digits), D
+                             per column, [M, K D] */
     const float* unit;    /* [K / B]: the value of 1 in each block of B columns of those digits */
     const float* total;   /* [K / B]: each block's sum of x as the digits hold it */
     const float* group_total; /* kind 2: [K / G], each group's (the sum of its blocks') */
@@ -342,24 +344,26 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
     }
 }
 
-/* kind 2 at one row of x, where decoding each weight to float (tile_int4) bounds the speed: x in fixed point, times
- * the 4-bit values with integer multiply-adds, 32 columns per step. x_digits writes each block of B columns of x as
+/* kind 2 at one row of x (4 weight rows at a time), or two rows of x that was bfloat16 or float16 (2 weight rows
+ * times both), where decoding each weight to float (tile_int4) bounds the speed: x in fixed point, times the 4-bit
+ * values with integer multiply-adds, 32 columns per step. x_digits writes each block of B columns of x as
  * integers X = x / u (u a power of 2 per block) in D signed 8-bit digits: D = 3, |X| <= 2^20, X = 16384 a + 128 b + c
  * (a in -64..64, b and c in -64..63); D = 2 (x of at most 11 significant bits: bfloat16, float16), |X| <= 2^13, X =
  * 128 a + b. A step loads 16 bytes of a weight row (32 columns) into both halves of a register and keeps the low
  * half's low nibbles and the high half's high ones: columns 2i, then 2i + 1, the order of the digits. maddubs
  * multiplies them into each digit's 32 bytes, adjacent pairs summed into 16-bit lanes (at most 2 * 15 * 64 = 1920
  * each, so 16 steps fit). At the end of a block the digits' sums are combined exactly in 32-bit lanes (16384 A + 128 B
- * + C, or 128 A + B), the 4 weight rows' lanes added across in each 128-bit half (hadd: at most 128 columns of
- * 15 * 2^20 in a lane, below 2^31), converted to float once and multiplied by the 4 rows' s u at once: y += s u (sum
- * of q X); after the last block, y -= s z (sum of u X) over the groups (8 at a time). X differs from x / u by at
- * most 1/2, so each x is used to within 2^-20 (D = 3) or 2^-13 (D = 2) of its block's largest |x|. Example, D = 3, 32
- * columns of x = 0.75 (the largest, 0.75 * 2^0: u = 2^-20, X = 786432 = 16384 * 48, a = 48, b = c = 0), q = 2, s = 1,
- * z = 0: each 16-bit lane of A is 2 * 48 + 2 * 48 = 192, 8 lanes of 16384 * 2 * 192 = 6291456, whose sum 50331648
- * times u is 48 = 32 * 2 * 0.75. */
-static inline __attribute__((always_inline)) void tile_int4_one(const int BC, const int D, const job_t* j, int n,
-                                                                int count) {
-    const int K = j->K, G = j->group, B = BC ? BC : j->block, NR = 4; /* 4 weight rows, count of them this job's */
+ * + C, or 128 A + B), the 4 (weight row, row of x) pairs' lanes added across in each 128-bit half (hadd: at most 128
+ * columns of 15 * 2^20 in a lane, below 2^31), converted to float once and multiplied by the 4 pairs' s u at once:
+ * y += s u (sum of q X); after the last block, y -= s z (sum of u X) over the groups (8 at a time). X differs from
+ * x / u by at most 1/2, so each x is used to within 2^-20 (D = 3) or 2^-13 (D = 2) of its block's largest |x|.
+ * Example, D = 3, 32 columns of x = 0.75 (the largest, 0.75 * 2^0: u = 2^-20, X = 786432 = 16384 * 48, a = 48,
+ * b = c = 0), q = 2, s = 1, z = 0: each 16-bit lane of A is 2 * 48 + 2 * 48 = 192, 8 lanes of 16384 * 2 * 192 =
+ * 6291456, whose sum 50331648 times u is 48 = 32 * 2 * 0.75. */
+static inline __attribute__((always_inline)) void tile_int4_one(const int BC, const int D, const int NR,
+                                                                const job_t* j, int n, int count) {
+    /* NR 4 weight rows (count of them this job's) times one row of x, or 2 times both rows of x (D = 2): 4 pairs */
+    const int K = j->K, G = j->group, B = BC ? BC : j->block, MT = 4 / NR, blocks = K / B, groups = K / G;
     const int64_t rb = K / 2;
     const uint8_t* w[4];
     const float *scale[4], *zero[4];
@@ -369,60 +373,72 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const int ahead = n + 2 * NR <= j->n1;
     const __m256i low = _mm256_set1_epi8(15), halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     const __m256i wa = _mm256_set1_epi16(D == 3 ? 16384 : 128), wb = _mm256_set1_epi16(D == 3 ? 128 : 1);
-    __m256 acc = _mm256_setzero_ps(); /* [2 halves of the columns][4 rows]: the scaled sums of the blocks so far */
+    __m256 acc = _mm256_setzero_ps(); /* [2 halves of the columns][4 pairs]: the scaled sums of the blocks so far */
     const int per = BC ? 1 : G / B; /* blocks per group (no division in the loop: it showed in the time) */
     for (int k0 = 0, b = 0, g = 0, left = per; k0 < K; k0 += B, b++) { /* block b of group g */
-        const int8_t* d = j->digits + (int64_t)k0 * D; /* 32 D bytes per 32 columns */
+        const int8_t* d[2]; /* [MT]: 32 D bytes per 32 columns */
+        UNROLL for (int m = 0; m < MT; m++) d[m] = j->digits + (int64_t)m * K * D + (int64_t)k0 * D;
         if (ahead && sp == 1)
             for (int64_t b = ((k0 / 2) + 63) & ~(int64_t)63; b < (k0 + B) / 2; b += 64)
                 UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + b, _MM_HINT_T0);
         if (sp == 4) /* tiled: one run of bytes, fetched 4 KiB ahead (into the next tile near the end) */
             for (int64_t b = 2 * (int64_t)k0; b < 2 * (int64_t)(k0 + B); b += 64)
                 _mm_prefetch((const char*)w[0] + b + 4096, _MM_HINT_T0);
-        __m256i sa[4], sb[4], sc[4]; /* [NR]: the block's sums of q times each digit, in 16-bit lanes */
-        UNROLL for (int r = 0; r < NR; r++) sa[r] = sb[r] = sc[r] = _mm256_setzero_si256();
+        __m256i sa[4], sb[4], sc[4]; /* [NR][MT]: the block's sums of q times each digit, in 16-bit lanes */
+        UNROLL for (int i = 0; i < 4; i++) sa[i] = sb[i] = sc[i] = _mm256_setzero_si256();
         UNROLL for (int c = 0; c < B / 32; c++) {
-            const __m256i da = _mm256_load_si256((const __m256i*)(d + 32 * D * c));
-            const __m256i db = _mm256_load_si256((const __m256i*)(d + 32 * D * c + 32));
-            const __m256i dc = D == 3 ? _mm256_load_si256((const __m256i*)(d + 32 * D * c + 64)) : db;
+            __m256i da[2], db[2], dc[2];
+            UNROLL for (int m = 0; m < MT; m++) {
+                da[m] = _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c));
+                db[m] = _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c + 32));
+                dc[m] = D == 3 ? _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c + 64)) : db[m];
+            }
             UNROLL for (int r = 0; r < NR; r++) {
                 const __m128i b = _mm_loadu_si128((const __m128i*)(w[r] + sp * (k0 / 2 + 16 * c)));
                 const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(b), halves), low);
-                sa[r] = _mm256_add_epi16(sa[r], _mm256_maddubs_epi16(q, da));
-                sb[r] = _mm256_add_epi16(sb[r], _mm256_maddubs_epi16(q, db));
-                /* each sum in a register, added to in order: left alone, the compiler regroups these integer
-                 * additions into trees and spills their terms (as slow as tile_int4) */
-                if (D == 3) {
-                    sc[r] = _mm256_add_epi16(sc[r], _mm256_maddubs_epi16(q, dc));
-                    __asm__("" : "+x"(sa[r]), "+x"(sb[r]), "+x"(sc[r]));
-                } else {
-                    __asm__("" : "+x"(sa[r]), "+x"(sb[r]));
+                UNROLL for (int m = 0; m < MT; m++) {
+                    const int i = r * MT + m;
+                    sa[i] = _mm256_add_epi16(sa[i], _mm256_maddubs_epi16(q, da[m]));
+                    sb[i] = _mm256_add_epi16(sb[i], _mm256_maddubs_epi16(q, db[m]));
+                    /* each sum in a register, added to in order: left alone, the compiler regroups these integer
+                     * additions into trees and spills their terms (as slow as tile_int4) */
+                    if (D == 3) {
+                        sc[i] = _mm256_add_epi16(sc[i], _mm256_maddubs_epi16(q, dc[m]));
+                        __asm__("" : "+x"(sa[i]), "+x"(sb[i]), "+x"(sc[i]));
+                    } else {
+                        __asm__("" : "+x"(sa[i]), "+x"(sb[i]));
+                    }
                 }
             }
         }
-        __m256i sum[4]; /* [NR]: the block's sums of q X, in 32-bit lanes */
-        UNROLL for (int r = 0; r < NR; r++) {
-            sum[r] = _mm256_add_epi32(_mm256_madd_epi16(sa[r], wa), _mm256_madd_epi16(sb[r], wb));
-            if (D == 3) sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(sc[r], _mm256_set1_epi16(1)));
+        __m256i sum[4]; /* [NR][MT]: the block's sums of q X, in 32-bit lanes */
+        UNROLL for (int i = 0; i < 4; i++) {
+            sum[i] = _mm256_add_epi32(_mm256_madd_epi16(sa[i], wa), _mm256_madd_epi16(sb[i], wb));
+            if (D == 3) sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(sc[i], _mm256_set1_epi16(1)));
         }
-        const __m256i rows = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0], sum[1]), _mm256_hadd_epi32(sum[2], sum[3]));
-        const __m128 su = _mm_mul_ps(_mm_setr_ps(scale[0][g], scale[1][g], scale[2][g], scale[3][g]),
-                                     _mm_set1_ps(j->unit[b]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows), _mm256_set_m128(su, su), acc);
+        const __m256i pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0], sum[1]), _mm256_hadd_epi32(sum[2], sum[3]));
+        const float* u = j->unit + b; /* row m of x's at u[m * blocks] */
+        const __m128 su = NR == 4 ? _mm_mul_ps(_mm_setr_ps(scale[0][g], scale[1][g], scale[2][g], scale[3][g]),
+                                               _mm_set1_ps(u[0]))
+                                  : _mm_mul_ps(_mm_setr_ps(scale[0][g], scale[0][g], scale[1][g], scale[1][g]),
+                                               _mm_setr_ps(u[0], u[blocks], u[0], u[blocks]));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set_m128(su, su), acc);
         if (--left == 0) left = per, g++;
     }
     float y[4];
     _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
-    const int groups = K / G;
-    UNROLL for (int r = 0; r < count && r < NR; r++) {
+    UNROLL for (int i = 0; i < 4; i++) {
+        const int r = i / MT, m = i % MT;
+        if (r >= count) continue;
+        const float* total = j->group_total + (int64_t)m * groups;
         __m256 sz = _mm256_setzero_ps(); /* the sum of s z (sum of u X) over the groups */
         int g = 0;
         for (; g + 8 <= groups; g += 8)
             sz = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale[r] + g), _mm256_loadu_ps(zero[r] + g)),
-                                 _mm256_loadu_ps(j->group_total + g), sz);
+                                 _mm256_loadu_ps(total + g), sz);
         float shift = sum8(sz);
-        for (; g < groups; g++) shift += scale[r][g] * zero[r][g] * j->group_total[g];
-        j->out[n + r] = y[r] - shift;
+        for (; g < groups; g++) shift += scale[r][g] * zero[r][g] * total[g];
+        j->out[(int64_t)m * j->N + n + r] = y[i] - shift;
     }
 }
 
@@ -493,11 +509,13 @@ static inline __attribute__((always_inline)) void tile_int8_one(const int NR, co
 /* a job of kind 2 with groups of GC columns, in one function per group size that the compiler lays out alone (one
  * function holding every size ran the 128-column one ~10% slower) */
 static inline __attribute__((always_inline)) void int4_job(const int GC, const job_t* j) {
-    if (GC % 32 == 0 && j->digits) { /* one row of x, blocks of GC columns (0: j->block) */
-        for (int n = j->n0; n < j->n1; n += ONE_NR) {
-            const int count = j->n1 - n < ONE_NR ? j->n1 - n : ONE_NR;
-            if (j->depth == 2) tile_int4_one(GC, 2, j, n, count);
-            else tile_int4_one(GC, 3, j, n, count);
+    if (GC % 32 == 0 && j->digits) { /* one or two rows of x, blocks of GC columns (0: j->block) */
+        const int nr = j->M == 1 ? 4 : 2;
+        for (int n = j->n0; n < j->n1; n += nr) {
+            const int count = j->n1 - n < nr ? j->n1 - n : nr;
+            if (nr == 2) tile_int4_one(GC, 2, 2, j, n, count);
+            else if (j->depth == 2) tile_int4_one(GC, 2, 4, j, n, count);
+            else tile_int4_one(GC, 3, 4, j, n, count);
         }
         return;
     }
@@ -625,7 +643,7 @@ static float* permute_pairs(const float* x, int M, int K, int G) {
     return out;
 }
 
-/* one row x [K] as the D digits per column tile_int4_one / tile_int8_one multiply (K a multiple of B, B of 32): per
+/* a row x [K] as the D digits per column tile_int4_one / tile_int8_one multiply (K a multiple of B, B of 32): per
  * block of B columns, u = 2^(e - P) for its largest |x| = f 2^e (f in [0.5, 1)), P = 20 for D = 3 and 13 for D = 2,
  * and X = x / u rounded to nearest (|X| <= 2^P), then per 32 columns (paired: the 16 even ones, then the 16 odd, as
  * kind 2 holds them; else in order) 32 bytes of each digit, the highest first; unit [K / B] = u, total [K / B] = u
@@ -703,8 +721,8 @@ static int x_digits(const float* x, int K, int B, int D, int paired, int8_t* dig
 /* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads`
  * threads (the caller's one included), in blocks of a multiple of 4. zero and group: kind 2 only. x_bits: the
  * significant bits each x had before it was widened to float32 (24 float32, 8 bfloat16, 11 float16); at most 11 lets
- * the AVX2 build's one-row int4 path hold x in 2 digits (13 bits per block) instead of 3 (20 bits), and its one-row
- * int8 path run (float32 x takes the float loop there). */
+ * the AVX2 build's one-row int4 path hold x in 2 digits (13 bits per block) instead of 3 (20 bits), its two-row int4
+ * and one-row int8 paths run (float32 x takes the float loops there). */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
                      const float* zero, int group, float* out, int threads, int x_bits) {
     if (kind < 0 || kind > 4 || M < 1 || K < 1 || N < 1) return -1;
@@ -718,22 +736,25 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     float* pairs = 0; /* x as the AVX2 build's int4 path reads it, then its sums per group */
     const float* xsum = 0;
-    int8_t* digits = 0; /* one row of x in fixed point (x_digits), then the unit and total of each block */
+    int8_t* digits = 0; /* rows of x in fixed point (x_digits), then the unit, total and group total of each row */
     const int depth = x_bits <= 11 ? 2 : 3;
     int block = group <= 256 ? group : group % 256 == 0 ? 256 : 0; /* kind 2's blocks of digits; kind 1's below */
 #ifdef MIXSERVE_AVX2
-    if (kind == 2 && M == 1 && group % 32 == 0 && block) {
+    if (kind == 2 && (M == 1 || (M == 2 && depth == 2)) && group % 32 == 0 && block) {
         void* at = 0;
-        const size_t floats = 2 * (size_t)(K / block) + (size_t)(K / group); /* unit, total, group_total */
-        if (posix_memalign(&at, 64, (size_t)K * depth + sizeof(float) * floats)) return -1;
+        const int blocks = K / block, groups = K / group;
+        const size_t floats = (size_t)M * (2 * blocks + groups); /* unit, total, group_total: [M, ...] each */
+        if (posix_memalign(&at, 64, (size_t)M * K * depth + sizeof(float) * floats)) return -1;
         digits = at;
-        float* unit = (float*)(digits + (int64_t)K * depth);
-        float *total = unit + K / block, *group_total = total + K / block;
-        if (!x_digits(x, K, block, depth, 1, digits, unit, total)) {
-            free(digits);
-            digits = 0;
-        }
-        for (int g = 0; digits && g < K / group; g++) {
+        float* unit = (float*)(digits + (int64_t)M * K * depth);
+        float *total = unit + M * blocks, *group_total = total + M * blocks;
+        for (int m = 0; m < M && digits; m++)
+            if (!x_digits(x + (int64_t)m * K, K, block, depth, 1, digits + (int64_t)m * K * depth, unit + m * blocks,
+                          total + m * blocks)) {
+                free(digits);
+                digits = 0;
+            }
+        for (int g = 0; digits && g < M * groups; g++) { /* blocks of a group are in a row of x */
             double t = 0.0;
             for (int b = g * (group / block); b < (g + 1) * (group / block); b++) t += total[b];
             group_total[g] = (float)t;
@@ -762,9 +783,11 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
         const int n0 = t * per < N ? (int)(t * per) : N, n1 = n0 + per < N ? (int)(n0 + per) : N;
         jobs[t] = (job_t){kind,   M,    K,    N,      per_row, group, n0,    n1,    0,      x,  w,
                           scale,  zero, xsum, digits, 0,       0,     0,     block, depth, spread, out};
-        if (digits)
-            jobs[t].unit = (const float*)(digits + (int64_t)K * depth), jobs[t].total = jobs[t].unit + K / block,
-            jobs[t].group_total = kind == 2 ? jobs[t].total + K / block : 0;
+        if (digits) { /* [M, K / B] each (kind 1: M is 1) */
+            jobs[t].unit = (const float*)(digits + (int64_t)M * K * depth);
+            jobs[t].total = jobs[t].unit + M * (K / block);
+            jobs[t].group_total = kind == 2 ? jobs[t].total + M * (K / block) : 0;
+        }
     }
 #ifdef _OPENMP
     /* on the threads of the process's OpenMP runtime: torch's own (its libgomp.so.1 is the one loaded), whose

@@ -88,7 +88,8 @@ class Kernel:
 
         At one row of int4, the AVX2 build holds x in fixed point per block of columns: to 2^-20 of the block's
         largest |x| for float32 x, 2^-13 for bfloat16 or float16 x (8 or 11 significant bits of their own). So it does
-        at one row of int8 with bfloat16 or float16 x (2^-13; float32 x takes the float loop there).
+        at two rows of int4 and one row of int8 with bfloat16 or float16 x (2^-13; float32 x takes the float loops
+        there).
 
         Example: x [[1., 2.]], w int8 [[3, -1]], scale [0.5] -> [[0.5]] (= (1 * 3 + 2 * -1) * 0.5).
         """
@@ -102,7 +103,7 @@ class Kernel:
         group = k // scale.shape[1] if packed else 0
         if m == 0 or n == 0 or k == 0:  # k == 0: sums of nothing
             return torch.zeros(m, n, dtype=torch.float32)
-        x_bits = _X_BITS.get(x.dtype, 24)  # bfloat16 x: two digits in the AVX2 one-row int4 and int8 paths
+        x_bits = _X_BITS.get(x.dtype, 24)  # bfloat16 x: two digits in the AVX2 integer int4 and int8 paths
         x = x.float().contiguous()
         w, scale = w.contiguous(), scale.contiguous()
         zero = None if zero is None else zero.float().contiguous()
