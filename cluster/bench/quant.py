@@ -9,10 +9,12 @@ of one batch size are loaded side by side and run in turn (none, int8, ..., none
 speed drifts slows each alike. decode tokens/s = batch / median full-batch decode step (schedule, forward, sample).
 Floor = the bytes one decode step must read (every non-expert matrix it multiplies by, ``MixtralModel.matrices``,
 plus the experts its tokens hit, all as stored: quantized ones with their scales) / the memory bandwidth measured
-here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor). Compute floor = the step's multiply-adds (2 x every
-non-expert matrix's weights x the batch, plus 2 x each routed (token, expert) pair x an expert's 3 D F weights) /
-the float32 matmul rate measured here (best of 3 2048^3 matmuls): where a step must multiply more than it must read,
-no kernel gets it near its bytes floor (``step_over_both_floors``).
+here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor), highest of the probes taken before each interleaved
+round (a shared VM's bandwidth drifts: one probe at the start read 19.7 GB/s where the dense step itself then read
+25 GB/s). Compute floor = the step's multiply-adds (2 x every non-expert matrix's weights x the batch, plus 2 x each
+routed (token, expert) pair x an expert's 3 D F weights) / the float32 matmul rate measured here (best of 3 2048^3
+matmuls, highest of the same probes): where a step must multiply more than it must read, no kernel gets it near its
+bytes floor (``step_over_both_floors``).
 (f) Kernels. One expert matrix of --kernel-shape (default Mixtral-8x7B's w1, 14336 x 4096), median ms of --kernel-iters
 calls per row count: dense ``F.linear`` in bfloat16 and float32, dense bfloat16 as the model runs it
 (``workers.dense``: the fused CPU kernel at up to 32 rows on a CPU without bf16 units), then each quantized form as
@@ -91,7 +93,24 @@ def token_bytes(model: MixtralModel, config: ModelConfig, per_expert: float) -> 
     return {k: v / total for k, v in parts.items()}
 
 
-def format_runs(o: Any, cluster: dict[str, Any], kinds: list[str], batch: int, machine: tuple[float, float],
+class Probes:
+    """The machine's read bandwidth (GB/s) and float32 matmul rate (FLOP/s), probed again before each interleaved
+    round; the floors take the highest of each."""
+
+    def __init__(self) -> None:
+        self.bandwidth: list[float] = []
+        self.flops: list[float] = []
+
+    def probe(self) -> None:
+        self.bandwidth.append(bandwidth_gb_s())
+        self.flops.append(flop_rate())
+
+    @property
+    def best(self) -> tuple[float, float]:
+        return max(self.bandwidth), max(self.flops)
+
+
+def format_runs(o: Any, cluster: dict[str, Any], kinds: list[str], batch: int, probes: Probes,
                 run: h.Run) -> list[dict]:  # fmt: skip
     """Every format at one batch size, each in an engine of its own, their runs interleaved (none, int8, ..., none,
     int8, ...) so that a machine whose speed drifts during the run (a shared VM) slows every format alike."""
@@ -111,17 +130,17 @@ def format_runs(o: Any, cluster: dict[str, Any], kinds: list[str], batch: int, m
         loaded.append((kind, fe, rec, work))
     steps: dict[str, list] = {kind: [] for kind in kinds}
     for i in range(o.repeats):
-        run(f"(e) batch {batch}: run {i + 1} of {o.repeats} of each format, interleaved")
+        run(f"(e) batch {batch}: run {i + 1} of {o.repeats} of each format, interleaved (after a bandwidth probe)")
+        probes.probe()
         for kind, fe, rec, work in loaded:
             steps[kind] += [s for s in drive(fe, rec, work)[1] if s.decode and s.tokens == batch]
-    return [format_row(kind, fe, batch, steps[kind], machine) for kind, fe, _, _ in loaded]
+    return [format_row(kind, fe, batch, steps[kind]) for kind, fe, _, _ in loaded]
 
 
-def format_row(kind: str, fe: Any, batch: int, steps: list, machine: tuple[float, float]) -> dict:
-    """One format at one batch size: decode tokens/s, step p50, bytes read per step and the floor, and the compute
-    floor of the same step (its multiply-adds: every dense matrix times the batch, every expert times the tokens
-    routed to it, over ``machine``'s FLOP/s)."""
-    bandwidth, flops = machine
+def format_row(kind: str, fe: Any, batch: int, steps: list) -> dict:
+    """One format at one batch size: decode tokens/s, step p50, the bytes read per step and the multiply-adds of
+    the same step (every dense matrix times the batch, every expert times the tokens routed to it); ``with_floors``
+    turns those into floors once every probe is in."""
     transport = fe.experts.transport
     assert isinstance(transport, LocalTransport)
     (shard,) = transport.shards.values()
@@ -131,11 +150,9 @@ def format_row(kind: str, fe: Any, batch: int, steps: list, machine: tuple[float
     hits = statistics.fmean(int((s.routed > 0).sum()) for s in steps)
     nbytes = dense + hits * per_expert
     step_s = statistics.median(s.step_s for s in steps)
-    floor_s = nbytes / (bandwidth * 1e9)
     mc = fe.model_config
     routed = statistics.fmean(int(s.routed.sum()) for s in steps)  # (token, expert) pairs per step, all layers
     flop = 2 * (batch * sum(p.numel() for p in matrices) + routed * 3 * mc.hidden_size * mc.intermediate_size)
-    compute_s = flop / flops
     return {
         "format": kind,
         "batch": batch,
@@ -143,12 +160,24 @@ def format_row(kind: str, fe: Any, batch: int, steps: list, machine: tuple[float
         "decode_tokens_per_s": batch / step_s,
         "step_ms_p50": step_s * 1e3,
         "weight_mb_per_step": nbytes / 2**20,
+        "flop_per_step": flop,
+        "expert_mb": shard.nbytes() / 2**20,  # type: ignore[attr-defined]
+        "token_bytes": token_bytes(fe.model, fe.model_config, per_expert),
+    }
+
+
+def with_floors(row: dict, bandwidth: float, flops: float) -> dict:
+    """``row`` with its bytes floor (weight bytes over ``bandwidth`` GB/s) and compute floor (multiply-adds over
+    ``flops``), and its step over each."""
+    step_s = row["step_ms_p50"] / 1e3
+    floor_s = row["weight_mb_per_step"] * 2**20 / (bandwidth * 1e9)
+    compute_s = row["flop_per_step"] / flops
+    return {
+        **row,
         "floor_ms": floor_s * 1e3,
         "step_over_floor": step_s / floor_s,
         "compute_floor_ms": compute_s * 1e3,
         "step_over_both_floors": step_s / max(floor_s, compute_s),
-        "expert_mb": shard.nbytes() / 2**20,  # type: ignore[attr-defined]
-        "token_bytes": token_bytes(fe.model, fe.model_config, per_expert),
     }
 
 
@@ -245,11 +274,13 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
     dtype = parse_dtype("bfloat16" if asked == "auto" else asked)  # the formats are compared against bfloat16
     cluster = {**cluster, "dtype": str(dtype).removeprefix("torch.")}
     batches = h.ints(o.batch_sizes, "batch-sizes")
-    r("(e) memory bandwidth, float32 matmul FLOP/s")
-    bandwidth, flops = bandwidth_gb_s(), flop_rate()
+    probes = Probes()
     t0 = time.perf_counter()
-    by_batch = [format_runs(o, cluster, kinds, b, (bandwidth, flops), r) for b in batches]
-    rows = [row for k in kinds for runs in by_batch for row in runs if row["format"] == k]
+    by_batch = [format_runs(o, cluster, kinds, b, probes, r) for b in batches]
+    bandwidth, flops = probes.best
+    rows = [
+        with_floors(row, bandwidth, flops) for k in kinds for runs in by_batch for row in runs if row["format"] == k
+    ]
     dense = {x["batch"]: x["decode_tokens_per_s"] for x in rows if x["format"] == "none"}
     for row in rows:
         row["speed_vs_none"] = h.ratio(row["decode_tokens_per_s"], dense.get(row["batch"]))
@@ -259,8 +290,9 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
         h.table(
             rows,
             COLUMNS,
-            title=f"(e) decode per expert format ({cluster['dtype']}; bandwidth {bandwidth:.1f} GB/s, float32 matmul "
-            f"{flops / 1e9:.0f} GFLOP/s)",
+            title=f"(e) decode per expert format ({cluster['dtype']}; bandwidth {bandwidth:.1f} GB/s, the highest of "
+            f"{len(probes.bandwidth)} probes from {min(probes.bandwidth):.1f}; float32 matmul {flops / 1e9:.0f} "
+            "GFLOP/s)",
         )
     ]
     if kernels:
@@ -278,7 +310,9 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
         "formats": rows,
         "model": model_of(o),
         "bandwidth_gb_s": bandwidth,
+        "bandwidth_gb_s_probes": probes.bandwidth,
         "float32_gflop_s": flops / 1e9,
+        "float32_gflop_s_probes": [f / 1e9 for f in probes.flops],
         "cpu_has_bf16_units": cpu_has_fast_bf16(),
         "kernels": kernels,
         "crossover_rows": cross,

@@ -60,6 +60,12 @@ def test_engine_formats(tiny, tmp_path, monkeypatch):
     dense_ways.append("dense float32 F.linear")
     assert [k["way"].split(":")[0] for k in res["kernels"]][:3] == dense_ways
     assert isinstance(res["cpu_has_bf16_units"], bool) and res["bandwidth_gb_s"] > 0
+    # a probe before each interleaved round (2 batch sizes x 2 repeats); the floors take the highest of each
+    assert len(res["bandwidth_gb_s_probes"]) == len(res["float32_gflop_s_probes"]) == 4
+    assert res["bandwidth_gb_s"] == max(res["bandwidth_gb_s_probes"])
+    assert res["float32_gflop_s"] == max(res["float32_gflop_s_probes"])
+    for r in rows.values():
+        assert r["floor_ms"] == pytest.approx(r["weight_mb_per_step"] * 2**20 / (res["bandwidth_gb_s"] * 1e9) * 1e3)
     share = rows[("none", 1)]["token_bytes"]
     assert sum(share.values()) == pytest.approx(1.0)
     # per token, both bfloat16: 2 layers x top-2 x 3 x 64 x 128 expert weights against 2 x (128 + 64) x 64 of attention
