@@ -9,12 +9,12 @@ of one batch size are loaded side by side and run in turn (none, int8, ..., none
 speed drifts slows each alike. decode tokens/s = batch / median full-batch decode step (schedule, forward, sample).
 Floor = the bytes one decode step must read (every non-expert matrix it multiplies by, ``MixtralModel.matrices``,
 plus the experts its tokens hit, all as stored: quantized ones with their scales) / the memory bandwidth measured
-here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor), highest of the probes taken before each interleaved
-round (a shared VM's bandwidth drifts: one probe at the start read 19.7 GB/s where the dense step itself then read
-25 GB/s). Compute floor = the step's multiply-adds (2 x every non-expert matrix's weights x the batch, plus 2 x each
-routed (token, expert) pair x an expert's 3 D F weights) / the float32 matmul rate measured here (best of 3 2048^3
-matmuls, highest of the same probes): where a step must multiply more than it must read, no kernel gets it near its
-bytes floor (``step_over_both_floors``).
+here (best of 5 reads, ``sum``, of a 512 MiB float32 tensor), the median of the probes taken before each
+interleaved round: a shared VM's bandwidth drifts (one run's 9 probes read 25.5-42.2 GB/s; a single probe at the
+start of another read 19.7 GB/s where the dense step itself then read 25). Compute floor = the step's multiply-adds
+(2 x every non-expert matrix's weights x the batch, plus 2 x each routed (token, expert) pair x an expert's 3 D F
+weights) / the float32 matmul rate measured here (best of 3 2048^3 matmuls, the median of the same probes): where a
+step must multiply more than it must read, no kernel gets it near its bytes floor (``step_over_both_floors``).
 (f) Kernels. One expert matrix of --kernel-shape (default Mixtral-8x7B's w1, 14336 x 4096), median ms of --kernel-iters
 calls per row count: dense ``F.linear`` in bfloat16 and float32, dense bfloat16 as the model runs it
 (``workers.dense``: the fused CPU kernel at up to 32 rows on a CPU without bf16 units), then each quantized form as
@@ -95,7 +95,7 @@ def token_bytes(model: MixtralModel, config: ModelConfig, per_expert: float) -> 
 
 class Probes:
     """The machine's read bandwidth (GB/s) and float32 matmul rate (FLOP/s), probed again before each interleaved
-    round; the floors take the highest of each."""
+    round; the floors take the median of each."""
 
     def __init__(self) -> None:
         self.bandwidth: list[float] = []
@@ -106,8 +106,8 @@ class Probes:
         self.flops.append(flop_rate())
 
     @property
-    def best(self) -> tuple[float, float]:
-        return max(self.bandwidth), max(self.flops)
+    def typical(self) -> tuple[float, float]:
+        return statistics.median(self.bandwidth), statistics.median(self.flops)
 
 
 def format_runs(o: Any, cluster: dict[str, Any], kinds: list[str], batch: int, probes: Probes,
@@ -277,7 +277,7 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
     probes = Probes()
     t0 = time.perf_counter()
     by_batch = [format_runs(o, cluster, kinds, b, probes, r) for b in batches]
-    bandwidth, flops = probes.best
+    bandwidth, flops = probes.typical
     rows = [
         with_floors(row, bandwidth, flops) for k in kinds for runs in by_batch for row in runs if row["format"] == k
     ]
@@ -290,9 +290,9 @@ def run_formats(o: Any, cluster: dict[str, Any], r: h.Run) -> dict:
         h.table(
             rows,
             COLUMNS,
-            title=f"(e) decode per expert format ({cluster['dtype']}; bandwidth {bandwidth:.1f} GB/s, the highest of "
-            f"{len(probes.bandwidth)} probes from {min(probes.bandwidth):.1f}; float32 matmul {flops / 1e9:.0f} "
-            "GFLOP/s)",
+            title=f"(e) decode per expert format ({cluster['dtype']}; bandwidth {bandwidth:.1f} GB/s, the median of "
+            f"{len(probes.bandwidth)} probes, {min(probes.bandwidth):.1f}-{max(probes.bandwidth):.1f}; float32 matmul "
+            f"{flops / 1e9:.0f} GFLOP/s)",
         )
     ]
     if kernels:
