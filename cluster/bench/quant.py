@@ -130,7 +130,10 @@ def format_runs(o: Any, cluster: dict[str, Any], kinds: list[str], batch: int, p
         loaded.append((kind, fe, rec, work))
     steps: dict[str, list] = {kind: [] for kind in kinds}
     for i in range(o.repeats):
-        run(f"(e) batch {batch}: run {i + 1} of {o.repeats} of each format, interleaved (after a bandwidth probe)")
+        run(
+            f"(e) batch {batch}: bandwidth and FLOP/s probe, then run {i + 1} of {o.repeats} of each format, "
+            "interleaved"
+        )
         probes.probe()
         for kind, fe, rec, work in loaded:
             steps[kind] += [s for s in drive(fe, rec, work)[1] if s.decode and s.tokens == batch]

@@ -54,15 +54,23 @@ def test_every_float8_byte_decodes_to_torchs_value(build):
         assert torch.equal(got, want)
 
 
-def _check(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
-    """Within 1e-5 of float64, relative to the largest sum of |x w| of an output (what float32 rounding scales with:
-    outputs that cancel to near 0 keep the rounding of their terms; hypothesis found int8 weights at k = 50 whose
-    output of 2.3 carried 3.2e-5 from terms of up to 300)."""
+def _check(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
+    """Each output within 1e-5 of float64, relative to its own sum of |x| times ``magnitude`` (default |dense|): what
+    float32 rounding scales with. An output that cancels to near 0 keeps the rounding of its terms (hypothesis found
+    int8 weights at k = 50 whose output of 2.3 carried 3.2e-5 from terms of up to 300); int4 passes s (q + z), the
+    terms its per-group sums s (sum of q x) - s z (sum of x) cancel."""
     want = x.double() @ dense.t()
-    terms = x.double().abs() @ dense.abs().t()
-    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    terms = x.double().abs() @ (dense.abs() if magnitude is None else magnitude.double()).t()
     assert got.dtype == torch.float32 and got.shape == want.shape
-    assert err <= 1e-5 * max(1.0, terms.max().item() if terms.numel() else 0.0), err
+    err = (got.double() - want).abs()
+    assert (err <= 1e-5 * terms.clamp(min=1.0)).all(), (err - 1e-5 * terms.clamp(min=1.0)).max().item()
+
+
+def _int4(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit values [N, K] with scale and zero [N, K / G]: the dense weights (q - z) s, and s (q + z) for _check."""
+    group = values.shape[1] // scale.shape[1]
+    s, z = scale.double().repeat_interleave(group, 1), zero.double().repeat_interleave(group, 1)
+    return (values.double() - z) * s, (values.double() + z) * s
 
 
 @settings(max_examples=25, deadline=None)
@@ -83,7 +91,7 @@ def test_one_and_two_byte_weights_match_their_dequantization(mode, m, n, k, seed
 
 
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 19), n=st.integers(1, 37), groups=st.integers(1, 4), group=st.sampled_from(GROUPS),
+@given(m=st.integers(1, 19), n=st.integers(1, 37), groups=st.integers(1, 10), group=st.sampled_from(GROUPS),
        seed=st.integers(0, 2**16))  # fmt: skip
 @pytest.mark.parametrize("mode", BUILDS)
 def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed):
@@ -95,8 +103,8 @@ def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed)
     scale = torch.rand(n, groups, generator=g) * 0.02 + 0.001
     zero = torch.randint(0, 16, (n, groups), generator=g).float()
     x = torch.randn(m, k, generator=g)
-    dense = (values.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
-    _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, dense)
+    dense, magnitude = _int4(values, scale, zero)
+    _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, dense, magnitude)
 
 
 @pytest.mark.parametrize("m", range(1, 10))
@@ -112,14 +120,11 @@ def test_every_tile_shape(build, m):
     bf16 = torch.randn(7, k, generator=g).bfloat16()
     for w in (fp8, i8, bf16):
         _check(build.linear(x, w, scale), x, w.double() * scale.double().reshape(-1, 1))
-    for group in GROUPS:  # int4: 3 groups (K a multiple of 16)
-        x4, k4 = torch.randn(m, 3 * group, generator=g), 3 * group
+    for group in GROUPS:  # int4: 9 groups (K a multiple of 16; the one-row paths take 8 groups at a time at the end)
+        x4, k4 = torch.randn(m, 9 * group, generator=g), 9 * group
         values = torch.randint(0, 16, (7, k4), generator=g, dtype=torch.uint8)
-        groups, zero = torch.rand(7, 3, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (7, 3), generator=g).float()
-        dense = (values.double() - zero.double().repeat_interleave(group, 1)) * groups.double().repeat_interleave(
-            group, 1
-        )
-        _check(build.linear(x4, pack_nibbles(values), groups, zero=zero), x4, dense)
+        groups, zero = torch.rand(7, 9, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (7, 9), generator=g).float()
+        _check(build.linear(x4, pack_nibbles(values), groups, zero=zero), x4, *_int4(values, groups, zero))
 
 
 @pytest.mark.parametrize("size", [1e-33, 1e-28, 1.0, 1e30])
@@ -131,7 +136,7 @@ def test_int4_at_one_row_holds_its_precision_at_any_scale(build, size, group):
     g = torch.Generator().manual_seed(group)
     values = torch.randint(0, 16, (9, 2 * group), generator=g, dtype=torch.uint8)
     scale, zero = torch.rand(9, 2, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (9, 2), generator=g).float()
-    dense = (values.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
+    dense = _int4(values, scale, zero)[0]
     for outlier in (1.0, 1000.0):
         x = torch.randn(1, 2 * group, generator=g) * size
         x[0, 7] *= outlier
@@ -140,16 +145,18 @@ def test_int4_at_one_row_holds_its_precision_at_any_scale(build, size, group):
         assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float32, 1 - 2**-24), (torch.bfloat16, 1 - 2**-8)])
 @pytest.mark.parametrize("group", [128, 256, 512])
-def test_int4_at_one_row_sums_the_largest_values_exactly(build, group, dtype):
-    """The one-row path adds each 128 columns' integer products in one 32-bit lane (4 weight rows' lanes summed
-    across): every q = 15 and every x just below a power of 2 (X near 2^20 in three digits) is its largest sum,
-    15 * 2^20 * 128 < 2^31; an overflow there would be off by 2^32 u, far outside 1e-6."""
+def test_int4_at_one_row_sums_the_largest_values_exactly(build, group, dtype, value):
+    """The one-row path adds up to 128 columns' integer products in one 32-bit lane (blocks of 256 columns; the 4
+    weight rows' lanes summed across): every q = 15 and every x just below a power of 2 (float32 x: X = 2^20 in three
+    digits, the most a block holds) is its largest sum, 15 * 2^20 * 128 < 2^31; an overflow there would be off by
+    2^32 u, far outside 1e-6. bfloat16 x (two digits) the same way, at 1 - 2^-8."""
     k = 2 * group
     values = torch.full((5, k), 15, dtype=torch.uint8)
     scale, zero = torch.ones(5, 2), torch.zeros(5, 2)
-    x = torch.full((1, k), 0.99951171875).to(dtype)  # 1 - 2^-11: exact in bfloat16
+    x = torch.full((1, k), value, dtype=torch.float64).to(dtype)
+    assert x[0, 0].item() == value  # exact in its dtype
     want = x.double().sum() * 15
     got = build.linear(x, pack_nibbles(values), scale, zero=zero).double()[0]
     assert ((got - want).abs() <= 1e-6 * want).all(), (got, want)
@@ -157,18 +164,19 @@ def test_int4_at_one_row_sums_the_largest_values_exactly(build, group, dtype):
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("group", [32, 128, 512])
+@pytest.mark.parametrize("group", [32, 64, 96, 128, 512])
 def test_int4_at_one_or_two_rows_of_bfloat16_hold_each_x_to_its_block(build, group, dtype, rows):
     """A bfloat16 row of x holds 8 significant bits, so at one or two rows the AVX2 build multiplies it in two digits
     (each x to within 2^-13 of its block's largest |x|, where float32 x gets three at one row: 2^-20): each output
     within the bound that gives, sum over columns of |w| 2^-13 (the row's block's largest |x|), of float64, with a
     value 1000x the others in one block of the first row and the second row 1000x smaller (its own blocks' scale).
-    At three rows, and in every other build, bfloat16 x is used as float32 x is, to the bit."""
+    At three rows, and in every other build, bfloat16 x is used as float32 x is, to the bit. 9 groups: the zero
+    points' term goes 8 groups at a time, then one."""
     g = torch.Generator().manual_seed(group)
-    values = torch.randint(0, 16, (9, 2 * group), generator=g, dtype=torch.uint8)
-    scale, zero = torch.rand(9, 2, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (9, 2), generator=g).float()
-    dense = (values.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
-    x = torch.randn(rows, 2 * group, generator=g)
+    values = torch.randint(0, 16, (9, 9 * group), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(9, 9, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (9, 9), generator=g).float()
+    dense = _int4(values, scale, zero)[0]
+    x = torch.randn(rows, 9 * group, generator=g)
     x[0, 7] *= 1000
     x[1:] *= 1e-3
     x = x.to(dtype)
@@ -223,7 +231,8 @@ def test_one_row_paths_keep_a_value_that_is_not_finite(build, bad):
 @pytest.mark.parametrize("group", [16, 32, 96, 128, 512])
 def test_tiled_int4_gives_the_same_bits_as_rows_in_order(build, group):
     """The AVX2 build reads int4 in tiles of 4 rows (``tile_rows``) to the same bits as rows in order, at 1-9 rows of
-    float32 and bfloat16 x (the one-row paths and the tiles of several rows), 7 weight rows (a partial tile); other
+    float32 and bfloat16 x (the integer paths at one row, and two of bfloat16, and the float tiles of several rows), 7
+    weight rows (a partial tile); other
     builds refuse it by name. ``untile_rows`` gives back any run of rows."""
     g = torch.Generator().manual_seed(group)
     k = 2 * max(group, 32)
@@ -247,7 +256,7 @@ def test_tiled_int4_gives_the_same_bits_as_rows_in_order(build, group):
 
 def _by_threads(build: cpu_kernel.Kernel, rows: int) -> list[tuple[torch.Tensor, ...]]:
     """fp8, int4 and bf16 products of ``rows`` rows on 1 thread, then on 2; int4 (tiled too, in the AVX2 build) and
-    int8 also with bfloat16 x (the AVX2 build's integer paths at one row)."""
+    int8 also with bfloat16 x (the AVX2 build's integer paths: int4 at one or two rows, int8 at one)."""
     g = torch.Generator().manual_seed(0)
     fp8 = (torch.randn(1030, 1024, generator=g) * 40).to(torch.float8_e4m3fn)
     int4 = torch.randint(0, 256, (1030, 512), generator=g, dtype=torch.uint8)

@@ -4,8 +4,6 @@ never in tests)."""
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 
 from cluster.bench import quant
@@ -33,6 +31,9 @@ def test_engine_formats(tiny, tmp_path, monkeypatch):
         return real(fe, rec, work)
 
     monkeypatch.setattr(quant, "drive", drive)
+    bandwidths, rates = iter([10.0, 40.0, 20.0, 30.0]), iter([1e9, 4e9, 3e9, 2e9])  # one before each round
+    monkeypatch.setattr(quant, "bandwidth_gb_s", lambda: next(bandwidths))
+    monkeypatch.setattr(quant, "flop_rate", lambda: next(rates))
     report = run_bench(argv, tmp_path / "engine.json")
     kinds = [(k, 1) for k in ("none", "int8", "int4", "fp8")]
     # per batch size: each format loaded and warmed up, then the repeats run the formats in turn
@@ -63,9 +64,8 @@ def test_engine_formats(tiny, tmp_path, monkeypatch):
     assert [k["way"].split(":")[0] for k in res["kernels"]][:3] == dense_ways
     assert isinstance(res["cpu_has_bf16_units"], bool) and res["bandwidth_gb_s"] > 0
     # a probe before each interleaved round (2 batch sizes x 2 repeats); the floors take the median of each
-    assert len(res["bandwidth_gb_s_probes"]) == len(res["float32_gflop_s_probes"]) == 4
-    assert res["bandwidth_gb_s"] == pytest.approx(statistics.median(res["bandwidth_gb_s_probes"]))
-    assert res["float32_gflop_s"] == pytest.approx(statistics.median(res["float32_gflop_s_probes"]))
+    assert res["bandwidth_gb_s_probes"] == [10.0, 40.0, 20.0, 30.0] and res["bandwidth_gb_s"] == 25.0
+    assert res["float32_gflop_s_probes"] == [1.0, 4.0, 3.0, 2.0] and res["float32_gflop_s"] == 2.5
     for r in rows.values():
         assert r["floor_ms"] == pytest.approx(r["weight_mb_per_step"] * 2**20 / (res["bandwidth_gb_s"] * 1e9) * 1e3)
     share = rows[("none", 1)]["token_bytes"]
@@ -106,3 +106,11 @@ def test_memory_formats(tiny, tmp_path, ray_instance):
     assert int4["grown_over_stored"] == pytest.approx(int4["grown_mb"] / int4["stored_mb"])
     goals = {g["goal"]: g for g in report["goals"]}
     assert goals["int4 expert bytes <= 0.3x bfloat16 (stored / bf16)"]["measured"] == int4["stored_over_bf16"]
+
+
+def test_the_probes_measure_a_rate(monkeypatch):
+    """bandwidth_gb_s: bytes of the tensor over the best time of one sum; flop_rate: 2 n^3 over the best matmul."""
+    times = iter([[0.5, 0.25, 1.0], [2.0, 0.5]])
+    monkeypatch.setattr(quant.h, "time_calls", lambda fn, iters: (fn(), next(times))[1])
+    assert quant.bandwidth_gb_s(mib=4, iters=3) == pytest.approx(4 * 2**20 / 0.25 / 1e9)
+    assert quant.flop_rate(n=32, iters=2) == pytest.approx(2 * 32**3 / 0.5)

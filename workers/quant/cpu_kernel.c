@@ -58,9 +58,9 @@ typedef struct {
     const float* xsum; /* kind 2 in the AVX2 build: x's sums per group of columns, [M, K / G] */
     const int8_t* digits; /* kinds 1 and 2 at one or two rows of x in the AVX2 build: x in fixed point (x_digits), D
                              per column, [M, K D] */
-    const float* unit;    /* [K / B]: the value of 1 in each block of B columns of those digits */
-    const float* total;   /* [K / B]: each block's sum of x as the digits hold it */
-    const float* group_total; /* kind 2: [K / G], each group's (the sum of its blocks') */
+    const float* unit;    /* [M, K / B]: the value of 1 in each block of B columns of those digits */
+    const float* total;   /* [M, K / B]: each block's sum of x as the digits hold it */
+    const float* group_total; /* kind 2: [M, K / G], each group's (the sum of its blocks') */
     int block;            /* B */
     int depth;            /* D: digits per column, 3 or 2 */
     int spread;           /* kind 2: 1, rows in order; 4, in tiles of 4 rows (kind 4): byte b of a row at 4 (b - b % 16)
@@ -422,7 +422,7 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
                                                _mm_set1_ps(u[0]))
                                   : _mm_mul_ps(_mm_setr_ps(scale[0][g], scale[0][g], scale[1][g], scale[1][g]),
                                                _mm_setr_ps(u[0], u[blocks], u[0], u[blocks]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set_m128(su, su), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_insertf128_ps(_mm256_castps128_ps256(su), su, 1), acc);
         if (--left == 0) left = per, g++;
     }
     float y[4];
@@ -490,7 +490,7 @@ static inline __attribute__((always_inline)) void tile_int8_one(const int NR, co
 }
 
 #define SMALL_M 2
-#define ONE_NR 4 /* weight rows per tile_int4_one (its combine adds across 4) and tile_int8_one */
+#define ONE_NR 4 /* weight rows per tile_int8_one (tile_int4_one takes 4 at one row of x, 2 at two) */
 /* TILE(A, NR, MT, j, n, m0, count) for this pass's tile shape: 4 weight rows x 1-2 rows of x, or 2 x 1-4 */
 #define SHAPES(TILE, A)                                                                                                \
     if (nr == 4) {                                                                                                     \
