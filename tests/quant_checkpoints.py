@@ -62,7 +62,8 @@ CT_SCHEMES = {
 
 def write_compressed(folder: Path, scheme_name: str, *, ignore: list[str] | None = None) -> dict[str, torch.Tensor]:
     """compressed-tensors: its compressor for ``format`` on every linear but the router gates and lm_head (or
-    ``ignore``), scales from its own ``calculate_qparams``. Returns compressed-tensors' own decompression."""
+    ``ignore``), scales from its own ``calculate_qparams`` (rounded to bfloat16 numbers, held in float32). Returns
+    compressed-tensors' own decompression."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -85,7 +86,8 @@ def write_compressed(folder: Path, scheme_name: str, *, ignore: list[str] | None
             out[name] = reference[name] = w
             continue
         scale, zero = calculate_qparams(*_ranges(w, args.strategy, args.group_size), args)
-        state = {"weight": w, "weight_scale": scale.float(), "weight_zero_point": zero}
+        # bfloat16 numbers (a bfloat16 model's scales) stored in float32, so transformers' dequantization is exact
+        state = {"weight": w, "weight_scale": scale.bfloat16().float(), "weight_zero_point": zero}
         if aargs is not None and not aargs.get("dynamic"):
             state["input_scale"] = torch.tensor([0.05])
         packed = compressor.compress(state, scheme)

@@ -66,6 +66,12 @@ def _check(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, magnitude: t
     assert (err <= 1e-5 * terms.clamp(min=1.0)).all(), (err - 1e-5 * terms.clamp(min=1.0)).max().item()
 
 
+def _groups(n: int, groups: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4's operands per group as the kernel takes them: float16 scales in [0.001, 0.021) and uint8 zeros 0..15."""
+    scale = (torch.rand(n, groups, generator=g) * 0.02 + 0.001).half()
+    return scale, torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8)
+
+
 def _int4(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """4-bit values [N, K] with scale and zero [N, K / G]: the dense weights (q - z) s, and s (q + z) for _check."""
     group = values.shape[1] // scale.shape[1]
@@ -100,11 +106,27 @@ def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed)
     g = torch.Generator().manual_seed(seed)
     k = groups * group
     values = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = torch.rand(n, groups, generator=g) * 0.02 + 0.001
-    zero = torch.randint(0, 16, (n, groups), generator=g).float()
+    scale, zero = _groups(n, groups, g)
     x = torch.randn(m, k, generator=g)
     dense, magnitude = _int4(values, scale, zero)
     _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, dense, magnitude)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int4_scales_are_float16_values_to_the_bit(build, rows):
+    """Every kind of float16 a scale can be (subnormals from 2^-24 up, the smallest and largest normals, 1, one bit
+    above 1), read as the value its bits hold, zero points up to 255: within _check of float64 at 1, 2 and 5 rows of
+    float32 and bfloat16 x (the one- and two-row integer paths and the float tiles). 9 groups: the one-row paths
+    take the zero points' term 8 groups at a time, then one."""
+    bits = [0x0001, 0x0003, 0x03FF, 0x0400, 0x3555, 0x3C00, 0x3C01, 0x7BFF, 0x2E66]
+    scale = torch.tensor(bits * 4, dtype=torch.int16).view(torch.float16).reshape(4, 9)  # [N 4, 9 groups of 32]
+    zero = torch.tensor([0, 1, 8, 15, 16, 100, 200, 255, 128] * 4, dtype=torch.uint8).reshape(4, 9).roll(1, 0)
+    g = torch.Generator().manual_seed(rows)
+    values = torch.randint(0, 16, (4, 288), generator=g, dtype=torch.uint8)
+    assert scale.double().min() == 2**-24 and scale.double().max() == 65504
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, 288, generator=g).to(dtype)
+        _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, *_int4(values, scale, zero))
 
 
 @pytest.mark.parametrize("m", range(1, 10))
@@ -123,7 +145,7 @@ def test_every_tile_shape(build, m):
     for group in GROUPS:  # int4: 9 groups (K a multiple of 16; the one-row paths take 8 groups at a time at the end)
         x4, k4 = torch.randn(m, 9 * group, generator=g), 9 * group
         values = torch.randint(0, 16, (7, k4), generator=g, dtype=torch.uint8)
-        groups, zero = torch.rand(7, 9, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (7, 9), generator=g).float()
+        groups, zero = _groups(7, 9, g)
         _check(build.linear(x4, pack_nibbles(values), groups, zero=zero), x4, *_int4(values, groups, zero))
 
 
@@ -135,7 +157,7 @@ def test_int4_at_one_row_holds_its_precision_at_any_scale(build, size, group):
     and takes the float loop), and where one column holds a value 1000x the others (a block's largest) too."""
     g = torch.Generator().manual_seed(group)
     values = torch.randint(0, 16, (9, 2 * group), generator=g, dtype=torch.uint8)
-    scale, zero = torch.rand(9, 2, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (9, 2), generator=g).float()
+    scale, zero = _groups(9, 2, g)
     dense = _int4(values, scale, zero)[0]
     for outlier in (1.0, 1000.0):
         x = torch.randn(1, 2 * group, generator=g) * size
@@ -154,7 +176,7 @@ def test_int4_at_one_row_sums_the_largest_values_exactly(build, group, dtype, va
     2^32 u, far outside 1e-6. bfloat16 x (two digits) the same way, at 1 - 2^-8."""
     k = 2 * group
     values = torch.full((5, k), 15, dtype=torch.uint8)
-    scale, zero = torch.ones(5, 2), torch.zeros(5, 2)
+    scale, zero = torch.ones(5, 2, dtype=torch.float16), torch.zeros(5, 2, dtype=torch.uint8)
     x = torch.full((1, k), value, dtype=torch.float64).to(dtype)
     assert x[0, 0].item() == value  # exact in its dtype
     want = x.double().sum() * 15
@@ -174,7 +196,7 @@ def test_int4_at_one_or_two_rows_of_bfloat16_hold_each_x_to_its_block(build, gro
     points' term goes 8 groups at a time, then one."""
     g = torch.Generator().manual_seed(group)
     values = torch.randint(0, 16, (9, 9 * group), generator=g, dtype=torch.uint8)
-    scale, zero = torch.rand(9, 9, generator=g) * 0.02 + 0.001, torch.randint(0, 16, (9, 9), generator=g).float()
+    scale, zero = _groups(9, 9, g)
     dense = _int4(values, scale, zero)[0]
     x = torch.randn(rows, 9 * group, generator=g)
     x[0, 7] *= 1000
@@ -222,7 +244,8 @@ def test_one_row_paths_keep_a_value_that_is_not_finite(build, bad):
     x = torch.randn(1, 64, generator=g)
     x[0, 40] = bad
     for xd in (x, x.bfloat16()):  # three digits, two
-        got = build.linear(xd, pack_nibbles(values), torch.full((5, 2), 0.01), zero=torch.full((5, 2), 0.5))
+        scale, zero = torch.full((5, 2), 0.01, dtype=torch.float16), torch.full((5, 2), 1, dtype=torch.uint8)
+        got = build.linear(xd, pack_nibbles(values), scale, zero=zero)
         assert not torch.isfinite(got).any()
     int8 = torch.randint(1, 128, (5, 64), generator=g, dtype=torch.int8)
     assert not torch.isfinite(build.linear(x.bfloat16(), int8, torch.full((5,), 0.01))).any()  # the int8 path
@@ -237,8 +260,8 @@ def test_tiled_int4_gives_the_same_bits_as_rows_in_order(build, group):
     g = torch.Generator().manual_seed(group)
     k = 2 * max(group, 32)
     values = torch.randint(0, 16, (7, k), generator=g, dtype=torch.uint8)
-    scale, zero = torch.rand(7, k // group, generator=g) * 0.02, torch.randint(0, 16, (7, k // group), generator=g)
-    q, zero = pack_nibbles(values), zero.float()
+    scale, zero = _groups(7, k // group, g)
+    q = pack_nibbles(values)
     tiled = cpu_kernel.tile_rows(q)
     assert tiled.shape == (8, k // 2)
     for start, stop in [(0, 7), (1, 3), (4, 5), (3, 7), (6, 7)]:
@@ -261,8 +284,7 @@ def _by_threads(build: cpu_kernel.Kernel, rows: int) -> list[tuple[torch.Tensor,
     fp8 = (torch.randn(1030, 1024, generator=g) * 40).to(torch.float8_e4m3fn)
     int4 = torch.randint(0, 256, (1030, 512), generator=g, dtype=torch.uint8)
     bf16 = torch.randn(1030, 1024, generator=g).bfloat16()
-    scale, groups = torch.rand(1030, generator=g), torch.rand(1030, 8, generator=g)
-    zero = torch.randint(0, 16, (1030, 8), generator=g).float()
+    scale, (groups, zero) = torch.rand(1030, generator=g), _groups(1030, 8, g)
     int8 = torch.randint(-128, 128, (1030, 1024), generator=g, dtype=torch.int8)
     x = torch.randn(rows, 1024, generator=g)
     xb, tiled = x.bfloat16(), cpu_kernel.tile_rows(int4)
@@ -354,6 +376,10 @@ def test_an_openmp_build_that_fails_gives_way_to_one_without(tmp_path, monkeypat
     _check(k.linear(x, w, torch.ones(8)), x, w.double())
 
 
+def _ones(n: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(n, groups, dtype=torch.float16), torch.ones(n, groups, dtype=torch.uint8)
+
+
 @pytest.mark.parametrize(
     ("x", "w", "scale", "zero", "message"),
     [
@@ -367,10 +393,14 @@ def test_an_openmp_build_that_fails_gives_way_to_one_without(tmp_path, monkeypat
          "every tensor must be on the CPU"),
         (torch.randn(2, 32), torch.zeros(4, 32, dtype=torch.int16), torch.ones(4), None, "not torch.int16"),
         (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 2), None, "scale and zero of one"),
-        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(1, 2), torch.ones(1, 2), "[N, K / G]"),
-        (torch.randn(2, 48), torch.zeros(4, 24, dtype=torch.uint8), torch.ones(4, 2), torch.ones(4, 2), "of 16"),
-        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 4), torch.ones(4, 4), "of 16"),
-        (torch.randn(2, 288), torch.zeros(4, 144, dtype=torch.uint8), torch.ones(4, 17), torch.ones(4, 17), "K / G"),
+        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 2), torch.ones(4, 2),
+         "float16 scales and uint8 zero points, not torch.float32 and torch.float32"),
+        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 2, dtype=torch.float16),
+         torch.ones(4, 2), "float16 scales and uint8 zero points, not torch.float16 and torch.float32"),
+        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), *_ones(1, 2), "[N, K / G]"),
+        (torch.randn(2, 48), torch.zeros(4, 24, dtype=torch.uint8), *_ones(4, 2), "of 16"),
+        (torch.randn(2, 32), torch.zeros(4, 16, dtype=torch.uint8), *_ones(4, 4), "of 16"),
+        (torch.randn(2, 288), torch.zeros(4, 144, dtype=torch.uint8), *_ones(4, 17), "K / G"),
     ],
 )  # fmt: skip
 def test_operands_it_cannot_take_are_refused_by_name(build, x, w, scale, zero, message):

@@ -5,6 +5,8 @@ weights."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -21,9 +23,10 @@ CPU = torch.device("cpu")
 
 
 def int_weight(n: int, k: int, *, bits: int, group: int, seed: int = 0, sym: bool = False, perm: bool = False):
+    """Random values, zero points and scales, the scales bfloat16 numbers (what a checkpoint stores)."""
     g = torch.Generator().manual_seed(seed)
     values = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
-    scale = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).bfloat16().float()
     zero = torch.randint(0, 2**bits, scale.shape, generator=g).float()
     if sym:
         zero = torch.full_like(scale, 2 ** (bits - 1))
@@ -116,6 +119,41 @@ def test_int4_kernels(cpu_kernel_mode, rows, k, group, dtype):
         assert isinstance(lin, FusedLinear)
         assert lin.kernel_for(rows) == (fused if rows <= 32 else "dequantize + matmul")
     check(lin, w, rows, dtype=dtype)
+
+
+@pytest.mark.parametrize("size", [1.0, 1e-9])
+@pytest.mark.parametrize("mode", ["auto", "portable"])
+def test_fused_int4_holds_three_bytes_per_group_and_the_scales_exactly(monkeypatch, mode, size):
+    """The fused kernel's int4 keeps float16 scales (times a power of 2) and uint8 zero points, 3 bytes per group
+    where float32 took 8, and its products equal the exact dequantization's at 1, 2 and 33 rows (the kernel, and
+    dequantize + matmul above 32 rows), also for bfloat16 scales of 1e-9 (below float16's range: held times 2^-44)."""
+    monkeypatch.setenv(cpu_kernel.ENV, mode)
+    w = int_weight(64, 128, bits=4, group=32)
+    w = IntWeight(4, w.q, (w.scale * size).bfloat16().float(), w.zero, 32)
+    lin = prepare(w, device=CPU, dtype=torch.float32)
+    assert isinstance(lin, FusedLinear) and lin.scale.dtype == torch.float16 and lin.zero.dtype == torch.uint8
+    assert torch.equal(lin.scale.float() * lin.unit, w.scale) and torch.equal(lin.zero.float(), w.zero)
+    assert (lin.unit == 1.0) == (size == 1.0) and lin.nbytes() == 64 * 64 + 64 * 4 * 3
+    for rows in (1, 2, 33):
+        check(lin, w, rows)
+
+
+def test_int4_scales_of_more_bits_are_rounded_and_said(caplog):
+    """float32 scales of 24 bits are rounded to 11 for the fused kernel, each by at most 2^-12 of itself, and the log
+    says so; zero points that are not whole numbers keep float32 and dequantize + matmul."""
+    w = int_weight(64, 128, bits=4, group=32)
+    w = IntWeight(4, w.q, w.scale * (1 + 2**-20), w.zero, 32)  # 24 significant bits
+    with caplog.at_level(logging.WARNING, logger="mixserve.quant"):
+        lin = prepare(w, device=CPU, dtype=torch.float32, cpu_mode="auto")
+    assert isinstance(lin, FusedLinear)
+    held = lin.scale.double() * lin.unit
+    assert ((held - w.scale.double()).abs() <= 2**-12 * w.scale.double()).all() and not torch.equal(held, w.scale)
+    assert "rounded to 11 for the fused CPU kernel" in caplog.text
+    x = torch.randn(3, 128)
+    rounded = IntWeight(4, w.q, held.float(), w.zero, 32).dequantize().double()
+    assert torch.allclose(lin(x).double(), x.double() @ rounded.t(), rtol=0, atol=1e-5)
+    halves = IntWeight(4, w.q, w.scale, w.zero + 0.5, 32)
+    assert type(prepare(halves, device=CPU, dtype=torch.float32, cpu_mode="auto")) is DequantLinear
 
 
 @pytest.mark.parametrize("rows", [1, 9, 33])

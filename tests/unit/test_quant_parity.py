@@ -9,7 +9,8 @@ The reference, per format:
   own decompression;
 - AutoFP8, GPTQ (desc_act false / true, 8-bit asymmetric), AWQ: a transformers model of the exact float32
   dequantization of the numbers the writer stored.
-The scales are float32 here, so transformers' dequantization (in the scales' dtype) is exact too.
+The scales are bfloat16 or float16 numbers (what checkpoints store; the fused CPU kernel holds them exactly), the
+compressed-tensors ones stored in float32, so transformers' dequantization (in the scales' dtype) is exact too.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
  *
  * Letters: M rows of x, N output features (rows of w), K input features.
  * kind 0: w [N, K] holds float8 e4m3fn bytes, kind 1: int8 values; scale: float32 [N] (per_row) or [1].
- * kind 2: w [N, K / 2] holds 4-bit values 0..15, column 2i in the low nibble of byte i; scale and zero: float32
- * [N, K / G] for groups of G columns (G a multiple of 16), the weight (q - zero) * scale.
+ * kind 2: w [N, K / 2] holds 4-bit values 0..15, column 2i in the low nibble of byte i; scale: float16 bits and
+ * zero: uint8, [N, K / G] for groups of G columns (G a multiple of 16), the weight (q - zero) * scale.
  * kind 3: w [N, K] holds bfloat16 bits (widened to float32 by a 16-bit shift); scale as kinds 0 and 1.
  * Builds: AVX-512 (F, BW, VL) + F16C, AVX2 + FMA + F16C, or portable C, whichever the compiler targets first.
  * The AVX2 build takes kind 2 16 columns per step from 8 bytes: widened to 32-bit lanes, the low nibbles (columns
@@ -53,8 +53,9 @@ typedef struct {
     int kind, M, K, N, per_row, group, n0, n1, failed;
     const float* x;
     const uint8_t* w;
-    const float* scale;
-    const float* zero;
+    const float* scale;        /* kinds 0, 1, 3 */
+    const uint16_t* gscale;    /* kind 2: float16 bits [N, K / G] */
+    const uint8_t* zero;       /* kind 2: [N, K / G] */
     const float* xsum; /* kind 2 in the AVX2 build: x's sums per group of columns, [M, K / G] */
     const int8_t* digits; /* kinds 1 and 2 at one or two rows of x in the AVX2 build: x in fixed point (x_digits), D
                              per column, [M, K D] */
@@ -73,6 +74,23 @@ static inline int64_t offset(const int kind, int64_t k) {
     return kind == 2 ? k / 2 : kind == 3 ? 2 * k : k;
 }
 static inline int64_t row_bytes(const job_t* j) { return offset(j->kind, j->K); }
+
+/* the float16 whose bits are h, exactly. Example: 0x3C00 -> 1.0, 0x0001 -> 2^-24 */
+static inline float half_value(uint16_t h) {
+#if defined(MIXSERVE_AVX512) || defined(MIXSERVE_AVX2)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023;
+    if (e == 0) { /* zero or subnormal: m 2^-24 */
+        const float v = (float)m * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    const uint32_t bits = sign | (e == 31 ? 0x7F800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+#endif
+}
 
 /* 1 when built with OpenMP (threads from the process's OpenMP runtime), 0 when with threads of its own */
 int mixserve_openmp(void) {
@@ -124,11 +142,12 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
     const float* x = j->x + (int64_t)m0 * K;
     const int64_t rb = row_bytes(j);
     const uint8_t* w[4];
-    const float *scale[4], *zero[4];
+    const uint16_t* scale[4]; /* kind 2 only */
+    const uint8_t* zero[4];
     for (int r = 0; r < NR; r++) {
         const int64_t row = r < count ? n + r : n;
         w[r] = j->w + row * rb;
-        scale[r] = kind == 2 ? j->scale + row * groups : j->scale; /* kind 2 only */
+        scale[r] = kind == 2 ? j->gscale + row * groups : 0;
         zero[r] = kind == 2 ? j->zero + row * groups : 0;
     }
     const uint8_t* next = j->w + (int64_t)(n + NR) * rb; /* the next rows, fetched while these are multiplied */
@@ -137,7 +156,8 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
     UNROLL for (int i = 0; i < NR * MT; i++) acc[i] = _mm512_setzero_ps();
     for (int g = 0; g < groups; g++) {
         __m512 s[4], z[4];
-        for (int r = 0; r < NR && kind == 2; r++) s[r] = _mm512_set1_ps(scale[r][g]), z[r] = _mm512_set1_ps(zero[r][g]);
+        for (int r = 0; r < NR && kind == 2; r++)
+            s[r] = _mm512_set1_ps(half_value(scale[r][g])), z[r] = _mm512_set1_ps((float)zero[r][g]);
         for (int k = g * G; k < (g + 1) * G; k += 16) {
             const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
             const int64_t at = offset(kind, k); /* 16 columns span 8 to 32 bytes: one line per 64 */
@@ -268,13 +288,13 @@ static inline __attribute__((always_inline)) void tile(const int kind, const int
 }
 
 /* kind 2: the bytes, scales and zeros of weight rows n .. n + NR (count of them this job's; the rest repeat row n) */
-static inline void int4_rows(const job_t* j, int NR, int n, int count, const uint8_t** w, const float** scale,
-                             const float** zero) {
+static inline void int4_rows(const job_t* j, int NR, int n, int count, const uint8_t** w, const uint16_t** scale,
+                             const uint8_t** zero) {
     const int groups = j->K / j->group;
     for (int r = 0; r < NR; r++) {
         const int64_t row = r < count ? n + r : n;
         w[r] = j->spread == 1 ? j->w + row * (j->K / 2) : j->w + (row & ~3) * (j->K / 2) + (row & 3) * 16;
-        scale[r] = j->scale + row * groups;
+        scale[r] = j->gscale + row * groups;
         zero[r] = j->zero + row * groups;
     }
 }
@@ -291,7 +311,8 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
     const float* xsum = j->xsum + (int64_t)m0 * groups; /* [MT, groups] */
     const int64_t rb = K / 2;
     const uint8_t* w[4];
-    const float *scale[4], *zero[4];
+    const uint16_t* scale[4];
+    const uint8_t* zero[4];
     int4_rows(j, NR, n, count, w, scale, zero);
     const int sp = j->spread;
     /* the next rows; tiled, the tile holding them (with 2 rows per tile, every other time the one being read) */
@@ -328,7 +349,7 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
             }
         }
         UNROLL for (int r = 0; r < NR; r++) {
-            const float s = scale[r][g], sz = s * zero[r][g];
+            const float s = half_value(scale[r][g]), sz = s * zero[r][g];
             UNROLL for (int m = 0; m < MT; m++) {
                 const int i = r * MT + m;
                 const __m256 sum = two ? _mm256_add_ps(lo_sum[i], hi_sum[i]) : lo_sum[i];
@@ -342,6 +363,39 @@ static inline __attribute__((always_inline)) void tile_int4(const int GC, const 
         UNROLL for (int m = 0; m < MT; m++)
             j->out[(int64_t)(m0 + m) * j->N + n + r] = sum8(acc[r * MT + m]) - shift[r * MT + m];
     }
+}
+
+/* tile_int4_one's per-group values of its 4 (weight row, row of x) pairs for up to 64 groups from g0 (a multiple
+ * of 64), 8 groups at a time: the scales, float16 widened, into buf [64 groups][4 pairs] (4 rows of 8 transposed), so
+ * a block takes its pairs' scales in one load; and each pair's zero points' term s z (sum of u X) for those groups,
+ * added to sz[pair] (lane l: the groups l mod 8; the last groups % 8 groups' scales are widened one at a time, their
+ * terms left to the caller). Example: weight rows a, a, b, b (2 weight rows times 2 rows of x) -> buf[g] = a[g], a[g],
+ * b[g], b[g]. */
+static inline __attribute__((always_inline)) void group_values(const uint16_t* const* scale, const uint8_t* const* zero,
+                                                               const float* const* total, int g0, int groups,
+                                                               float* buf, float* sz) {
+    const int n = groups - g0 < 64 ? groups - g0 : 64;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const int g = g0 + i;
+        __m256 r[4];
+        UNROLL for (int p = 0; p < 4; p++) {
+            r[p] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scale[p] + g)));
+            const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zero[p] + g))));
+            const __m256 sz_p = _mm256_load_ps(sz + 8 * p);
+            _mm256_store_ps(sz + 8 * p, _mm256_fmadd_ps(_mm256_mul_ps(r[p], z), _mm256_loadu_ps(total[p] + g), sz_p));
+        }
+        const __m256 lo01 = _mm256_unpacklo_ps(r[0], r[1]), hi01 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 lo23 = _mm256_unpacklo_ps(r[2], r[3]), hi23 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t[4] = {_mm256_shuffle_ps(lo01, lo23, 0x44), _mm256_shuffle_ps(lo01, lo23, 0xEE),
+                             _mm256_shuffle_ps(hi01, hi23, 0x44), _mm256_shuffle_ps(hi01, hi23, 0xEE)};
+        UNROLL for (int c = 0; c < 4; c++) { /* t[c]: groups i + c and i + c + 4 */
+            _mm_store_ps(buf + 4 * (i + c), _mm256_castps256_ps128(t[c]));
+            _mm_store_ps(buf + 4 * (i + c + 4), _mm256_extractf128_ps(t[c], 1));
+        }
+    }
+    for (; i < n; i++)
+        UNROLL for (int p = 0; p < 4; p++) buf[4 * i + p] = half_value(scale[p][g0 + i]);
 }
 
 /* kind 2 at one row of x (4 weight rows at a time), or two rows of x that was bfloat16 or float16 (2 weight rows
@@ -366,7 +420,8 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const int K = j->K, G = j->group, B = BC ? BC : j->block, MT = 4 / NR, blocks = K / B, groups = K / G;
     const int64_t rb = K / 2;
     const uint8_t* w[4];
-    const float *scale[4], *zero[4];
+    const uint16_t* scale[4];
+    const uint8_t* zero[4];
     int4_rows(j, NR, n, count, w, scale, zero);
     const int sp = j->spread;
     const uint8_t* next = j->w + (int64_t)(n + NR) * rb; /* the next rows (rows in order only) */
@@ -375,69 +430,79 @@ static inline __attribute__((always_inline)) void tile_int4_one(const int BC, co
     const __m256i wa = _mm256_set1_epi16(D == 3 ? 16384 : 128), wb = _mm256_set1_epi16(D == 3 ? 128 : 1);
     __m256 acc = _mm256_setzero_ps(); /* [2 halves of the columns][4 pairs]: the scaled sums of the blocks so far */
     const int per = BC ? 1 : G / B; /* blocks per group (no division in the loop: it showed in the time) */
-    for (int k0 = 0, b = 0, g = 0, left = per; k0 < K; k0 += B, b++) { /* block b of group g */
-        const int8_t* d[2]; /* [MT]: 32 D bytes per 32 columns */
-        UNROLL for (int m = 0; m < MT; m++) d[m] = j->digits + (int64_t)m * K * D + (int64_t)k0 * D;
-        if (ahead && sp == 1)
-            for (int64_t b = ((k0 / 2) + 63) & ~(int64_t)63; b < (k0 + B) / 2; b += 64)
-                UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + b, _MM_HINT_T0);
-        if (sp == 4) /* tiled: one run of bytes, fetched 4 KiB ahead (into the next tile near the end) */
-            for (int64_t b = 2 * (int64_t)k0; b < 2 * (int64_t)(k0 + B); b += 64)
-                _mm_prefetch((const char*)w[0] + b + 4096, _MM_HINT_T0);
-        __m256i sa[4], sb[4], sc[4]; /* [NR][MT]: the block's sums of q times each digit, in 16-bit lanes */
-        UNROLL for (int i = 0; i < 4; i++) sa[i] = sb[i] = sc[i] = _mm256_setzero_si256();
-        UNROLL for (int c = 0; c < B / 32; c++) {
-            __m256i da[2], db[2], dc[2];
-            UNROLL for (int m = 0; m < MT; m++) {
-                da[m] = _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c));
-                db[m] = _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c + 32));
-                dc[m] = D == 3 ? _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c + 64)) : db[m];
-            }
-            UNROLL for (int r = 0; r < NR; r++) {
-                const __m128i b = _mm_loadu_si128((const __m128i*)(w[r] + sp * (k0 / 2 + 16 * c)));
-                const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(b), halves), low);
+    const uint16_t* pair_scale[4]; /* [4 pairs]: the pair's weight row's scales and zero points, its row of x's */
+    const uint8_t* pair_zero[4];
+    const float* pair_total[4];
+    UNROLL for (int i = 0; i < 4; i++) {
+        pair_scale[i] = scale[i / MT], pair_zero[i] = zero[i / MT];
+        pair_total[i] = j->group_total + (int64_t)(i % MT) * groups;
+    }
+    /* [4 pairs][8 lanes]: their zero points' terms so far (in memory: held in 4 registers through the blocks, they
+     * made them ~5% slower) */
+    float sz[32] __attribute__((aligned(32))) = {0};
+    float widened[4 * 64] __attribute__((aligned(16))); /* [64 groups][4 pairs] from group g0 */
+    int k0 = 0, b = 0, g = 0, left = per;
+    for (int g0 = 0; g0 < groups; g0 += 64) { /* each 64 groups' values before their blocks, out of the loop below */
+        group_values(pair_scale, pair_zero, pair_total, g0, groups, widened, sz);
+        for (const int end = (g0 + 64 < groups ? g0 + 64 : groups) * G; k0 < end; k0 += B, b++) { /* block b, group g */
+            const int8_t* d[2]; /* [MT]: 32 D bytes per 32 columns */
+            UNROLL for (int m = 0; m < MT; m++) d[m] = j->digits + (int64_t)m * K * D + (int64_t)k0 * D;
+            if (ahead && sp == 1)
+                for (int64_t b = ((k0 / 2) + 63) & ~(int64_t)63; b < (k0 + B) / 2; b += 64)
+                    UNROLL for (int r = 0; r < NR; r++) _mm_prefetch((const char*)next + r * rb + b, _MM_HINT_T0);
+            if (sp == 4) /* tiled: one run of bytes, fetched 4 KiB ahead (into the next tile near the end) */
+                for (int64_t b = 2 * (int64_t)k0; b < 2 * (int64_t)(k0 + B); b += 64)
+                    _mm_prefetch((const char*)w[0] + b + 4096, _MM_HINT_T0);
+            __m256i sa[4], sb[4], sc[4]; /* [NR][MT]: the block's sums of q times each digit, in 16-bit lanes */
+            UNROLL for (int i = 0; i < 4; i++) sa[i] = sb[i] = sc[i] = _mm256_setzero_si256();
+            UNROLL for (int c = 0; c < B / 32; c++) {
+                __m256i da[2], db[2], dc[2];
                 UNROLL for (int m = 0; m < MT; m++) {
-                    const int i = r * MT + m;
-                    sa[i] = _mm256_add_epi16(sa[i], _mm256_maddubs_epi16(q, da[m]));
-                    sb[i] = _mm256_add_epi16(sb[i], _mm256_maddubs_epi16(q, db[m]));
-                    /* each sum in a register, added to in order: left alone, the compiler regroups these integer
-                     * additions into trees and spills their terms (as slow as tile_int4) */
-                    if (D == 3) {
-                        sc[i] = _mm256_add_epi16(sc[i], _mm256_maddubs_epi16(q, dc[m]));
-                        __asm__("" : "+x"(sa[i]), "+x"(sb[i]), "+x"(sc[i]));
-                    } else {
-                        __asm__("" : "+x"(sa[i]), "+x"(sb[i]));
+                    da[m] = _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c));
+                    db[m] = _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c + 32));
+                    dc[m] = D == 3 ? _mm256_load_si256((const __m256i*)(d[m] + 32 * D * c + 64)) : db[m];
+                }
+                UNROLL for (int r = 0; r < NR; r++) {
+                    const __m128i b = _mm_loadu_si128((const __m128i*)(w[r] + sp * (k0 / 2 + 16 * c)));
+                    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(b), halves), low);
+                    UNROLL for (int m = 0; m < MT; m++) {
+                        const int i = r * MT + m;
+                        sa[i] = _mm256_add_epi16(sa[i], _mm256_maddubs_epi16(q, da[m]));
+                        sb[i] = _mm256_add_epi16(sb[i], _mm256_maddubs_epi16(q, db[m]));
+                        /* each sum in a register, added to in order: left alone, the compiler regroups these integer
+                         * additions into trees and spills their terms (as slow as tile_int4) */
+                        if (D == 3) {
+                            sc[i] = _mm256_add_epi16(sc[i], _mm256_maddubs_epi16(q, dc[m]));
+                            __asm__("" : "+x"(sa[i]), "+x"(sb[i]), "+x"(sc[i]));
+                        } else {
+                            __asm__("" : "+x"(sa[i]), "+x"(sb[i]));
+                        }
                     }
                 }
             }
+            __m256i sum[4]; /* [NR][MT]: the block's sums of q X, in 32-bit lanes */
+            UNROLL for (int i = 0; i < 4; i++) {
+                sum[i] = _mm256_add_epi32(_mm256_madd_epi16(sa[i], wa), _mm256_madd_epi16(sb[i], wb));
+                if (D == 3) sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(sc[i], _mm256_set1_epi16(1)));
+            }
+            const __m256i pairs =
+                _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0], sum[1]), _mm256_hadd_epi32(sum[2], sum[3]));
+            const float* u = j->unit + b; /* row m of x's at u[m * blocks] */
+            const __m128 s4 = _mm_load_ps(widened + 4 * (g - g0));
+            const __m128 su =
+                _mm_mul_ps(s4, NR == 4 ? _mm_set1_ps(u[0]) : _mm_setr_ps(u[0], u[blocks], u[0], u[blocks]));
+            const __m256 su8 = _mm256_insertf128_ps(_mm256_castps128_ps256(su), su, 1);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), su8, acc);
+            if (--left == 0) left = per, g++;
         }
-        __m256i sum[4]; /* [NR][MT]: the block's sums of q X, in 32-bit lanes */
-        UNROLL for (int i = 0; i < 4; i++) {
-            sum[i] = _mm256_add_epi32(_mm256_madd_epi16(sa[i], wa), _mm256_madd_epi16(sb[i], wb));
-            if (D == 3) sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(sc[i], _mm256_set1_epi16(1)));
-        }
-        const __m256i pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(sum[0], sum[1]), _mm256_hadd_epi32(sum[2], sum[3]));
-        const float* u = j->unit + b; /* row m of x's at u[m * blocks] */
-        const __m128 su = NR == 4 ? _mm_mul_ps(_mm_setr_ps(scale[0][g], scale[1][g], scale[2][g], scale[3][g]),
-                                               _mm_set1_ps(u[0]))
-                                  : _mm_mul_ps(_mm_setr_ps(scale[0][g], scale[0][g], scale[1][g], scale[1][g]),
-                                               _mm_setr_ps(u[0], u[blocks], u[0], u[blocks]));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_insertf128_ps(_mm256_castps128_ps256(su), su, 1), acc);
-        if (--left == 0) left = per, g++;
     }
     float y[4];
     _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
     UNROLL for (int i = 0; i < 4; i++) {
         const int r = i / MT, m = i % MT;
         if (r >= count) continue;
-        const float* total = j->group_total + (int64_t)m * groups;
-        __m256 sz = _mm256_setzero_ps(); /* the sum of s z (sum of u X) over the groups */
-        int g = 0;
-        for (; g + 8 <= groups; g += 8)
-            sz = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scale[r] + g), _mm256_loadu_ps(zero[r] + g)),
-                                 _mm256_loadu_ps(total + g), sz);
-        float shift = sum8(sz);
-        for (; g < groups; g++) shift += scale[r][g] * zero[r][g] * total[g];
+        float shift = sum8(_mm256_load_ps(sz + 8 * i)); /* the sum of s z (sum of u X) over the groups */
+        for (int g = groups & ~7; g < groups; g++) shift += half_value(scale[r][g]) * zero[r][g] * pair_total[i][g];
         j->out[(int64_t)m * j->N + n + r] = y[i] - shift;
     }
 }
@@ -597,7 +662,7 @@ static void* run(void* arg) {
         const uint8_t* w = j->w + (int64_t)n * row_bytes(j);
         const float s = j->kind == 2 ? 1.0f : j->scale[j->per_row ? n : 0];
         for (int g = 0; g < groups; g++) { /* kind 2 */
-            const float gs = j->scale[(int64_t)n * groups + g], gz = j->zero[(int64_t)n * groups + g];
+            const float gs = half_value(j->gscale[(int64_t)n * groups + g]), gz = j->zero[(int64_t)n * groups + g];
             for (int k = g * j->group; k < (g + 1) * j->group; k += 2) {
                 row[k] = ((float)(w[k / 2] & 15) - gz) * gs;
                 row[k + 1] = ((float)(w[k / 2] >> 4) - gz) * gs;
@@ -719,12 +784,13 @@ static int x_digits(const float* x, int K, int B, int D, int paired, int8_t* dig
 #endif
 
 /* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads`
- * threads (the caller's one included), in blocks of a multiple of 4. zero and group: kind 2 only. x_bits: the
- * significant bits each x had before it was widened to float32 (24 float32, 8 bfloat16, 11 float16); at most 11 lets
+ * threads (the caller's one included), in blocks of a multiple of 4. scale: float32 (kinds 0, 1, 3) or float16 bits
+ * (kind 2); zero and group: kind 2 only. x_bits: the significant bits each x had before it was widened to float32
+ * (24 float32, 8 bfloat16, 11 float16); at most 11 lets
  * the AVX2 build's one-row int4 path hold x in 2 digits (13 bits per block) instead of 3 (20 bits), its two-row int4
  * and one-row int8 paths run (float32 x takes the float loops there). */
-int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const float* scale, int per_row,
-                     const float* zero, int group, float* out, int threads, int x_bits) {
+int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const void* scale, int per_row,
+                     const uint8_t* zero, int group, float* out, int threads, int x_bits) {
     if (kind < 0 || kind > 4 || M < 1 || K < 1 || N < 1) return -1;
     const int spread = kind == 4 ? 4 : 1; /* kind 4: kind 2 in tiles of 4 rows (the AVX2 build only) */
 #ifndef MIXSERVE_AVX2
@@ -781,8 +847,9 @@ int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, i
     job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         const int n0 = t * per < N ? (int)(t * per) : N, n1 = n0 + per < N ? (int)(n0 + per) : N;
-        jobs[t] = (job_t){kind,   M,    K,    N,      per_row, group, n0,    n1,    0,      x,  w,
-                          scale,  zero, xsum, digits, 0,       0,     0,     block, depth, spread, out};
+        jobs[t] = (job_t){kind,  M,     K,    N,    per_row, group, n0,    n1,    0,     x,      w,
+                          kind == 2 ? 0 : (const float*)scale, kind == 2 ? (const uint16_t*)scale : 0,
+                          zero,  xsum,  digits, 0,  0,       0,     block, depth, spread, out};
         if (digits) { /* [M, K / B] each (kind 1: M is 1) */
             jobs[t].unit = (const float*)(digits + (int64_t)M * K * depth);
             jobs[t].total = jobs[t].unit + M * (K / block);

@@ -82,7 +82,7 @@ class Kernel:
 
         - w [N, K] float8_e4m3fn, int8 or bfloat16, scale float32 [N] or [1] (one for the matrix), zero
           None;
-        - w uint8 [N, K / 2] of 4-bit values (column 2i in the low nibble of byte i), scale and zero float32
+        - w uint8 [N, K / 2] of 4-bit values (column 2i in the low nibble of byte i), scale float16 and zero uint8
           [N, K / G] (groups of G columns, G a multiple of 16): the weight (q - zero) * scale; ``tiled``: w as
           :func:`tile_rows` lays it out (the AVX2 build only), N the rows of scale.
 
@@ -106,7 +106,7 @@ class Kernel:
         x_bits = _X_BITS.get(x.dtype, 24)  # bfloat16 x: two digits in the AVX2 integer int4 and int8 paths
         x = x.float().contiguous()
         w, scale = w.contiguous(), scale.contiguous()
-        zero = None if zero is None else zero.float().contiguous()
+        zero = None if zero is None else zero.contiguous()
         out = torch.empty(m, n, dtype=torch.float32)
         threads = max(1, min(torch.get_num_threads(), n * k * m // _WORK_PER_THREAD))
         kind, per_row = (4 if tiled else 2) if packed else KINDS[w.dtype], int(packed or scale.numel() != 1)
@@ -162,9 +162,9 @@ def _problem(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.
     (m, k), n = x.shape, w.shape[0]
     if max(m, n, k) >= 2**31:
         return "sizes must be below 2^31"
-    if scale.dtype != torch.float32:
-        return f"scale must be float32, not {scale.dtype}"
     if w.dtype in KINDS:
+        if scale.dtype != torch.float32:
+            return f"scale must be float32, not {scale.dtype}"
         if zero is not None:
             return f"{w.dtype} weights take no zero points"
         if w.shape[1] != k or scale.numel() not in (1, n) or scale.dim() > 2:
@@ -174,6 +174,8 @@ def _problem(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.
         return f"w must be float8_e4m3fn, int8, bfloat16 or uint8 (packed int4), not {w.dtype}"
     if zero is None or scale.dim() != 2 or zero.shape != scale.shape or w.shape[1] * 2 != k:
         return "packed int4 needs w [N, K / 2] and scale and zero of one shape [N, K / G]"
+    if scale.dtype != torch.float16 or zero.dtype != torch.uint8:
+        return f"packed int4 needs float16 scales and uint8 zero points, not {scale.dtype} and {zero.dtype}"
     groups = scale.shape[1]
     if scale.shape[0] != n or groups == 0 or k % groups or (k // groups) % 16:
         return f"scale {tuple(scale.shape)} must be [N, K / G] with a group size G that is a multiple of 16"

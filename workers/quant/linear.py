@@ -12,7 +12,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, unpack_nibbles
+from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, half_scales, unpack_nibbles
 from workers.quant import cpu_kernel
 from workers.quant.kernels import (
     DEQUANT_CHUNK_ELEMENTS,
@@ -89,6 +89,7 @@ class DequantLinear(QuantLinear):
         super().__init__(w.shape, _to(w.perm if isinstance(w, IntWeight) else None, device))
         self.dtype = dtype
         self.integer = isinstance(w, IntWeight)  # (w itself is not kept: its tensors are, on the device)
+        self.unit = 1.0  # the scales as held times this are the weight's (a power of 2)
         if isinstance(w, IntWeight):
             self.q, self.scale, self.zero = w.q.to(device), w.scale.to(device), w.zero.to(device)
             self.bits, self.group = w.bits, w.group_size
@@ -117,6 +118,8 @@ class DequantLinear(QuantLinear):
             w.copy_(unpack_nibbles(q) if self.bits == 4 else q)
             g = w.view(r, k // self.group, self.group)
             g.sub_(self.zero[start:stop, :, None]).mul_(self.scale[start:stop, :, None])
+            if self.unit != 1.0:
+                w.mul_(self.unit)
         else:
             scale = self.scale if self.scale.shape[0] == 1 else self.scale[start:stop]
             if self.e4m3:  # the byte, sign-extended, shifted and masked: float16 bits of its value * 2^-8
@@ -204,11 +207,24 @@ class FusedLinear(DequantLinear):
     weight decoded in registers, the matrix read once per 8 rows in the AVX-512 build, 4 in the AVX2 one) up to
     ``FUSED_MAX_ROWS`` rows, the dequantize path above. The AVX2 build holds int4 (K a multiple of 32) in tiles of 4
     rows (``cpu_kernel.tile_rows``): a one-row pass then reads each tile as one run of bytes (0.86-0.90x the time of
-    rows in order on a 57344 x 4096 matrix, one row, in an A/B)."""
+    rows in order on a 57344 x 4096 matrix, one row, in an A/B). int4's scales are held in float16 times a power of 2
+    (``half_scales``: exact for a checkpoint's bfloat16 or float16 scales; others are rounded to 11 significant bits,
+    said in the log) and its zero points in uint8 (whole numbers, which ``prepare`` checks): 3 bytes per group, not
+    8 in float32 (a 14336 x 4096 matrix in groups of 32: 34.9 MB, not 44.0: 0.30x its bfloat16 bytes)."""
 
     def __init__(self, w: QuantWeight, fused: cpu_kernel.Kernel, *, device: torch.device, dtype: torch.dtype):
         super().__init__(w, device=device, dtype=dtype)
         self.fused = fused
+        if self.integer:
+            exact = self.scale
+            self.scale, self.unit = half_scales(exact)
+            self.zero = self.zero.to(torch.uint8)
+            if not torch.equal(self.scale.float() * self.unit, exact):
+                note(
+                    "int4 scales with more than 11 significant bits are rounded to 11 for the fused CPU kernel (each "
+                    "by at most 2^-12 of itself; a checkpoint's bfloat16 or float16 scales are kept exactly)",
+                    level=logging.WARNING,
+                )
         self.kernel_scale = self.scale if self.integer else self.scale.reshape(-1)  # [N, K / G]; fp8: [N] or [1]
         self.tiled = self.integer and fused.simd == 256 and self.shape[1] % 32 == 0
         if self.tiled:
@@ -225,7 +241,8 @@ class FusedLinear(DequantLinear):
         if x.shape[0] > FUSED_MAX_ROWS:
             return super().matmul(x)
         zero = self.zero if self.integer else None
-        return self.fused.linear(x, self.q, self.kernel_scale, zero=zero, tiled=self.tiled).to(x.dtype)
+        y = self.fused.linear(x, self.q, self.kernel_scale, zero=zero, tiled=self.tiled)
+        return (y if self.unit == 1.0 else y.mul_(self.unit)).to(x.dtype)
 
     def stored_rows(self, start: int, stop: int) -> torch.Tensor:
         return cpu_kernel.untile_rows(self.q, start, stop) if self.tiled else self.q[start:stop]
@@ -326,7 +343,8 @@ def _kernel(
         # int8 / int4 kernels, which take 19-70x (int8) and 1.4-13x (int4) longer there: dequantize + matmul instead
         own = fused if fused is not None and fused_runs_int(dtype, fused.simd) else None
         group = int4_kernel_group(w.group_size)
-        if w.bits == 4 and own is not None and w.group_size % 16 == 0:
+        whole = bool(((w.zero >= 0) & (w.zero <= 255) & (w.zero == w.zero.round())).all())  # zero points as uint8
+        if w.bits == 4 and own is not None and w.group_size % 16 == 0 and whole:
             return FusedLinear(w, own, device=device, dtype=dtype)
         if w.bits == 4 and device.type == "cpu" and dtype == torch.float32:
             return None

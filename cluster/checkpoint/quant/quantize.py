@@ -5,7 +5,8 @@ Letters: N output features, K input features, G group size.
 
     int8  one scale per output feature, symmetric: q = round(w / s) + 128, s = max |w[n]| / 127
     int4  groups of G = 128 input features (the largest of 128, 64, 32 that divides K; else one group per row),
-          zero points: s = (max - min) / 15, zero = round(-min / s), q = clamp(round(w / s) + zero, 0, 15)
+          zero points: s = (max - min) / 15 to 11 significant bits (``half_scales``), zero = round(-min / s),
+          q = clamp(round(w / s) + zero, 0, 15)
     fp8   e4m3, one scale per output feature: s = max |w[n]| / 448
 
 Example: ``quantize(torch.tensor([[0.5, -1.0]]), "int8")`` -> q [[192, 1]] (64 + 128, -127 + 128), scale 1 / 127.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, pack_nibbles
+from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, half_scales, pack_nibbles
 from cluster.config.quantization import OnLoad
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -40,7 +41,11 @@ def quantize(w: torch.Tensor, kind: OnLoad) -> QuantWeight:
     g = int4_group_size(k)
     groups = w.view(n, k // g, g)
     lo, hi = groups.amin(-1).clamp_max(0), groups.amax(-1).clamp_min(0)  # [N, K / G]: 0 stays representable
-    scale = ((hi - lo) / 15).clamp_min(_TINY)
+    scale = (hi - lo) / 15
+    # float16 scales times a power of 2 (what the fused CPU kernel holds, exactly), none below 2^-24 of the largest
+    scale = scale.clamp_min(max(float(scale.max()) * 2**-24, _TINY) if scale.numel() else _TINY)
+    half, unit = half_scales(scale)
+    scale = half.float() * unit
     zero = torch.round(-lo / scale).clamp(0, 15)
     q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
     return IntWeight(4, pack_nibbles(q).contiguous(), scale, zero, group_size=g)

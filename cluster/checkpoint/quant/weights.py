@@ -6,6 +6,7 @@ Letters: N output features (rows), K input features (columns), G group size (K: 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,22 @@ def unpack_nibbles(q: torch.Tensor) -> torch.Tensor:
 def pack_nibbles(v: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] of values 0..15 -> [N, K / 2] (K even): column 2j in the low nibble."""
     return v[:, 0::2] | (v[:, 1::2] << 4)
+
+
+def half_scales(scale: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Scales (float) -> (h float16 of one shape, u a power of 2) with h * u as near each scale as float16 allows: u
+    is 1 where that holds every scale exactly, else it puts the largest |scale| in [2^14, 2^15), so every scale within
+    2^28 of it keeps 11 significant bits, and one that had at most 11 (a checkpoint's bfloat16 or float16 scales)
+    comes back exactly. Smaller scales lose bits (a float16 subnormal) or round to 0.
+
+    Example: [0.5, 0.75] -> h [0.5, 0.75], u = 1; [1e-5] -> h [21472.], u = 2^-31 (1e-5 to 11 bits).
+    """
+    h = scale.half()
+    if torch.equal(h.float(), scale.float()):
+        return h, 1.0
+    top = float(scale.abs().max())
+    unit = 2.0 ** (math.frexp(top)[1] - 15) if 0 < top < math.inf else 1.0
+    return (scale.float() / unit).half(), unit
 
 
 def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
