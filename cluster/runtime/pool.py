@@ -37,6 +37,7 @@ from workers.expert_worker import ExpertWorker
 # stay single-threaded and compute in the call, unmerged (with the merger's thread, channel layers did not answer
 # now and then on the 2-core box).
 MAX_CONCURRENT_CALLS = 32
+DETACH_TIMEOUT_S = 2.0  # the longest a frontend waits, shutting down, for its pool owner to take its detach
 
 
 def cluster_resources(config: ClusterConfig) -> WorkerResources:
@@ -274,14 +275,15 @@ class AttachedPool(WorkerSet):
         self.owner, self.frontend, self.options = owner, frontend, options
         self._attach()
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         """The owner's ``method``, waited for (an actor call, or a Serve deployment call: waited for on a thread
-        of its own, since a Serve replica's constructor runs on the replica's event loop, where Serve forbids it)."""
+        of its own, since a Serve replica's constructor runs on the replica's event loop, where Serve forbids it),
+        up to ``timeout_s`` (None: as long as it takes)."""
         response = getattr(self.owner, method).remote(*args)
         if not hasattr(response, "result"):
-            return ray.get(response)
+            return ray.get(response, timeout=timeout_s)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mixserve-pool-call") as wait:
-            return wait.submit(response.result).result()
+            return wait.submit(response.result, timeout_s=timeout_s).result()
 
     def _attach(self) -> None:
         view = self._call("attach", self.frontend, self.options)
@@ -296,6 +298,9 @@ class AttachedPool(WorkerSet):
         return [w for w, (a, b) in enumerate(zip(before, self.handles, strict=True)) if a != b]
 
     def shutdown(self) -> None:
-        """Detach (the workers stay up for the other frontends)."""
+        """Detach (the workers stay up for the other frontends), waiting at most ``DETACH_TIMEOUT_S``: an owner that
+        is itself shutting down (an application being deleted, its pool deployment gone first) never answers, and a
+        wait without end held this frontend's replica until Serve's grace period (20 s) ran out and killed it
+        (deleting an application with one expert worker took 21 s, now 5)."""
         with contextlib.suppress(Exception):
-            self._call("detach", self.frontend)
+            self._call("detach", self.frontend, timeout_s=DETACH_TIMEOUT_S)
