@@ -112,21 +112,54 @@ def test_int4_groups_match_their_dequantization(mode, m, n, groups, group, seed)
     _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, dense, magnitude)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_every_finite_float16_scale_is_read_to_the_bit(build, rows):
+    """Row n of w has the scale whose float16 bits are n (63488 finite ones: zeros, subnormals, normals, both
+    signs), q = 1, z = 0, and x is one-hot, so each output is its scale exactly, at 1 and 2 rows of float32 and
+    bfloat16 x (the one- and two-row integer paths, and the float loops)."""
+    bits = torch.arange(2**16, dtype=torch.int32)
+    bits = bits[(bits >> 10) & 31 != 31]  # not an infinity or NaN
+    scale = bits.to(torch.int16).view(torch.float16)[:, None]  # [N, 1 group of 32]
+    values = torch.ones(len(bits), 32, dtype=torch.uint8)
+    x = torch.zeros(rows, 32)
+    x[0, 5] = 1.0
+    x[1:, 30] = 1.0  # the second row's one in another column
+    for dtype in (torch.float32, torch.bfloat16):
+        got = build.linear(x.to(dtype), pack_nibbles(values), scale, zero=torch.zeros_like(scale, dtype=torch.uint8))
+        assert torch.equal(got, scale.float().t().expand(rows, -1)), dtype
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_int4_scales_are_float16_values_to_the_bit(build, rows):
-    """Every kind of float16 a scale can be (subnormals from 2^-24 up, the smallest and largest normals, 1, one bit
-    above 1), read as the value its bits hold, zero points up to 255: within _check of float64 at 1, 2 and 5 rows of
-    float32 and bfloat16 x (the one- and two-row integer paths and the float tiles). 9 groups: the one-row paths
-    take the zero points' term 8 groups at a time, then one."""
+def test_int4_zero_points_up_to_255_with_scales_of_every_kind(build, rows):
+    """Row i's scale is one kind of float16 (a subnormal from 2^-24 up, the smallest and largest normals, 1, one bit
+    above 1) in every group, and its zero points run up to 255: each output within 1e-5 of float64 relative to its
+    own sum of |x| s (q + z) (no floor: a row of tiny scales keeps its own size), at 1, 2 and 5 rows of float32 and
+    bfloat16 x. 9 groups: the one-row paths take the zero points' term 8 groups at a time, then one."""
     bits = [0x0001, 0x0003, 0x03FF, 0x0400, 0x3555, 0x3C00, 0x3C01, 0x7BFF, 0x2E66]
-    scale = torch.tensor(bits * 4, dtype=torch.int16).view(torch.float16).reshape(4, 9)  # [N 4, 9 groups of 32]
-    zero = torch.tensor([0, 1, 8, 15, 16, 100, 200, 255, 128] * 4, dtype=torch.uint8).reshape(4, 9).roll(1, 0)
+    scale = torch.tensor(bits, dtype=torch.int16).view(torch.float16)[:, None].expand(9, 9).contiguous()
+    zero = torch.tensor([0, 1, 8, 15, 16, 100, 200, 255, 128], dtype=torch.uint8)
+    zero = torch.stack([zero.roll(i) for i in range(9)])  # [9 rows, 9 groups]
     g = torch.Generator().manual_seed(rows)
-    values = torch.randint(0, 16, (4, 288), generator=g, dtype=torch.uint8)
-    assert scale.double().min() == 2**-24 and scale.double().max() == 65504
+    values = torch.randint(0, 16, (9, 288), generator=g, dtype=torch.uint8)
+    dense, magnitude = _int4(values, scale, zero)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(rows, 288, generator=g).to(dtype)
-        _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, *_int4(values, scale, zero))
+        got = build.linear(x, pack_nibbles(values), scale, zero=zero).double()
+        terms = x.double().abs() @ magnitude.t()
+        assert ((got - x.double() @ dense.t()).abs() <= 1e-5 * terms).all(), dtype
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_past_64_groups(build, rows, dtype):
+    """67 groups of 32 (Mixtral's matrices have 112-448): the one-row and two-row paths widen the scales and take
+    the zero points' term 64 groups at a time, so the second window and its last 3 groups are checked too; 5 weight
+    rows (a partial tile)."""
+    g = torch.Generator().manual_seed(rows)
+    values = torch.randint(0, 16, (5, 67 * 32), generator=g, dtype=torch.uint8)
+    scale, zero = _groups(5, 67, g)
+    x = torch.randn(rows, 67 * 32, generator=g).to(dtype)
+    _check(build.linear(x, pack_nibbles(values), scale, zero=zero), x, *_int4(values, scale, zero))
 
 
 @pytest.mark.parametrize("m", range(1, 10))
@@ -142,7 +175,7 @@ def test_every_tile_shape(build, m):
     bf16 = torch.randn(7, k, generator=g).bfloat16()
     for w in (fp8, i8, bf16):
         _check(build.linear(x, w, scale), x, w.double() * scale.double().reshape(-1, 1))
-    for group in GROUPS:  # int4: 9 groups (K a multiple of 16; the one-row paths take 8 groups at a time at the end)
+    for group in GROUPS:  # int4: 9 groups (K a multiple of 16; the one-row paths take the zero points 8 at a time)
         x4, k4 = torch.randn(m, 9 * group, generator=g), 9 * group
         values = torch.randint(0, 16, (7, k4), generator=g, dtype=torch.uint8)
         groups, zero = _groups(7, 9, g)

@@ -12,10 +12,10 @@ import torch
 
 import workers.quant.linear as linear
 from cluster.checkpoint.quant.quantize import quantize
-from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, pack_nibbles
+from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, half_scales, pack_nibbles
 from cluster.config.dtype import FAST_BF16_ENV, cpu_has_fast_bf16
 from workers.expert import ExpertShard
-from workers.quant import cpu_kernel
+from workers.quant import cpu_kernel, kernels
 from workers.quant.kernels import fused_runs_int
 from workers.quant.linear import DequantLinear, FusedLinear, Int4Linear, Int8Linear, prepare
 
@@ -126,7 +126,8 @@ def test_int4_kernels(cpu_kernel_mode, rows, k, group, dtype):
 def test_fused_int4_holds_three_bytes_per_group_and_the_scales_exactly(monkeypatch, mode, size):
     """The fused kernel's int4 keeps float16 scales (times a power of 2) and uint8 zero points, 3 bytes per group
     where float32 took 8, and its products equal the exact dequantization's at 1, 2 and 33 rows (the kernel, and
-    dequantize + matmul above 32 rows), also for bfloat16 scales of 1e-9 (below float16's range: held times 2^-44)."""
+    dequantize + matmul above 32 rows), also for bfloat16 scales of 1e-9 (below float16's range: held times 2^-50),
+    there within 1e-5 of each output's own size."""
     monkeypatch.setenv(cpu_kernel.ENV, mode)
     w = int_weight(64, 128, bits=4, group=32)
     w = IntWeight(4, w.q, (w.scale * size).bfloat16().float(), w.zero, 32)
@@ -136,13 +137,29 @@ def test_fused_int4_holds_three_bytes_per_group_and_the_scales_exactly(monkeypat
     assert (lin.unit == 1.0) == (size == 1.0) and lin.nbytes() == 64 * 64 + 64 * 4 * 3
     for rows in (1, 2, 33):
         check(lin, w, rows)
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+        want = x.double() @ w.dequantize().double().t()
+        terms = x.double().abs() @ w.dequantize().double().abs().t()
+        assert ((lin(x).double() - want).abs() <= 1e-5 * terms).all(), rows
 
 
-def test_int4_scales_of_more_bits_are_rounded_and_said(caplog):
+def test_half_scales_keep_each_scale_apart_from_a_nan_or_infinite_one():
+    """A NaN or infinite scale (a group whose weights are so) stays so and sets no unit: the other scales come back
+    exactly (bfloat16 numbers 2^27 apart, so a unit is needed)."""
+    for bad in (float("nan"), float("inf")):
+        scale = torch.tensor([bad, 1e5, 1e-3]).bfloat16().float()
+        h, unit = half_scales(scale)
+        held = h.float() * unit
+        assert unit == 4.0 and torch.equal(held[1:], scale[1:])
+        assert held[0].isnan() if bad != bad else held[0].isinf()
+
+
+def test_int4_scales_of_more_bits_are_rounded_and_said(caplog, monkeypatch):
     """float32 scales of 24 bits are rounded to 11 for the fused kernel, each by at most 2^-12 of itself, and the log
     says so; zero points that are not whole numbers keep float32 and dequantize + matmul."""
     w = int_weight(64, 128, bits=4, group=32)
     w = IntWeight(4, w.q, w.scale * (1 + 2**-20), w.zero, 32)  # 24 significant bits
+    monkeypatch.setattr(kernels, "_LOGGED", set())  # (each message is logged once per process)
     with caplog.at_level(logging.WARNING, logger="mixserve.quant"):
         lin = prepare(w, device=CPU, dtype=torch.float32, cpu_mode="auto")
     assert isinstance(lin, FusedLinear)

@@ -409,7 +409,7 @@ static inline __attribute__((always_inline)) void group_values(const uint16_t* c
  * each, so 16 steps fit). At the end of a block the digits' sums are combined exactly in 32-bit lanes (16384 A + 128 B
  * + C, or 128 A + B), the 4 (weight row, row of x) pairs' lanes added across in each 128-bit half (hadd: at most 128
  * columns of 15 * 2^20 in a lane, below 2^31), converted to float once and multiplied by the 4 pairs' s u at once:
- * y += s u (sum of q X); after the last block, y -= s z (sum of u X) over the groups (8 at a time). X differs from
+ * y += s u (sum of q X); y -= s z (sum of u X) over the groups, taken with the scales (group_values). X differs from
  * x / u by at most 1/2, so each x is used to within 2^-20 (D = 3) or 2^-13 (D = 2) of its block's largest |x|.
  * Example, D = 3, 32 columns of x = 0.75 (the largest, 0.75 * 2^0: u = 2^-20, X = 786432 = 16384 * 48, a = 48,
  * b = c = 0), q = 2, s = 1, z = 0: each 16-bit lane of A is 2 * 48 + 2 * 48 = 192, 8 lanes of 16384 * 2 * 192 =

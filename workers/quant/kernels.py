@@ -10,7 +10,7 @@ Nothing here is required to run.
     int8  cpu           bf16, fp16   torch._weight_int8pack_mm                <= 8 with bf16 units, 32 without
     int8  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units)         <= FUSED_MAX_ROWS; above: dequantize
     int8  cuda          any          torch._weight_int8pack_mm                <= 16; above: dequantize + matmul
-    int4  cpu           float32      fused CPU kernel (groups of 16k)         <= FUSED_MAX_ROWS; above: dequantize
+    int4  cpu           float32      fused CPU kernel (16k groups, z 0-255)   <= FUSED_MAX_ROWS; above: dequantize
     int4  cpu           bf16, fp16   torch._weight_int4pack_mm_for_cpu        all (groups divisible by 32)
     int4  cpu (AVX2)    bf16         fused CPU kernel (no bf16 units, 16k)    <= FUSED_MAX_ROWS; above: dequantize
     int4  cuda          bf16         torch._weight_int4pack_mm (tinygemm)     all

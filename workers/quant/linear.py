@@ -12,7 +12,14 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from cluster.checkpoint.quant.weights import FloatWeight, IntWeight, QuantWeight, half_scales, unpack_nibbles
+from cluster.checkpoint.quant.weights import (
+    FloatWeight,
+    IntWeight,
+    QuantWeight,
+    half_scales,
+    same_values,
+    unpack_nibbles,
+)
 from workers.quant import cpu_kernel
 from workers.quant.kernels import (
     DEQUANT_CHUNK_ELEMENTS,
@@ -219,7 +226,7 @@ class FusedLinear(DequantLinear):
             exact = self.scale
             self.scale, self.unit = half_scales(exact)
             self.zero = self.zero.to(torch.uint8)
-            if not torch.equal(self.scale.float() * self.unit, exact):
+            if not same_values(self.scale.float() * self.unit, exact):
                 note(
                     "int4 scales with more than 11 significant bits are rounded to 11 for the fused CPU kernel (each "
                     "by at most 2^-12 of itself; a checkpoint's bfloat16 or float16 scales are kept exactly)",

@@ -43,7 +43,8 @@ def quantize(w: torch.Tensor, kind: OnLoad) -> QuantWeight:
     lo, hi = groups.amin(-1).clamp_max(0), groups.amax(-1).clamp_min(0)  # [N, K / G]: 0 stays representable
     scale = (hi - lo) / 15
     # float16 scales times a power of 2 (what the fused CPU kernel holds, exactly), none below 2^-24 of the largest
-    scale = scale.clamp_min(max(float(scale.max()) * 2**-24, _TINY) if scale.numel() else _TINY)
+    finite = scale[scale.isfinite()]  # a group with a NaN or infinite weight leaves the others' scales alone
+    scale = scale.clamp_min(max(float(finite.max()) * 2**-24, _TINY) if finite.numel() else _TINY)
     half, unit = half_scales(scale)
     scale = half.float() * unit
     zero = torch.round(-lo / scale).clamp(0, 15)

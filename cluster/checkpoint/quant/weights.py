@@ -95,16 +95,23 @@ def half_scales(scale: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Scales (float) -> (h float16 of one shape, u a power of 2) with h * u as near each scale as float16 allows: u
     is 1 where that holds every scale exactly, else it puts the largest |scale| in [2^14, 2^15), so every scale within
     2^28 of it keeps 11 significant bits, and one that had at most 11 (a checkpoint's bfloat16 or float16 scales)
-    comes back exactly. Smaller scales lose bits (a float16 subnormal) or round to 0.
+    comes back exactly. Smaller scales lose bits (a float16 subnormal) or round to 0; NaN and infinite ones stay so
+    and leave the others as they would be without them.
 
     Example: [0.5, 0.75] -> h [0.5, 0.75], u = 1; [1e-5] -> h [21472.], u = 2^-31 (1e-5 to 11 bits).
     """
     h = scale.half()
-    if torch.equal(h.float(), scale.float()):
+    if same_values(h.float(), scale.float()):
         return h, 1.0
-    top = float(scale.abs().max())
-    unit = 2.0 ** (math.frexp(top)[1] - 15) if 0 < top < math.inf else 1.0
+    finite = scale.abs()[scale.isfinite()]  # a NaN or infinite scale (its group's weights are) sets no unit
+    top = float(finite.max()) if finite.numel() else 0.0
+    unit = 2.0 ** (math.frexp(top)[1] - 15) if top > 0 else 1.0
     return (scale.float() / unit).half(), unit
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element by element, NaN equal to NaN."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
