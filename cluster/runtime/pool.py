@@ -278,12 +278,16 @@ class AttachedPool(WorkerSet):
     def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         """The owner's ``method``, waited for (an actor call, or a Serve deployment call: waited for on a thread
         of its own, since a Serve replica's constructor runs on the replica's event loop, where Serve forbids it),
-        up to ``timeout_s`` (None: as long as it takes)."""
+        up to ``timeout_s`` (None: as long as it takes; a Serve call that runs out of time is cancelled)."""
         response = getattr(self.owner, method).remote(*args)
         if not hasattr(response, "result"):
             return ray.get(response, timeout=timeout_s)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mixserve-pool-call") as wait:
-            return wait.submit(response.result, timeout_s=timeout_s).result()
+            try:
+                return wait.submit(response.result, timeout_s=timeout_s).result()
+            except TimeoutError:
+                response.cancel()
+                raise
 
     def _attach(self) -> None:
         view = self._call("attach", self.frontend, self.options)

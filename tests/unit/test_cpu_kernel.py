@@ -403,7 +403,7 @@ def test_an_openmp_build_that_fails_gives_way_to_one_without(tmp_path, monkeypat
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    k = cpu_kernel.load("auto")
+    k = cpu_kernel.load("portable")  # (the fallback is the same for every variant; this one compiles fastest)
     assert k is not None and not k.openmp
     x, w = torch.randn(2, 64), torch.randint(-128, 128, (8, 64), dtype=torch.int8)
     _check(k.linear(x, w, torch.ones(8)), x, w.double())
