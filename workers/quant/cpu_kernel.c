@@ -786,9 +786,9 @@ static int x_digits(const float* x, int K, int B, int D, int paired, int8_t* dig
 /* 0 when done; -1 for a kind or size it does not take, or when memory ran out. Rows of w are split across `threads`
  * threads (the caller's one included), in blocks of a multiple of 4. scale: float32 (kinds 0, 1, 3) or float16 bits
  * (kind 2); zero and group: kind 2 only. x_bits: the significant bits each x had before it was widened to float32
- * (24 float32, 8 bfloat16, 11 float16); at most 11 lets
- * the AVX2 build's one-row int4 path hold x in 2 digits (13 bits per block) instead of 3 (20 bits), its two-row int4
- * and one-row int8 paths run (float32 x takes the float loops there). */
+ * (24 float32, 8 bfloat16, 11 float16); at most 11 lets the AVX2 build's one-row int4 path hold x in 2 digits (13
+ * bits per block) instead of 3 (20 bits), and its two-row int4 and one-row int8 paths run (float32 x takes the float
+ * loops there). */
 int mixserve_qlinear(int kind, const float* x, int M, int K, const uint8_t* w, int N, const void* scale, int per_row,
                      const uint8_t* zero, int group, float* out, int threads, int x_bits) {
     if (kind < 0 || kind > 4 || M < 1 || K < 1 || N < 1) return -1;

@@ -350,8 +350,7 @@ def _kernel(
         # int8 / int4 kernels, which take 19-70x (int8) and 1.4-13x (int4) longer there: dequantize + matmul instead
         own = fused if fused is not None and fused_runs_int(dtype, fused.simd) else None
         group = int4_kernel_group(w.group_size)
-        whole = bool(((w.zero >= 0) & (w.zero <= 255) & (w.zero == w.zero.round())).all())  # zero points as uint8
-        if w.bits == 4 and own is not None and w.group_size % 16 == 0 and whole:
+        if w.bits == 4 and own is not None and w.group_size % 16 == 0 and _whole_bytes(w.zero):
             return FusedLinear(w, own, device=device, dtype=dtype)
         if w.bits == 4 and device.type == "cpu" and dtype == torch.float32:
             return None
@@ -370,6 +369,11 @@ def _kernel(
         if fused is None or w.data.dtype != torch.float8_e4m3fn
         else FusedLinear(w, fused, device=device, dtype=dtype)
     )
+
+
+def _whole_bytes(t: torch.Tensor) -> bool:
+    """Every value a whole number in 0..255 (zero points the fused kernel holds as uint8)."""
+    return bool(((t >= 0) & (t <= 255) & (t == t.round())).all())
 
 
 def _kind(w: QuantWeight) -> str:
